@@ -1,0 +1,1535 @@
+"""llama-swap-py: many local AI models behind one address.
+
+A client sends an OpenAI- or Anthropic-style request; we read its `model`, start the
+upstream server configured for it (llama-server, vLLM, whisper, ...), stop whatever must
+make room, wait until it is healthy and relay the request and its streamed answer
+untouched. A drop-in for the Go llama-swap: same config file, same endpoints, same JSON.
+
+Contents, in dependency order:
+    1. Config        the YAML file -> Config / ModelConfig, errors that name file and key
+    2. Logging       ProxyLog (our own lines) and LogRing (bounded history of bytes)
+    3. Processes     ModelProcess: spawn in its own process group, health, stop the group
+    4. Swap policy   GroupPolicy: which running models must stop so a target may run
+    5. Scheduler     the one owner of swap decisions: grant, join, queue, swap
+    6. Requests      finding and rewriting `model` in a body without re-encoding it
+    7. Relay         bytes from upstream to client, chunk by chunk
+    8. HTTP          error envelopes, handlers, the application
+    9. CLI           flags, serve(), signals, main()
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+
+import argparse
+import asyncio
+import contextlib
+import html
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+
+import aiohttp
+import yaml
+from aiohttp import web
+from yarl import URL
+
+
+###############################################################################
+# 1. Config ###################################################################
+###############################################################################
+
+DEFAULT_START_PORT = 5800
+DEFAULT_HEALTH_CHECK_TIMEOUT = 120
+MIN_HEALTH_CHECK_TIMEOUT = 15
+DEFAULT_UNLOAD_TIMEOUT = 10
+DEFAULT_PROXY = "http://localhost:${PORT}"
+RESERVED_MACROS = ("PID", "PORT", "MODEL_ID")
+
+ENV_MACRO = re.compile(r"\$\{env\.([a-zA-Z_][a-zA-Z0-9_]*)\}")
+MACRO = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
+
+
+class ConfigError(Exception):
+    """A config problem worded for the user: which key, of which model, is wrong and why."""
+
+
+@dataclass
+class ModelConfig:
+    """One entry under `models:`, after macro expansion and defaults."""
+
+    id: str
+    cmd: str  # comment lines removed, newlines kept: what /running shows
+    cmd_stop: str = ""
+    proxy: str = ""
+    check_endpoint: str = "/health"
+    env: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    use_model_name: str = ""
+    unlisted: bool = False
+    name: str = ""
+    description: str = ""
+    ttl: int = 0
+    unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+
+
+@dataclass
+class Config:
+    """The whole configuration: models by ID plus the global settings they share."""
+
+    models: dict[str, ModelConfig]
+    health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
+    start_port: int = DEFAULT_START_PORT
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> model ID
+    ignore_paths: list[re.Pattern] = field(default_factory=list)
+
+    def real_model_id(self, name: str) -> str | None:
+        """The model ID a requested name means: an ID first, then an alias."""
+        if name in self.models:
+            return name
+        return self.aliases.get(name)
+
+
+class ConfigReader:
+    """Typed access to one YAML mapping; every error names the key's full path."""
+
+    def __init__(self, data: Any, path: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: must be a mapping, got {_yaml_kind(data)}")
+        self.data = data
+        self.path = path
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _fail(self, key: str, expected: str) -> ConfigError:
+        value = self.data[key]
+        return ConfigError(f"{self.key_path(key)}: expected {expected}, got {_yaml_kind(value)} {value!r}")
+
+    def string(self, key: str, default: str = "") -> str:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, (dict, list)):
+            raise self._fail(key, "a string")
+        return go_format(value)
+
+    def integer(self, key: str, default: int = 0) -> int:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, "an integer")
+        return value
+
+    def boolean(self, key: str, default: bool = False) -> bool:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._fail(key, "true or false")
+        return value
+
+    def string_list(self, key: str) -> list[str]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or any(isinstance(v, (dict, list)) or v is None for v in value):
+            raise self._fail(key, "a list of strings")
+        return [go_format(v) for v in value]
+
+    def mapping(self, key: str) -> ConfigReader:
+        return ConfigReader(self.data.get(key), self.key_path(key))
+
+
+def _yaml_kind(value: Any) -> str:
+    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    return "nothing" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def go_format(value: Any) -> str:
+    """A scalar as Go's %v prints it: true/false lower-case, floats in their shortest form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        return re.sub(r"e([+-]?)(\d+)$", lambda m: f"e{m.group(1) or '+'}{int(m.group(2)):02d}", text)
+    return str(value)
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as Go's time.Duration prints them: 15s, 2m0s, 1h0m0s, 1.5s, 250ms."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.9g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
+def load_config(path: str) -> Config:
+    """Read, expand and validate one config file; ConfigError names the file and key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        return parse_config(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_config(text: str) -> Config:
+    """Config from YAML text: env macros, YAML, macros and ${PORT}, typed fields, checks."""
+    try:
+        doc = yaml.safe_load(substitute_env_macros(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"invalid YAML{where}: {problem}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("top-level YAML must be a mapping")
+    top = ConfigReader(doc, "")
+    global_macros = read_macros(top.mapping("macros"))
+    health_timeout = max(top.integer("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT), MIN_HEALTH_CHECK_TIMEOUT)
+    start_port = top.integer("startPort", DEFAULT_START_PORT)
+    if start_port < 1:
+        raise ConfigError("startPort: must be greater than 1")
+    global_ttl = top.integer("globalTTL", 0)
+    if global_ttl < 0:
+        raise ConfigError("globalTTL: must be >= 0")
+    unload_timeout = top.integer("unloadTimeout", DEFAULT_UNLOAD_TIMEOUT)
+    if unload_timeout < 0:
+        raise ConfigError("unloadTimeout: must be >= 0")
+    models_node = top.mapping("models")
+    config = Config(models={}, health_check_timeout=health_timeout, start_port=start_port,
+                    ignore_paths=[re.compile(r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$")])
+    next_port = start_port
+    for model_id in sorted(models_node.data, key=lambda k: str(k).encode()):
+        raw = models_node.mapping(str(model_id))
+        model, used_port = read_model(str(model_id), raw, global_macros, next_port, global_ttl, unload_timeout or DEFAULT_UNLOAD_TIMEOUT)
+        next_port += used_port
+        config.models[model.id] = model
+    config.aliases = collect_aliases(config.models)
+    return config
+
+
+def substitute_env_macros(text: str) -> str:
+    """${env.NAME} replaced in the raw YAML text, escaped for double-quoted scalars."""
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"environment variable '{name}' is not set")
+        env_value = os.environ[name]
+        if any(c in env_value for c in "\r\n\0"):
+            raise ConfigError(f"environment variable '{name}' contains newlines or null bytes which are not allowed in YAML substitution")
+        return env_value.replace("\\", "\\\\").replace('"', '\\"')
+
+    # Only lines that are not YAML comments count, so an unset variable named in a comment is fine.
+    return "\n".join(line if line.lstrip().startswith("#") else ENV_MACRO.sub(value, line) for line in text.split("\n"))
+
+
+def read_macros(node: ConfigReader) -> list[tuple[str, Any]]:
+    """An ordered macro list; names and values checked as the original does."""
+    macros = []
+    for name, value in node.data.items():
+        name = str(name)
+        if len(name) >= 64:
+            raise ConfigError(f"macro name '{name}' exceeds maximum length of 63 characters")
+        if not re.fullmatch(r"[a-zA-Z0-9_-]+", name):
+            raise ConfigError(f"macro name '{name}' contains invalid characters, must match pattern ^[a-zA-Z0-9_-]+$")
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"macro '{name}' has invalid type {_yaml_kind(value)}, must be a scalar type (string, int, float, or bool)")
+        if isinstance(value, str) and "${" + name + "}" in value:
+            raise ConfigError(f"macro '{name}' contains self-reference")
+        if name in RESERVED_MACROS:
+            raise ConfigError(f"macro name '{name}' is reserved")
+        macros.append((name, value))
+    return macros
+
+
+def expand_macros(value: Any, macros: list[tuple[str, Any]]) -> Any:
+    """Macros applied last-declared first, through strings, lists and map values (never keys).
+
+    A string that is exactly `${name}` takes the macro's typed value (so `port: ${PORT}` is an int).
+    """
+    for name, macro_value in reversed(macros):
+        value = _expand_one(value, "${" + name + "}", macro_value)
+    return value
+
+
+def _expand_one(value: Any, ref: str, macro_value: Any) -> Any:
+    if isinstance(value, str):
+        if value == ref:
+            return macro_value
+        return value.replace(ref, go_format(macro_value)) if ref in value else value
+    if isinstance(value, list):
+        return [_expand_one(v, ref, macro_value) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_one(v, ref, macro_value) for k, v in value.items()}
+    return value
+
+
+def strip_comment_lines(command: str) -> str:
+    return "\n".join(line for line in command.split("\n") if not line.strip().startswith("#"))
+
+
+def read_model(model_id: str, raw: ConfigReader, global_macros: list, port: int, global_ttl: int, global_unload: int) -> tuple[ModelConfig, int]:
+    """One model: local macros, ${MODEL_ID}, ${PORT} (returns whether it used a port), typed fields."""
+    local_macros = read_macros(raw.mapping("macros"))
+    macros = [("MODEL_ID", model_id)] + [(n, dict(local_macros).get(n, v)) for n, v in global_macros]
+    macros += [(n, v) for n, v in local_macros if n not in dict(global_macros)]
+    data = {k: v for k, v in raw.data.items() if k != "macros"}
+    for key in ("cmd", "cmdStop"):
+        if isinstance(data.get(key), str):
+            data[key] = strip_comment_lines(data[key])
+    if data.get("proxy") is None:
+        data["proxy"] = DEFAULT_PROXY
+    data = expand_macros(data, macros)
+    cmd_text = data.get("cmd") if isinstance(data.get("cmd"), str) else ""
+    uses_port = "${PORT}" in cmd_text
+    if isinstance(data.get("proxy"), str) and "${PORT}" in data["proxy"] and not uses_port:
+        raise ConfigError(f"models.{model_id}.proxy: uses ${{PORT}} but cmd does not - ${{PORT}} is only available when used in cmd")
+    if uses_port:
+        data = expand_macros(data, [("PORT", port)])
+    node = ConfigReader(data, f"models.{model_id}")
+    model = ModelConfig(
+        id=model_id,
+        cmd=node.string("cmd"),
+        cmd_stop=node.string("cmdStop"),
+        proxy=node.string("proxy").strip(),
+        check_endpoint=node.string("checkEndpoint", "/health").strip() or "/health",
+        env=node.string_list("env"),
+        aliases=node.string_list("aliases"),
+        use_model_name=node.string("useModelName"),
+        unlisted=node.boolean("unlisted"),
+        name=node.string("name"),
+        description=node.string("description"),
+        ttl=node.integer("ttl", -1),
+        unload_timeout=node.integer("unloadTimeout", 0),
+    )
+    check_model(model, node)
+    if model.ttl == -1:
+        model.ttl = global_ttl
+    model.unload_timeout = model.unload_timeout or global_unload
+    return model, int(uses_port)
+
+
+def check_model(model: ModelConfig, node: ConfigReader) -> None:
+    """Value checks for one model; each error names models.<id>.<key>."""
+    for key, text in (("cmd", model.cmd), ("cmdStop", model.cmd_stop), ("proxy", model.proxy),
+                      ("checkEndpoint", model.check_endpoint), ("name", model.name), ("description", model.description)):
+        leftover = MACRO.search(text.replace("${PID}", "")) if key == "cmdStop" else MACRO.search(text)
+        if leftover:
+            name = leftover.group(1)
+            if name in ("PORT", "MODEL_ID"):
+                raise ConfigError(f"{node.key_path(key)}: macro '${{{name}}}' should have been substituted (${{PORT}} is only set when cmd uses it)")
+            raise ConfigError(f"{node.key_path(key)}: unknown macro '${{{name}}}'")
+    if "${PID}" in model.cmd:
+        raise ConfigError(f"{node.key_path('cmd')}: ${{PID}} is only available in cmdStop")
+    if not model.cmd.strip():
+        raise ConfigError(f"{node.key_path('cmd')}: is required (the command that starts the model's server)")
+    try:
+        split_command(model.cmd)
+    except ValueError as e:
+        raise ConfigError(f"{node.key_path('cmd')}: {e}") from None
+    url = URL(model.proxy) if model.proxy else None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{node.key_path('proxy')}: invalid proxy URL {model.proxy!r} (expected http://host:port)")
+    if model.ttl < -1:
+        raise ConfigError(f"{node.key_path('ttl')}: invalid TTL value {model.ttl}")
+    if model.unload_timeout < 0:
+        raise ConfigError(f"{node.key_path('unloadTimeout')}: invalid unloadTimeout value {model.unload_timeout}")
+    for entry in model.env:
+        if "=" not in entry:
+            raise ConfigError(f"{node.key_path('env')}: entry {entry!r} must look like KEY=VALUE")
+
+
+def collect_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
+    """alias -> model ID; an alias may name one model only and may not shadow a model ID."""
+    aliases: dict[str, str] = {}
+    for model in models.values():
+        for alias in model.aliases:
+            if alias in aliases or alias in models:
+                raise ConfigError(f"models.{model.id}.aliases: duplicate alias {alias!r} (already used by {aliases.get(alias, alias)!r})")
+            aliases[alias] = model.id
+    return aliases
+
+
+def split_command(command: str) -> list[str]:
+    """argv from a multi-line cmd, POSIX-shell style but without a shell (§2.7).
+
+    Comment lines go, a trailing backslash joins lines, quotes group words. Unlike shlex, a
+    carriage return is an ordinary character and an unterminated quote runs to the end.
+    """
+    lines = []
+    for line in command.split("\n"):
+        trimmed = line.strip()
+        if trimmed.startswith("#"):
+            continue
+        lines.append(trimmed[:-1] + " " if trimmed.endswith("\\") else line)
+    text = "\n".join(lines)
+    args: list[str] = []
+    word: list[str] | None = None
+    i, quote = 0, ""
+    while i < len(text):
+        c = text[i]
+        if quote == "'":
+            if c == "'":
+                quote = ""
+            else:
+                word.append(c)
+        elif quote == '"':
+            if c == '"':
+                quote = ""
+            elif c == "\\" and i + 1 < len(text) and text[i + 1] in '$`"\\\n':
+                i += 1
+                if text[i] != "\n":
+                    word.append(text[i])
+            else:
+                word.append(c)
+        elif c in " \t\n":
+            if word is not None:
+                args.append("".join(word))
+                word = None
+        else:
+            word = [] if word is None else word
+            if c in "'\"":
+                quote = c
+            elif c == "\\" and i + 1 < len(text):
+                i += 1
+                if text[i] != "\n":
+                    word.append(text[i])
+            else:
+                word.append(c)
+        i += 1
+    if word is not None:
+        args.append("".join(word))
+    if not args:
+        raise ValueError("empty command")
+    return args
+
+
+###############################################################################
+# 2. Logging ##################################################################
+###############################################################################
+
+LOG_HISTORY_BYTES = 100 * 1024
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
+
+
+class LogRing:
+    """The last `capacity` bytes written, oldest dropped first."""
+
+    def __init__(self, capacity: int = LOG_HISTORY_BYTES):
+        self.capacity = capacity
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        # Trim in batches so a stream of small writes does not move 100 KiB each time.
+        if len(self._buf) > 2 * self.capacity:
+            del self._buf[: len(self._buf) - self.capacity]
+
+    def history(self) -> bytes:
+        return bytes(self._buf[-self.capacity:])
+
+    def tail_lines(self, count: int) -> list[str]:
+        text = self.history().decode("utf-8", "replace")
+        return [line for line in text.splitlines() if line.strip()][-count:]
+
+
+class ProxyLog:
+    """llama-swap's own log: `[LEVEL] message` lines to stdout and to a history ring."""
+
+    def __init__(self, level: str = "info", stream: Any = None):
+        self.level = LEVELS.get(level, LEVELS["info"])
+        self.stream = stream if stream is not None else sys.stdout
+        self.history = LogRing()
+
+    def log(self, level: str, message: str) -> None:
+        if LEVELS[level] < self.level:
+            return
+        line = f"[{level.upper()}] {message}\n"
+        self.history.write(line.encode())
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(line)
+            self.stream.flush()
+
+    def debug(self, message: str) -> None:
+        self.log("debug", message)
+
+    def info(self, message: str) -> None:
+        self.log("info", message)
+
+    def warn(self, message: str) -> None:
+        self.log("warn", message)
+
+    def error(self, message: str) -> None:
+        self.log("error", message)
+
+
+###############################################################################
+# 3. Processes ################################################################
+###############################################################################
+
+STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
+ABORTED_START_GRACE = 5.0
+START_ERROR_TAIL_LINES = 8
+
+
+class StartError(Exception):
+    """A model could not be made ready; the message is what the client is told."""
+
+
+def health_poll_interval(elapsed: float) -> float:
+    """Pause between health probes: 10 ms at first, ~0.5% of the wait so far, at most 250 ms.
+
+    Output from the upstream and its exit also wake the poller at once (see ModelProcess), so
+    readiness announced in the log is seen within a probe's round trip.
+    """
+    return min(max(0.01, elapsed * 0.005), 0.25)
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is still in the group."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the command name (which may hold spaces): state ppid pgrp ...
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class ModelProcess:
+    """One model's upstream server and its lifecycle: stopped -> starting -> ready -> stopping.
+
+    The server runs in its own process group, so stopping it stops its children too. Output
+    (stdout and stderr together) is kept in `output`. `start()` and `stop()` may be called by
+    many tasks at once: a second start joins the first, a start during a stop waits for it,
+    a stop during a start aborts it. Each run gets its own pooled HTTP session, closed with it,
+    so no connection ever outlives the server it was opened to.
+    """
+
+    def __init__(self, model: ModelConfig, health_timeout: float, log: ProxyLog, on_change: Callable[[ModelProcess], None]):
+        self.model = model
+        self.health_timeout = health_timeout
+        self.log = log
+        self.on_change = on_change
+        self.state = STOPPED
+        self.output = LogRing()
+        self.session: aiohttp.ClientSession | None = None
+        self.base_url = URL(model.proxy)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._starting: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # output reader and exit watcher of the current run
+        self._wake = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.on_change(self)
+
+    def _own(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        """Make the model ready, or raise StartError saying why it is not."""
+        if self.state == STOPPING:
+            await asyncio.shield(self._stopping)
+        if self.state == STOPPED:
+            self._set_state(STARTING)
+            self._starting = asyncio.create_task(self._run_start())
+        if self.state == STARTING:
+            await asyncio.shield(self._starting)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop the server and its process group: graceful for `timeout` seconds, then SIGKILL."""
+        if self.state == STARTING:
+            self._starting.cancel()
+            with contextlib.suppress(StartError, asyncio.CancelledError):
+                await asyncio.shield(self._starting)
+            return
+        if self.state == READY:
+            self._set_state(STOPPING)
+            self._stopping = asyncio.create_task(self._run_stop(timeout))
+        if self.state == STOPPING:
+            await asyncio.shield(self._stopping)
+
+    def kill_now(self) -> None:
+        """SIGKILL the whole group at once: for a forced exit, where nothing may be left behind."""
+        if self._proc and self._proc.returncode is None:
+            signal_group(self._proc.pid, signal.SIGKILL)
+
+    async def _run_start(self) -> None:
+        try:
+            await self._spawn()
+            await self._wait_healthy()
+        except StartError:
+            await self._terminate(ABORTED_START_GRACE)
+            self._set_state(STOPPED)
+            raise
+        except asyncio.CancelledError:
+            await self._terminate(ABORTED_START_GRACE)
+            self._set_state(STOPPED)
+            raise StartError("aborted") from None
+        self._set_state(READY)
+
+    async def _spawn(self) -> None:
+        argv = split_command(self.model.cmd)
+        env = dict(os.environ)
+        env.update(entry.split("=", 1) for entry in self.model.env)
+        self.log.debug(f"<{self.model.id}> Executing start command: {' '.join(argv)}, env: {', '.join(self.model.env)}")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as e:
+            raise StartError(f"failed to start command '{' '.join(argv)}': {e.strerror or e}") from None
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+        self._wake.clear()
+        self._own(self._read_output(self._proc))
+        self._own(self._watch_exit(self._proc))
+
+    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
+        while chunk := await proc.stdout.read(65536):
+            self.output.write(chunk)
+            self._wake.set()
+
+    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        self._wake.set()
+        if self.state == READY and proc is self._proc:
+            self.log.warn(f"<{self.model.id}> upstream process exited unexpectedly (exit status {code})")
+            signal_group(proc.pid, signal.SIGKILL)  # leftovers of a crashed server still hold memory
+            await self._close_run()
+            self._set_state(STOPPED)
+
+    async def _wait_healthy(self) -> None:
+        endpoint = self.model.check_endpoint
+        if endpoint.lower() == "none":
+            return
+        url = self.url_for(URL(endpoint).path_qs if "://" in endpoint else endpoint)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + self.health_timeout
+        while True:
+            if self._proc.returncode is not None:
+                raise StartError(self._premature_exit_message())
+            remaining = deadline - loop.time()
+            if await self._probe(url, min(5.0, max(remaining, 0.05))):
+                self.log.info(f"<{self.model.id}> Health check passed on {url}")
+                return
+            if self._proc.returncode is not None:
+                raise StartError(self._premature_exit_message())
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise StartError(f"health check timed out after {go_duration(self.health_timeout)}")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(health_poll_interval(loop.time() - began), remaining))
+
+    async def _probe(self, url: URL, timeout: float) -> bool:
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    def _premature_exit_message(self) -> str:
+        lines = self.output.tail_lines(START_ERROR_TAIL_LINES)
+        tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
+        return f"upstream command exited prematurely with exit status {self._proc.returncode}{tail}"
+
+    def url_for(self, path_qs: str) -> URL:
+        """The upstream URL for a raw (still percent-encoded) path and query."""
+        base = str(self.base_url).rstrip("/")
+        return URL(base + path_qs, encoded=True)
+
+    async def _run_stop(self, timeout: float) -> None:
+        try:
+            await self._terminate(timeout)
+        finally:
+            self._set_state(STOPPED)
+
+    async def _terminate(self, timeout: float) -> None:
+        """Ask the group to stop (cmdStop or SIGTERM), SIGKILL it after `timeout`, wait it out."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None or process_group_alive(proc.pid):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._send_stop_signal(proc), timeout)
+            try:
+                await asyncio.wait_for(self._group_gone(proc), timeout)
+            except asyncio.TimeoutError:
+                self.log.info(f"<{self.model.id}> did not stop within {go_duration(timeout)}, sending SIGKILL to its process group")
+                signal_group(proc.pid, signal.SIGKILL)
+                await self._group_gone(proc)
+        await self._close_run()
+
+    async def _send_stop_signal(self, proc: asyncio.subprocess.Process) -> None:
+        if not self.model.cmd_stop.strip():
+            signal_group(proc.pid, signal.SIGTERM)
+            return
+        try:
+            argv = split_command(self.model.cmd_stop.replace("${PID}", str(proc.pid)))
+            stopper = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            code = await stopper.wait()
+            if code != 0:
+                self.log.warn(f"[{self.model.id}] stop signal failed: cmdStop exited with status {code}")
+        except (OSError, ValueError) as e:
+            self.log.warn(f"[{self.model.id}] stop signal failed: {e}; sending SIGTERM instead")
+            signal_group(proc.pid, signal.SIGTERM)
+
+    async def _group_gone(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        while process_group_alive(proc.pid):
+            await asyncio.sleep(0.02)
+
+    async def _close_run(self) -> None:
+        """After the group is gone: finish reading its output, close its session."""
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=1.0)
+            for task in pending:
+                task.cancel()
+        if self.session:
+            await self.session.close()
+            self.session = None
+
+
+###############################################################################
+# 4. Swap policy ##############################################################
+###############################################################################
+
+DEFAULT_GROUP = "(default)"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Models that share swap rules (§2.12.1)."""
+
+    name: str
+    members: frozenset[str]
+    swap: bool = True  # members replace each other
+    exclusive: bool = True  # loading a member unloads other groups
+    persistent: bool = False  # never unloaded by another group
+
+
+class GroupPolicy:
+    """Which running models must stop so that a target may run: a pure function of plain data."""
+
+    def __init__(self, groups: Iterable[Group]):
+        self.group_of = {member: group for group in groups for member in group.members}
+
+    @classmethod
+    def one_at_a_time(cls, model_ids: Iterable[str]) -> GroupPolicy:
+        """Every model in the default group: one model runs at a time."""
+        return cls([Group(DEFAULT_GROUP, frozenset(model_ids))])
+
+    def evictions(self, target: str, running: Iterable[str]) -> frozenset[str]:
+        group = self.group_of[target]
+        evict = set()
+        for model in running:
+            if model == target:
+                continue
+            other = self.group_of[model]
+            if (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
+                evict.add(model)
+        return frozenset(evict)
+
+
+###############################################################################
+# 5. Scheduler ################################################################
+###############################################################################
+
+
+class SchedulerError(Exception):
+    """A request could not be served by its model; the text goes into the 500 envelope."""
+
+
+class Ticket:
+    """One request waiting for its model. Its future is resolved by a grant or an error."""
+
+    __slots__ = ("model", "future")
+
+    def __init__(self, model: str):
+        self.model = model
+        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def waiting(self) -> bool:
+        return not self.future.done()
+
+
+@dataclass
+class Swap:
+    """A swap in progress: stop `evict`, then start `target`, then grant its waiters."""
+
+    target: str
+    evict: frozenset[str]
+    waiters: list[Ticket]
+    task: asyncio.Task | None = None
+
+
+class Scheduler:
+    """The one owner of swap state (§4.6).
+
+    Decisions are synchronous methods, so nothing interleaves with them; the slow work (stopping
+    and starting servers) runs in owned Swap tasks that report back through `_finish_swap`.
+    Requests for a ready model go straight through; requests for a model being started join
+    that start; anything that would stop a model still serving requests waits in the queue,
+    which is re-read in order whenever something changes, so A B A B arriving cold run A A B B.
+    """
+
+    def __init__(self, processes: Mapping[str, ModelProcess], policy: GroupPolicy, evict_timeout: float, log: ProxyLog):
+        self.processes = processes
+        self.policy = policy
+        self.evict_timeout = evict_timeout
+        self.log = log
+        self.in_flight: Counter[str] = Counter()
+        self.swaps: dict[str, Swap] = {}
+        self.queue: list[Ticket] = []
+        self.closed_reason = ""
+
+    @contextlib.asynccontextmanager
+    async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
+        """The model's process, ready and counted as serving until the block ends."""
+        await self._acquire(model)
+        try:
+            yield self.processes[model]
+        finally:
+            self._release(model)
+
+    async def _acquire(self, model: str) -> None:
+        if self.closed_reason:
+            raise SchedulerError(self.closed_reason)
+        ticket = Ticket(model)
+        if not self._place(ticket):
+            self.queue.append(ticket)
+        try:
+            await ticket.future
+        except asyncio.CancelledError:
+            self._withdraw(ticket)
+            raise
+
+    def _release(self, model: str) -> None:
+        self.in_flight[model] -= 1
+        if self.in_flight[model] == 0:
+            self.pump()
+
+    def _withdraw(self, ticket: Ticket) -> None:
+        """The client went away: forget its ticket; give back a grant it can no longer use."""
+        if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
+            self._release(ticket.model)
+        with contextlib.suppress(ValueError):
+            self.queue.remove(ticket)
+        swap = self.swaps.get(ticket.model)
+        if swap and ticket in swap.waiters:
+            swap.waiters.remove(ticket)
+
+    def running(self) -> set[str]:
+        """Models that hold or are about to hold resources: live processes and swap targets."""
+        return {m for m, p in self.processes.items() if p.state != STOPPED} | set(self.swaps)
+
+    def _place(self, ticket: Ticket) -> bool:
+        """Grant, join a swap or start one; False means it must wait in the queue."""
+        model = ticket.model
+        if model in self.swaps:
+            self.swaps[model].waiters.append(ticket)
+            return True
+        evict = self.policy.evictions(model, self.running())
+        being_evicted = any(model in swap.evict for swap in self.swaps.values())
+        if self.processes[model].state == READY and not evict and not being_evicted:
+            self._grant(ticket)
+            return True
+        if being_evicted or any(s.target in evict or s.evict & evict for s in self.swaps.values()):
+            return False
+        if any(self.in_flight[m] for m in evict):
+            return False  # never stop a model that is still serving
+        swap = Swap(model, evict, [ticket])
+        self.swaps[model] = swap
+        swap.task = asyncio.create_task(self._run_swap(swap))
+        return True
+
+    def _grant(self, ticket: Ticket) -> None:
+        self.in_flight[ticket.model] += 1
+        ticket.future.set_result(None)
+
+    def pump(self) -> None:
+        """Re-read the queue front to back after anything changed."""
+        queue, self.queue = self.queue, []
+        for ticket in queue:
+            if ticket.waiting() and not self._place(ticket):
+                self.queue.append(ticket)
+
+    async def _run_swap(self, swap: Swap) -> None:
+        error = ""
+        try:
+            await asyncio.gather(*(self.processes[m].stop(self.evict_timeout) for m in swap.evict))
+            await self.processes[swap.target].start()
+        except StartError as e:
+            error = str(e)
+            self.log.warn(f"group: starting {swap.target} failed: {e}")
+        finally:
+            self._finish_swap(swap, error)
+
+    def _finish_swap(self, swap: Swap, error: str) -> None:
+        del self.swaps[swap.target]
+        for ticket in swap.waiters:
+            if not ticket.waiting():
+                continue
+            if error:
+                ticket.future.set_exception(SchedulerError(error))
+            else:
+                self._grant(ticket)
+        self.pump()
+
+    def _fail_waiting(self, message: str, models: Iterable[str]) -> None:
+        models = set(models)
+        for swap in self.swaps.values():
+            if swap.target in models:
+                for ticket in swap.waiters:
+                    if ticket.waiting():
+                        ticket.future.set_exception(SchedulerError(message))
+                swap.waiters.clear()
+        for ticket in self.queue:
+            if ticket.model in models and ticket.waiting():
+                ticket.future.set_exception(SchedulerError(message))
+        self.queue = [t for t in self.queue if t.waiting()]
+
+    async def unload(self, models: Iterable[str], timeout_of: Callable[[str], float]) -> None:
+        """Stop these models now; requests waiting for them are told it was unloaded."""
+        models = list(models)
+        self._fail_waiting("group: model unloaded", models)
+        # Models sharing a timeout stop together; shorter timeouts go first (§5.3).
+        by_timeout: dict[float, list[str]] = {}
+        for m in models:
+            by_timeout.setdefault(timeout_of(m), []).append(m)
+        for timeout in sorted(by_timeout):
+            await asyncio.gather(*(self.processes[m].stop(timeout) for m in by_timeout[timeout]))
+        self.pump()
+
+    def close(self) -> None:
+        """Refuse new requests and fail every waiting one: the server is shutting down."""
+        self.closed_reason = "group is shutting down"
+        self._fail_waiting(self.closed_reason, self.processes)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop every model, starting or running, within `timeout`; wait for swap tasks."""
+        self.close()
+        await asyncio.gather(*(p.stop(timeout) for p in self.processes.values()))
+        tasks = [s.task for s in self.swaps.values() if s.task]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+            # A swap that was stopping evicted models starts its target afterwards; stop it again.
+            await asyncio.gather(*(p.stop(timeout) for p in self.processes.values()))
+
+    def kill_all(self) -> None:
+        for process in self.processes.values():
+            process.kill_now()
+
+
+###############################################################################
+# 6. Requests: finding and rewriting `model` ##################################
+###############################################################################
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_JSON_DECODER = json.JSONDecoder()
+_FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
+
+
+def json_member_span(text: str, key: str) -> tuple[int, int] | None:
+    """Where the value of a top-level key sits in a JSON object's text, or None.
+
+    Reads members in order and stops at the first one it finds (or cannot read), so a body
+    that is broken after `model` still yields it, as the original's lenient reader does.
+    """
+    i = _JSON_WS.match(text).end()
+    if not text.startswith("{", i):
+        return None
+    i += 1
+    while True:
+        i = _JSON_WS.match(text, i).end()
+        if not text.startswith('"', i):
+            return None
+        try:
+            name, i = json.decoder.scanstring(text, i + 1)
+            i = _JSON_WS.match(text, i).end()
+            if not text.startswith(":", i):
+                return None
+            start = _JSON_WS.match(text, i + 1).end()
+            _value, end = _JSON_DECODER.raw_decode(text, start)
+        except ValueError:
+            return None
+        if name == key:
+            return start, end
+        i = _JSON_WS.match(text, end).end()
+        if not text.startswith(",", i):
+            return None
+        i += 1
+
+
+def json_model(body: bytes) -> str:
+    text = body.decode("utf-8", "surrogateescape")
+    span = json_member_span(text, "model")
+    if span is None:
+        return ""
+    value = json.loads(text[span[0]:span[1]])
+    return value if isinstance(value, str) else "" if value is None else text[span[0]:span[1]]
+
+
+def replace_json_model(body: bytes, model: str) -> bytes:
+    """The body with only its top-level `model` changed; every other byte kept."""
+    text = body.decode("utf-8", "surrogateescape")
+    value = json.dumps(model, ensure_ascii=False)
+    span = json_member_span(text, "model")
+    if span is not None:
+        text = text[: span[0]] + value + text[span[1]:]
+    else:
+        brace = text.index("{") + 1
+        rest = text[brace:].lstrip()
+        text = text[:brace] + f'"model":{value}' + ("," if not rest.startswith("}") else "") + text[brace:]
+    return text.encode("utf-8", "surrogateescape")
+
+
+def multipart_field_span(body: bytes, content_type: str, name: str) -> tuple[int, int] | None:
+    """Where a form field's value sits in a multipart body, or None."""
+    boundary = content_type_param(content_type, "boundary")
+    if not boundary:
+        return None
+    delimiter = b"--" + boundary.encode("latin-1")
+    pos = body.find(delimiter)
+    while pos != -1:
+        start = pos + len(delimiter)
+        if body.startswith(b"--", start):
+            return None
+        head_end = body.find(b"\r\n\r\n", start)
+        end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end != -1 else -1
+        if end == -1:
+            return None
+        match = _FORM_NAME.search(body, start, head_end)
+        if match and match.group(1).decode("latin-1") == name:
+            return head_end + 4, end
+        pos = end + 2
+    return None
+
+
+def content_type_param(content_type: str, param: str) -> str:
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == param:
+            return value.strip().strip('"')
+    return ""
+
+
+def request_model(request: web.BaseRequest, body: bytes) -> str:
+    """The requested model name, read where the original reads it (§4.3)."""
+    query_model = request.query.get("model", "")
+    content_type = request.headers.get("Content-Type", "")
+    if request.method in ("GET", "HEAD"):
+        return query_model
+    if "application/json" in content_type:
+        return json_model(body)
+    if "multipart/form-data" in content_type:
+        span = multipart_field_span(body, content_type, "model")
+        return query_model or (body[span[0]:span[1]].decode("utf-8", "replace") if span else "")
+    form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+    return form.get("model", [query_model])[0]
+
+
+def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
+    """The body with its model field set to `model` (JSON and multipart bodies; §4.4)."""
+    content_type = request.headers.get("Content-Type", "")
+    if "application/json" in content_type and body.strip():
+        return replace_json_model(body, model)
+    if "multipart/form-data" in content_type:
+        span = multipart_field_span(body, content_type, "model")
+        if span:
+            return body[: span[0]] + model.encode() + body[span[1]:]
+    return body
+
+
+###############################################################################
+# 7. Relay ####################################################################
+###############################################################################
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade",
+})
+
+
+def end_to_end_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Headers without hop-by-hop ones (and those the Connection header names) or Content-Length."""
+    named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
+    drop = HOP_BY_HOP | named | {"content-length"}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def client_ip(request: web.BaseRequest) -> str:
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    return request.headers.get("X-Real-IP") or request.remote or ""
+
+
+async def relay(request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
+    """Send the request upstream and copy the answer back as it arrives: status, headers, bytes.
+
+    Every chunk is written (and flushed) the moment it is read; nothing is parsed. If the client
+    goes away, the handler is cancelled and leaving this block closes the upstream connection.
+    """
+    headers = end_to_end_headers(request.headers)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
+    headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    skip = [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
+    response: web.StreamResponse | None = None
+    try:
+        async with process.session.request(
+                request.method, process.url_for(path_qs), headers=headers, data=body or None,
+                allow_redirects=False, skip_auto_headers=skip) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in end_to_end_headers(upstream.headers):
+                response.headers.add(key, value)
+            if "content-length" in upstream.headers and request.method != "HEAD":
+                response.content_length = int(upstream.headers["Content-Length"])
+            if "text/event-stream" in upstream.headers.get("Content-Type", ""):
+                response.headers["X-Accel-Buffering"] = "no"
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        if response is None or not response.prepared:
+            raise ApiError(502, f"upstream {process.model.id} unreachable: {error_text(e)}") from None
+        process.log.info(f"<{process.model.id}> recovered from upstream disconnection during streaming: {error_text(e)}")
+        request.transport and request.transport.close()  # a cut stream must look cut, not complete
+        return response
+
+
+def error_text(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+###############################################################################
+# 8. HTTP #####################################################################
+###############################################################################
+
+# Routes whose model is read from the request (§4.1). GET routes read ?model=.
+MODEL_POST_PATHS = (
+    "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/embeddings", "/reranking", "/rerank", "/v1/rerank", "/v1/reranking", "/infill", "/completion",
+    "/v1/audio/speech", "/v1/audio/voices", "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img",
+    "/audioapi/v1/tasks/run", "/v/chat/completions", "/v/responses", "/v/completions", "/v/messages",
+    "/v/messages/count_tokens", "/v/embeddings", "/v/rerank", "/v/reranking",
+    "/v1/audio/transcriptions", "/v1/images/edits",
+)
+MODEL_GET_PATHS = ("/v1/audio/voices", "/sdapi/v1/loras", "/props")
+
+ERROR_KINDS = {
+    400: ("invalid_request_error", "bad_request"), 401: ("authentication_error", "unauthorized"),
+    403: ("authentication_error", "forbidden"), 404: ("invalid_request_error", "not_found"),
+    409: ("invalid_request_error", "conflict"), 429: ("rate_limit_error", "rate_limit_exceeded"),
+    502: ("server_error", "bad_gateway"), 503: ("server_error", "service_unavailable"),
+    504: ("server_error", "gateway_timeout"),
+}
+
+
+class ApiError(Exception):
+    """An error we answer ourselves, in the original's envelope."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def go_json(value: Any) -> str:
+    """Compact JSON as Go's encoder writes it: <, > and & escaped, other text kept as UTF-8."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=go_json(value) + "\n", content_type="application/json", headers=headers)
+
+
+def error_response(request: web.BaseRequest, status: int, message: str) -> web.Response:
+    """The original's error reply, in the form the client's Accept header asks for (§4.11)."""
+    accept = request.headers.get("Accept", "")
+    if "text/plain" in accept:
+        return web.Response(status=status, text=f"llama-swap: {message}", content_type="text/plain")
+    if "text/html" in accept:
+        body = f"<html><body><h1>llama-swap</h1><p>{html.escape(message)}</p></body></html>"
+        return web.Response(status=status, text=body, content_type="text/html")
+    kind, code = ERROR_KINDS.get(status, ("invalid_request_error", "invalid_request") if 400 <= status < 500 else ("server_error", "internal_error"))
+    envelope = {"src": "llama-swap", "error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.Response(status=status, text=go_json(envelope), content_type="application/json")
+
+
+class Server:
+    """The HTTP face of the proxy: routes, handlers and the objects they share."""
+
+    def __init__(self, config: Config, log: ProxyLog):
+        self.config = config
+        self.log = log
+        self.upstream_log = LogRing()
+        self.processes = {m: ModelProcess(cfg, config.health_check_timeout, log, self._state_changed)
+                          for m, cfg in config.models.items()}
+        self.scheduler = Scheduler(self.processes, GroupPolicy.one_at_a_time(config.models),
+                                   config.health_check_timeout, log)
+
+    def _state_changed(self, process: ModelProcess) -> None:
+        self.log.debug(f"<{process.model.id}> state is now {process.state}")
+        self.scheduler.pump()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.access_log, self.errors], client_max_size=1024 ** 3)
+        routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
+        routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
+        routes += [
+            web.get("/", self.root), web.get("/health", self.health), web.get("/wol-health", self.health),
+            web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
+            web.get("/running", self.running), web.get("/unload", self.unload_all_text),
+            web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
+            web.get("/api/version", self.version),
+            web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
+        ]
+        app.add_routes(routes)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    # -- the hot path ---------------------------------------------------------
+
+    async def model_request(self, request: web.Request) -> web.StreamResponse:
+        """request -> model -> scheduler.lease(model) -> relay -> release."""
+        body = await request.read()
+        name = request_model(request, body)
+        if not name:
+            raise ApiError(404, "no model id could be identified")
+        model = self.config.real_model_id(name)
+        if model is None:
+            raise ApiError(404, "no router for requested model")
+        if self.config.models[model].use_model_name:
+            body = rewrite_model(request, body, self.config.models[model].use_model_name)
+        async with self.scheduler.lease(model) as process:
+            return await relay(request, process, forwarded_path(request), body)
+
+    async def upstream(self, request: web.Request) -> web.StreamResponse:
+        """/upstream/<model>/<path>: straight to the model's own server, body untouched (§5.9)."""
+        raw_tail = request.raw_path.split("?", 1)[0][len("/upstream/"):]
+        model, rest = self.split_upstream_path(raw_tail)
+        if model is None:
+            raise ApiError(404, "model not found")
+        query = f"?{request.query_string}" if request.query_string else ""
+        if not rest:
+            target = f"/upstream/{raw_tail.rstrip('/')}/{query}"
+            raise (web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect)(target)
+        if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
+            raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
+        body = await request.read()
+        async with self.scheduler.lease(model) as process:
+            return await relay(request, process, rest + query, body)
+
+    def split_upstream_path(self, raw_tail: str) -> tuple[str | None, str]:
+        """(model ID, raw remainder) for the longest leading run of path segments naming a model."""
+        segments = raw_tail.split("/")
+        for count in range(len(segments), 0, -1):
+            name = urllib.parse.unquote("/".join(segments[:count]))
+            model = self.config.real_model_id(name)
+            if model is not None:
+                rest = "/".join(segments[count:])
+                return model, ("/" + rest) if count < len(segments) else ""
+        return None, ""
+
+    # -- listing and control ---------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """The OpenAI model list, with each model's loaded status (§5.1)."""
+        created = int(time.time())
+        records = []
+        for model_id in sorted(self.config.models, key=str.encode):
+            model = self.config.models[model_id]
+            if model.unlisted:
+                continue
+            record: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "llama-swap"}
+            if model.name.strip():
+                record["name"] = model.name.strip()
+            if model.description.strip():
+                record["description"] = model.description.strip()
+            meta: dict[str, Any] = {"type": "model"}
+            if model.aliases:
+                meta["aliases"] = model.aliases
+            record["meta"] = {"llamaswap": meta}
+            loaded = self.processes[model_id].state in (STARTING, READY, STOPPING)
+            record["status"] = {"value": "loaded" if loaded else "unloaded"}
+            records.append(record)
+        headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
+        return json_response({"object": "list", "data": records}, headers=headers)
+
+    async def running(self, request: web.Request) -> web.Response:
+        """Models whose server is starting, ready or stopping (§5.2)."""
+        running = []
+        for model_id in sorted(self.processes, key=str.encode):
+            process = self.processes[model_id]
+            if process.state == STOPPED:
+                continue
+            model = process.model
+            entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy, "ttl": model.ttl}
+            entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
+            running.append(entry)
+        return json_response({"running": running})
+
+    async def _unload(self, models: Iterable[str]) -> None:
+        await self.scheduler.unload(models, lambda m: self.config.models[m].unload_timeout)
+
+    async def unload_all(self, request: web.Request) -> web.Response:
+        await self._unload(self.processes)
+        return json_response({"msg": "ok"})
+
+    async def unload_all_text(self, request: web.Request) -> web.Response:
+        await self._unload(self.processes)
+        return web.Response(text="OK")
+
+    async def unload_one(self, request: web.Request) -> web.Response:
+        model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
+        if model is None:
+            raise ApiError(404, "model not found")
+        await self._unload([model])
+        return web.Response(text="OK")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def root(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui")
+
+    async def upstream_index(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui/models")
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response({"version": __version__, "commit": "python", "build_date": "unknown"})
+
+    # -- middlewares -----------------------------------------------------------
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Our errors as envelopes; unknown paths and methods as the original's plain texts."""
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(request, e.status, e.message)
+        except SchedulerError as e:
+            return error_response(request, 500, f"unspecific error: {e}")
+        except web.HTTPNotFound:
+            return web.Response(status=404, text="404 page not found\n")
+        except web.HTTPMethodNotAllowed as e:
+            return web.Response(status=405, text="Method Not Allowed\n", headers={"Allow": ", ".join(sorted(e.allowed_methods))})
+
+    @web.middleware
+    async def access_log(self, request: web.Request, handler) -> web.StreamResponse:
+        """One line per request, written when the response is complete or the client gone (§7.3)."""
+        started = time.monotonic()
+        status, size = 499, 0  # what the log shows when the client left before an answer
+        try:
+            response = await handler(request)
+            status = response.status
+            size = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
+            return response
+        finally:
+            if not request.path.startswith(("/wol-health", "/metrics", "/api/performance")):
+                version = f"HTTP/{request.version.major}.{request.version.minor}"
+                agent = request.headers.get("User-Agent", "")
+                self.log.info(f'Request {client_ip(request)} "{request.method} {request.path} {version}" '
+                              f'{status} {size} "{agent}" {go_duration(time.monotonic() - started)}')
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.scheduler.close()
+
+
+def forwarded_path(request: web.BaseRequest) -> str:
+    """The raw path and query sent upstream: `/v/...` and `/audioapi/...` lose their prefix."""
+    path_qs = request.raw_path
+    for prefix in ("/v/", "/audioapi/"):
+        if path_qs.startswith(prefix):
+            return path_qs[len(prefix) - 1:] if prefix == "/v/" else path_qs[len("/audioapi"):]
+    return path_qs
+
+
+###############################################################################
+# 9. CLI ######################################################################
+###############################################################################
+
+SHUTDOWN_BUDGET = 30.0
+
+
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """`host:port`, `:port` or `[v6]:port` -> (host or None for all interfaces, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {listen!r}: expected HOST:PORT, for example localhost:8080")
+    host = host.strip("[]")
+    return host or None, int(port)
+
+
+def is_loopback_only(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def normalize_flags(argv: list[str]) -> list[str]:
+    """Go-style single-dash long flags (`-config x`, `-listen=:8080`) as argparse expects them."""
+    out = []
+    for arg in argv:
+        if re.match(r"^-[a-z][a-z-]+(=.*)?$", arg):
+            arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llama-swap", description="Serve many local AI models from one address, swapping them on demand.")
+    parser.add_argument("--config", help="path to the YAML config file")
+    parser.add_argument("--listen", default="", help="listen address HOST:PORT (default :8080, or :8443 with TLS)")
+    parser.add_argument("--tls-cert-file", default="", help="TLS certificate file")
+    parser.add_argument("--tls-key-file", default="", help="TLS key file")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    argv = ["--help" if a in ("-help", "--help") else a for a in normalize_flags(argv)]
+    return parser.parse_args(argv)
+
+
+async def serve(config: Config, host: str | None, port: int, ssl_context: Any, log: ProxyLog) -> int:
+    """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
+    server = Server(config, log)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None,
+                           handle_signals=False, shutdown_timeout=SHUTDOWN_BUDGET)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error(f"http server error: cannot listen on {host or ''}:{port}: {e.strerror or e}")
+        await runner.cleanup()
+        return 1
+    scheme = "https" if ssl_context else "http"
+    log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {scheme}://{host or ''}:{port}")
+    if not is_loopback_only(host):
+        log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} to restrict to loopback only")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals_seen.append(sig)
+        if len(signals_seen) > 1:  # a second Ctrl-C: leave nothing running and go now
+            log.warn("second signal received, killing every upstream and exiting now")
+            server.scheduler.kill_all()
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await stop.wait()
+    log.info(f"received signal {signal.Signals(signals_seen[0]).name}, shutting down")
+    began = loop.time()
+    await runner.cleanup()  # stop listening, refuse queued requests, give in-flight ones the budget
+    await server.scheduler.shutdown(max(SHUTDOWN_BUDGET - (loop.time() - began), 1.0))
+    log.info("shutdown complete")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}), built at unknown")
+        return 0
+    if not args.config:
+        print("llama-swap: --config PATH is required (see llama-swap --help)", file=sys.stderr)
+        return 1
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        print("llama-swap: both --tls-cert-file and --tls-key-file must be provided for TLS", file=sys.stderr)
+        return 1
+    try:
+        host, port = parse_listen(args.listen or (":8443" if args.tls_cert_file else ":8080"))
+        config = load_config(args.config)
+    except (ConfigError, ValueError) as e:
+        print(f"llama-swap: {e}", file=sys.stderr)
+        return 1
+    ssl_context = None
+    if args.tls_cert_file:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert_file, args.tls_key_file)
+        except (OSError, ssl.SSLError) as e:
+            print(f"llama-swap: cannot load TLS certificate: {e}", file=sys.stderr)
+            return 1
+    log = ProxyLog()
+    log.debug(f"PID: {os.getpid()}")
+    return asyncio.run(serve(config, host, port, ssl_context, log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

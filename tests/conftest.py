@@ -1,0 +1,143 @@
+"""Shared harness: a real llama-swap process on a free port, real responder upstreams.
+
+Every responder started through `responder_cmd` appends its pid to the test's pid file, so
+teardown can prove that nothing was left running (and kill it if something was).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESPONDER = Path(__file__).resolve().parent / "responder.py"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a live process; zombies count as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class LlamaSwap:
+    """One llama-swap server process (`python -m llama_swap`) for a test."""
+
+    def __init__(self, workdir: Path, config: dict | str, extra_args: tuple[str, ...] = ()):
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = workdir / "config.yaml"
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        self.config_path.write_text(text)
+        self.log_path = workdir / "llama-swap.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "llama_swap", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}", *extra_args],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        if not wait_until(lambda: "listening on" in self.output() or self.proc.poll() is not None, 20):
+            raise RuntimeError(f"llama-swap did not start:\n{self.output()}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"llama-swap exited with {self.proc.returncode}:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 45) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+
+class Upstreams:
+    """Builds responder commands for configs and checks that their processes are gone."""
+
+    def __init__(self, workdir: Path):
+        self.pid_file = workdir / "upstream-pids"
+        self.pid_file.touch()
+
+    def cmd(self, *args: str, name: str | None = None) -> str:
+        parts = [PY, str(RESPONDER), "--port", "${PORT}", "--pid-file", str(self.pid_file)]
+        if name:
+            parts += ["--name", name]
+        return " ".join(parts + list(args))
+
+    def pids(self) -> list[int]:
+        return [int(line) for line in self.pid_file.read_text().split()]
+
+    def alive(self) -> list[int]:
+        return [pid for pid in self.pids() if pid_alive(pid)]
+
+    def kill_leftovers(self) -> list[int]:
+        leftovers = self.alive()
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return leftovers
+
+
+@pytest.fixture
+def upstreams(tmp_path: Path) -> Upstreams:
+    ups = Upstreams(tmp_path)
+    yield ups
+    leftovers = ups.kill_leftovers()
+    assert not leftovers, f"upstream processes left running after the test: {leftovers}"
+
+
+@pytest.fixture
+def start_llama_swap(tmp_path: Path, upstreams: Upstreams):
+    """start_llama_swap(config) -> a running LlamaSwap; it is stopped (SIGTERM) at teardown."""
+    servers: list[LlamaSwap] = []
+
+    def start(config: dict | str, *extra_args: str) -> LlamaSwap:
+        server = LlamaSwap(tmp_path, config, extra_args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        try:
+            server.stop()
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise AssertionError(f"llama-swap did not shut down on SIGTERM:\n{server.output()}")
+    # Upstreams must already be gone once llama-swap has exited: shutdown stops them all.
+    assert wait_until(lambda: not upstreams.alive(), 5), f"upstreams alive after llama-swap exited: {upstreams.alive()}"

@@ -1,0 +1,582 @@
+"""Fake inference server ("upstream") for the llama-swap-py test-suite.
+
+Run it as::
+
+    python tests/responder.py --port 8123 [options]
+
+It mimics just enough of llama-server / an OpenAI-compatible server for the
+proxy to start it, health-check it, relay requests to it and stop it.  Only
+the standard library and aiohttp are used.
+
+Options
+-------
+--port PORT              port to listen on (required)
+--host HOST              address to bind (default 127.0.0.1)
+--name NAME              model name reported in replies (default "responder")
+--startup-delay S        sleep S seconds before binding the port, printing
+                         "loading model..." every 0.1 s meanwhile
+--healthy-after S        once listening, GET /health answers 503
+                         {"status":"loading"} for S more seconds
+--health-status CODE     status of GET /health once "healthy" (default 200;
+                         e.g. 500 never becomes healthy)
+--health-hang            GET /health never answers
+--ignore-sigterm         print "ignoring SIGTERM" on SIGTERM and keep running
+--sigterm-delay S        on SIGTERM print "SIGTERM received, exiting in S s",
+                         keep serving for S seconds, then exit 0
+--fork-grandchild        do not serve: spawn this script again (same args
+                         minus this flag, same process group), print
+                         "grandchild pid <pid>" and wait for it; on SIGTERM
+                         exit at once WITHOUT forwarding it to the grandchild
+--exit-after S           after S seconds (counted from process start) print
+                         "error: failed to load model '<name>': out of memory
+                         (simulated)" to stderr and exit 1
+--pid-file PATH          append own pid and a newline to PATH at start
+--chunks N               default number of streamed content chunks (5)
+--chunk-delay S          default delay between streamed events (0.05)
+
+Without --ignore-sigterm / --sigterm-delay, SIGTERM prints
+"SIGTERM received, shutting down" and exits 0 promptly.  SIGINT always does
+that (so Ctrl-C works even with --ignore-sigterm).
+
+HTTP endpoints
+--------------
+GET /health             see --healthy-after / --health-status / --health-hang
+GET /                   small HTML page "responder NAME"
+GET /_responder/events  JSON list of recorded events
+                        ({"event", "path", "time"}; events are "request",
+                        "stream_completed" and "client_disconnected")
+GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
+                        "requests" counts echo (catch-all) requests only;
+                        also "ready_at": time.time() at which /health starts
+                        answering 200 (bind + --healthy-after), null before bind
+anything else           the "echo" reply: an OpenAI-shaped completion (or
+                        embeddings list for paths containing "embeddings")
+                        with an extra "echo" key describing the request.
+                        A JSON body with "stream": true gets an SSE stream.
+
+Per-request controls (optional top-level keys of a JSON request body):
+"responder_chunks" (int), "responder_delay" (float s between stream events),
+"responder_status" (int HTTP status), "responder_sleep" (float s to sleep
+before sending the response headers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.parser
+import email.policy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiohttp import ClientConnectionResetError, web
+
+CHUNK_ID = "chatcmpl-resp"
+LOADING_TICK = 0.1
+SHUTDOWN_TIMEOUT = 0.5
+MAX_BODY = 1024**3
+
+
+# --------------------------------------------------------------------------
+# output helpers
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_line_buffered() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
+
+
+# --------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="fake inference server for tests")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--name", default="responder")
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--healthy-after", type=float, default=0.0)
+    parser.add_argument("--health-status", type=int, default=200)
+    parser.add_argument("--health-hang", action="store_true")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--sigterm-delay", type=float, default=None)
+    parser.add_argument("--fork-grandchild", action="store_true")
+    parser.add_argument("--exit-after", type=float, default=None)
+    parser.add_argument("--pid-file", default=None)
+    parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument("--chunk-delay", type=float, default=0.05)
+    return parser.parse_args(argv)
+
+
+def append_pid(path: str | None) -> None:
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+
+# --------------------------------------------------------------------------
+# shared state
+
+
+@dataclass
+class State:
+    args: argparse.Namespace
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int = 0
+    listening_since: float | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    requests: int = 0
+    health_checks: int = 0
+    sigterm_pending: bool = False
+
+    def request_stop(self, code: int) -> None:
+        if not self.stop.is_set():
+            self.exit_code = code
+            self.stop.set()
+
+    def record(self, event: str, path: str) -> None:
+        self.events.append({"event": event, "path": path, "time": time.time()})
+
+
+STATE = web.AppKey("state", State)
+
+
+# --------------------------------------------------------------------------
+# request inspection ("echo")
+
+
+def split_raw_path(raw_path: str) -> tuple[str, str]:
+    path, _, query = raw_path.partition("?")
+    return path, query
+
+
+def last_value_headers(request: web.Request) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for key, value in request.headers.items():
+        headers[key] = value
+    return headers
+
+
+def parse_json_object(body: bytes) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]]:
+    """Return (field name, filename, payload) for each part of a multipart body."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return []
+    parts = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        parts.append((str(name), part.get_filename(), payload))
+    return parts
+
+
+def describe_form(content_type: str, body: bytes) -> tuple[list[dict[str, str]] | None, str | None]:
+    """Return (form_fields, model) for a multipart body; (None, None) otherwise."""
+    if not content_type.lower().startswith("multipart/"):
+        return None, None
+    fields: list[dict[str, str]] = []
+    model: str | None = None
+    for name, filename, payload in parse_multipart(content_type, body):
+        entry = {"name": name}
+        if filename is not None:
+            entry["filename"] = filename
+        fields.append(entry)
+        if name == "model" and filename is None and model is None:
+            model = payload.decode("utf-8", errors="replace")
+    return fields, model
+
+
+def urlencoded_model(content_type: str, body: bytes) -> str | None:
+    if not content_type.lower().startswith("application/x-www-form-urlencoded"):
+        return None
+    values = parse_qs(body.decode("utf-8", errors="replace")).get("model")
+    return values[0] if values else None
+
+
+def query_model(query: str) -> str | None:
+    values = parse_qs(query).get("model")
+    return values[0] if values else None
+
+
+def find_model(
+    json_body: dict[str, Any] | None,
+    form_model: str | None,
+    content_type: str,
+    body: bytes,
+    query: str,
+) -> Any:
+    if json_body is not None and "model" in json_body:
+        return json_body["model"]
+    if form_model is not None:
+        return form_model
+    return urlencoded_model(content_type, body) or query_model(query)
+
+
+def build_echo(
+    request: web.Request, body: bytes, json_body: dict[str, Any] | None
+) -> dict[str, Any]:
+    path, query = split_raw_path(request.raw_path)
+    content_type = request.headers.get("Content-Type")
+    form_fields, form_model = describe_form(content_type or "", body)
+    return {
+        "method": request.method,
+        "path": path,
+        "query": query,
+        "headers": last_value_headers(request),
+        "body": body.decode("utf-8", errors="replace"),
+        "body_len": len(body),
+        "content_type": content_type,
+        "model": find_model(json_body, form_model, content_type or "", body, query),
+        "form_fields": form_fields,
+    }
+
+
+# --------------------------------------------------------------------------
+# reply shapes
+
+
+@dataclass
+class Controls:
+    stream: bool
+    chunks: int
+    delay: float
+    status: int
+    sleep: float
+
+
+def read_controls(args: argparse.Namespace, json_body: dict[str, Any] | None) -> Controls:
+    data = json_body or {}
+    return Controls(
+        stream=data.get("stream") is True,
+        chunks=int(data.get("responder_chunks", args.chunks)),
+        delay=float(data.get("responder_delay", args.chunk_delay)),
+        status=int(data.get("responder_status", 200)),
+        sleep=float(data.get("responder_sleep", 0.0)),
+    )
+
+
+def is_text_completion(path: str) -> bool:
+    return "/completions" in path and "chat" not in path
+
+
+def chat_completion(name: str, echo: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": CHUNK_ID,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"hello from {name}"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        "echo": echo,
+    }
+
+
+def embeddings(name: str, echo: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+        "model": name,
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+        "echo": echo,
+    }
+
+
+def stream_chunk(name: str, path: str, choice: dict[str, Any]) -> dict[str, Any]:
+    text = is_text_completion(path)
+    return {
+        "id": CHUNK_ID,
+        "object": "text_completion" if text else "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [choice],
+    }
+
+
+def content_choice(path: str, index: int) -> dict[str, Any]:
+    token = f"tok{index} "
+    if is_text_completion(path):
+        return {"index": 0, "text": token, "finish_reason": None}
+    delta: dict[str, Any] = {"content": token}
+    if index == 0:
+        delta = {"role": "assistant", **delta}
+    return {"index": 0, "delta": delta, "finish_reason": None}
+
+
+def final_choice(path: str) -> dict[str, Any]:
+    if is_text_completion(path):
+        return {"index": 0, "text": "", "finish_reason": "stop"}
+    return {"index": 0, "delta": {}, "finish_reason": "stop"}
+
+
+def stream_events(name: str, echo: dict[str, Any], chunks: int) -> list[str]:
+    """All `data:` payloads of one stream, in order (echo rides on the first)."""
+    path = echo["path"]
+    payloads: list[dict[str, Any]] = []
+    for index in range(chunks):
+        payloads.append(stream_chunk(name, path, content_choice(path, index)))
+    final = stream_chunk(name, path, final_choice(path))
+    prompt_tokens = len(echo["body"].split()) or 7
+    final["usage"] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": chunks,
+        "total_tokens": prompt_tokens + chunks,
+    }
+    payloads.append(final)
+    payloads[0]["echo"] = echo
+    return [json.dumps(payload) for payload in payloads] + ["[DONE]"]
+
+
+# --------------------------------------------------------------------------
+# handlers
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.health_checks += 1
+    if state.args.health_hang:
+        await asyncio.Event().wait()
+    since = state.listening_since or time.monotonic()
+    if time.monotonic() - since < state.args.healthy_after:
+        return web.json_response({"status": "loading"}, status=503)
+    code = state.args.health_status
+    body = {"status": "ok" if 200 <= code < 300 else "error"}
+    return web.json_response(body, status=code)
+
+
+async def handle_root(request: web.Request) -> web.Response:
+    name = request.app[STATE].args.name
+    html = f"<html><body>responder {name}</body></html>"
+    return web.Response(text=html, content_type="text/html")
+
+
+async def handle_events(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].events)
+
+
+async def handle_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "name": state.args.name,
+            "pid": os.getpid(),
+            "port": state.args.port,
+            "requests": state.requests,
+            "health_checks": state.health_checks,
+            # wall-clock moment /health turns 200: the bind moment (monotonic) moved to time.time()
+            "ready_at": None if state.listening_since is None
+            else time.time() - (time.monotonic() - state.listening_since) + state.args.healthy_after,
+        }
+    )
+
+
+async def handle_echo(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.requests += 1
+    body = await request.read()
+    json_body = parse_json_object(body)
+    echo = build_echo(request, body, json_body)
+    state.record("request", echo["path"])
+    say(f"request {request.method} {request.raw_path}")
+    controls = read_controls(state.args, json_body)
+    if controls.sleep > 0:
+        await asyncio.sleep(controls.sleep)
+    if controls.stream:
+        return await send_stream(request, state, echo, controls)
+    name = state.args.name
+    reply = embeddings(name, echo) if "embeddings" in echo["path"] else chat_completion(name, echo)
+    return web.json_response(reply, status=controls.status)
+
+
+async def send_stream(
+    request: web.Request, state: State, echo: dict[str, Any], controls: Controls
+) -> web.StreamResponse:
+    path = echo["path"]
+    response = web.StreamResponse(
+        status=controls.status,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+    )
+    response.enable_chunked_encoding()
+    try:
+        await response.prepare(request)
+        events = stream_events(state.args.name, echo, controls.chunks)
+        await write_events(response, events, controls.delay)
+        await response.write_eof()
+    except (ClientConnectionResetError, ConnectionResetError):
+        note_disconnect(state, path)
+        return response
+    except asyncio.CancelledError:
+        note_disconnect(state, path)
+        raise
+    state.record("stream_completed", path)
+    return response
+
+
+async def write_events(response: web.StreamResponse, events: list[str], delay: float) -> None:
+    for index, data in enumerate(events):
+        if index > 0 and delay > 0:
+            await asyncio.sleep(delay)
+        await response.write(f"data: {data}\n\n".encode())  # write() drains
+
+
+def note_disconnect(state: State, path: str) -> None:
+    state.record("client_disconnected", path)
+    say(f"client disconnected during stream on {path}")
+
+
+def make_app(state: State) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    app[STATE] = state
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/", handle_root)
+    app.router.add_get("/_responder/events", handle_events)
+    app.router.add_get("/_responder/info", handle_info)
+    app.router.add_route("*", "/{tail:.*}", handle_echo)
+    return app
+
+
+# --------------------------------------------------------------------------
+# lifecycle
+
+
+def install_signal_handlers(state: State) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm, state)
+    loop.add_signal_handler(signal.SIGINT, on_sigint, state)
+
+
+def on_sigint(state: State) -> None:
+    say("SIGINT received, shutting down")
+    state.request_stop(0)
+
+
+def on_sigterm(state: State) -> None:
+    args = state.args
+    if args.ignore_sigterm:
+        say("ignoring SIGTERM")
+    elif args.sigterm_delay is not None:
+        if not state.sigterm_pending:
+            state.sigterm_pending = True
+            say(f"SIGTERM received, exiting in {args.sigterm_delay:g} s")
+            asyncio.get_running_loop().call_later(args.sigterm_delay, state.request_stop, 0)
+    else:
+        say("SIGTERM received, shutting down")
+        state.request_stop(0)
+
+
+def simulate_crash(state: State) -> None:
+    warn(f"error: failed to load model '{state.args.name}': out of memory (simulated)")
+    state.request_stop(1)
+
+
+async def wait_for_stop(state: State, timeout: float) -> bool:
+    """Wait up to `timeout` seconds; True when a stop was requested meanwhile."""
+    try:
+        await asyncio.wait_for(state.stop.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def load_model(state: State) -> bool:
+    """Simulate a slow model load; False when stopped before it finished."""
+    deadline = time.monotonic() + state.args.startup_delay
+    while (remaining := deadline - time.monotonic()) > 0:
+        say("loading model...")
+        if await wait_for_stop(state, min(LOADING_TICK, remaining)):
+            return False
+    return not state.stop.is_set()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    state = State(args)
+    install_signal_handlers(state)
+    if args.exit_after is not None:
+        asyncio.get_running_loop().call_later(args.exit_after, simulate_crash, state)
+    if not await load_model(state):
+        return state.exit_code
+    runner = web.AppRunner(make_app(state), shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, args.host, args.port).start()
+        except OSError as exc:
+            warn(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+            return 1
+        state.listening_since = time.monotonic()
+        say(f"responder {args.name} listening on http://{args.host}:{args.port}")
+        await state.stop.wait()
+    finally:
+        await runner.cleanup()
+    return state.exit_code
+
+
+def grandchild_argv(argv: list[str]) -> list[str]:
+    rest = [arg for arg in argv if arg != "--fork-grandchild"]
+    return [sys.executable, os.path.abspath(__file__), *rest]
+
+
+def exit_without_forwarding(signum: int, _frame: object) -> None:
+    say(f"fork parent got signal {signum}, exiting without forwarding it")
+    raise SystemExit(0)
+
+
+def run_fork_parent(argv: list[str]) -> int:
+    """Behave like `sh -c 'server & wait'`: start the real server, wait for it."""
+    signal.signal(signal.SIGTERM, exit_without_forwarding)
+    signal.signal(signal.SIGINT, exit_without_forwarding)
+    child = subprocess.Popen(grandchild_argv(argv))
+    say(f"grandchild pid {child.pid}")
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+def main(argv: list[str] | None = None) -> int:
+    make_line_buffered()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    append_pid(args.pid_file)
+    say(f"responder {args.name} starting (pid {os.getpid()})")
+    if args.fork_grandchild:
+        return run_fork_parent(argv)
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Tests for the fake upstream server in tests/responder.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+RESPONDER = Path(__file__).with_name("responder.py")
+START_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def post_json(port: int, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def wait_until_listening(
+    port: int, proc: subprocess.Popen[str], timeout: float = START_TIMEOUT
+) -> None:
+    """Wait until /health answers at all (any status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"responder exited early with {proc.returncode}")
+        try:
+            get(port, "/health", timeout=0.5)
+            return
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.05)
+    raise AssertionError("responder did not start listening in time")
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=5)
+
+
+Spawn = Callable[..., tuple[subprocess.Popen[str], int]]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start responders (optionally waiting for them to listen); kill all at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, wait: bool = True, **popen: Any) -> tuple[subprocess.Popen[str], int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, str(RESPONDER), "--port", str(port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        procs.append(proc)
+        if wait:
+            wait_until_listening(port, proc)
+        return proc, port
+
+    yield start
+    for proc in procs:
+        kill(proc)
+
+
+def test_health_loading_then_ok(spawn: Spawn) -> None:
+    _proc, port = spawn("--healthy-after", "0.6")
+    status, body = get(port, "/health")
+    assert status == 503
+    assert json.loads(body) == {"status": "loading"}
+    deadline = time.monotonic() + 5
+    while get(port, "/health")[0] != 200:
+        assert time.monotonic() < deadline, "never became healthy"
+        time.sleep(0.05)
+    assert json.loads(get(port, "/health")[1]) == {"status": "ok"}
+
+
+def test_json_echo_reports_model_and_request(spawn: Spawn) -> None:
+    _proc, port = spawn("--name", "m1")
+    payload = {"model": "llama", "messages": []}
+    status, reply = post_json(port, "/v1/chat/completions?a=%20b", payload)
+    assert status == 200
+    assert reply["object"] == "chat.completion"
+    assert reply["model"] == "m1"
+    assert reply["choices"][0]["message"]["content"] == "hello from m1"
+    echo = reply["echo"]
+    assert echo["method"] == "POST"
+    assert echo["path"] == "/v1/chat/completions"
+    assert echo["query"] == "a=%20b"
+    assert echo["model"] == "llama"
+    assert echo["content_type"] == "application/json"
+    assert echo["form_fields"] is None
+    assert json.loads(echo["body"]) == payload
+
+    status, reply = post_json(port, "/v1/embeddings", {"model": "e", "responder_status": 418})
+    assert status == 418
+    assert reply["object"] == "list"
+    assert reply["echo"]["model"] == "e"
+
+    info = json.loads(get(port, "/_responder/info")[1])
+    assert info["requests"] == 2 and info["name"] == "m1"
+    events = json.loads(get(port, "/_responder/events")[1])
+    assert [e["event"] for e in events] == ["request", "request"]
+
+
+def test_multipart_echo_lists_fields(spawn: Spawn) -> None:
+    _proc, port = spawn()
+    boundary = "xyzBOUNDARY"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+        f"Content-Type: audio/wav\r\n\r\nRIFF....\r\n--{boundary}--\r\n"
+    ).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(
+            "POST",
+            "/v1/audio/transcriptions",
+            body=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        echo = json.loads(conn.getresponse().read())["echo"]
+    finally:
+        conn.close()
+    assert echo["model"] == "whisper"
+    assert echo["form_fields"] == [{"name": "model"}, {"name": "file", "filename": "a.wav"}]
+    assert echo["body_len"] == len(body)
+
+
+def read_sse(port: int, payload: dict[str, Any]) -> tuple[dict[str, str], list[tuple[float, str]]]:
+    """POST payload and return (headers, [(arrival time, data)]) read line by line."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(payload),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        events: list[tuple[float, str]] = []
+        while line := resp.readline():
+            if line.startswith(b"data: "):
+                events.append((time.monotonic(), line[6:].decode().strip()))
+        return headers, events
+    finally:
+        conn.close()
+
+
+def test_stream_is_incremental(spawn: Spawn) -> None:
+    _proc, port = spawn()
+    chunks, delay = 4, 0.1
+    headers, events = read_sse(port, {"model": "x", "stream": True,
+                                      "responder_chunks": chunks, "responder_delay": delay})
+    assert headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in headers
+    assert len(events) == chunks + 2
+    assert events[-1][1] == "[DONE]"
+    first = json.loads(events[0][1])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "tok0 "}
+    assert first["echo"]["model"] == "x"
+    final = json.loads(events[-2][1])
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["usage"]["completion_tokens"] == chunks
+    # Events arrive spread out over time, not all at once (loose bound).
+    assert events[-1][0] - events[0][0] >= delay * chunks * 0.7
+    kinds = [e["event"] for e in json.loads(get(port, "/_responder/events")[1])]
+    assert kinds == ["request", "stream_completed"]
+
+
+def test_stream_disconnect_is_recorded(spawn: Spawn) -> None:
+    proc, port = spawn()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"stream": True, "responder_chunks": 100, "responder_delay": 0.05}))
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 5
+    while True:
+        kinds = [e["event"] for e in json.loads(get(port, "/_responder/events")[1])]
+        if "client_disconnected" in kinds:
+            break
+        assert time.monotonic() < deadline, kinds
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=5)
+    assert proc.returncode == 0
+    assert "client disconnected during stream on /v1/chat/completions" in out
+    assert "SIGTERM received, shutting down" in out
+    assert "Traceback" not in err
+
+
+def test_exit_after_fails_with_message(spawn: Spawn) -> None:
+    proc, _port = spawn("--name", "big", "--exit-after", "0.2", "--startup-delay", "5", wait=False)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1
+    assert "error: failed to load model 'big': out of memory (simulated)" in err
+    assert "loading model..." in out
+    assert "listening" not in out
+
+
+def test_ignore_sigterm_survives(spawn: Spawn) -> None:
+    proc, port = spawn("--ignore-sigterm")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert get(port, "/health")[0] == 200
+    proc.kill()
+    out, _err = proc.communicate(timeout=5)
+    assert "ignoring SIGTERM" in out
+
+
+def test_fork_grandchild_serves(spawn: Spawn, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    proc, port = spawn("--fork-grandchild", "--pid-file", str(pid_file), start_new_session=True)
+    try:
+        info = json.loads(get(port, "/_responder/info")[1])
+        assert info["pid"] != proc.pid
+        assert pid_file.read_text().split() == [str(proc.pid), str(info["pid"])]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        # The parent did not forward SIGTERM: the orphaned grandchild still serves.
+        assert get(port, "/health")[0] == 200
+    finally:
+        kill_group(proc.pid)
+    assert proc.stdout is not None
+    assert f"grandchild pid {info['pid']}" in proc.stdout.read()
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,190 @@
+"""Scheduler decisions and the swap policy, with in-memory processes (no sockets, no children).
+
+The end-to-end tests in test_lifecycle.py check the same rules against real upstreams; these
+pin the exact order of starts, stops and grants, which timing makes hard to see from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llama_swap import READY, STARTING, STOPPED, Group, GroupPolicy, ProxyLog, Scheduler, SchedulerError, StartError
+
+
+class FakeProcess:
+    """Just the surface the scheduler uses: state, start(), stop()."""
+
+    def __init__(self, name: str, events: list[str], on_change):
+        self.name = name
+        self.events = events
+        self.on_change = on_change
+        self.state = STOPPED
+        self.fail_next_start = ""
+        self.start_gate = asyncio.Event()
+        self.start_gate.set()
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self.on_change(self)
+
+    async def start(self) -> None:
+        if self.state == READY:
+            return
+        self.events.append(f"start {self.name}")
+        self._set(STARTING)
+        await self.start_gate.wait()
+        await asyncio.sleep(0.01)
+        if self.fail_next_start:
+            message, self.fail_next_start = self.fail_next_start, ""
+            self._set(STOPPED)
+            raise StartError(message)
+        self._set(READY)
+
+    async def stop(self, timeout: float) -> None:
+        if self.state != STOPPED:
+            self.events.append(f"stop {self.name}")
+            await asyncio.sleep(0.01)
+            self._set(STOPPED)
+
+
+def make_scheduler(*names: str, policy: GroupPolicy | None = None):
+    events: list[str] = []
+    holder: dict[str, Scheduler] = {}
+    processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump()) for n in names}
+    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), 1.0, ProxyLog(level="error"))
+    holder["s"] = scheduler
+    return scheduler, processes, events
+
+
+async def serve(scheduler: Scheduler, model: str, served: list[str], hold: float = 0.02) -> None:
+    async with scheduler.lease(model):
+        served.append(model)
+        await asyncio.sleep(hold)
+
+
+async def test_requests_queued_while_cold_are_collated_by_model():
+    scheduler, _, events = make_scheduler("a", "b")
+    served: list[str] = []
+    tasks = []
+    for model in "abab":
+        tasks.append(asyncio.create_task(serve(scheduler, model, served)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert served == ["a", "a", "b", "b"]
+    assert events == ["start a", "stop a", "start b"]
+
+
+async def test_concurrent_requests_for_a_cold_model_share_one_start():
+    scheduler, _, events = make_scheduler("a")
+    served: list[str] = []
+    await asyncio.gather(*(serve(scheduler, "a", served) for _ in range(20)))
+    assert served == ["a"] * 20
+    assert events == ["start a"]
+
+
+async def test_a_swap_never_stops_a_model_that_is_still_serving():
+    scheduler, processes, events = make_scheduler("a", "b")
+    served: list[str] = []
+    long_a = asyncio.create_task(serve(scheduler, "a", served, hold=0.3))
+    await asyncio.sleep(0.1)
+    b = asyncio.create_task(serve(scheduler, "b", served))
+    await asyncio.sleep(0.1)
+    assert events == ["start a"] and processes["a"].state == READY
+    await asyncio.gather(long_a, b)
+    assert served == ["a", "b"]
+    assert events == ["start a", "stop a", "start b"]
+
+
+async def test_requests_for_the_ready_model_go_straight_through_while_others_wait():
+    scheduler, _, events = make_scheduler("a", "b")
+    served: list[str] = []
+    long_a = asyncio.create_task(serve(scheduler, "a", served, hold=0.3))
+    await asyncio.sleep(0.1)
+    b = asyncio.create_task(serve(scheduler, "b", served))
+    await asyncio.sleep(0.05)
+    await serve(scheduler, "a", served)
+    assert served == ["a", "a"]
+    await asyncio.gather(long_a, b)
+    assert served == ["a", "a", "b"]
+
+
+async def test_failed_start_answers_every_waiter_and_the_next_request_tries_again():
+    scheduler, processes, events = make_scheduler("a")
+    processes["a"].fail_next_start = "upstream command exited prematurely"
+    results = await asyncio.gather(*(serve(scheduler, "a", []) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, SchedulerError) and "exited prematurely" in str(r) for r in results)
+    served: list[str] = []
+    await serve(scheduler, "a", served)
+    assert served == ["a"] and events == ["start a", "start a"]
+
+
+async def test_a_client_that_leaves_the_queue_never_starts_its_model():
+    scheduler, _, events = make_scheduler("a", "b")
+    served: list[str] = []
+    long_a = asyncio.create_task(serve(scheduler, "a", served, hold=0.2))
+    await asyncio.sleep(0.05)
+    b = asyncio.create_task(serve(scheduler, "b", served))
+    await asyncio.sleep(0.05)
+    b.cancel()
+    await long_a
+    await asyncio.sleep(0.05)
+    assert events == ["start a"]
+    assert scheduler.queue == [] and scheduler.in_flight["a"] == 0
+
+
+async def test_a_grant_to_a_client_that_already_left_is_given_back():
+    scheduler, _, _ = make_scheduler("a")
+    waiter = asyncio.create_task(serve(scheduler, "a", []))
+    grant = scheduler._grant
+
+    def grant_as_the_client_leaves(ticket):
+        grant(ticket)
+        waiter.cancel()
+
+    scheduler._grant = grant_as_the_client_leaves
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert scheduler.in_flight["a"] == 0 and not scheduler.swaps
+
+
+async def test_unload_tells_waiting_requests_and_stops_the_model():
+    scheduler, processes, events = make_scheduler("a")
+    processes["a"].start_gate.clear()
+    waiter = asyncio.create_task(serve(scheduler, "a", []))
+    await asyncio.sleep(0.02)
+    await scheduler.unload(["a"], lambda m: 1.0)
+    with pytest.raises(SchedulerError, match="group: model unloaded"):
+        await waiter
+    processes["a"].start_gate.set()
+
+
+async def test_closed_scheduler_refuses_new_and_waiting_requests():
+    scheduler, processes, _ = make_scheduler("a")
+    processes["a"].start_gate.clear()
+    waiter = asyncio.create_task(serve(scheduler, "a", []))
+    await asyncio.sleep(0.02)
+    scheduler.close()
+    with pytest.raises(SchedulerError, match="group is shutting down"):
+        await waiter
+    with pytest.raises(SchedulerError, match="group is shutting down"):
+        await serve(scheduler, "a", [])
+    processes["a"].start_gate.set()
+
+
+def test_default_group_runs_one_model_at_a_time():
+    policy = GroupPolicy.one_at_a_time(["a", "b", "c"])
+    assert policy.evictions("a", {"b", "c"}) == {"b", "c"}
+    assert policy.evictions("a", {"a"}) == set()
+
+
+def test_group_rules_for_swap_exclusive_and_persistent():
+    policy = GroupPolicy([
+        Group("llm", frozenset({"l1", "l2"})),
+        Group("side", frozenset({"e1", "e2"}), swap=False, exclusive=False),
+        Group("pinned", frozenset({"p"}), persistent=True),
+    ])
+    assert policy.evictions("l1", {"l2", "e1", "p"}) == {"l2", "e1"}  # persistent groups stay
+    assert policy.evictions("e1", {"e2", "l1", "p"}) == set()  # non-exclusive, no swap: nothing stops
+    assert policy.evictions("p", {"l1", "e1"}) == {"l1", "e1"}
