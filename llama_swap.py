@@ -540,6 +540,24 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+@dataclass
+class Run:
+    """One spawned server: its process, the HTTP session to it and the tasks that watch it."""
+
+    proc: asyncio.subprocess.Process
+    session: aiohttp.ClientSession
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """After the process group is gone: finish reading its output, close the session."""
+        others = self.tasks - {asyncio.current_task()}
+        if others:
+            _done, pending = await asyncio.wait(others, timeout=1.0)
+            for task in pending:
+                task.cancel()
+        await self.session.close()
+
+
 class ModelProcess:
     """One model's upstream server and its lifecycle: stopped -> starting -> ready -> stopping.
 
@@ -557,44 +575,42 @@ class ModelProcess:
         self.on_change = on_change
         self.state = STOPPED
         self.output = LogRing()
-        self.session: aiohttp.ClientSession | None = None
         self.base_url = URL(model.proxy)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._run: Run | None = None
         self._starting: asyncio.Task | None = None
+        self._loading: asyncio.Task | None = None  # spawn and health check: what an abort cancels
         self._stopping: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()  # output reader and exit watcher of the current run
         self._wake = asyncio.Event()
 
     @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._run.session
+
+    @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._run.proc.pid if self._run else None
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
             self.on_change(self)
 
-    def _own(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def start(self) -> None:
         """Make the model ready, or raise StartError saying why it is not."""
         if self.state == STOPPING:
             await asyncio.shield(self._stopping)
         if self.state == STOPPED:
+            self._loading = asyncio.create_task(self._load())
+            self._starting = asyncio.create_task(self._run_start(self._loading))
             self._set_state(STARTING)
-            self._starting = asyncio.create_task(self._run_start())
         if self.state == STARTING:
             await asyncio.shield(self._starting)
 
     async def stop(self, timeout: float) -> None:
         """Stop the server and its process group: graceful for `timeout` seconds, then SIGKILL."""
         if self.state == STARTING:
-            self._starting.cancel()
-            with contextlib.suppress(StartError, asyncio.CancelledError):
+            self._loading.cancel()
+            with contextlib.suppress(StartError):
                 await asyncio.shield(self._starting)
             return
         if self.state == READY:
@@ -605,22 +621,26 @@ class ModelProcess:
 
     def kill_now(self) -> None:
         """SIGKILL the whole group at once: for a forced exit, where nothing may be left behind."""
-        if self._proc and self._proc.returncode is None:
-            signal_group(self._proc.pid, signal.SIGKILL)
+        if self._run:
+            signal_group(self._run.proc.pid, signal.SIGKILL)
 
-    async def _run_start(self) -> None:
+    async def _run_start(self, loading: asyncio.Task) -> None:
         try:
-            await self._spawn()
-            await self._wait_healthy()
-        except StartError:
-            await self._terminate(ABORTED_START_GRACE)
-            self._set_state(STOPPED)
-            raise
+            await loading
         except asyncio.CancelledError:
-            await self._terminate(ABORTED_START_GRACE)
-            self._set_state(STOPPED)
-            raise StartError("aborted") from None
-        self._set_state(READY)
+            error = StartError("aborted")
+        except StartError as e:
+            error = e
+        else:
+            self._set_state(READY)
+            return
+        await self._terminate(ABORTED_START_GRACE)
+        self._set_state(STOPPED)
+        raise error
+
+    async def _load(self) -> None:
+        await self._spawn()
+        await self._wait_healthy()
 
     async def _spawn(self) -> None:
         argv = split_command(self.model.cmd)
@@ -628,49 +648,53 @@ class ModelProcess:
         env.update(entry.split("=", 1) for entry in self.model.env)
         self.log.debug(f"<{self.model.id}> Executing start command: {' '.join(argv)}, env: {', '.join(self.model.env)}")
         try:
-            self._proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
         except OSError as e:
             raise StartError(f"failed to start command '{' '.join(argv)}': {e.strerror or e}") from None
-        self.session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+        self._run = run = Run(proc, session)
         self._wake.clear()
-        self._own(self._read_output(self._proc))
-        self._own(self._watch_exit(self._proc))
+        for coro in (self._read_output(proc), self._watch_exit(run)):
+            task = asyncio.create_task(coro)
+            run.tasks.add(task)
+            task.add_done_callback(run.tasks.discard)
 
     async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
         while chunk := await proc.stdout.read(65536):
             self.output.write(chunk)
             self._wake.set()
 
-    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
+    async def _watch_exit(self, run: Run) -> None:
+        code = await run.proc.wait()
         self._wake.set()
-        if self.state == READY and proc is self._proc:
+        if self.state == READY and run is self._run:
             self.log.warn(f"<{self.model.id}> upstream process exited unexpectedly (exit status {code})")
-            signal_group(proc.pid, signal.SIGKILL)  # leftovers of a crashed server still hold memory
-            await self._close_run()
             self._set_state(STOPPED)
+            signal_group(run.proc.pid, signal.SIGKILL)  # leftovers of a crashed server still hold memory
+            await run.close()
 
     async def _wait_healthy(self) -> None:
         endpoint = self.model.check_endpoint
         if endpoint.lower() == "none":
             return
         url = self.url_for(URL(endpoint).path_qs if "://" in endpoint else endpoint)
+        proc = self._run.proc
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + self.health_timeout
         while True:
-            if self._proc.returncode is not None:
-                raise StartError(self._premature_exit_message())
+            if proc.returncode is not None:
+                raise StartError(self._premature_exit_message(proc.returncode))
             remaining = deadline - loop.time()
             if await self._probe(url, min(5.0, max(remaining, 0.05))):
                 self.log.info(f"<{self.model.id}> Health check passed on {url}")
                 return
-            if self._proc.returncode is not None:
-                raise StartError(self._premature_exit_message())
+            if proc.returncode is not None:
+                raise StartError(self._premature_exit_message(proc.returncode))
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise StartError(f"health check timed out after {go_duration(self.health_timeout)}")
@@ -685,15 +709,14 @@ class ModelProcess:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
-    def _premature_exit_message(self) -> str:
+    def _premature_exit_message(self, code: int) -> str:
         lines = self.output.tail_lines(START_ERROR_TAIL_LINES)
         tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
-        return f"upstream command exited prematurely with exit status {self._proc.returncode}{tail}"
+        return f"upstream command exited prematurely with exit status {code}{tail}"
 
     def url_for(self, path_qs: str) -> URL:
         """The upstream URL for a raw (still percent-encoded) path and query."""
-        base = str(self.base_url).rstrip("/")
-        return URL(base + path_qs, encoded=True)
+        return URL(str(self.base_url).rstrip("/") + path_qs, encoded=True)
 
     async def _run_stop(self, timeout: float) -> None:
         try:
@@ -703,9 +726,10 @@ class ModelProcess:
 
     async def _terminate(self, timeout: float) -> None:
         """Ask the group to stop (cmdStop or SIGTERM), SIGKILL it after `timeout`, wait it out."""
-        proc = self._proc
-        if proc is None:
+        run = self._run
+        if run is None:
             return
+        proc = run.proc
         if proc.returncode is None or process_group_alive(proc.pid):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._send_stop_signal(proc), timeout)
@@ -715,7 +739,7 @@ class ModelProcess:
                 self.log.info(f"<{self.model.id}> did not stop within {go_duration(timeout)}, sending SIGKILL to its process group")
                 signal_group(proc.pid, signal.SIGKILL)
                 await self._group_gone(proc)
-        await self._close_run()
+        await run.close()
 
     async def _send_stop_signal(self, proc: asyncio.subprocess.Process) -> None:
         if not self.model.cmd_stop.strip():
@@ -737,16 +761,6 @@ class ModelProcess:
         await proc.wait()
         while process_group_alive(proc.pid):
             await asyncio.sleep(0.02)
-
-    async def _close_run(self) -> None:
-        """After the group is gone: finish reading its output, close its session."""
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=1.0)
-            for task in pending:
-                task.cancel()
-        if self.session:
-            await self.session.close()
-            self.session = None
 
 
 ###############################################################################
@@ -820,6 +834,7 @@ class Swap:
     evict: frozenset[str]
     waiters: list[Ticket]
     task: asyncio.Task | None = None
+    unloaded: bool = False  # the target was unloaded meanwhile: do not start it
 
 
 class Scheduler:
@@ -917,10 +932,14 @@ class Scheduler:
         error = ""
         try:
             await asyncio.gather(*(self.processes[m].stop(self.evict_timeout) for m in swap.evict))
-            await self.processes[swap.target].start()
+            if not swap.unloaded:
+                await self.processes[swap.target].start()
         except StartError as e:
             error = str(e)
             self.log.warn(f"group: starting {swap.target} failed: {e}")
+        except asyncio.CancelledError:
+            error = "aborted"
+            raise
         finally:
             self._finish_swap(swap, error)
 
@@ -939,6 +958,7 @@ class Scheduler:
         models = set(models)
         for swap in self.swaps.values():
             if swap.target in models:
+                swap.unloaded = True
                 for ticket in swap.waiters:
                     if ticket.waiting():
                         ticket.future.set_exception(SchedulerError(message))
@@ -1157,7 +1177,8 @@ async def relay(request: web.Request, process: ModelProcess, path_qs: str, body:
         if response is None or not response.prepared:
             raise ApiError(502, f"upstream {process.model.id} unreachable: {error_text(e)}") from None
         process.log.info(f"<{process.model.id}> recovered from upstream disconnection during streaming: {error_text(e)}")
-        request.transport and request.transport.close()  # a cut stream must look cut, not complete
+        if request.transport:
+            request.transport.close()  # a cut stream must look cut to the client, not complete
         return response
 
 

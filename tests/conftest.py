@@ -7,6 +7,7 @@ teardown can prove that nothing was left running (and kill it if something was).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,6 +27,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(size: int = 20) -> int:
+    """The first of `size` consecutive ports that are free right now."""
+    for _ in range(100):
+        base = random.randrange(20000, 60000 - size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports found")
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,6 +70,9 @@ class LlamaSwap:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "config.yaml"
+        if isinstance(config, dict) and "startPort" not in config:
+            # Upstream ports away from the default 5800, so parallel runs never meet.
+            config = {"startPort": free_port_block(), **config}
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
         self.config_path.write_text(text)
         self.log_path = workdir / "llama-swap.log"
