@@ -514,12 +514,13 @@ def health_poll_interval(elapsed: float) -> float:
 
 def process_group_alive(pgid: int) -> bool:
     """Whether any live (non-zombie) process is still in the group."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
     if not os.path.isdir("/proc/self"):
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        return True
+    # The group exists; on Linux, look closer, since unreaped zombies keep a group alive forever.
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -546,7 +547,14 @@ class Run:
 
     proc: asyncio.subprocess.Process
     session: aiohttp.ClientSession
+    reader: asyncio.Task | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def own(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def close(self) -> None:
         """After the process group is gone: finish reading its output, close the session."""
@@ -658,10 +666,8 @@ class ModelProcess:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
         self._run = run = Run(proc, session)
         self._wake.clear()
-        for coro in (self._read_output(proc), self._watch_exit(run)):
-            task = asyncio.create_task(coro)
-            run.tasks.add(task)
-            task.add_done_callback(run.tasks.discard)
+        run.reader = run.own(self._read_output(proc))
+        run.own(self._watch_exit(run))
 
     async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
         while chunk := await proc.stdout.read(65536):
@@ -688,17 +694,17 @@ class ModelProcess:
         deadline = began + self.health_timeout
         while True:
             if proc.returncode is not None:
-                raise StartError(self._premature_exit_message(proc.returncode))
+                raise StartError(await self._premature_exit_message(proc.returncode))
             remaining = deadline - loop.time()
+            self._wake.clear()  # output or an exit during the probe then cuts the pause short
             if await self._probe(url, min(5.0, max(remaining, 0.05))):
                 self.log.info(f"<{self.model.id}> Health check passed on {url}")
                 return
             if proc.returncode is not None:
-                raise StartError(self._premature_exit_message(proc.returncode))
+                raise StartError(await self._premature_exit_message(proc.returncode))
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise StartError(f"health check timed out after {go_duration(self.health_timeout)}")
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(health_poll_interval(loop.time() - began), remaining))
 
@@ -709,7 +715,9 @@ class ModelProcess:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
-    def _premature_exit_message(self, code: int) -> str:
+    async def _premature_exit_message(self, code: int) -> str:
+        # The exit can be seen before the last output is read: give the reader a moment to finish.
+        await asyncio.wait({self._run.reader}, timeout=1.0)
         lines = self.output.tail_lines(START_ERROR_TAIL_LINES)
         tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
         return f"upstream command exited prematurely with exit status {code}{tail}"
@@ -1248,7 +1256,6 @@ class Server:
     def __init__(self, config: Config, log: ProxyLog):
         self.config = config
         self.log = log
-        self.upstream_log = LogRing()
         self.processes = {m: ModelProcess(cfg, config.health_check_timeout, log, self._state_changed)
                           for m, cfg in config.models.items()}
         self.scheduler = Scheduler(self.processes, GroupPolicy.one_at_a_time(config.models),
@@ -1292,14 +1299,16 @@ class Server:
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """/upstream/<model>/<path>: straight to the model's own server, body untouched (§5.9)."""
-        raw_tail = request.raw_path.split("?", 1)[0][len("/upstream/"):]
+        raw_path, mark, raw_query = request.raw_path.partition("?")
+        raw_tail = raw_path[len("/upstream/"):]
         model, rest = self.split_upstream_path(raw_tail)
         if model is None:
             raise ApiError(404, "model not found")
-        query = f"?{request.query_string}" if request.query_string else ""
+        query = mark + raw_query
         if not rest:
-            target = f"/upstream/{raw_tail.rstrip('/')}/{query}"
-            raise (web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect)(target)
+            # Location is set by hand: aiohttp's redirect classes would re-encode the query.
+            status = 301 if request.method in ("GET", "HEAD") else 308
+            return web.Response(status=status, headers={"Location": f"/upstream/{raw_tail.rstrip('/')}/{query}"})
         if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
         body = await request.read()
