@@ -416,3 +416,52 @@ async def test_sigterm_during_a_start_exits_promptly_and_leaves_nothing_running(
         status, body = await asyncio.wait_for(waiting, STOP_BOUND)
         message = assert_envelope(status, body, "unspecific error: ")
         assert message == "unspecific error: group is shutting down"
+
+
+# --------------------------------------------------------------------------- config that shapes a run
+
+
+async def test_cmd_stop_runs_with_the_server_pid_instead_of_sigterm(start_llama_swap, upstreams, tmp_path):
+    marker = tmp_path / "cmd-stop-ran"
+    stop = f"sh -c 'echo ${{PID}} > {marker}; kill -TERM ${{PID}}'"
+    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "cmdStop": stop, "unloadTimeout": 5}}))
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, ls, "m")
+        assert status == 200, body
+        [pid] = upstreams.pids()
+        status, _, took = await unload(s, ls, "m")
+        assert status == 200 and took < STOP_BOUND
+    assert marker.read_text().strip() == str(pid)
+    assert not pid_alive(pid)
+    assert "SIGKILL" not in ls.output()
+
+
+async def test_env_entries_reach_the_upstream_and_a_failed_start_quotes_its_output(start_llama_swap, upstreams):
+    cmd = "sh -c 'echo model dir is $MODEL_DIR; exit 3'"
+    ls = start_llama_swap(config({"m": {"cmd": cmd, "proxy": "http://127.0.0.1:9", "env": ["MODEL_DIR=/srv/models"]}}))
+    async with aiohttp.ClientSession() as s:
+        status, body = await asyncio.wait_for(chat(s, ls, "m"), START_BOUND)
+    message = assert_envelope(status, body, "unspecific error: upstream command exited prematurely with exit status 3")
+    assert "model dir is /srv/models" in message
+
+
+async def test_a_missing_executable_is_a_start_error_naming_the_command(start_llama_swap, upstreams):
+    ls = start_llama_swap(config({"m": {"cmd": "/nonexistent/llama-server --port 1", "proxy": "http://127.0.0.1:1"}}))
+    async with aiohttp.ClientSession() as s:
+        status, body = await chat(s, ls, "m")
+    message = assert_envelope(status, body, "unspecific error: failed to start command '/nonexistent/llama-server --port 1'")
+    assert "No such file or directory" in message
+
+
+async def test_check_endpoint_none_makes_a_model_ready_without_probing(start_llama_swap, upstreams):
+    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "checkEndpoint": "none"}}))
+    async with aiohttp.ClientSession() as s:
+        await chat(s, ls, "m")  # ready at once; the server may not be listening yet (502)
+        assert await running_models(s, ls) == {"m": "ready"}
+
+        async def answers() -> bool:
+            return (await chat(s, ls, "m"))[0] == 200
+
+        assert await eventually(answers, START_BOUND)
+        async with s.get(ls.url + "/upstream/m/_responder/info") as r:
+            assert (await r.json())["health_checks"] == 0
