@@ -89,7 +89,6 @@ class Config:
 
     models: dict[str, ModelConfig]
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
-    start_port: int = DEFAULT_START_PORT
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> model ID
     ignore_paths: list[re.Pattern] = field(default_factory=list)
 
@@ -222,7 +221,7 @@ def parse_config(text: str) -> Config:
     if unload_timeout < 0:
         raise ConfigError("unloadTimeout: must be >= 0")
     models_node = top.mapping("models")
-    config = Config(models={}, health_check_timeout=health_timeout, start_port=start_port,
+    config = Config(models={}, health_check_timeout=health_timeout,
                     ignore_paths=[re.compile(r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$")])
     next_port = start_port
     for model_id in sorted(models_node.data, key=lambda k: str(k).encode()):
@@ -594,10 +593,6 @@ class ModelProcess:
     def session(self) -> aiohttp.ClientSession:
         return self._run.session
 
-    @property
-    def pid(self) -> int | None:
-        return self._run.proc.pid if self._run else None
-
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
@@ -629,7 +624,7 @@ class ModelProcess:
 
     def kill_now(self) -> None:
         """SIGKILL the whole group at once: for a forced exit, where nothing may be left behind."""
-        if self._run:
+        if self._run and process_group_alive(self._run.proc.pid):
             signal_group(self._run.proc.pid, signal.SIGKILL)
 
     async def _run_start(self, loading: asyncio.Task) -> None:
@@ -651,6 +646,7 @@ class ModelProcess:
         await self._wait_healthy()
 
     async def _spawn(self) -> None:
+        self._run = None
         argv = split_command(self.model.cmd)
         env = dict(os.environ)
         env.update(entry.split("=", 1) for entry in self.model.env)
@@ -996,12 +992,17 @@ class Scheduler:
     async def shutdown(self, timeout: float) -> None:
         """Stop every model, starting or running, within `timeout`; wait for swap tasks."""
         self.close()
-        await asyncio.gather(*(p.stop(timeout) for p in self.processes.values()))
+        stops = [p.stop(timeout) for p in self.processes.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*stops), timeout + 1)
+        except asyncio.TimeoutError:
+            # An eviction begun before shutdown may have a longer graceful window than we have left.
+            self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
+            self.kill_all()
+            await asyncio.gather(*(p.stop(0) for p in self.processes.values()))
         tasks = [s.task for s in self.swaps.values() if s.task]
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
-            # A swap that was stopping evicted models starts its target afterwards; stop it again.
-            await asyncio.gather(*(p.stop(timeout) for p in self.processes.values()))
+            await asyncio.wait(tasks)
 
     def kill_all(self) -> None:
         for process in self.processes.values():
@@ -1184,6 +1185,8 @@ async def relay(request: web.Request, process: ModelProcess, path_qs: str, body:
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         if response is None or not response.prepared:
             raise ApiError(502, f"upstream {process.model.id} unreachable: {error_text(e)}") from None
+        if request.transport is None or request.transport.is_closing():
+            return response  # the client left; leaving the block above closed the upstream request
         process.log.info(f"<{process.model.id}> recovered from upstream disconnection during streaming: {error_text(e)}")
         if request.transport:
             request.transport.close()  # a cut stream must look cut to the client, not complete
