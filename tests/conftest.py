@@ -62,36 +62,25 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
     return predicate()
 
 
-class LlamaSwap:
-    """One llama-swap server process (`python -m llama_swap`) for a test."""
+class ServerProcess:
+    """A llama-swap started from a command line, its output collected in a file."""
 
-    def __init__(self, workdir: Path, config: dict | str, extra_args: tuple[str, ...] = ()):
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = workdir / "config.yaml"
-        if isinstance(config, dict) and "startPort" not in config:
-            # Upstream ports away from the default 5800, so parallel runs never meet.
-            config = {"startPort": free_port_block(), **config}
-        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
-        self.config_path.write_text(text)
-        self.log_path = workdir / "llama-swap.log"
+    def __init__(self, argv: list[str], workdir: Path):
+        self.log_path = workdir / f"llama-swap-{len(list(workdir.glob('llama-swap-*.log')))}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PY, "-m", "llama_swap", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}", *extra_args],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        if not wait_until(lambda: "listening on" in self.output() or self.proc.poll() is not None, 20):
-            raise RuntimeError(f"llama-swap did not start:\n{self.output()}")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"llama-swap exited with {self.proc.returncode}:\n{self.output()}")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for(self, text: str, timeout: float = 20) -> bool:
+        """Until `text` is in the output (True) or the process exited or time ran out (False)."""
+        return wait_until(lambda: text in self.output() or self.proc.poll() is not None, timeout) and text in self.output()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 45) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
         try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
             return self.proc.wait(timeout)
         finally:
             self._log.close()
@@ -101,6 +90,25 @@ class LlamaSwap:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
+
+
+class LlamaSwap(ServerProcess):
+    """`python -m llama_swap` on a free port with a config written for the test."""
+
+    def __init__(self, workdir: Path, config: dict | str, extra_args: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = workdir / "config.yaml"
+        if isinstance(config, dict) and "startPort" not in config:
+            # Upstream ports away from the default 5800, so parallel runs never meet.
+            config = {"startPort": free_port_block(), **config}
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        self.config_path.write_text(text)
+        argv = [PY, "-m", "llama_swap", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}", *extra_args]
+        super().__init__(argv, workdir)
+        if not self.wait_for("listening on"):
+            self.kill()
+            raise RuntimeError(f"llama-swap did not start (exit status {self.proc.returncode}):\n{self.output()}")
 
 
 class Upstreams:

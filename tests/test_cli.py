@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, ServerProcess, free_port
 
 PY = sys.executable
 SCRIPT = shutil.which("llama-swap")
@@ -48,46 +48,16 @@ models:
 """
 
 
-class Server:
-    """A llama-swap started from the command line, output collected in a file."""
-
-    def __init__(self, launcher: list[str], tmp_path: Path, *args: str):
-        self.log_path = tmp_path / f"cli-{len(list(tmp_path.glob('cli-*.log')))}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([*launcher, *args], cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 20) -> bool:
-        return wait_until(lambda: text in self.output() or self.proc.poll() is not None, timeout) and text in self.output()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture
 def servers():
-    started: list[Server] = []
+    started: list[ServerProcess] = []
     yield started
     for server in started:
         server.kill()
 
 
-def start(servers: list[Server], launcher: list[str], tmp_path: Path, *args: str) -> Server:
-    server = Server(launcher, tmp_path, *args)
+def start(servers: list[ServerProcess], launcher: list[str], tmp_path: Path, *args: str) -> ServerProcess:
+    server = ServerProcess([*launcher, *args], tmp_path)
     servers.append(server)
     return server
 
