@@ -1494,6 +1494,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(config: Config, host: str | None, port: int, ssl_context: Any, log: ProxyLog) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
     server = Server(config, log)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals_seen.append(sig)
+        if len(signals_seen) > 1:  # a second Ctrl-C: leave nothing running and go now
+            log.warn("second signal received, killing every upstream and exiting now")
+            server.scheduler.kill_all()
+            os._exit(1)
+        stop.set()
+
+    # Installed before we listen: a signal from then on must reach this handler, not the default.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None,
                            handle_signals=False, shutdown_timeout=SHUTDOWN_BUDGET)
     await runner.setup()
@@ -1509,20 +1524,6 @@ async def serve(config: Config, host: str | None, port: int, ssl_context: Any, l
     if not is_loopback_only(host):
         log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} to restrict to loopback only")
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals_seen: list[int] = []
-
-    def on_signal(sig: int) -> None:
-        signals_seen.append(sig)
-        if len(signals_seen) > 1:  # a second Ctrl-C: leave nothing running and go now
-            log.warn("second signal received, killing every upstream and exiting now")
-            server.scheduler.kill_all()
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     log.info(f"received signal {signal.Signals(signals_seen[0]).name}, shutting down")
     began = loop.time()

@@ -30,9 +30,10 @@ def free_port() -> int:
 
 
 def free_port_block(size: int = 20) -> int:
-    """The first of `size` consecutive ports that are free right now."""
+    """The first of `size` consecutive ports that are free now, below the ephemeral range
+    (32768 and up on Linux), so no client connection can take one of them later."""
     for _ in range(100):
-        base = random.randrange(20000, 60000 - size)
+        base = random.randrange(20000, 32000 - size)
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:

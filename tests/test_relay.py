@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
-import socket
 import time
 from urllib.parse import urlsplit
 
@@ -22,31 +20,12 @@ import aiohttp
 import openai
 from yarl import URL
 
-from conftest import pid_alive, wait_until
+from conftest import free_port_block, pid_alive, wait_until
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def free_port_block(count: int) -> int:
-    """A start port whose next `count` ports are free (below the ephemeral range)."""
-    for _ in range(200):
-        base = random.randrange(20000, 30000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def config(upstreams, models: dict[str, dict]) -> dict:
