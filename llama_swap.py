@@ -25,6 +25,7 @@ __license__ = "MIT"
 import argparse
 import asyncio
 import contextlib
+import difflib
 import html
 import ipaddress
 import json
@@ -53,15 +54,74 @@ DEFAULT_START_PORT = 5800
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
 DEFAULT_UNLOAD_TIMEOUT = 10
+DEFAULT_CONCURRENCY_LIMIT = 10
 DEFAULT_PROXY = "http://localhost:${PORT}"
+DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+DEFAULT_SESSION_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
+DEFAULT_GROUP = "(default)"
 RESERVED_MACROS = ("PID", "PORT", "MODEL_ID")
+MODALITIES = ("text", "audio", "image")
+LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
+LOG_TIME_FORMATS = ("ansic", "unixdate", "rubydate", "rfc822", "rfc822z", "rfc850", "rfc1123", "rfc1123z",
+                    "rfc3339", "rfc3339nano", "kitchen", "stamp", "stampmilli", "stampmicro", "stampnano")
+SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
+# Maps whose children name things: two config files may not both define the same child (§2.2).
+IDENTITY_MAPS = ("models", "groups", "profiles", "selectors", "peers", "matrix",
+                 "routing.router.settings.groups", "routing.router.settings.matrix")
 
 ENV_MACRO = re.compile(r"\$\{env\.([a-zA-Z_][a-zA-Z0-9_]*)\}")
 MACRO = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
+ANY_MACRO = re.compile(r"\$\{([^}]*)\}")
 
 
 class ConfigError(Exception):
     """A config problem worded for the user: which key, of which model, is wrong and why."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """Models that share swap rules (§2.12.1)."""
+
+    name: str
+    members: frozenset[str]
+    swap: bool = True  # members replace each other
+    exclusive: bool = True  # loading a member unloads other groups
+    persistent: bool = False  # never unloaded by another group
+
+
+@dataclass
+class Capabilities:
+    """What a model takes and gives, shown in /v1/models (§2.15)."""
+
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0
+
+    def empty(self) -> bool:
+        return not (self.inputs or self.outputs or self.tools or self.reranker or self.context)
+
+
+@dataclass
+class Filters:
+    """Request rewrites for one model or peer (§4.4)."""
+
+    strip_params: list[str] = field(default_factory=list)  # sorted, without `model`
+    set_params: dict[str, Any] = field(default_factory=dict)
+    set_params_by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Timeouts:
+    """Seconds allowed for the upstream connection; 0 means no limit."""
+
+    connect: int = 30
+    keepalive: int = 30
+    response_header: int = 0
+    tls_handshake: int = 10
+    expect_continue: int = 1
+    idle_conn: int = 90
 
 
 @dataclass
@@ -81,6 +141,66 @@ class ModelConfig:
     description: str = ""
     ttl: int = 0
     unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    send_loading_state: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    filters: Filters = field(default_factory=Filters)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    ignore_websockets: bool = False
+
+
+@dataclass
+class PeerConfig:
+    """Another llama-swap (or any OpenAI-style server) whose models we forward to (§2.9)."""
+
+    id: str
+    proxy: str
+    models: list[str]
+    api_key: str = ""
+    filters: Filters = field(default_factory=Filters)
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(response_header=60))
+
+
+@dataclass
+class Matrix:
+    """The matrix DSL (§2.12.2): named sets of models that may run together."""
+
+    vars: dict[str, str]
+    sets: dict[str, str]  # name -> DSL text, in definition order
+    evict_costs: dict[str, int]  # model ID -> cost
+    combinations: dict[str, list[frozenset[str]]]  # set name -> its model sets, in solver order
+
+
+@dataclass
+class Routing:
+    """Which swap rules apply (groups or matrix) and the scheduler's priorities (§2.12)."""
+
+    router: str = "group"
+    groups: list[Group] = field(default_factory=list)
+    matrix: Matrix | None = None
+    priority: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Profile:
+    id: str
+    description: str
+    pins: dict[str, str]  # pin name -> target ("" = disabled)
+
+
+@dataclass
+class Selector:
+    """A virtual model ID that picks one of its targets per request (§2.14)."""
+
+    id: str
+    strategy: str
+    targets: list[str]
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    spillover: int = 1
 
 
 @dataclass
@@ -91,6 +211,27 @@ class Config:
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> model ID
     ignore_paths: list[re.Pattern] = field(default_factory=list)
+    log_level: str = "info"
+    log_to_stdout: str = "proxy"
+    log_time_format: str = ""
+    global_ttl: int = 0
+    unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+    include_aliases_in_list: bool = False
+    send_loading_state: bool = False
+    metrics_max_in_memory: int = 1000
+    capture_buffer_mb: int = 5
+    store_path: str | None = None
+    session_headers: list[str] = field(default_factory=lambda: list(DEFAULT_SESSION_HEADERS))
+    performance_disabled: bool = False
+    performance_every: float = 5.0
+    preload: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)
+    peers: dict[str, PeerConfig] = field(default_factory=dict)
+    routing: Routing = field(default_factory=Routing)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    selectors: dict[str, Selector] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # unknown keys and ignored values
 
     def real_model_id(self, name: str) -> str | None:
         """The model ID a requested name means: an ID first, then an alias."""
@@ -98,27 +239,58 @@ class Config:
             return name
         return self.aliases.get(name)
 
+    def peer_routes(self) -> dict[str, tuple[str, str]]:
+        """Requested name -> (peer ID, the peer's model ID): every FQN, and unambiguous bare names."""
+        routes = {f"{p.id}/{m}": (p.id, m) for p in self.peers.values() for m in p.models}
+        bare: dict[str, list[tuple[str, str]]] = {}
+        for peer in self.peers.values():
+            for m in peer.models:
+                bare.setdefault(m, []).append((peer.id, m))
+        for name, owners in bare.items():
+            if len(owners) == 1 and name not in routes:
+                routes[name] = owners[0]
+        return routes
+
+    def resolves(self, name: str) -> bool:
+        """Whether a name reaches a model: local ID, alias, peer FQN or unique bare peer name."""
+        return self.real_model_id(name) is not None or name in self.peer_routes()
+
 
 class ConfigReader:
-    """Typed access to one YAML mapping; every error names the key's full path."""
+    """Typed access to one YAML mapping; every error names the key's full path.
 
-    def __init__(self, data: Any, path: str):
+    It remembers which keys were asked for, so keys nobody asked for can be reported as
+    unknown (with the closest known key) once the whole file has been read.
+    """
+
+    def __init__(self, data: Any, path: str, readers: list | None = None):
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path or 'config'}: must be a mapping, got {_yaml_kind(data)}")
-        self.data = data
+        self.data = {str(k): v for k, v in data.items()}
         self.path = path
+        self.asked: set[str] = set()
+        self.readers = readers if readers is not None else []
+        self.readers.append(self)
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.key_path(key)}: {message}")
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        value = self.data.get(key)
+        return default if value is None else value
+
     def _fail(self, key: str, expected: str) -> ConfigError:
         value = self.data[key]
-        return ConfigError(f"{self.key_path(key)}: expected {expected}, got {_yaml_kind(value)} {value!r}")
+        return self.error(key, f"expected {expected}, got {_yaml_kind(value)} {value!r}")
 
     def string(self, key: str, default: str = "") -> str:
-        value = self.data.get(key)
+        value = self.raw(key)
         if value is None:
             return default
         if isinstance(value, (dict, list)):
@@ -126,7 +298,7 @@ class ConfigReader:
         return go_format(value)
 
     def integer(self, key: str, default: int = 0) -> int:
-        value = self.data.get(key)
+        value = self.raw(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
@@ -134,7 +306,7 @@ class ConfigReader:
         return value
 
     def boolean(self, key: str, default: bool = False) -> bool:
-        value = self.data.get(key)
+        value = self.raw(key)
         if value is None:
             return default
         if not isinstance(value, bool):
@@ -142,15 +314,40 @@ class ConfigReader:
         return value
 
     def string_list(self, key: str) -> list[str]:
-        value = self.data.get(key)
+        value = self.raw(key)
         if value is None:
             return []
         if not isinstance(value, list) or any(isinstance(v, (dict, list)) or v is None for v in value):
             raise self._fail(key, "a list of strings")
         return [go_format(v) for v in value]
 
+    def free_mapping(self, key: str) -> dict[str, Any]:
+        """A mapping whose keys are the user's own (metadata, setParams): taken as it is."""
+        value = self.raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self._fail(key, "a mapping")
+        return {str(k): v for k, v in value.items()}
+
     def mapping(self, key: str) -> ConfigReader:
-        return ConfigReader(self.data.get(key), self.key_path(key))
+        self.asked.add(key)
+        return ConfigReader(self.data.get(key), self.key_path(key), self.readers)
+
+    def children(self) -> list[tuple[str, ConfigReader]]:
+        """The entries of a map that names things (peers, groups, selectors), each as a reader."""
+        return [(name, self.mapping(name)) for name in self.data]
+
+    def unknown_key_warnings(self) -> list[str]:
+        warnings = []
+        for reader in self.readers:
+            for key in reader.data:
+                if key in reader.asked:
+                    continue
+                close = difflib.get_close_matches(key, sorted(reader.asked), n=1, cutoff=0.75)
+                hint = f", did you mean '{close[0]}'?" if close else " (ignored)"
+                warnings.append(f"{reader.key_path(key)}: unknown key{hint}")
+        return warnings
 
 
 def _yaml_kind(value: Any) -> str:
@@ -182,55 +379,107 @@ def go_duration(seconds: float) -> str:
     return text
 
 
-def load_config(path: str) -> Config:
-    """Read, expand and validate one config file; ConfigError names the file and key."""
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float:
+    """`5s`, `1m30s`, `250ms` -> seconds; ValueError for anything else (a bare number included)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {text!r} (expected a value such as 5s, 1m30s or 250ms)")
+    return sum(float(n) * GO_DURATION_UNITS[u] for n, u in parts)
+
+
+# -- loading files -------------------------------------------------------------
+
+
+def load_config(path: str | None = None, config_dir: str | None = None) -> Config:
+    """Read, merge, expand and validate the config sources; ConfigError names the file and key."""
+    doc = merge_documents(read_sources(path, config_dir))
+    where = path or config_dir
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-    try:
-        return parse_config(text)
+        return build_config(doc)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
-def parse_config(text: str) -> Config:
-    """Config from YAML text: env macros, YAML, macros and ${PORT}, typed fields, checks."""
+def read_sources(path: str | None, config_dir: str | None) -> list[tuple[str, dict]]:
+    """(file, YAML document) for --config and then each *.yml/*.yaml of --config-dir, by path."""
+    files = [path] if path else []
+    if config_dir:
+        try:
+            names = sorted(os.path.join(config_dir, n) for n in os.listdir(config_dir) if n.endswith((".yml", ".yaml")))
+        except OSError as e:
+            raise ConfigError(f"--config-dir {config_dir}: {e.strerror}") from None
+        names = [n for n in names if os.path.isfile(n)]
+        if path and any(os.path.abspath(n) == os.path.abspath(path) for n in names):
+            raise ConfigError(f"--config path {path} is also present in --config-dir {config_dir}; remove it from one")
+        files += names
+    if not files:
+        raise ConfigError("no configuration sources found" if config_dir else "at least one of --config or --config-dir must be provided")
+    documents = []
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"{name}: cannot read config file: {e.strerror}") from None
+        try:
+            doc = parse_yaml(text)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if doc is not None:
+            documents.append((name, doc))
+    return documents
+
+
+def parse_yaml(text: str) -> dict | None:
+    """One source file: ${env.NAME} substituted in the text, then YAML; None when empty."""
     try:
         doc = yaml.safe_load(substitute_env_macros(text))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        problem = getattr(e, "problem", None) or str(e).replace("\n", " ")
         raise ConfigError(f"invalid YAML{where}: {problem}") from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
+    if doc is not None and not isinstance(doc, dict):
         raise ConfigError("top-level YAML must be a mapping")
-    top = ConfigReader(doc, "")
-    global_macros = read_macros(top.mapping("macros"))
-    health_timeout = max(top.integer("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT), MIN_HEALTH_CHECK_TIMEOUT)
-    start_port = top.integer("startPort", DEFAULT_START_PORT)
-    if start_port < 1:
-        raise ConfigError("startPort: must be greater than 1")
-    global_ttl = top.integer("globalTTL", 0)
-    if global_ttl < 0:
-        raise ConfigError("globalTTL: must be >= 0")
-    unload_timeout = top.integer("unloadTimeout", DEFAULT_UNLOAD_TIMEOUT)
-    if unload_timeout < 0:
-        raise ConfigError("unloadTimeout: must be >= 0")
-    models_node = top.mapping("models")
-    config = Config(models={}, health_check_timeout=health_timeout,
-                    ignore_paths=[re.compile(r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$")])
-    next_port = start_port
-    for model_id in sorted(models_node.data, key=lambda k: str(k).encode()):
-        raw = models_node.mapping(str(model_id))
-        model, used_port = read_model(str(model_id), raw, global_macros, next_port, global_ttl, unload_timeout or DEFAULT_UNLOAD_TIMEOUT)
-        next_port += used_port
-        config.models[model.id] = model
-    config.aliases = collect_aliases(config.models)
-    return config
+    return doc
+
+
+def merge_documents(documents: list[tuple[str, dict]]) -> dict:
+    """Later files add to earlier ones (§2.2): maps merge, lists concatenate, scalars must agree."""
+    merged: dict = {}
+    for name, doc in documents:
+        merged = _merge(merged, doc, "", name)
+    return merged
+
+
+def _merge(a: Any, b: Any, path: str, source: str) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = dict(a)
+        for key, value in b.items():
+            child = f"{path}.{key}" if path else str(key)
+            if key in out and path in IDENTITY_MAPS:
+                raise ConfigError(f'duplicate {path} "{key}" found in {source} (already defined in another config source)')
+            out[key] = _merge(out[key], value, child, source) if key in out else value
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        return a + b
+    if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+        raise ConfigError(f'conflict at "{path}": incompatible YAML node kinds ({_yaml_kind(a)} vs {_yaml_kind(b)}) introduced by {source}')
+    if a != b or type(a) is not type(b):
+        raise ConfigError(f'conflict at "{path}": {source} sets a different value than a previous source')
+    return a
+
+
+def parse_config(text: str) -> Config:
+    """Config from the YAML text of one file."""
+    return build_config(parse_yaml(text) or {})
 
 
 def substitute_env_macros(text: str) -> str:
@@ -249,22 +498,25 @@ def substitute_env_macros(text: str) -> str:
     return "\n".join(line if line.lstrip().startswith("#") else ENV_MACRO.sub(value, line) for line in text.split("\n"))
 
 
+# -- macros --------------------------------------------------------------------
+
+
 def read_macros(node: ConfigReader) -> list[tuple[str, Any]]:
     """An ordered macro list; names and values checked as the original does."""
     macros = []
     for name, value in node.data.items():
-        name = str(name)
         if len(name) >= 64:
-            raise ConfigError(f"macro name '{name}' exceeds maximum length of 63 characters")
+            raise node.error(name, f"macro name '{name}' exceeds maximum length of 63 characters")
         if not re.fullmatch(r"[a-zA-Z0-9_-]+", name):
-            raise ConfigError(f"macro name '{name}' contains invalid characters, must match pattern ^[a-zA-Z0-9_-]+$")
+            raise node.error(name, f"macro name '{name}' contains invalid characters, must match pattern ^[a-zA-Z0-9_-]+$")
         if value is None or isinstance(value, (dict, list)):
-            raise ConfigError(f"macro '{name}' has invalid type {_yaml_kind(value)}, must be a scalar type (string, int, float, or bool)")
+            raise node.error(name, f"macro '{name}' has invalid type {_yaml_kind(value)}, must be a scalar type (string, int, float, or bool)")
         if isinstance(value, str) and "${" + name + "}" in value:
-            raise ConfigError(f"macro '{name}' contains self-reference")
+            raise node.error(name, f"macro '{name}' contains self-reference")
         if name in RESERVED_MACROS:
-            raise ConfigError(f"macro name '{name}' is reserved")
+            raise node.error(name, f"macro name '{name}' is reserved")
         macros.append((name, value))
+    node.asked.update(node.data)  # macro names are the user's own, never unknown keys
     return macros
 
 
@@ -290,16 +542,164 @@ def _expand_one(value: Any, ref: str, macro_value: Any) -> Any:
     return value
 
 
+def leftover_macros(value: Any, path: str) -> Iterable[tuple[str, str]]:
+    """(key path, macro name) for every `${...}` still in a value after expansion."""
+    if isinstance(value, str):
+        for match in ANY_MACRO.finditer(value):
+            yield path, match.group(1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from leftover_macros(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from leftover_macros(item, f"{path}.{key}")
+
+
+def check_no_leftover_macros(value: Any, path: str, allow_pid: bool = False) -> None:
+    for where, name in leftover_macros(value, path):
+        if name.startswith("env."):
+            raise ConfigError(f"{where}: environment variable '{name[4:]}' not set")
+        if allow_pid and name == "PID":
+            continue
+        if name in ("PORT", "MODEL_ID"):
+            raise ConfigError(f"{where}: macro '${{{name}}}' should have been substituted (${{PORT}} is only set when cmd uses it)")
+        if name == "PID":
+            raise ConfigError(f"{where}: ${{PID}} is only available in cmdStop")
+        raise ConfigError(f"{where}: unknown macro '${{{name}}}'")
+
+
 def strip_comment_lines(command: str) -> str:
     return "\n".join(line for line in command.split("\n") if not line.strip().startswith("#"))
 
 
-def read_model(model_id: str, raw: ConfigReader, global_macros: list, port: int, global_ttl: int, global_unload: int) -> tuple[ModelConfig, int]:
+# -- the whole file ------------------------------------------------------------
+
+
+def build_config(doc: dict) -> Config:
+    """Expand macros, read every key with its default, check values, in the original's order (§2.16)."""
+    readers: list[ConfigReader] = []
+    global_macros = read_macros(ConfigReader(doc.get("macros"), "macros", readers))
+    expanded = {k: v if k in ("models", "macros") else expand_macros(v, global_macros) for k, v in doc.items()}
+    top = ConfigReader(expanded, "", readers)
+    top.asked.add("macros")
+    config = Config(models={})
+    read_globals(top, config)
+    next_port = top.integer("startPort", DEFAULT_START_PORT)
+    if next_port < 1:
+        raise top.error("startPort", "must be greater than 1")
+    for model_id, raw in sorted(top.free_mapping("models").items(), key=lambda e: e[0].encode()):
+        model, used_port = read_model(model_id, raw, global_macros, next_port, config, readers)
+        next_port += used_port
+        config.models[model_id] = model
+    config.aliases = collect_aliases(config.models)
+    config.routing = read_routing(top, config)
+    config.preload = read_preload(top, config)
+    config.api_keys = read_keys(top, "apiKeys")
+    config.admin_keys = read_keys(top, "adminKeys")
+    config.peers = {peer_id: read_peer(peer_id, node) for peer_id, node in top.mapping("peers").children()}
+    check_peer_namespace(config)
+    selectors = top.mapping("selectors")
+    config.selectors = {sid: read_selector(sid, node, config, set(selectors.data)) for sid, node in selectors.children()}
+    config.profiles = read_profiles(top.mapping("profiles"), config)
+    top.raw("logRequests")  # accepted and unused, as in the original
+    # Unknown top-level keys (a block of YAML anchors, say) are not checked for macros, as in the original.
+    for key in top.asked - {"models", "macros"}:
+        check_no_leftover_macros(top.data.get(key), key)
+    config.warnings = top.unknown_key_warnings() + config.warnings
+    return config
+
+
+def read_globals(top: ConfigReader, config: Config) -> None:
+    config.health_check_timeout = max(top.integer("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT), MIN_HEALTH_CHECK_TIMEOUT)
+    performance = top.mapping("performance")
+    config.performance_disabled = performance.boolean("disabled")
+    every = performance.string("every", "5s")
+    try:
+        config.performance_every = parse_go_duration(every)
+    except ValueError as e:
+        raise performance.error("every", str(e)) from None
+    if config.performance_every < 5:
+        raise performance.error("every", f"must be at least 5s, got {every}")
+    config.global_ttl = top.integer("globalTTL", 0)
+    if config.global_ttl < 0:
+        raise top.error("globalTTL", "must be >= 0")
+    config.unload_timeout = top.integer("unloadTimeout", DEFAULT_UNLOAD_TIMEOUT)
+    if config.unload_timeout < 0:
+        raise top.error("unloadTimeout", "must be >= 0")
+    config.unload_timeout = config.unload_timeout or DEFAULT_UNLOAD_TIMEOUT
+    config.store_path = read_store_path(top)
+    patterns = top.mapping("upstream").string_list("ignorePaths") or list(DEFAULT_IGNORE_PATHS)
+    config.ignore_paths = []
+    for pattern in patterns:
+        try:
+            config.ignore_paths.append(re.compile(pattern))
+        except re.error as e:
+            raise ConfigError(f'upstream.ignorePaths: invalid regular expression "{pattern}": {e}') from None
+    config.log_to_stdout = top.string("logToStdout", "proxy")
+    if config.log_to_stdout not in LOG_TO_STDOUT:
+        raise top.error("logToStdout", f"must be one of: {', '.join(LOG_TO_STDOUT)}")
+    level = top.string("logLevel", "info").strip().lower()
+    config.log_level = level if level in ("debug", "info", "warn", "error") else "info"
+    if level != config.log_level:
+        config.warnings.append(f"logLevel: {level!r} is not one of debug, info, warn, error; using info")
+    time_format = top.string("logTimeFormat").strip().lower()
+    config.log_time_format = time_format if time_format in LOG_TIME_FORMATS else ""
+    if time_format and not config.log_time_format:
+        config.warnings.append(f"logTimeFormat: {time_format!r} is not a known format; log lines get no timestamp")
+    config.metrics_max_in_memory = top.integer("metricsMaxInMemory", 1000)
+    if config.metrics_max_in_memory <= 0:
+        config.metrics_max_in_memory = 1000
+    config.capture_buffer_mb = top.integer("captureBuffer", 5)
+    config.include_aliases_in_list = top.boolean("includeAliasesInList")
+    config.send_loading_state = top.boolean("sendLoadingState")
+    headers = top.mapping("ui").mapping("activity")
+    if "session_id" in headers.data:
+        config.session_headers = dedupe_case_insensitive(h.strip() for h in headers.string_list("session_id"))
+    else:
+        headers.asked.add("session_id")
+
+
+def dedupe_case_insensitive(names: Iterable[str]) -> list[str]:
+    seen, out = set(), []
+    for name in names:
+        if name and name.lower() not in seen:
+            seen.add(name.lower())
+            out.append(name)
+    return out
+
+
+def read_store_path(top: ConfigReader) -> str | None:
+    if "store" not in top.data:
+        top.asked.add("store")
+        return None
+    path = top.mapping("store").string("path").strip()
+    if not path:
+        raise ConfigError("store.path: must not be empty")
+    if os.path.exists(path):
+        if os.path.isdir(path):
+            raise ConfigError(f"store.path: {path} is a directory, not a file")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"store.path: {path} is not writable")
+    else:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"store.path: directory {parent} is not writable")
+    return path
+
+
+# -- models --------------------------------------------------------------------
+
+
+def read_model(model_id: str, raw: Any, global_macros: list, port: int, config: Config, readers: list) -> tuple[ModelConfig, int]:
     """One model: local macros, ${MODEL_ID}, ${PORT} (returns whether it used a port), typed fields."""
-    local_macros = read_macros(raw.mapping("macros"))
-    macros = [("MODEL_ID", model_id)] + [(n, dict(local_macros).get(n, v)) for n, v in global_macros]
+    path = f"models.{model_id}"
+    if raw is None or not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping, got {_yaml_kind(raw)}")
+    local_macros = read_macros(ConfigReader(raw.get("macros"), f"{path}.macros", readers))
+    local = dict(local_macros)
+    macros = [("MODEL_ID", model_id)] + [(n, local.get(n, v)) for n, v in global_macros]
     macros += [(n, v) for n, v in local_macros if n not in dict(global_macros)]
-    data = {k: v for k, v in raw.data.items() if k != "macros"}
+    data = {str(k): v for k, v in raw.items() if k != "macros"}
     for key in ("cmd", "cmdStop"):
         if isinstance(data.get(key), str):
             data[key] = strip_comment_lines(data[key])
@@ -309,10 +709,16 @@ def read_model(model_id: str, raw: ConfigReader, global_macros: list, port: int,
     cmd_text = data.get("cmd") if isinstance(data.get("cmd"), str) else ""
     uses_port = "${PORT}" in cmd_text
     if isinstance(data.get("proxy"), str) and "${PORT}" in data["proxy"] and not uses_port:
-        raise ConfigError(f"models.{model_id}.proxy: uses ${{PORT}} but cmd does not - ${{PORT}} is only available when used in cmd")
+        raise ConfigError(f"{path}.proxy: uses ${{PORT}} but cmd does not - ${{PORT}} is only available when used in cmd")
     if uses_port:
         data = expand_macros(data, [("PORT", port)])
-    node = ConfigReader(data, f"models.{model_id}")
+    by_id = data.get("filters", {}).get("setParamsByID") if isinstance(data.get("filters"), dict) else None
+    if isinstance(by_id, dict):
+        data["filters"] = dict(data["filters"], setParamsByID=expand_keys(by_id, macros + ([("PORT", port)] if uses_port else []), model_id))
+    for key, value in data.items():
+        check_no_leftover_macros(value, f"{path}.{key}", allow_pid=key == "cmdStop")
+    node = ConfigReader(data, path, readers)
+    node.asked.add("macros")
     model = ModelConfig(
         id=model_id,
         cmd=node.string("cmd"),
@@ -327,53 +733,447 @@ def read_model(model_id: str, raw: ConfigReader, global_macros: list, port: int,
         description=node.string("description"),
         ttl=node.integer("ttl", -1),
         unload_timeout=node.integer("unloadTimeout", 0),
+        concurrency_limit=node.integer("concurrencyLimit", 0),
+        send_loading_state=node.boolean("sendLoadingState", config.send_loading_state),
+        metadata=node.free_mapping("metadata"),
+        capabilities=read_capabilities(node.mapping("capabilities")),
+        filters=read_filters(node.mapping("filters")),
+        timeouts=read_timeouts(node.mapping("timeouts"), Timeouts()),
+        ignore_websockets=node.mapping("compat").boolean("ignoreWebsockets"),
     )
+    node.raw("healthCheckTimeout")  # accepted; the global value always wins, as in the original
     check_model(model, node)
     if model.ttl == -1:
-        model.ttl = global_ttl
-    model.unload_timeout = model.unload_timeout or global_unload
+        model.ttl = config.global_ttl
+    model.unload_timeout = model.unload_timeout or config.unload_timeout
+    if model.concurrency_limit <= 0:
+        model.concurrency_limit = DEFAULT_CONCURRENCY_LIMIT
+    if model_id == "comfyui_auto":  # its UI opens many sockets at once (§5.10)
+        model.concurrency_limit = max(model.concurrency_limit, 50)
+        model.ignore_websockets = True
     return model, int(uses_port)
+
+
+def expand_keys(by_id: dict, macros: list[tuple[str, Any]], model_id: str) -> dict:
+    """setParamsByID keys name requests, so unlike other keys they take macros (§2.4.3)."""
+    out: dict[str, Any] = {}
+    for key, value in by_id.items():
+        expanded = go_format(expand_macros(str(key), macros))
+        leftover = ANY_MACRO.search(expanded)
+        if leftover:
+            raise ConfigError(f"models.{model_id}.filters.setParamsByID: unknown macro '${{{leftover.group(1)}}}' found in key {key!r}")
+        if expanded in out:
+            first = next(k for k in by_id if go_format(expand_macros(str(k), macros)) == expanded)
+            raise ConfigError(f'models.{model_id}.filters.setParamsByID: keys "{first}" and "{key}" resolve to the same value')
+        out[expanded] = value
+    return out
+
+
+def read_capabilities(node: ConfigReader) -> Capabilities:
+    caps = Capabilities(node.string_list("in"), node.string_list("out"), node.boolean("tools"),
+                        node.boolean("reranker"), node.integer("context"))
+    for key, values in (("in", caps.inputs), ("out", caps.outputs)):
+        for value in values:
+            if value not in MODALITIES:
+                raise node.error(key, f'invalid modality "{value}", must be one of: {", ".join(MODALITIES)}')
+    if caps.context < 0:
+        raise node.error("context", "must be >= 0")
+    return caps
+
+
+def read_filters(node: ConfigReader) -> Filters:
+    text = node.string("stripParams") or node.string("strip_params")
+    strip = sorted({p.strip() for p in text.split(",") if p.strip() and p.strip() != "model"})
+    by_id = node.free_mapping("setParamsByID")
+    for key, value in by_id.items():
+        if not isinstance(value, dict):
+            raise node.error(f"setParamsByID.{key}", f"expected a mapping of parameters, got {_yaml_kind(value)}")
+    return Filters(strip, node.free_mapping("setParams"), by_id)
+
+
+def read_timeouts(node: ConfigReader, defaults: Timeouts) -> Timeouts:
+    timeouts = Timeouts(
+        node.integer("connect", defaults.connect), node.integer("keepalive", defaults.keepalive),
+        node.integer("responseHeader", defaults.response_header), node.integer("tlsHandshake", defaults.tls_handshake),
+        node.integer("expectContinue", defaults.expect_continue), node.integer("idleConn", defaults.idle_conn))
+    for key, value in vars(timeouts).items():
+        if value < 0:
+            raise ConfigError(f"{node.path}: {key} must be >= 0, got {value}")
+    return timeouts
 
 
 def check_model(model: ModelConfig, node: ConfigReader) -> None:
     """Value checks for one model; each error names models.<id>.<key>."""
-    for key, text in (("cmd", model.cmd), ("cmdStop", model.cmd_stop), ("proxy", model.proxy),
-                      ("checkEndpoint", model.check_endpoint), ("name", model.name), ("description", model.description)):
-        leftover = MACRO.search(text.replace("${PID}", "")) if key == "cmdStop" else MACRO.search(text)
-        if leftover:
-            name = leftover.group(1)
-            if name in ("PORT", "MODEL_ID"):
-                raise ConfigError(f"{node.key_path(key)}: macro '${{{name}}}' should have been substituted (${{PORT}} is only set when cmd uses it)")
-            raise ConfigError(f"{node.key_path(key)}: unknown macro '${{{name}}}'")
-    if "${PID}" in model.cmd:
-        raise ConfigError(f"{node.key_path('cmd')}: ${{PID}} is only available in cmdStop")
     if not model.cmd.strip():
-        raise ConfigError(f"{node.key_path('cmd')}: is required (the command that starts the model's server)")
+        raise node.error("cmd", "is required (the command that starts the model's server)")
     try:
         split_command(model.cmd)
     except ValueError as e:
-        raise ConfigError(f"{node.key_path('cmd')}: {e}") from None
+        raise node.error("cmd", str(e)) from None
     url = URL(model.proxy) if model.proxy else None
     if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"{node.key_path('proxy')}: invalid proxy URL {model.proxy!r} (expected http://host:port)")
+        raise node.error("proxy", f"invalid proxy URL {model.proxy!r} (expected http://host:port)")
     if model.ttl < -1:
-        raise ConfigError(f"{node.key_path('ttl')}: invalid TTL value {model.ttl}")
+        raise node.error("ttl", f"invalid TTL value {model.ttl}")
     if model.unload_timeout < 0:
-        raise ConfigError(f"{node.key_path('unloadTimeout')}: invalid unloadTimeout value {model.unload_timeout}")
+        raise node.error("unloadTimeout", f"invalid unloadTimeout value {model.unload_timeout}")
     for entry in model.env:
         if "=" not in entry:
-            raise ConfigError(f"{node.key_path('env')}: entry {entry!r} must look like KEY=VALUE")
+            raise node.error("env", f"entry {entry!r} must look like KEY=VALUE")
 
 
 def collect_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
-    """alias -> model ID; an alias may name one model only and may not shadow a model ID."""
+    """alias -> model ID, explicit aliases then setParamsByID keys (§2.8); each names one model."""
     aliases: dict[str, str] = {}
     for model in models.values():
         for alias in model.aliases:
             if alias in aliases or alias in models:
                 raise ConfigError(f"models.{model.id}.aliases: duplicate alias {alias!r} (already used by {aliases.get(alias, alias)!r})")
             aliases[alias] = model.id
+    for model_id in sorted(models):
+        model = models[model_id]
+        for key in model.filters.set_params_by_id:
+            if key == model_id or aliases.get(key) == model_id:
+                continue
+            if key in models:
+                raise ConfigError(f"models.{model_id}.filters.setParamsByID: key '{key}' conflicts with an existing model ID")
+            if key in aliases:
+                raise ConfigError(f"models.{model_id}.filters.setParamsByID: duplicate alias '{key}', already used by model {aliases[key]}")
+            aliases[key] = model_id
+            model.aliases.append(key)
     return aliases
+
+
+# -- routing -------------------------------------------------------------------
+
+
+def read_routing(top: ConfigReader, config: Config) -> Routing:
+    """groups or matrix, legacy top-level or under routing.router, and the fifo priorities (§2.12)."""
+    routing_node = top.mapping("routing")
+    router = routing_node.mapping("router")
+    settings = router.mapping("settings")
+    use = router.string("use")
+    legacy_groups, legacy_matrix = top.data.get("groups"), top.data.get("matrix")
+    top.asked.update(("groups", "matrix"))
+    new_style = use or settings.data.get("groups") or "matrix" in settings.data
+    if (legacy_groups or legacy_matrix is not None) and new_style:
+        raise ConfigError("routing: config uses both the legacy top-level 'matrix'/'groups' keys and the new 'routing.router' block; "
+                          "please migrate the top-level keys into 'routing.router' and remove them")
+    if legacy_groups and legacy_matrix is not None:
+        raise ConfigError("config cannot use both 'groups' and 'matrix'")
+    routing = Routing()
+    if legacy_matrix is not None:
+        routing.router, routing.matrix = "matrix", read_matrix(top.mapping("matrix"), config)
+    elif use == "matrix":
+        if "matrix" not in settings.data:
+            raise ConfigError("routing.router.use is 'matrix' but routing.router.settings.matrix is not set")
+        routing.router, routing.matrix = "matrix", read_matrix(settings.mapping("matrix"), config)
+    elif use in ("", "group"):
+        groups_node = top.mapping("groups") if legacy_groups else settings.mapping("groups")
+        routing.groups = read_groups(groups_node, config)
+        settings.asked.add("matrix")
+    else:
+        raise router.error("use", f'unknown router "{use}" (valid: group, matrix)')
+    scheduler = routing_node.mapping("scheduler")
+    if scheduler.string("use", "fifo") != "fifo":
+        raise scheduler.error("use", f'unknown scheduler "{scheduler.string("use")}" (valid: fifo)')
+    priorities = scheduler.mapping("settings").mapping("fifo").mapping("priority")
+    for name in priorities.data:
+        if config.real_model_id(name) is None:
+            raise ConfigError(f'routing.scheduler.settings.fifo.priority references unknown model "{name}"')
+        routing.priority[name] = priorities.integer(name)
+    return routing
+
+
+def read_groups(node: ConfigReader, config: Config) -> list[Group]:
+    groups, owner = [], {}
+    for name, group in node.children():
+        members = group.string_list("members")
+        for member in members:
+            if members.count(member) > 1:
+                raise group.error("members", f"duplicate model member {member} found in group: {name}")
+            if member in owner:
+                raise group.error("members", f"model member {member} is used in multiple groups: {owner[member]} and {name}")
+            if member not in config.models:
+                raise group.error("members", f'no model config for "{member}"')
+            owner[member] = name
+        groups.append(Group(name, frozenset(members), group.boolean("swap", True), group.boolean("exclusive", True),
+                            group.boolean("persistent")))
+    rest = frozenset(m for m in config.models if m not in owner)
+    return [Group(DEFAULT_GROUP, rest)] + groups
+
+
+def read_matrix(node: ConfigReader, config: Config) -> Matrix:
+    """vars, sets and evict_costs, with every set parsed and expanded (§2.12.2)."""
+    try:
+        return _read_matrix(node, config)
+    except ConfigError as e:
+        raise ConfigError(f"{node.path}: {e}") from None
+
+
+def _read_matrix(node: ConfigReader, config: Config) -> Matrix:
+    variables = {k: str(v) for k, v in node.free_mapping("vars").items()}
+    for key, model in variables.items():
+        if not re.fullmatch(r"[a-zA-Z0-9.-]{1,32}", key):
+            raise ConfigError(f'var key "{key}" must contain only alphanumeric, \'-\' or \'.\' characters and be 1-32 characters long')
+        if model not in config.models:
+            raise ConfigError(f'var key "{key}" references unknown model "{model}"')
+    costs = {}
+    for key, cost in node.free_mapping("evict_costs").items():
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
+            raise ConfigError(f'evict_cost for "{key}" must be a positive integer, got {cost}')
+        model = variables.get(key, key)
+        if model not in config.models:
+            raise ConfigError(f'evict_costs: unknown var or model "{key}"')
+        costs[model] = cost
+    sets = {k: str(v) for k, v in node.free_mapping("sets").items()}
+    if not sets:
+        raise ConfigError("matrix must define at least one set")
+    parsed = {name: parse_matrix_dsl(name, dsl) for name, dsl in sets.items()}
+    combinations: dict[str, list[frozenset[str]]] = {}
+
+    def expand(name: str, trail: tuple[str, ...]) -> list[frozenset[str]]:
+        if name in trail:
+            raise ConfigError(f'circular reference detected involving set "{name}"')
+        if name not in combinations:
+            combinations[name] = _expand_dsl(parsed[name], name, trail + (name,), variables, config, parsed, expand)
+        return combinations[name]
+
+    for name in sets:
+        expand(name, ())
+    return Matrix(variables, sets, costs, combinations)
+
+
+def parse_matrix_dsl(set_name: str, text: str) -> tuple:
+    """A set's DSL as a tree: ("model", name) | ("ref", set) | ("or", [...]) | ("and", [...])."""
+    tokens = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c in "&|()":
+            tokens.append((c, c, i))
+            i += 1
+        elif c == "+" or _is_ident_char(c):
+            start = i + 1 if c == "+" else i
+            j = start
+            while j < len(text) and _is_ident_char(text[j]):
+                j += 1
+            if j == start:
+                raise ConfigError(f'set "{set_name}": tokenize: expected set name after \'+\' at position {i}')
+            tokens.append(("ref" if c == "+" else "ident", text[start:j], i))
+            i = j
+        else:
+            raise ConfigError(f"set \"{set_name}\": tokenize: unexpected character '{c}' at position {i}")
+    if not tokens:
+        raise ConfigError(f'set "{set_name}": empty DSL expression')
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos][0] if pos < len(tokens) else None
+
+    def parse_or() -> tuple:
+        nonlocal pos
+        items = [parse_and()]
+        while peek() == "|":
+            pos += 1
+            items.append(parse_and())
+        return items[0] if len(items) == 1 else ("or", items)
+
+    def parse_and() -> tuple:
+        nonlocal pos
+        items = [parse_atom()]
+        while peek() == "&":
+            pos += 1
+            items.append(parse_atom())
+        return items[0] if len(items) == 1 else ("and", items)
+
+    def parse_atom() -> tuple:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise ConfigError(f'set "{set_name}": parse: unexpected end of expression')
+        kind, value, _ = tokens[pos]
+        pos += 1
+        if kind == "ident":
+            return ("model", value)
+        if kind == "ref":
+            return ("ref", value)
+        if kind == "(":
+            inner = parse_or()
+            if peek() != ")":
+                raise ConfigError(f'set "{set_name}": parse: missing closing parenthesis')
+            pos += 1
+            return inner
+        raise ConfigError(f'set "{set_name}": parse: unexpected token "{value}"')
+
+    tree = parse_or()
+    if pos < len(tokens):
+        raise ConfigError(f'set "{set_name}": parse: unexpected token "{tokens[pos][1]}" after expression')
+    return tree
+
+
+def _is_ident_char(c: str) -> bool:
+    return c.isalnum() or c in "_-."
+
+
+def _expand_dsl(tree: tuple, set_name: str, trail: tuple, variables: dict, config: Config, parsed: dict, expand) -> list[frozenset[str]]:
+    """The model sets a DSL tree allows: `|` joins the alternatives, `&` combines every pair."""
+    kind, value = tree
+    if kind == "model":
+        model = variables.get(value, value)
+        if model not in config.models:
+            raise ConfigError(f'set "{set_name}": unknown var or model "{value}"')
+        return [frozenset({model})]
+    if kind == "ref":
+        if value not in parsed:
+            raise ConfigError(f'set "{set_name}" references undefined set "{value}"')
+        return expand(value, trail)
+    parts = [_expand_dsl(item, set_name, trail, variables, config, parsed, expand) for item in value]
+    if kind == "or":
+        return list(dict.fromkeys(c for part in parts for c in part))
+    combos = [frozenset()]
+    for part in parts:
+        combos = list(dict.fromkeys(a | b for a in combos for b in part))
+    return combos
+
+
+def read_preload(top: ConfigReader, config: Config) -> list[str]:
+    """hooks.on_startup.preload as model IDs; names that are not local models are dropped, with a warning."""
+    names = [n.strip() for n in top.mapping("hooks").mapping("on_startup").string_list("preload") if n.strip()]
+    preload = []
+    for name in names:
+        model = config.real_model_id(name)
+        if model is None:
+            config.warnings.append(f"hooks.on_startup.preload: {name!r} is not a local model or alias; it is not preloaded")
+        elif model not in preload:
+            preload.append(model)
+    return preload
+
+
+def read_keys(top: ConfigReader, key: str) -> list[str]:
+    keys = top.string_list(key)
+    for i, value in enumerate(keys):
+        if not value:
+            raise ConfigError(f"{key}[{i}]: empty api key found in {key}")
+        if " " in value:
+            raise ConfigError(f"{key}[{i}]: api key cannot contain spaces")
+    return keys
+
+
+# -- peers, selectors, profiles ------------------------------------------------
+
+
+def read_peer(peer_id: str, node: ConfigReader) -> PeerConfig:
+    proxy = node.string("proxy").strip()
+    if not proxy:
+        raise node.error("proxy", "proxy is required")
+    url = URL(proxy)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise node.error("proxy", f"invalid peer proxy URL ({proxy}): expected http(s)://host[:port][/path]")
+    models = list(dict.fromkeys(node.string_list("models")))
+    if not models:
+        raise node.error("models", "peer models can not be empty")
+    return PeerConfig(peer_id, proxy, models, node.string("apiKey"), read_filters(node.mapping("filters")),
+                      read_timeouts(node.mapping("timeouts"), Timeouts(response_header=60)))
+
+
+def check_peer_namespace(config: Config) -> None:
+    """Peer names may not be ambiguous or shadow local names (§2.9)."""
+    owners: dict[str, str] = {}
+    for peer in config.peers.values():
+        for model in peer.models:
+            fqn = f"{peer.id}/{model}"
+            if fqn in owners and owners[fqn] != peer.id:
+                raise ConfigError(f'peers: peer model name "{fqn}" is ambiguous between peers "{owners[fqn]}" and "{peer.id}"')
+            owners[fqn] = peer.id
+            if fqn in config.models:
+                raise ConfigError(f'peers.{peer.id}: model ID "{fqn}" conflicts with fully qualified peer model name')
+            if fqn in config.aliases:
+                raise ConfigError(f'peers.{peer.id}: model {config.aliases[fqn]} alias "{fqn}" conflicts with fully qualified peer model name')
+
+
+def read_selector(selector_id: str, node: ConfigReader, config: Config, selector_ids: set[str]) -> Selector:
+    path = node.path
+    if not selector_id.strip():
+        raise ConfigError("selectors: selector names cannot be empty")
+    if selector_id in config.models:
+        raise ConfigError(f'{path}: name conflicts with model ID "{selector_id}"')
+    if selector_id in config.aliases:
+        raise ConfigError(f'{path}: name conflicts with model alias "{selector_id}"')
+    if selector_id in config.peer_routes():
+        raise ConfigError(f'{path}: name conflicts with peer model "{selector_id}"')
+    strategy = node.string("strategy")
+    if not strategy:
+        raise ConfigError(f"{path}.strategy is required")
+    if strategy not in SELECTOR_STRATEGIES:
+        raise ConfigError(f'{path}.strategy: unknown strategy "{strategy}" (valid: warm, pin, spillover)')
+    targets = node.string_list("targets")
+    if not targets:
+        raise ConfigError(f"{path}.targets must contain at least one entry")
+    for i, target in enumerate(targets):
+        if target in selector_ids:
+            raise ConfigError(f'{path}.targets[{i}] references selector "{target}"; selector chaining is not supported')
+        if not config.resolves(target):
+            raise ConfigError(f'{path}.targets[{i}] references unknown model "{target}"')
+        if strategy == "warm" and config.real_model_id(target) is None:
+            raise ConfigError(f'{path}.targets[{i}] must resolve to a local model for strategy "warm"')
+    spillover = node.mapping("settings").integer("spillover", 1)
+    if spillover < 1:
+        raise ConfigError(f"{path}.settings.spillover must be >= 1")
+    if strategy == "spillover":
+        check_spillover_targets(path, targets, config)
+    return Selector(selector_id, strategy, targets, node.string("name"), node.string("description"),
+                    node.boolean("unlisted"), node.free_mapping("metadata"), spillover)
+
+
+def check_spillover_targets(path: str, targets: list[str], config: Config) -> None:
+    """Spillover sends requests to several targets at once, so the local ones must be able to run together."""
+    resolved = [config.real_model_id(t) or t for t in targets]
+    for name in resolved:
+        if resolved.count(name) > 1:
+            raise ConfigError(f'{path}.targets contains duplicate resolved model "{name}"')
+    local = [m for m in resolved if m in config.models]
+    if len(local) < 2:
+        return
+    if config.routing.router == "matrix":
+        if not any(set(local) <= combo for combos in config.routing.matrix.combinations.values() for combo in combos):
+            raise ConfigError(f"{path}.targets must all appear together in one expanded matrix set")
+        return
+    group_of = {m: g for g in config.routing.groups for m in g.members}
+    named = [group_of[m] for m in local]
+    if any(g.name == DEFAULT_GROUP for g in named) and len(config.routing.groups) > 1:
+        stray = next(t for t, m in zip(targets, resolved) if m in local and group_of[m].name == DEFAULT_GROUP)
+        raise ConfigError(f'{path} target "{stray}" is not in a routing group')
+    if len({g.name for g in named}) > 1:
+        raise ConfigError(f"{path} spillover targets must share one routing group")
+    if named[0].swap:
+        raise ConfigError(f"{path} spillover targets must share a group with swap: false")
+
+
+def read_profiles(node: ConfigReader, config: Config) -> dict[str, Profile]:
+    profiles = {}
+    for name, value in node.data.items():
+        node.asked.add(name)
+        if not name.strip():
+            raise ConfigError("profiles: profile names cannot be empty")
+        if not isinstance(value, dict):
+            raise ConfigError(f"profiles.{name}: profile must be a mapping with description and pins; the legacy list syntax is no longer supported")
+        profile = node.mapping(name)
+        pins_node = profile.mapping("pins")
+        if not pins_node.data:
+            raise ConfigError(f"profiles.{name}.pins must contain at least one entry")
+        pins = {}
+        for pin, target in pins_node.data.items():
+            pins_node.asked.add(pin)
+            if not pin.strip():
+                raise ConfigError(f"profiles.{name}.pins: pin names cannot be empty")
+            target = "" if target is None else go_format(target)
+            if target and not (config.resolves(target) or target in config.selectors):
+                raise ConfigError(f'profiles.{name}.pins.{pin} references unknown model "{target}"')
+            pins[pin] = target
+        profiles[name] = Profile(name, profile.string("description"), pins)
+    return profiles
 
 
 def split_command(command: str) -> list[str]:
@@ -771,20 +1571,6 @@ class ModelProcess:
 # 4. Swap policy ##############################################################
 ###############################################################################
 
-DEFAULT_GROUP = "(default)"
-
-
-@dataclass(frozen=True)
-class Group:
-    """Models that share swap rules (§2.12.1)."""
-
-    name: str
-    members: frozenset[str]
-    swap: bool = True  # members replace each other
-    exclusive: bool = True  # loading a member unloads other groups
-    persistent: bool = False  # never unloaded by another group
-
-
 class GroupPolicy:
     """Which running models must stop so that a target may run: a pure function of plain data."""
 
@@ -806,6 +1592,39 @@ class GroupPolicy:
             if (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
                 evict.add(model)
         return frozenset(evict)
+
+
+class MatrixPolicy:
+    """The matrix router's rule (§2.12.2): keep the allowed set that is cheapest to reach.
+
+    Every set the DSL allows that contains the target is a candidate; its cost is what it would
+    evict (evict_costs, default 1 per model). The cheapest wins, the first defined on a tie. A
+    model in no set runs alone.
+    """
+
+    def __init__(self, matrix: Matrix):
+        self.matrix = matrix
+
+    def evictions(self, target: str, running: Iterable[str]) -> frozenset[str]:
+        running = frozenset(running)
+        if target in running:
+            return frozenset()
+        best: frozenset[str] | None = None
+        best_cost = 0
+        for combos in self.matrix.combinations.values():
+            for combo in combos:
+                if target not in combo:
+                    continue
+                cost = sum(self.matrix.evict_costs.get(m, 1) for m in running - combo)
+                if best is None or cost < best_cost:
+                    best, best_cost = combo, cost
+        return running - best if best is not None else running
+
+
+def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
+    if config.routing.router == "matrix":
+        return MatrixPolicy(config.routing.matrix)
+    return GroupPolicy(config.routing.groups)
 
 
 ###############################################################################
@@ -851,7 +1670,7 @@ class Scheduler:
     which is re-read in order whenever something changes, so A B A B arriving cold run A A B B.
     """
 
-    def __init__(self, processes: Mapping[str, ModelProcess], policy: GroupPolicy, evict_timeout: float, log: ProxyLog):
+    def __init__(self, processes: Mapping[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, evict_timeout: float, log: ProxyLog):
         self.processes = processes
         self.policy = policy
         self.evict_timeout = evict_timeout
@@ -1261,7 +2080,7 @@ class Server:
         self.log = log
         self.processes = {m: ModelProcess(cfg, config.health_check_timeout, log, self._state_changed)
                           for m, cfg in config.models.items()}
-        self.scheduler = Scheduler(self.processes, GroupPolicy.one_at_a_time(config.models),
+        self.scheduler = Scheduler(self.processes, swap_policy(config),
                                    config.health_check_timeout, log)
 
     def _state_changed(self, process: ModelProcess) -> None:
@@ -1483,6 +2302,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="llama-swap", description="Serve many local AI models from one address, swapping them on demand.")
     parser.add_argument("--config", help="path to the YAML config file")
+    parser.add_argument("--config-dir", default="", help="directory of *.yml/*.yaml files merged after --config")
+    parser.add_argument("--check-config", action="store_true", help="validate the config, print a summary and exit")
     parser.add_argument("--listen", default="", help="listen address HOST:PORT (default :8080, or :8443 with TLS)")
     parser.add_argument("--tls-cert-file", default="", help="TLS certificate file")
     parser.add_argument("--tls-key-file", default="", help="TLS key file")
@@ -1533,23 +2354,48 @@ async def serve(config: Config, host: str | None, port: int, ssl_context: Any, l
     return 0
 
 
+def describe_config(config: Config, source: str) -> str:
+    """The effective config in a few lines, for --check-config: what would run, and how."""
+    lines = [f"config OK: {source}: {len(config.models)} models, {len(config.peers)} peers, router {config.routing.router}"]
+    lines += [f"warning: {w}" for w in config.warnings]
+    for model_id in sorted(config.models, key=str.encode):
+        model = config.models[model_id]
+        extras = [f"aliases {', '.join(model.aliases)}"] if model.aliases else []
+        extras += [f"ttl {model.ttl}s"] if model.ttl else []
+        lines.append(f"model {model_id}: proxy {model.proxy}" + "".join(f", {e}" for e in extras))
+        lines.append(f"  cmd: {' '.join(split_command(model.cmd))}")
+    for group in config.routing.groups:
+        if group.members:
+            rules = ", ".join(k for k in ("swap", "exclusive", "persistent") if getattr(group, k))
+            lines.append(f"group {group.name} [{rules or 'no swap'}]: {', '.join(sorted(group.members))}")
+    if config.routing.matrix:
+        for name, dsl in config.routing.matrix.sets.items():
+            combos = " | ".join("+".join(sorted(c)) for c in config.routing.matrix.combinations[name])
+            lines.append(f"matrix set {name} = {dsl}: {combos}")
+    lines += [f"peer {p.id}: {p.proxy} ({', '.join(p.models)})" for p in config.peers.values()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
         print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}), built at unknown")
         return 0
-    if not args.config:
-        print("llama-swap: --config PATH is required (see llama-swap --help)", file=sys.stderr)
+    if not args.config and not args.config_dir:
+        print("llama-swap: at least one of --config or --config-dir must be provided (see llama-swap --help)", file=sys.stderr)
         return 1
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         print("llama-swap: both --tls-cert-file and --tls-key-file must be provided for TLS", file=sys.stderr)
         return 1
     try:
         host, port = parse_listen(args.listen or (":8443" if args.tls_cert_file else ":8080"))
-        config = load_config(args.config)
+        config = load_config(args.config, args.config_dir)
     except (ConfigError, ValueError) as e:
         print(f"llama-swap: {e}", file=sys.stderr)
         return 1
+    if args.check_config:
+        print(describe_config(config, args.config or args.config_dir))
+        return 0
     ssl_context = None
     if args.tls_cert_file:
         import ssl
@@ -1560,8 +2406,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ssl.SSLError) as e:
             print(f"llama-swap: cannot load TLS certificate: {e}", file=sys.stderr)
             return 1
-    log = ProxyLog()
+    log = ProxyLog(config.log_level)
     log.debug(f"PID: {os.getpid()}")
+    for warning in config.warnings:
+        log.warn(f"config: {warning}")
     return asyncio.run(serve(config, host, port, ssl_context, log))
 
 

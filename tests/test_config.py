@@ -128,7 +128,7 @@ def test_env_macros_are_substituted_before_parsing(monkeypatch):
      "models.a.aliases: duplicate alias 'b'"),
     ("models:\n  m: {cmd: 'srv --port ${PORT}'\n", "invalid YAML (line"),
     ("- just\n- a list\n", "top-level YAML must be a mapping"),
-    ("models: [a, b]\n", "models: must be a mapping, got a list"),
+    ("models: [a, b]\n", "models: expected a mapping, got a list"),
     ("macros: {a: '${b}', b: x}\nmodels:\n  m: {cmd: 'srv ${a}', proxy: 'http://h:1'}\n", "models.m.cmd: unknown macro '${b}'"),
     ("startPort: 0\nmodels: {}\n", "startPort: must be greater than 1"),
     ("macros: {PORT: 1}\nmodels: {}\n", "macro name 'PORT' is reserved"),
