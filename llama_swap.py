@@ -2072,6 +2072,99 @@ def error_response(request: web.BaseRequest, status: int, message: str) -> web.R
     return web.Response(status=status, text=go_json(envelope), content_type="application/json")
 
 
+def capability_fields(caps: Capabilities) -> dict[str, Any]:
+    """architecture / capabilities / supported_parameters / context_length as §5.1 renders them."""
+    fields: dict[str, Any] = {}
+    if caps.inputs or caps.outputs:
+        arch: dict[str, Any] = {}
+        if caps.inputs:
+            arch["input_modalities"] = caps.inputs
+        if caps.outputs:
+            arch["output_modalities"] = caps.outputs
+        if caps.inputs and caps.outputs:
+            arch["modality"] = f"{'+'.join(caps.inputs)}->{'+'.join(caps.outputs)}"
+        fields["architecture"] = arch
+    flags = {"vision": "image" in caps.inputs}
+    if caps.inputs and caps.outputs:
+        flags["audio_transcriptions"] = "audio" in caps.inputs and "text" in caps.outputs
+        flags["audio_speech"] = "text" in caps.inputs and "audio" in caps.outputs
+        flags["image_generation"] = "text" in caps.inputs and "image" in caps.outputs
+        flags["image_to_image"] = "image" in caps.inputs and "image" in caps.outputs
+    flags.update(function_calling=caps.tools, reranker=caps.reranker)
+    if any(flags.values()):
+        fields["capabilities"] = {k: True for k, v in flags.items() if v}
+    if caps.tools:
+        fields["supported_parameters"] = ["tools", "tool_choice"]
+    if caps.context > 0:
+        fields["context_length"] = caps.context
+    return fields
+
+
+RENDERED_CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
+
+
+def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], loaded: bool, created: int) -> dict[str, Any]:
+    """One /v1/models entry for a local model or one of its aliases."""
+    record: dict[str, Any] = {"id": record_id, "object": "model", "created": created, "owned_by": "llama-swap"}
+    if model.name.strip():
+        record["name"] = model.name.strip()
+    if model.description.strip():
+        record["description"] = model.description.strip()
+    caps = model.capabilities
+    record.update(capability_fields(caps))
+    metadata = dict(model.metadata)
+    if not caps.empty():  # the rendered fields win over user metadata of the same name
+        for key in RENDERED_CAPABILITY_KEYS:
+            metadata.pop(key, None)
+    meta: dict[str, Any] = {"llamaswap": {**metadata, **internal}}
+    if caps.context > 0:
+        meta["n_ctx"] = caps.context
+    record["meta"] = meta
+    record["status"] = {"value": "loaded" if loaded else "unloaded"}
+    return record
+
+
+def model_records(config: Config, states: Mapping[str, str], created: int) -> list[dict[str, Any]]:
+    """Every /v1/models entry: listed models, their aliases if asked for, peers, selectors; by ID."""
+    records = []
+    for model_id, model in config.models.items():
+        if model.unlisted:
+            continue
+        loaded = states[model_id] in (STARTING, READY, STOPPING)
+        internal: dict[str, Any] = {"type": "model"}
+        if model.aliases:
+            internal["aliases"] = model.aliases
+        records.append(model_record(model_id, model, internal, loaded, created))
+        if config.include_aliases_in_list:
+            for alias in (a for a in model.aliases if a.strip()):
+                records.append(model_record(alias, model, {"type": "alias", "modelID": model_id}, loaded, created))
+    for peer in config.peers.values():
+        for model in peer.models:
+            records.append({"id": f"{peer.id}/{model}", "object": "model", "created": created, "owned_by": "llama-swap",
+                            "name": f"{peer.id}: {model}", "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
+                            "status": {"value": "unloaded"}})
+    for selector in config.selectors.values():
+        if not selector.unlisted:
+            records.append(selector_record(selector, config, states, created))
+    return sorted(records, key=lambda r: r["id"].encode())
+
+
+def selector_record(selector: Selector, config: Config, states: Mapping[str, str], created: int) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": selector.id, "object": "model", "created": created, "owned_by": "llama-swap"}
+    if selector.name.strip():
+        record["name"] = selector.name.strip()
+    if selector.description.strip():
+        record["description"] = selector.description.strip()
+    internal: dict[str, Any] = {"type": "selector", "strategy": selector.strategy, "targets": selector.targets}
+    if selector.strategy == "spillover":
+        internal["spillover"] = selector.spillover
+    record["meta"] = {"llamaswap": {**selector.metadata, **internal}}
+    watched = selector.targets[:1] if selector.strategy == "pin" else selector.targets
+    warm = any(states.get(config.real_model_id(t) or "") in (STARTING, READY) for t in watched)
+    record["status"] = {"value": "loaded" if warm else "unloaded"}
+    return record
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
@@ -2152,24 +2245,8 @@ class Server:
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The OpenAI model list, with each model's loaded status (§5.1)."""
-        created = int(time.time())
-        records = []
-        for model_id in sorted(self.config.models, key=str.encode):
-            model = self.config.models[model_id]
-            if model.unlisted:
-                continue
-            record: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "llama-swap"}
-            if model.name.strip():
-                record["name"] = model.name.strip()
-            if model.description.strip():
-                record["description"] = model.description.strip()
-            meta: dict[str, Any] = {"type": "model"}
-            if model.aliases:
-                meta["aliases"] = model.aliases
-            record["meta"] = {"llamaswap": meta}
-            loaded = self.processes[model_id].state in (STARTING, READY, STOPPING)
-            record["status"] = {"value": "loaded" if loaded else "unloaded"}
-            records.append(record)
+        states = {m: p.state for m, p in self.processes.items()}
+        records = model_records(self.config, states, int(time.time()))
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
         return json_response({"object": "list", "data": records}, headers=headers)
 
