@@ -141,6 +141,7 @@ class ModelConfig:
     description: str = ""
     ttl: int = 0
     unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+    health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT  # always the global value
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
     send_loading_state: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -742,6 +743,7 @@ def read_model(model_id: str, raw: Any, global_macros: list, port: int, config: 
         ignore_websockets=node.mapping("compat").boolean("ignoreWebsockets"),
     )
     node.raw("healthCheckTimeout")  # accepted; the global value always wins, as in the original
+    model.health_check_timeout = config.health_check_timeout
     check_model(model, node)
     if model.ttl == -1:
         model.ttl = config.global_ttl
@@ -1375,14 +1377,12 @@ class ModelProcess:
     so no connection ever outlives the server it was opened to.
     """
 
-    def __init__(self, model: ModelConfig, health_timeout: float, log: ProxyLog, on_change: Callable[[ModelProcess], None]):
+    def __init__(self, model: ModelConfig, log: ProxyLog, on_change: Callable[[ModelProcess], None]):
         self.model = model
-        self.health_timeout = health_timeout
         self.log = log
         self.on_change = on_change
         self.state = STOPPED
         self.output = LogRing()
-        self.base_url = URL(model.proxy)
         self._run: Run | None = None
         self._starting: asyncio.Task | None = None
         self._loading: asyncio.Task | None = None  # spawn and health check: what an abort cancels
@@ -1487,7 +1487,7 @@ class ModelProcess:
         proc = self._run.proc
         loop = asyncio.get_running_loop()
         began = loop.time()
-        deadline = began + self.health_timeout
+        deadline = began + self.model.health_check_timeout
         while True:
             if proc.returncode is not None:
                 raise StartError(await self._premature_exit_message(proc.returncode))
@@ -1500,7 +1500,7 @@ class ModelProcess:
                 raise StartError(await self._premature_exit_message(proc.returncode))
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise StartError(f"health check timed out after {go_duration(self.health_timeout)}")
+                raise StartError(f"health check timed out after {go_duration(self.model.health_check_timeout)}")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(health_poll_interval(loop.time() - began), remaining))
 
@@ -1520,7 +1520,7 @@ class ModelProcess:
 
     def url_for(self, path_qs: str) -> URL:
         """The upstream URL for a raw (still percent-encoded) path and query."""
-        return URL(str(self.base_url).rstrip("/") + path_qs, encoded=True)
+        return URL(self.model.proxy.rstrip("/") + path_qs, encoded=True)
 
     async def _run_stop(self, timeout: float) -> None:
         try:
@@ -1588,7 +1588,7 @@ class GroupPolicy:
         for model in running:
             if model == target:
                 continue
-            other = self.group_of[model]
+            other = self.group_of.get(model)  # None: removed by a reload and on its way out
             if (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
                 evict.add(model)
         return frozenset(evict)
@@ -1670,15 +1670,16 @@ class Scheduler:
     which is re-read in order whenever something changes, so A B A B arriving cold run A A B B.
     """
 
-    def __init__(self, processes: Mapping[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, evict_timeout: float, log: ProxyLog):
+    def __init__(self, processes: dict[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, log: ProxyLog):
         self.processes = processes
         self.policy = policy
-        self.evict_timeout = evict_timeout
         self.log = log
         self.in_flight: Counter[str] = Counter()
         self.swaps: dict[str, Swap] = {}
         self.queue: list[Ticket] = []
         self.closed_reason = ""
+        self.draining: dict[str, ModelConfig | None] = {}  # model -> config it gets once stopped (None: removed)
+        self.retiring: dict[str, asyncio.Task] = {}
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
@@ -1726,6 +1727,8 @@ class Scheduler:
         if model in self.swaps:
             self.swaps[model].waiters.append(ticket)
             return True
+        if model in self.draining or self._port_still_held(model):
+            return False  # it restarts with its new settings once the old server is gone
         evict = self.policy.evictions(model, self.running())
         being_evicted = any(model in swap.evict for swap in self.swaps.values())
         if self.processes[model].state == READY and not evict and not being_evicted:
@@ -1746,6 +1749,7 @@ class Scheduler:
 
     def pump(self) -> None:
         """Re-read the queue front to back after anything changed."""
+        self._retire_idle()
         queue, self.queue = self.queue, []
         for ticket in queue:
             if ticket.waiting() and not self._place(ticket):
@@ -1754,7 +1758,7 @@ class Scheduler:
     async def _run_swap(self, swap: Swap) -> None:
         error = ""
         try:
-            await asyncio.gather(*(self.processes[m].stop(self.evict_timeout) for m in swap.evict))
+            await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout) for m in swap.evict))
             if not swap.unloaded:
                 await self.processes[swap.target].start()
         except StartError as e:
@@ -1803,6 +1807,42 @@ class Scheduler:
             await asyncio.gather(*(self.processes[m].stop(timeout) for m in by_timeout[timeout]))
         self.pump()
 
+    def retire(self, changes: Mapping[str, ModelConfig | None]) -> None:
+        """After a reload: these models changed how they launch (or left the config). Their
+        requests in flight finish on the old server; then it stops, and the next request starts
+        the new one. Requests still waiting for a removed model are told it is gone."""
+        for model, next_config in changes.items():
+            self.draining[model] = next_config
+        removed = [m for m, c in changes.items() if c is None]
+        self._fail_waiting("model was removed from the config by a reload", removed)
+        self.pump()
+
+    def _retire_idle(self) -> None:
+        for model in self.draining:
+            if not self.in_flight[model] and model not in self.swaps and model not in self.retiring:
+                self.retiring[model] = asyncio.create_task(self._retire(model))
+
+    async def _retire(self, model: str) -> None:
+        process = self.processes[model]
+        try:
+            await process.stop(process.model.unload_timeout)
+        finally:
+            next_config = self.draining.pop(model)
+            del self.retiring[model]
+            if next_config is None:
+                del self.processes[model]
+            else:
+                process.model = next_config
+            self.pump()
+
+    def _port_still_held(self, model: str) -> bool:
+        """A model that moved to the port of a server being retired must wait for that server."""
+        if not self.draining:
+            return False
+        address = URL(self.processes[model].model.proxy).origin()
+        return any(self.processes[m].state != STOPPED and URL(self.processes[m].model.proxy).origin() == address
+                   for m in self.draining if m != model)
+
     def close(self) -> None:
         """Refuse new requests and fail every waiting one: the server is shutting down."""
         self.closed_reason = "group is shutting down"
@@ -1819,7 +1859,7 @@ class Scheduler:
             self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
             self.kill_all()
             await asyncio.gather(*(p.stop(0) for p in self.processes.values()))
-        tasks = [s.task for s in self.swaps.values() if s.task]
+        tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values())
         if tasks:
             await asyncio.wait(tasks)
 
@@ -2165,16 +2205,93 @@ def selector_record(selector: Selector, config: Config, states: Mapping[str, str
     return record
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the config comes from: what a reload reads again and what --watch-config polls."""
+
+    path: str | None
+    directory: str | None
+
+    def load(self) -> Config:
+        return load_config(self.path, self.directory)
+
+    def snapshot(self) -> tuple:
+        """Cheap fingerprint of the sources (§8): None for a missing file or a dir with no YAML."""
+        return (_file_fingerprint(self.path) if self.path else None,
+                _dir_fingerprint(self.directory) if self.directory else None)
+
+
+def _file_fingerprint(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _dir_fingerprint(directory: str) -> tuple | None:
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith((".yml", ".yaml")))
+    except OSError:
+        return None
+    return tuple((n, _file_fingerprint(os.path.join(directory, n))) for n in names) or None
+
+
+def launch_settings(model: ModelConfig) -> tuple:
+    """What a server was started with: while this is unchanged, a reload keeps it running."""
+    return model.cmd, tuple(model.env), model.proxy, model.check_endpoint, model.cmd_stop
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
-    def __init__(self, config: Config, log: ProxyLog):
+    def __init__(self, config: Config, log: ProxyLog, source: ConfigSource | None = None):
         self.config = config
         self.log = log
-        self.processes = {m: ModelProcess(cfg, config.health_check_timeout, log, self._state_changed)
-                          for m, cfg in config.models.items()}
-        self.scheduler = Scheduler(self.processes, swap_policy(config),
-                                   config.health_check_timeout, log)
+        self.source = source
+        self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
+        self.scheduler = Scheduler(self.processes, swap_policy(config), log)
+
+    def _process(self, model: ModelConfig) -> ModelProcess:
+        return ModelProcess(model, self.log, self._state_changed)
+
+    def reload(self) -> dict[str, list[str]]:
+        """Read the config again and switch to it; ConfigError leaves everything as it was.
+
+        Models whose launch settings did not change keep their running server; changed and
+        removed ones finish their requests on the old server and are then stopped.
+        """
+        self.log.info("reloading configuration")
+        try:
+            new = self.source.load()
+        except ConfigError as e:
+            self.log.warn(f"failed to reload config: {e}")
+            raise
+        old = self.config
+        changes = {"added": [], "removed": [], "changed": [], "kept": []}
+        retire: dict[str, ModelConfig | None] = {}
+        for model_id in sorted(set(old.models) | set(new.models), key=str.encode):
+            before, after = old.models.get(model_id), new.models.get(model_id)
+            if after is None:
+                changes["removed"].append(model_id)
+                retire[model_id] = None
+            elif model_id not in self.processes:
+                changes["added"].append(model_id)
+                self.processes[model_id] = self._process(after)
+            elif before is None or model_id in self.scheduler.draining or launch_settings(before) != launch_settings(after):
+                # (a server still being retired by an earlier reload restarts with the newest settings)
+                changes["added" if before is None else "changed"].append(model_id)
+                retire[model_id] = after
+            else:
+                changes["kept"].append(model_id)
+                self.processes[model_id].model = after
+        self.config = new
+        self.scheduler.policy = swap_policy(new)
+        self.scheduler.retire(retire)
+        for warning in new.warnings:
+            self.log.warn(f"config: {warning}")
+        self.log.info("configuration reloaded: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
+        return changes
 
     def _state_changed(self, process: ModelProcess) -> None:
         self.log.debug(f"<{process.model.id}> state is now {process.state}")
@@ -2189,7 +2306,7 @@ class Server:
             web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
             web.get("/running", self.running), web.get("/unload", self.unload_all_text),
             web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
-            web.get("/api/version", self.version),
+            web.get("/api/version", self.version), web.post("/api/config/reload", self.reload_config),
             web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
         ]
         app.add_routes(routes)
@@ -2280,6 +2397,16 @@ class Server:
             raise ApiError(404, "model not found")
         await self._unload([model])
         return web.Response(text="OK")
+
+    async def reload_config(self, request: web.Request) -> web.Response:
+        """Reload now: 200 with what changed, or 400 saying why the running config was kept."""
+        if self.source is None:
+            raise ApiError(400, "config reload is not available: no config file to read")
+        try:
+            changes = self.reload()
+        except ConfigError as e:
+            raise ApiError(400, f"config reload failed, the running config is kept: {e}") from None
+        return json_response({"msg": "ok", "models": changes})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
@@ -2381,6 +2508,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="path to the YAML config file")
     parser.add_argument("--config-dir", default="", help="directory of *.yml/*.yaml files merged after --config")
     parser.add_argument("--check-config", action="store_true", help="validate the config, print a summary and exit")
+    parser.add_argument("--watch-config", action="store_true", help="reload the config when its files change")
     parser.add_argument("--listen", default="", help="listen address HOST:PORT (default :8080, or :8443 with TLS)")
     parser.add_argument("--tls-cert-file", default="", help="TLS certificate file")
     parser.add_argument("--tls-key-file", default="", help="TLS key file")
@@ -2389,9 +2517,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(config: Config, host: str | None, port: int, ssl_context: Any, log: ProxyLog) -> int:
+WATCH_INTERVAL = 2.0
+
+
+async def watch_config(server: Server) -> None:
+    """Poll the config sources and reload when they change; a file that vanishes is not a change (§8)."""
+    last = server.source.snapshot()
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        now = server.source.snapshot()
+        if any(new is not None and new != old for old, new in zip(last, now)):
+            with contextlib.suppress(ConfigError):  # reload() has logged it; the running config stays
+                server.reload()
+        last = now
+
+
+def reload_on_signal(server: Server) -> None:
+    server.log.info("received SIGHUP, reloading config")
+    with contextlib.suppress(ConfigError):
+        server.reload()
+
+
+async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
+                watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
-    server = Server(config, log)
+    server = Server(config, log, source)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen: list[int] = []
@@ -2407,6 +2557,7 @@ async def serve(config: Config, host: str | None, port: int, ssl_context: Any, l
     # Installed before we listen: a signal from then on must reach this handler, not the default.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, server)
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None,
                            handle_signals=False, shutdown_timeout=SHUTDOWN_BUDGET)
     await runner.setup()
@@ -2422,8 +2573,14 @@ async def serve(config: Config, host: str | None, port: int, ssl_context: Any, l
     if not is_loopback_only(host):
         log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} to restrict to loopback only")
 
+    watcher = None
+    if watch:
+        log.info("watching configuration for changes (poll-based, 2s interval)")
+        watcher = asyncio.create_task(watch_config(server))
     await stop.wait()
     log.info(f"received signal {signal.Signals(signals_seen[0]).name}, shutting down")
+    if watcher:
+        watcher.cancel()
     began = loop.time()
     await runner.cleanup()  # stop listening, refuse queued requests, give in-flight ones the budget
     await server.scheduler.shutdown(max(SHUTDOWN_BUDGET - (loop.time() - began), 1.0))
@@ -2487,7 +2644,8 @@ def main(argv: list[str] | None = None) -> int:
     log.debug(f"PID: {os.getpid()}")
     for warning in config.warnings:
         log.warn(f"config: {warning}")
-    return asyncio.run(serve(config, host, port, ssl_context, log))
+    source = ConfigSource(args.config or None, args.config_dir or None)
+    return asyncio.run(serve(config, source, host, port, ssl_context, log, watch=args.watch_config))
 
 
 if __name__ == "__main__":

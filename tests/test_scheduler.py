@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from llama_swap import READY, STARTING, STOPPED, Group, GroupPolicy, ProxyLog, Scheduler, SchedulerError, StartError
+from llama_swap import READY, ModelConfig, STARTING, STOPPED, Group, GroupPolicy, ProxyLog, Scheduler, SchedulerError, StartError
 
 
 class FakeProcess:
@@ -18,6 +18,7 @@ class FakeProcess:
 
     def __init__(self, name: str, events: list[str], on_change):
         self.name = name
+        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1)
         self.events = events
         self.on_change = on_change
         self.state = STOPPED
@@ -53,7 +54,7 @@ def make_scheduler(*names: str, policy: GroupPolicy | None = None):
     events: list[str] = []
     holder: dict[str, Scheduler] = {}
     processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump()) for n in names}
-    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), 1.0, ProxyLog(level="error"))
+    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), ProxyLog(level="error"))
     holder["s"] = scheduler
     return scheduler, processes, events
 

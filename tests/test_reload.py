@@ -1,0 +1,183 @@
+"""Config reload (§8, done better): validate first, keep what did not change, drain what did.
+
+Each test runs a real llama-swap, edits its config file and reloads it through
+POST /api/config/reload, SIGHUP or --watch-config, then checks pids and answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import aiohttp
+import yaml
+
+from conftest import free_port_block, pid_alive
+
+
+def write(ls, config: dict) -> None:
+    ls.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
+    async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:
+        return r.status, json.loads(await r.read())
+
+
+async def reload(session: aiohttp.ClientSession, ls) -> tuple[int, dict]:
+    async with session.post(ls.url + "/api/config/reload") as r:
+        return r.status, json.loads(await r.read())
+
+
+async def upstream_pid(session: aiohttp.ClientSession, ls, model: str) -> int:
+    async with session.get(f"{ls.url}/upstream/{model}/_responder/info") as r:
+        return (await r.json())["pid"]
+
+
+async def eventually(predicate, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return await predicate()
+
+
+def base_config(upstreams, **models) -> dict:
+    return {"startPort": free_port_block(), "healthCheckTimeout": 15,
+            "groups": {"all": {"swap": False, "exclusive": False, "members": list(models)}},
+            "models": {name: {"cmd": upstreams.cmd(*args, name=name)} for name, args in models.items()}}
+
+
+async def test_an_unchanged_model_keeps_its_process_and_a_new_model_appears(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    ls = start_llama_swap(config)
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "a"))[0] == 200
+        pid = await upstream_pid(s, ls, "a")
+        config["models"]["b"] = {"cmd": upstreams.cmd(name="b"), "aliases": ["bee"]}
+        config["models"]["a"]["name"] = "A, renamed"  # not a launch setting
+        config["groups"]["all"]["members"].append("b")
+        write(ls, config)
+        status, body = await reload(s, ls)
+        assert status == 200, body
+        assert body["models"]["added"] == ["b"] and body["models"]["kept"] == ["a"]
+        assert await upstream_pid(s, ls, "a") == pid
+        status, reply = await chat(s, ls, "bee")
+        assert status == 200 and reply["model"] == "b"
+        async with s.get(ls.url + "/v1/models") as r:
+            names = {m["id"]: m.get("name") for m in (await r.json())["data"]}
+        assert names == {"a": "A, renamed", "b": None}
+        assert pid_alive(pid)
+
+
+async def test_a_changed_model_restarts_on_next_use(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    ls = start_llama_swap(config)
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "a"))[0] == 200
+        old_pid = await upstream_pid(s, ls, "a")
+        config["models"]["a"]["cmd"] = upstreams.cmd(name="a-v2")
+        write(ls, config)
+        status, body = await reload(s, ls)
+        assert status == 200 and body["models"]["changed"] == ["a"], body
+        status, reply = await chat(s, ls, "a")
+        assert status == 200 and reply["model"] == "a-v2"
+        assert not pid_alive(old_pid)
+
+
+async def test_a_bad_edit_keeps_the_running_config_and_says_why(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    ls = start_llama_swap(config)
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "a"))[0] == 200
+        pid = await upstream_pid(s, ls, "a")
+        config["models"]["a"]["ttl"] = "soon"
+        write(ls, config)
+        status, body = await reload(s, ls)
+        assert status == 400
+        assert body["error"]["code"] == "bad_request"
+        assert "models.a.ttl" in body["error"]["message"] and "running config is kept" in body["error"]["message"]
+        ls.config_path.write_text("models: [unclosed\n")
+        assert (await reload(s, ls))[0] == 400
+        status, reply = await chat(s, ls, "a")
+        assert status == 200 and reply["model"] == "a"
+        assert await upstream_pid(s, ls, "a") == pid
+    assert "failed to reload config" in ls.output()
+
+
+async def test_a_stream_running_across_a_reload_completes_and_the_next_request_gets_the_new_server(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    ls = start_llama_swap(config)
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "a"))[0] == 200
+        old_pid = await upstream_pid(s, ls, "a")
+        body = {"model": "a", "stream": True, "responder_chunks": 12, "responder_delay": 0.15}
+        async with s.post(ls.url + "/v1/chat/completions", json=body) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+            config["models"]["a"]["cmd"] = upstreams.cmd(name="a-v2")
+            write(ls, config)
+            assert (await reload(s, ls))[0] == 200
+            later = asyncio.create_task(chat(s, ls, "a"))  # waits for the stream to finish
+            rest = await stream.read()
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        assert rest.count(b"\"content\": \"tok") == 11  # every remaining chunk arrived
+        status, reply = await asyncio.wait_for(later, 30)
+        assert status == 200 and reply["model"] == "a-v2"
+        assert not pid_alive(old_pid)
+
+
+async def test_a_removed_model_finishes_its_requests_then_stops(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=(), b=())
+    ls = start_llama_swap(config)
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "b"))[0] == 200
+        b_pid = await upstream_pid(s, ls, "b")
+        del config["models"]["b"]
+        config["groups"]["all"]["members"] = ["a"]
+        write(ls, config)
+        status, body = await reload(s, ls)
+        assert status == 200 and body["models"]["removed"] == ["b"]
+        status, reply = await chat(s, ls, "b")
+        assert status == 404 and reply["error"]["message"] == "no router for requested model"
+
+        async def b_gone() -> bool:
+            return not pid_alive(b_pid)
+
+        assert await eventually(b_gone, 15)
+        async with s.get(ls.url + "/running") as r:
+            assert [e["model"] for e in (await r.json())["running"]] == []
+
+
+async def test_sighup_reloads_the_config(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    ls = start_llama_swap(config)
+    config["models"]["c"] = {"cmd": upstreams.cmd(name="c")}
+    config["groups"]["all"]["members"].append("c")
+    write(ls, config)
+    ls.proc.send_signal(signal.SIGHUP)
+    async with aiohttp.ClientSession() as s:
+        async def c_listed() -> bool:
+            async with s.get(ls.url + "/v1/models") as r:
+                return "c" in {m["id"] for m in (await r.json())["data"]}
+
+        assert await eventually(c_listed, 10)
+    assert "received SIGHUP, reloading config" in ls.output()
+
+
+async def test_watch_config_reloads_when_the_file_changes(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    ls = start_llama_swap(config, "--watch-config")
+    assert "watching configuration for changes" in ls.output()
+    await asyncio.sleep(2.5)  # past the watcher's first look at the file
+    config["models"]["w"] = {"cmd": upstreams.cmd(name="w")}
+    config["groups"]["all"]["members"].append("w")
+    write(ls, config)
+    async with aiohttp.ClientSession() as s:
+        async def w_listed() -> bool:
+            async with s.get(ls.url + "/v1/models") as r:
+                return "w" in {m["id"] for m in (await r.json())["data"]}
+
+        assert await eventually(w_listed, 15)
