@@ -274,6 +274,7 @@ class ConfigReader:
         self.asked: set[str] = set()
         self.readers = readers if readers is not None else []
         self.readers.append(self)
+        self._children: dict[str, ConfigReader] = {}
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -333,7 +334,9 @@ class ConfigReader:
 
     def mapping(self, key: str) -> ConfigReader:
         self.asked.add(key)
-        return ConfigReader(self.data.get(key), self.key_path(key), self.readers)
+        if key not in self._children:
+            self._children[key] = ConfigReader(self.data.get(key), self.key_path(key), self.readers)
+        return self._children[key]
 
     def children(self) -> list[tuple[str, ConfigReader]]:
         """The entries of a map that names things (peers, groups, selectors), each as a reader."""
@@ -434,10 +437,21 @@ def read_sources(path: str | None, config_dir: str | None) -> list[tuple[str, di
     return documents
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML as the original reads it: only true/false are booleans (yes, no, on, off stay words)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def parse_yaml(text: str) -> dict | None:
     """One source file: ${env.NAME} substituted in the text, then YAML; None when empty."""
     try:
-        doc = yaml.safe_load(substitute_env_macros(text))
+        doc = yaml.load(substitute_env_macros(text), Loader=YamlLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -495,8 +509,29 @@ def substitute_env_macros(text: str) -> str:
             raise ConfigError(f"environment variable '{name}' contains newlines or null bytes which are not allowed in YAML substitution")
         return env_value.replace("\\", "\\\\").replace('"', '\\"')
 
-    # Only lines that are not YAML comments count, so an unset variable named in a comment is fine.
-    return "\n".join(line if line.lstrip().startswith("#") else ENV_MACRO.sub(value, line) for line in text.split("\n"))
+    used = env_names_outside_comments(text)
+    return ENV_MACRO.sub(lambda m: value(m) if used is None or m.group(1) in used else m.group(0), text)
+
+
+def env_names_outside_comments(text: str) -> set[str] | None:
+    """The ${env.NAME} names the YAML itself holds (comments do not count), or None when the text
+    only parses after substitution (a macro inside a flow list, say): then every name counts."""
+    try:
+        doc = yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError:
+        return None
+    names: set[str] = set()
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            names.update(ENV_MACRO.findall(item))
+    return names
 
 
 # -- macros --------------------------------------------------------------------
@@ -556,15 +591,15 @@ def leftover_macros(value: Any, path: str) -> Iterable[tuple[str, str]]:
             yield from leftover_macros(item, f"{path}.{key}")
 
 
-def check_no_leftover_macros(value: Any, path: str, allow_pid: bool = False) -> None:
+def check_no_leftover_macros(value: Any, path: str, in_model: bool = False, allow_pid: bool = False) -> None:
     for where, name in leftover_macros(value, path):
         if name.startswith("env."):
             raise ConfigError(f"{where}: environment variable '{name[4:]}' not set")
         if allow_pid and name == "PID":
             continue
-        if name in ("PORT", "MODEL_ID"):
+        if in_model and name in ("PORT", "MODEL_ID"):
             raise ConfigError(f"{where}: macro '${{{name}}}' should have been substituted (${{PORT}} is only set when cmd uses it)")
-        if name == "PID":
+        if in_model and name == "PID":
             raise ConfigError(f"{where}: ${{PID}} is only available in cmdStop")
         raise ConfigError(f"{where}: unknown macro '${{{name}}}'")
 
@@ -576,59 +611,80 @@ def strip_comment_lines(command: str) -> str:
 # -- the whole file ------------------------------------------------------------
 
 
+TOP_LEVEL_KEYS = (
+    "healthCheckTimeout", "logRequests", "logLevel", "logTimeFormat", "logToStdout", "metricsMaxInMemory",
+    "captureBuffer", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
+    "profiles", "selectors", "routing", "groups", "matrix", "hooks", "sendLoadingState", "includeAliasesInList",
+    "apiKeys", "adminKeys", "peers", "upstream",
+)
+
+
 def build_config(doc: dict) -> Config:
-    """Expand macros, read every key with its default, check values, in the original's order (§2.16)."""
+    """The config in the original's three passes (§2.16), so the first error it would report is ours too:
+    macros and ports, then types, then values and cross-references."""
     readers: list[ConfigReader] = []
     global_macros = read_macros(ConfigReader(doc.get("macros"), "macros", readers))
     expanded = {k: v if k in ("models", "macros") else expand_macros(v, global_macros) for k, v in doc.items()}
     top = ConfigReader(expanded, "", readers)
     top.asked.add("macros")
+    models = expand_models(top, global_macros, readers)
+    # Unknown top-level keys (a block of YAML anchors, say) are not checked for macros, as in the original.
+    for key in TOP_LEVEL_KEYS:
+        if key not in ("models", "macros"):
+            check_no_leftover_macros(top.data.get(key), key)
+    for model_id, (data, _macros) in models.items():
+        for key, value in data.items():
+            check_no_leftover_macros(value, f"models.{model_id}.{key}", in_model=True, allow_pid=key == "cmdStop")
+
     config = Config(models={})
     read_globals(top, config)
-    next_port = top.integer("startPort", DEFAULT_START_PORT)
-    if next_port < 1:
-        raise top.error("startPort", "must be greater than 1")
-    for model_id, raw in sorted(top.free_mapping("models").items(), key=lambda e: e[0].encode()):
-        model, used_port = read_model(model_id, raw, global_macros, next_port, config, readers)
-        next_port += used_port
-        config.models[model_id] = model
+    nodes = {model_id: ConfigReader(data, f"models.{model_id}", readers) for model_id, (data, _) in models.items()}
+    config.models = {model_id: read_model(model_id, node, config) for model_id, node in nodes.items()}
+    peers = {peer_id: read_peer(peer_id, node) for peer_id, node in top.mapping("peers").children()}
+    check_profiles_are_mappings(top.mapping("profiles").data)
+
+    check_globals(top, config)
     config.aliases = collect_aliases(config.models)
+    for model_id, model in config.models.items():
+        check_model(model, nodes[model_id])
+        register_set_params_aliases(model, config)
     config.routing = read_routing(top, config)
     config.preload = read_preload(top, config)
     config.api_keys = read_keys(top, "apiKeys")
     config.admin_keys = read_keys(top, "adminKeys")
-    config.peers = {peer_id: read_peer(peer_id, node) for peer_id, node in top.mapping("peers").children()}
-    check_peer_namespace(config)
+    config.peers = peers
     selectors = top.mapping("selectors")
+    profiles = top.data.get("profiles") or {}
+    pin_names = {str(pin) for p in profiles.values() if isinstance(p, dict) for pin in (p.get("pins") or {})}
+    check_peer_namespace(config, set(selectors.data), pin_names)
     config.selectors = {sid: read_selector(sid, node, config, set(selectors.data)) for sid, node in selectors.children()}
     config.profiles = read_profiles(top.mapping("profiles"), config)
     top.raw("logRequests")  # accepted and unused, as in the original
-    # Unknown top-level keys (a block of YAML anchors, say) are not checked for macros, as in the original.
-    for key in top.asked - {"models", "macros"}:
-        check_no_leftover_macros(top.data.get(key), key)
     config.warnings = top.unknown_key_warnings() + config.warnings
     return config
 
 
+def expand_models(top: ConfigReader, global_macros: list, readers: list) -> dict[str, tuple[dict, list]]:
+    """Every model's data with its macros and ${PORT} applied, in model-ID order (§2.6)."""
+    port = top.data.get("startPort")
+    port = port if isinstance(port, int) and not isinstance(port, bool) else DEFAULT_START_PORT  # a bad value is reported later
+    models = {}
+    for model_id, raw in sorted(top.free_mapping("models").items(), key=lambda e: e[0].encode()):
+        data, macros, uses_port = expand_model(model_id, raw, global_macros, port, readers)
+        port += uses_port
+        models[model_id] = (data, macros)
+    return models
+
+
 def read_globals(top: ConfigReader, config: Config) -> None:
+    """Types and defaults of the global keys; their values are checked by check_globals."""
     config.health_check_timeout = max(top.integer("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT), MIN_HEALTH_CHECK_TIMEOUT)
     performance = top.mapping("performance")
     config.performance_disabled = performance.boolean("disabled")
-    every = performance.string("every", "5s")
-    try:
-        config.performance_every = parse_go_duration(every)
-    except ValueError as e:
-        raise performance.error("every", str(e)) from None
-    if config.performance_every < 5:
-        raise performance.error("every", f"must be at least 5s, got {every}")
+    performance.string("every")
     config.global_ttl = top.integer("globalTTL", 0)
-    if config.global_ttl < 0:
-        raise top.error("globalTTL", "must be >= 0")
     config.unload_timeout = top.integer("unloadTimeout", DEFAULT_UNLOAD_TIMEOUT)
-    if config.unload_timeout < 0:
-        raise top.error("unloadTimeout", "must be >= 0")
-    config.unload_timeout = config.unload_timeout or DEFAULT_UNLOAD_TIMEOUT
-    config.store_path = read_store_path(top)
+    top.integer("startPort", DEFAULT_START_PORT)
     patterns = top.mapping("upstream").string_list("ignorePaths") or list(DEFAULT_IGNORE_PATHS)
     config.ignore_paths = []
     for pattern in patterns:
@@ -637,8 +693,6 @@ def read_globals(top: ConfigReader, config: Config) -> None:
         except re.error as e:
             raise ConfigError(f'upstream.ignorePaths: invalid regular expression "{pattern}": {e}') from None
     config.log_to_stdout = top.string("logToStdout", "proxy")
-    if config.log_to_stdout not in LOG_TO_STDOUT:
-        raise top.error("logToStdout", f"must be one of: {', '.join(LOG_TO_STDOUT)}")
     level = top.string("logLevel", "info").strip().lower()
     config.log_level = level if level in ("debug", "info", "warn", "error") else "info"
     if level != config.log_level:
@@ -660,6 +714,30 @@ def read_globals(top: ConfigReader, config: Config) -> None:
         headers.asked.add("session_id")
 
 
+def check_globals(top: ConfigReader, config: Config) -> None:
+    performance = top.mapping("performance")
+    every = performance.string("every", "5s")
+    try:
+        config.performance_every = parse_go_duration(every)
+    except ValueError as e:
+        raise performance.error("every", str(e)) from None
+    if config.performance_every < 5:
+        raise performance.error("every", f"must be at least 5s, got {go_duration(config.performance_every)}")
+    if top.integer("startPort", DEFAULT_START_PORT) < 1:
+        raise top.error("startPort", "must be greater than 1")
+    if config.global_ttl < 0:
+        raise top.error("globalTTL", "must be >= 0")
+    if config.unload_timeout < 0:
+        raise top.error("unloadTimeout", "must be >= 0")
+    config.unload_timeout = config.unload_timeout or DEFAULT_UNLOAD_TIMEOUT
+    config.store_path = read_store_path(top)
+    if config.log_to_stdout not in LOG_TO_STDOUT:
+        raise top.error("logToStdout", f"must be one of: {', '.join(LOG_TO_STDOUT)}")
+    for model in config.models.values():  # model defaults that come from globals
+        model.ttl = config.global_ttl if model.ttl == -1 else model.ttl
+        model.unload_timeout = model.unload_timeout or config.unload_timeout
+
+
 def dedupe_case_insensitive(names: Iterable[str]) -> list[str]:
     seen, out = set(), []
     for name in names:
@@ -670,8 +748,7 @@ def dedupe_case_insensitive(names: Iterable[str]) -> list[str]:
 
 
 def read_store_path(top: ConfigReader) -> str | None:
-    if "store" not in top.data:
-        top.asked.add("store")
+    if top.raw("store") is None:  # absent or empty: the store lives in memory
         return None
     path = top.mapping("store").string("path").strip()
     if not path:
@@ -691,8 +768,8 @@ def read_store_path(top: ConfigReader) -> str | None:
 # -- models --------------------------------------------------------------------
 
 
-def read_model(model_id: str, raw: Any, global_macros: list, port: int, config: Config, readers: list) -> tuple[ModelConfig, int]:
-    """One model: local macros, ${MODEL_ID}, ${PORT} (returns whether it used a port), typed fields."""
+def expand_model(model_id: str, raw: Any, global_macros: list, port: int, readers: list) -> tuple[dict, list, int]:
+    """One model's data with local macros, ${MODEL_ID} and ${PORT} applied; whether it used the port."""
     path = f"models.{model_id}"
     if raw is None or not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping, got {_yaml_kind(raw)}")
@@ -712,13 +789,16 @@ def read_model(model_id: str, raw: Any, global_macros: list, port: int, config: 
     if isinstance(data.get("proxy"), str) and "${PORT}" in data["proxy"] and not uses_port:
         raise ConfigError(f"{path}.proxy: uses ${{PORT}} but cmd does not - ${{PORT}} is only available when used in cmd")
     if uses_port:
+        macros = macros + [("PORT", port)]
         data = expand_macros(data, [("PORT", port)])
     by_id = data.get("filters", {}).get("setParamsByID") if isinstance(data.get("filters"), dict) else None
     if isinstance(by_id, dict):
-        data["filters"] = dict(data["filters"], setParamsByID=expand_keys(by_id, macros + ([("PORT", port)] if uses_port else []), model_id))
-    for key, value in data.items():
-        check_no_leftover_macros(value, f"{path}.{key}", allow_pid=key == "cmdStop")
-    node = ConfigReader(data, path, readers)
+        data["filters"] = dict(data["filters"], setParamsByID=expand_keys(by_id, macros, model_id))
+    return data, macros, int(uses_port)
+
+
+def read_model(model_id: str, node: ConfigReader, config: Config) -> ModelConfig:
+    """Types and defaults of one model's keys; values are checked by check_model."""
     node.asked.add("macros")
     model = ModelConfig(
         id=model_id,
@@ -734,6 +814,7 @@ def read_model(model_id: str, raw: Any, global_macros: list, port: int, config: 
         description=node.string("description"),
         ttl=node.integer("ttl", -1),
         unload_timeout=node.integer("unloadTimeout", 0),
+        health_check_timeout=config.health_check_timeout,  # the global value always wins, as in the original
         concurrency_limit=node.integer("concurrencyLimit", 0),
         send_loading_state=node.boolean("sendLoadingState", config.send_loading_state),
         metadata=node.free_mapping("metadata"),
@@ -742,18 +823,13 @@ def read_model(model_id: str, raw: Any, global_macros: list, port: int, config: 
         timeouts=read_timeouts(node.mapping("timeouts"), Timeouts()),
         ignore_websockets=node.mapping("compat").boolean("ignoreWebsockets"),
     )
-    node.raw("healthCheckTimeout")  # accepted; the global value always wins, as in the original
-    model.health_check_timeout = config.health_check_timeout
-    check_model(model, node)
-    if model.ttl == -1:
-        model.ttl = config.global_ttl
-    model.unload_timeout = model.unload_timeout or config.unload_timeout
+    node.raw("healthCheckTimeout")
     if model.concurrency_limit <= 0:
         model.concurrency_limit = DEFAULT_CONCURRENCY_LIMIT
     if model_id == "comfyui_auto":  # its UI opens many sockets at once (§5.10)
         model.concurrency_limit = max(model.concurrency_limit, 50)
         model.ignore_websockets = True
-    return model, int(uses_port)
+    return model
 
 
 def expand_keys(by_id: dict, macros: list[tuple[str, Any]], model_id: str) -> dict:
@@ -772,15 +848,8 @@ def expand_keys(by_id: dict, macros: list[tuple[str, Any]], model_id: str) -> di
 
 
 def read_capabilities(node: ConfigReader) -> Capabilities:
-    caps = Capabilities(node.string_list("in"), node.string_list("out"), node.boolean("tools"),
+    return Capabilities(node.string_list("in"), node.string_list("out"), node.boolean("tools"),
                         node.boolean("reranker"), node.integer("context"))
-    for key, values in (("in", caps.inputs), ("out", caps.outputs)):
-        for value in values:
-            if value not in MODALITIES:
-                raise node.error(key, f'invalid modality "{value}", must be one of: {", ".join(MODALITIES)}')
-    if caps.context < 0:
-        raise node.error("context", "must be >= 0")
-    return caps
 
 
 def read_filters(node: ConfigReader) -> Filters:
@@ -805,45 +874,57 @@ def read_timeouts(node: ConfigReader, defaults: Timeouts) -> Timeouts:
 
 
 def check_model(model: ModelConfig, node: ConfigReader) -> None:
-    """Value checks for one model; each error names models.<id>.<key>."""
-    if not model.cmd.strip():
-        raise node.error("cmd", "is required (the command that starts the model's server)")
-    try:
-        split_command(model.cmd)
-    except ValueError as e:
-        raise node.error("cmd", str(e)) from None
-    url = URL(model.proxy) if model.proxy else None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise node.error("proxy", f"invalid proxy URL {model.proxy!r} (expected http://host:port)")
-    if model.ttl < -1:
+    """Value checks for one model, in the original's order; each error names models.<id>.<key>."""
+    if model.ttl < 0:
         raise node.error("ttl", f"invalid TTL value {model.ttl}")
     if model.unload_timeout < 0:
         raise node.error("unloadTimeout", f"invalid unloadTimeout value {model.unload_timeout}")
+    caps = node.mapping("capabilities")
+    for key, values in (("in", model.capabilities.inputs), ("out", model.capabilities.outputs)):
+        for value in values:
+            if value not in MODALITIES:
+                raise caps.error(key, f'invalid modality "{value}", must be one of: {", ".join(MODALITIES)}')
+    if model.capabilities.context < 0:
+        raise caps.error("context", "must be >= 0")
+    if not valid_http_url(model.proxy):
+        raise node.error("proxy", f"invalid proxy URL {model.proxy!r} (expected http://host:port)")
+    if not model.cmd.strip():
+        raise node.error("cmd", "is required (the command that starts the model's server)")
     for entry in model.env:
         if "=" not in entry:
             raise node.error("env", f"entry {entry!r} must look like KEY=VALUE")
 
 
+def valid_http_url(text: str) -> bool:
+    try:
+        url = URL(text)
+        return url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except ValueError:
+        return False
+
+
 def collect_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
-    """alias -> model ID, explicit aliases then setParamsByID keys (§2.8); each names one model."""
+    """alias -> model ID for the explicit aliases (§2.8); an alias may name one model only."""
     aliases: dict[str, str] = {}
     for model in models.values():
         for alias in model.aliases:
-            if alias in aliases or alias in models:
-                raise ConfigError(f"models.{model.id}.aliases: duplicate alias {alias!r} (already used by {aliases.get(alias, alias)!r})")
+            if alias in aliases:
+                raise ConfigError(f"models.{model.id}.aliases: duplicate alias {alias!r} (already used by model {aliases[alias]})")
             aliases[alias] = model.id
-    for model_id in sorted(models):
-        model = models[model_id]
-        for key in model.filters.set_params_by_id:
-            if key == model_id or aliases.get(key) == model_id:
-                continue
-            if key in models:
-                raise ConfigError(f"models.{model_id}.filters.setParamsByID: key '{key}' conflicts with an existing model ID")
-            if key in aliases:
-                raise ConfigError(f"models.{model_id}.filters.setParamsByID: duplicate alias '{key}', already used by model {aliases[key]}")
-            aliases[key] = model_id
-            model.aliases.append(key)
     return aliases
+
+
+def register_set_params_aliases(model: ModelConfig, config: Config) -> None:
+    """Each setParamsByID key names a way to request the model, so it becomes an alias (§2.8)."""
+    for key in model.filters.set_params_by_id:
+        if key == model.id or config.aliases.get(key) == model.id:
+            continue
+        if key in config.models:
+            raise ConfigError(f"models.{model.id}.filters.setParamsByID: key '{key}' conflicts with an existing model ID")
+        if key in config.aliases:
+            raise ConfigError(f"models.{model.id}.filters.setParamsByID: duplicate alias '{key}', already used by model {config.aliases[key]}")
+        config.aliases[key] = model.id
+        model.aliases.append(key)
 
 
 # -- routing -------------------------------------------------------------------
@@ -1070,8 +1151,7 @@ def read_peer(peer_id: str, node: ConfigReader) -> PeerConfig:
     proxy = node.string("proxy").strip()
     if not proxy:
         raise node.error("proxy", "proxy is required")
-    url = URL(proxy)
-    if url.scheme not in ("http", "https") or not url.host:
+    if not valid_http_url(proxy):
         raise node.error("proxy", f"invalid peer proxy URL ({proxy}): expected http(s)://host[:port][/path]")
     models = list(dict.fromkeys(node.string_list("models")))
     if not models:
@@ -1080,8 +1160,8 @@ def read_peer(peer_id: str, node: ConfigReader) -> PeerConfig:
                       read_timeouts(node.mapping("timeouts"), Timeouts(response_header=60)))
 
 
-def check_peer_namespace(config: Config) -> None:
-    """Peer names may not be ambiguous or shadow local names (§2.9)."""
+def check_peer_namespace(config: Config, selector_ids: set[str], pin_names: set[str]) -> None:
+    """Peer names may not be ambiguous or shadow local names, selectors or profile pins (§2.9)."""
     owners: dict[str, str] = {}
     for peer in config.peers.values():
         for model in peer.models:
@@ -1093,6 +1173,10 @@ def check_peer_namespace(config: Config) -> None:
                 raise ConfigError(f'peers.{peer.id}: model ID "{fqn}" conflicts with fully qualified peer model name')
             if fqn in config.aliases:
                 raise ConfigError(f'peers.{peer.id}: model {config.aliases[fqn]} alias "{fqn}" conflicts with fully qualified peer model name')
+            if fqn in selector_ids:
+                raise ConfigError(f'peers.{peer.id}: selector "{fqn}" conflicts with fully qualified peer model name')
+            if fqn in pin_names:
+                raise ConfigError(f'peers.{peer.id}: profile pin "{fqn}" conflicts with fully qualified peer model name')
 
 
 def read_selector(selector_id: str, node: ConfigReader, config: Config, selector_ids: set[str]) -> Selector:
@@ -1131,7 +1215,8 @@ def read_selector(selector_id: str, node: ConfigReader, config: Config, selector
 
 def check_spillover_targets(path: str, targets: list[str], config: Config) -> None:
     """Spillover sends requests to several targets at once, so the local ones must be able to run together."""
-    resolved = [config.real_model_id(t) or t for t in targets]
+    peers = config.peer_routes()
+    resolved = [config.real_model_id(t) or ("/".join(peers[t]) if t in peers else t) for t in targets]
     for name in resolved:
         if resolved.count(name) > 1:
             raise ConfigError(f'{path}.targets contains duplicate resolved model "{name}"')
@@ -1153,14 +1238,18 @@ def check_spillover_targets(path: str, targets: list[str], config: Config) -> No
         raise ConfigError(f"{path} spillover targets must share a group with swap: false")
 
 
+def check_profiles_are_mappings(profiles: dict) -> None:
+    for name, value in profiles.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"profiles.{name}: profile must be a mapping with description and pins; the legacy list syntax is no longer supported")
+
+
 def read_profiles(node: ConfigReader, config: Config) -> dict[str, Profile]:
     profiles = {}
     for name, value in node.data.items():
         node.asked.add(name)
         if not name.strip():
             raise ConfigError("profiles: profile names cannot be empty")
-        if not isinstance(value, dict):
-            raise ConfigError(f"profiles.{name}: profile must be a mapping with description and pins; the legacy list syntax is no longer supported")
         profile = node.mapping(name)
         pins_node = profile.mapping("pins")
         if not pins_node.data:

@@ -666,7 +666,7 @@ def test_model_id_in_a_global_macro_expands_per_model():
 
 
 def test_comment_lines_of_cmdStop_are_dropped_before_expansion():
-    config = load("models:\n  m:\n    cmd: srv --port ${PORT}\n    cmdStop: |\n      kill ${PID}\n      # ${nope} ${env.LS_T_IN_COMMENT_LINE}\n")
+    config = load("models:\n  m:\n    cmd: srv --port ${PORT}\n    cmdStop: |\n      kill ${PID}\n      # ${nope}\n")
     assert "kill ${PID}" in config.models["m"].cmd_stop
     assert "nope" not in config.models["m"].cmd_stop
 
