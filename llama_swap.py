@@ -1056,21 +1056,16 @@ def parse_matrix_dsl(set_name: str, text: str) -> tuple:
     def peek() -> str | None:
         return tokens[pos][0] if pos < len(tokens) else None
 
-    def parse_or() -> tuple:
+    def parse_chain(operator: str, kind: str, parse_item: Callable[[], tuple]) -> tuple:
         nonlocal pos
-        items = [parse_and()]
-        while peek() == "|":
+        items = [parse_item()]
+        while peek() == operator:
             pos += 1
-            items.append(parse_and())
-        return items[0] if len(items) == 1 else ("or", items)
+            items.append(parse_item())
+        return items[0] if len(items) == 1 else (kind, items)
 
-    def parse_and() -> tuple:
-        nonlocal pos
-        items = [parse_atom()]
-        while peek() == "&":
-            pos += 1
-            items.append(parse_atom())
-        return items[0] if len(items) == 1 else ("and", items)
+    def parse_or() -> tuple:  # `&` binds tighter than `|`
+        return parse_chain("|", "or", lambda: parse_chain("&", "and", parse_atom))
 
     def parse_atom() -> tuple:
         nonlocal pos
@@ -2375,6 +2370,7 @@ class Server:
                 changes["kept"].append(model_id)
                 self.processes[model_id].model = after
         self.config = new
+        self.log.level = LEVELS[new.log_level]
         self.scheduler.policy = swap_policy(new)
         self.scheduler.retire(retire)
         for warning in new.warnings:

@@ -181,3 +181,10 @@ async def test_watch_config_reloads_when_the_file_changes(start_llama_swap, upst
                 return "w" in {m["id"] for m in (await r.json())["data"]}
 
         assert await eventually(w_listed, 15)
+
+
+async def test_unknown_keys_are_logged_at_start_with_the_key_probably_meant(start_llama_swap, upstreams):
+    config = base_config(upstreams, a=())
+    config["models"]["a"]["ttll"] = 5
+    ls = start_llama_swap(config)
+    assert "models.a.ttll: unknown key, did you mean 'ttl'?" in ls.output()
