@@ -24,8 +24,10 @@ __license__ = "MIT"
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import difflib
+import hmac
 import html
 import ipaddress
 import json
@@ -888,8 +890,10 @@ def check_model(model: ModelConfig, node: ConfigReader) -> None:
         raise caps.error("context", "must be >= 0")
     if not valid_http_url(model.proxy):
         raise node.error("proxy", f"invalid proxy URL {model.proxy!r} (expected http://host:port)")
-    if not model.cmd.strip():
-        raise node.error("cmd", "is required (the command that starts the model's server)")
+    try:
+        split_command(model.cmd)
+    except ValueError:
+        raise node.error("cmd", "is required (the command that starts the model's server)") from None
     for entry in model.env:
         if "=" not in entry:
             raise node.error("env", f"entry {entry!r} must look like KEY=VALUE")
@@ -1330,9 +1334,11 @@ class LogRing:
     def __init__(self, capacity: int = LOG_HISTORY_BYTES):
         self.capacity = capacity
         self._buf = bytearray()
+        self.written = 0  # bytes ever written: a mark for "what came after this point"
 
     def write(self, data: bytes) -> None:
         self._buf += data
+        self.written += len(data)
         # Trim in batches so a stream of small writes does not move 100 KiB each time.
         if len(self._buf) > 2 * self.capacity:
             del self._buf[: len(self._buf) - self.capacity]
@@ -1340,8 +1346,10 @@ class LogRing:
     def history(self) -> bytes:
         return bytes(self._buf[-self.capacity:])
 
-    def tail_lines(self, count: int) -> list[str]:
-        text = self.history().decode("utf-8", "replace")
+    def tail_lines(self, count: int, since: int = 0) -> list[str]:
+        """The last `count` non-blank lines, of what was written after the mark `since`."""
+        history = self.history()
+        text = history[max(0, len(history) - (self.written - since)):].decode("utf-8", "replace")
         return [line for line in text.splitlines() if line.strip()][-count:]
 
 
@@ -1381,6 +1389,7 @@ class ProxyLog:
 
 STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
 ABORTED_START_GRACE = 5.0
+MIN_PROBE_GAP = 0.025  # seconds between health probes at the least, however much the upstream prints
 START_ERROR_TAIL_LINES = 8
 
 
@@ -1428,10 +1437,13 @@ def signal_group(pgid: int, sig: int) -> None:
 
 @dataclass
 class Run:
-    """One spawned server: its process, the HTTP session to it and the tasks that watch it."""
+    """One spawned server: its process, its output pipe, the HTTP session to it and the tasks
+    that watch it."""
 
     proc: asyncio.subprocess.Process
     session: aiohttp.ClientSession
+    output_mark: int  # where this run's output starts in the model's LogRing
+    pipe: asyncio.ReadTransport | None = None
     reader: asyncio.Task | None = None
     tasks: set[asyncio.Task] = field(default_factory=set)
 
@@ -1442,12 +1454,14 @@ class Run:
         return task
 
     async def close(self) -> None:
-        """After the process group is gone: finish reading its output, close the session."""
+        """After the process group is gone: finish reading its output, close pipe and session."""
         others = self.tasks - {asyncio.current_task()}
         if others:
             _done, pending = await asyncio.wait(others, timeout=1.0)
             for task in pending:
                 task.cancel()
+        if self.pipe:
+            self.pipe.close()
         await self.session.close()
 
 
@@ -1474,8 +1488,9 @@ class ModelProcess:
         self._wake = asyncio.Event()
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        return self._run.session
+    def session(self) -> aiohttp.ClientSession | None:
+        """The pooled session to the server while it is ready; None otherwise."""
+        return self._run.session if self.state == READY and self._run and not self._run.session.closed else None
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -1495,20 +1510,20 @@ class ModelProcess:
 
     async def stop(self, timeout: float) -> None:
         """Stop the server and its process group: graceful for `timeout` seconds, then SIGKILL."""
-        if self.state == STARTING:
-            self._loading.cancel()
-            with contextlib.suppress(StartError):
-                await asyncio.shield(self._starting)
-            return
-        if self.state == READY:
-            self._set_state(STOPPING)
-            self._stopping = asyncio.create_task(self._run_stop(timeout))
-        if self.state == STOPPING:
-            await asyncio.shield(self._stopping)
+        while self.state != STOPPED:
+            if self.state == STARTING:
+                self._loading.cancel()  # too late if loading just finished: then it is READY next time round
+                with contextlib.suppress(StartError):
+                    await asyncio.shield(self._starting)
+            elif self.state == READY:
+                self._stopping = asyncio.create_task(self._run_stop(timeout))
+                self._set_state(STOPPING)
+            else:
+                await asyncio.shield(self._stopping)
 
     def kill_now(self) -> None:
         """SIGKILL the whole group at once: for a forced exit, where nothing may be left behind."""
-        if self._run and process_group_alive(self._run.proc.pid):
+        if self._run and self.state != STOPPED:
             signal_group(self._run.proc.pid, signal.SIGKILL)
 
     async def _run_start(self, loading: asyncio.Task) -> None:
@@ -1518,6 +1533,8 @@ class ModelProcess:
             error = StartError("aborted")
         except StartError as e:
             error = e
+        except Exception as e:  # whatever went wrong, the client is told and nothing is left behind
+            error = StartError(f"{type(e).__name__}: {e}")
         else:
             self._set_state(READY)
             return
@@ -1529,28 +1546,40 @@ class ModelProcess:
         await self._spawn()
         await self._wait_healthy()
 
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(entry.split("=", 1) for entry in self.model.env)
+        return env
+
     async def _spawn(self) -> None:
         self._run = None
         argv = split_command(self.model.cmd)
-        env = dict(os.environ)
-        env.update(entry.split("=", 1) for entry in self.model.env)
         self.log.debug(f"<{self.model.id}> Executing start command: {' '.join(argv)}, env: {', '.join(self.model.env)}")
+        # Output goes to a pipe of our own, not asyncio's: asyncio would not report the exit
+        # while a grandchild still holds its stdout.
+        read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
-        except OSError as e:
-            raise StartError(f"failed to start command '{' '.join(argv)}': {e.strerror or e}") from None
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                env=self._environment(), start_new_session=True)
+        except (OSError, ValueError) as e:
+            os.close(read_fd)
+            raise StartError(f"failed to start command '{' '.join(argv)}': {getattr(e, 'strerror', None) or e}") from None
+        finally:
+            os.close(write_fd)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
-        self._run = run = Run(proc, session)
+        self._run = run = Run(proc, session, self.output.written)
+        reader = asyncio.StreamReader()
+        run.pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
         self._wake.clear()
-        run.reader = run.own(self._read_output(proc))
+        run.reader = run.own(self._read_output(reader))
         run.own(self._watch_exit(run))
 
-    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
-        while chunk := await proc.stdout.read(65536):
+    async def _read_output(self, reader: asyncio.StreamReader) -> None:
+        while chunk := await reader.read(65536):
             self.output.write(chunk)
             self._wake.set()
 
@@ -1585,12 +1614,15 @@ class ModelProcess:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise StartError(f"health check timed out after {go_duration(self.model.health_check_timeout)}")
+            pause = min(health_poll_interval(loop.time() - began), remaining)
+            # A chatty loader wakes us on every line: probe no more often than MIN_PROBE_GAP then.
+            await asyncio.sleep(min(MIN_PROBE_GAP, pause))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(health_poll_interval(loop.time() - began), remaining))
+                await asyncio.wait_for(self._wake.wait(), max(0.0, pause - MIN_PROBE_GAP))
 
     async def _probe(self, url: URL, timeout: float) -> bool:
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            async with self._run.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 return response.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
@@ -1598,7 +1630,7 @@ class ModelProcess:
     async def _premature_exit_message(self, code: int) -> str:
         # The exit can be seen before the last output is read: give the reader a moment to finish.
         await asyncio.wait({self._run.reader}, timeout=1.0)
-        lines = self.output.tail_lines(START_ERROR_TAIL_LINES)
+        lines = self.output.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
         tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
         return f"upstream command exited prematurely with exit status {code}{tail}"
 
@@ -1613,42 +1645,49 @@ class ModelProcess:
             self._set_state(STOPPED)
 
     async def _terminate(self, timeout: float) -> None:
-        """Ask the group to stop (cmdStop or SIGTERM), SIGKILL it after `timeout`, wait it out."""
+        """Ask the group to stop (cmdStop or SIGTERM); SIGKILL it if it is not gone within `timeout`."""
         run = self._run
         if run is None:
             return
-        proc = run.proc
-        if proc.returncode is None or process_group_alive(proc.pid):
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._send_stop_signal(proc), timeout)
-            try:
-                await asyncio.wait_for(self._group_gone(proc), timeout)
-            except asyncio.TimeoutError:
-                self.log.info(f"<{self.model.id}> did not stop within {go_duration(timeout)}, sending SIGKILL to its process group")
-                signal_group(proc.pid, signal.SIGKILL)
-                await self._group_gone(proc)
+        try:
+            await asyncio.wait_for(self._stop_gracefully(run.proc), timeout)
+        except asyncio.TimeoutError:
+            self.log.info(f"<{self.model.id}> did not stop within {go_duration(timeout)}, sending SIGKILL to its process group")
+            signal_group(run.proc.pid, signal.SIGKILL)
+            await self._group_gone(run.proc)
         await run.close()
+
+    async def _stop_gracefully(self, proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None or process_group_alive(proc.pid):
+            await self._send_stop_signal(proc)
+        await self._group_gone(proc)
 
     async def _send_stop_signal(self, proc: asyncio.subprocess.Process) -> None:
         if not self.model.cmd_stop.strip():
             signal_group(proc.pid, signal.SIGTERM)
             return
+        stopper = None
         try:
             argv = split_command(self.model.cmd_stop.replace("${PID}", str(proc.pid)))
             stopper = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                stderr=asyncio.subprocess.DEVNULL, env=self._environment(), start_new_session=True)
             code = await stopper.wait()
             if code != 0:
                 self.log.warn(f"[{self.model.id}] stop signal failed: cmdStop exited with status {code}")
         except (OSError, ValueError) as e:
             self.log.warn(f"[{self.model.id}] stop signal failed: {e}; sending SIGTERM instead")
             signal_group(proc.pid, signal.SIGTERM)
+        finally:
+            if stopper and stopper.returncode is None:  # out of time: the stop command goes too
+                signal_group(stopper.pid, signal.SIGKILL)
 
     async def _group_gone(self, proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
-        while process_group_alive(proc.pid):
-            await asyncio.sleep(0.02)
+        pause = 0.01
+        while await asyncio.to_thread(process_group_alive, proc.pid):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
 
 ###############################################################################
@@ -1657,6 +1696,8 @@ class ModelProcess:
 
 class GroupPolicy:
     """Which running models must stop so that a target may run: a pure function of plain data."""
+
+    name = "group"
 
     def __init__(self, groups: Iterable[Group]):
         self.group_of = {member: group for group in groups for member in group.members}
@@ -1673,7 +1714,7 @@ class GroupPolicy:
             if model == target:
                 continue
             other = self.group_of.get(model)  # None: removed by a reload and on its way out
-            if (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
+            if other is None or (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
                 evict.add(model)
         return frozenset(evict)
 
@@ -1685,6 +1726,8 @@ class MatrixPolicy:
     evict (evict_costs, default 1 per model). The cheapest wins, the first defined on a tie. A
     model in no set runs alone.
     """
+
+    name = "matrix"
 
     def __init__(self, matrix: Matrix):
         self.matrix = matrix
@@ -1741,7 +1784,7 @@ class Swap:
     evict: frozenset[str]
     waiters: list[Ticket]
     task: asyncio.Task | None = None
-    unloaded: bool = False  # the target was unloaded meanwhile: do not start it
+    abandoned: bool = False  # unloaded, removed or shut down meanwhile: do not start the target
 
 
 class Scheduler:
@@ -1764,6 +1807,7 @@ class Scheduler:
         self.closed_reason = ""
         self.draining: dict[str, ModelConfig | None] = {}  # model -> config it gets once stopped (None: removed)
         self.retiring: dict[str, asyncio.Task] = {}
+        self.unloads: set[asyncio.Task] = set()
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
@@ -1808,10 +1852,13 @@ class Scheduler:
     def _place(self, ticket: Ticket) -> bool:
         """Grant, join a swap or start one; False means it must wait in the queue."""
         model = ticket.model
-        if model in self.swaps:
+        if model not in self.processes:  # removed by a reload while this request was read
+            ticket.future.set_exception(SchedulerError("model was removed from the config by a reload"))
+            return True
+        if model in self.swaps and not self.swaps[model].abandoned:
             self.swaps[model].waiters.append(ticket)
             return True
-        if model in self.draining or self._port_still_held(model):
+        if model in self.swaps or model in self.draining or self._port_still_held(model):
             return False  # it restarts with its new settings once the old server is gone
         evict = self.policy.evictions(model, self.running())
         being_evicted = any(model in swap.evict for swap in self.swaps.values())
@@ -1838,38 +1885,44 @@ class Scheduler:
         for ticket in queue:
             if ticket.waiting() and not self._place(ticket):
                 self.queue.append(ticket)
+        self.queue = [t for t in self.queue if t.waiting()]
 
     async def _run_swap(self, swap: Swap) -> None:
         error = ""
         try:
             await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout) for m in swap.evict))
-            if not swap.unloaded:
+            if not swap.abandoned:
                 await self.processes[swap.target].start()
         except StartError as e:
             error = str(e)
-            self.log.warn(f"group: starting {swap.target} failed: {e}")
+            self.log.warn(f"{self.policy.name}: starting {swap.target} failed: {e}")
         except asyncio.CancelledError:
             error = "aborted"
             raise
+        except Exception as e:  # a bug must fail the waiting requests, not grant them
+            error = f"{type(e).__name__}: {e}"
+            self.log.error(f"{self.policy.name}: starting {swap.target} failed unexpectedly: {error}")
         finally:
             self._finish_swap(swap, error)
 
     def _finish_swap(self, swap: Swap, error: str) -> None:
         del self.swaps[swap.target]
-        for ticket in swap.waiters:
-            if not ticket.waiting():
-                continue
-            if error:
+        waiters = [t for t in swap.waiters if t.waiting()]
+        if error:
+            for ticket in waiters:
                 ticket.future.set_exception(SchedulerError(error))
-            else:
+        elif swap.target in self.processes and self.processes[swap.target].state == READY:
+            for ticket in waiters:
                 self._grant(ticket)
+        else:  # abandoned before it started: its requests go back to the front of the queue
+            self.queue[:0] = waiters
         self.pump()
 
     def _fail_waiting(self, message: str, models: Iterable[str]) -> None:
         models = set(models)
         for swap in self.swaps.values():
             if swap.target in models:
-                swap.unloaded = True
+                swap.abandoned = True
                 for ticket in swap.waiters:
                     if ticket.waiting():
                         ticket.future.set_exception(SchedulerError(message))
@@ -1879,17 +1932,26 @@ class Scheduler:
                 ticket.future.set_exception(SchedulerError(message))
         self.queue = [t for t in self.queue if t.waiting()]
 
-    async def unload(self, models: Iterable[str], timeout_of: Callable[[str], float]) -> None:
-        """Stop these models now; requests waiting for them are told it was unloaded."""
-        models = list(models)
-        self._fail_waiting("group: model unloaded", models)
+    async def unload(self, models: Iterable[str]) -> None:
+        """Stop these models now; requests waiting for them are told it was unloaded. The work
+        runs in its own task, so a client that hangs up does not leave it half done."""
+        models = [m for m in models if m in self.processes]
+        self._fail_waiting(f"{self.policy.name}: model unloaded", models)
+        task = asyncio.create_task(self._stop_models(models))
+        self.unloads.add(task)
+        task.add_done_callback(self.unloads.discard)
+        await asyncio.shield(task)
+
+    async def _stop_models(self, models: list[str]) -> None:
         # Models sharing a timeout stop together; shorter timeouts go first (§5.3).
         by_timeout: dict[float, list[str]] = {}
         for m in models:
-            by_timeout.setdefault(timeout_of(m), []).append(m)
-        for timeout in sorted(by_timeout):
-            await asyncio.gather(*(self.processes[m].stop(timeout) for m in by_timeout[timeout]))
-        self.pump()
+            by_timeout.setdefault(self.processes[m].model.unload_timeout, []).append(m)
+        try:
+            for timeout in sorted(by_timeout):
+                await asyncio.gather(*(self.processes[m].stop(timeout) for m in by_timeout[timeout]))
+        finally:
+            self.pump()
 
     def retire(self, changes: Mapping[str, ModelConfig | None]) -> None:
         """After a reload: these models changed how they launch (or left the config). Their
@@ -1897,13 +1959,18 @@ class Scheduler:
         the new one. Requests still waiting for a removed model are told it is gone."""
         for model, next_config in changes.items():
             self.draining[model] = next_config
+            swap = self.swaps.get(model)
+            if swap:  # a start with the old settings is aborted; its requests wait for the new ones
+                swap.abandoned = True
+                self.queue[:0] = swap.waiters
+                swap.waiters = []
         removed = [m for m, c in changes.items() if c is None]
         self._fail_waiting("model was removed from the config by a reload", removed)
         self.pump()
 
     def _retire_idle(self) -> None:
         for model in self.draining:
-            if not self.in_flight[model] and model not in self.swaps and model not in self.retiring:
+            if not self.in_flight[model] and model not in self.retiring:
                 self.retiring[model] = asyncio.create_task(self._retire(model))
 
     async def _retire(self, model: str) -> None:
@@ -1929,7 +1996,7 @@ class Scheduler:
 
     def close(self) -> None:
         """Refuse new requests and fail every waiting one: the server is shutting down."""
-        self.closed_reason = "group is shutting down"
+        self.closed_reason = f"{self.policy.name} is shutting down"
         self._fail_waiting(self.closed_reason, self.processes)
 
     async def shutdown(self, timeout: float) -> None:
@@ -1943,7 +2010,7 @@ class Scheduler:
             self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
             self.kill_all()
             await asyncio.gather(*(p.stop(0) for p in self.processes.values()))
-        tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values())
+        tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values()) + list(self.unloads)
         if tasks:
             await asyncio.wait(tasks)
 
@@ -1961,35 +2028,44 @@ _JSON_DECODER = json.JSONDecoder()
 _FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
 
 
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]]')
+
+
 def json_member_span(text: str, key: str) -> tuple[int, int] | None:
     """Where the value of a top-level key sits in a JSON object's text, or None.
 
-    Reads members in order and stops at the first one it finds (or cannot read), so a body
-    that is broken after `model` still yields it, as the original's lenient reader does.
+    Only strings and brackets are looked at on the way (so a 20 MB `messages` array before
+    `model` is skipped, not decoded), and a body broken after `model` still yields it, as the
+    original's lenient reader does.
     """
-    i = _JSON_WS.match(text).end()
-    if not text.startswith("{", i):
+    start = _JSON_WS.match(text).end()
+    if not text.startswith("{", start):
         return None
-    i += 1
-    while True:
-        i = _JSON_WS.match(text, i).end()
-        if not text.startswith('"', i):
-            return None
-        try:
-            name, i = json.decoder.scanstring(text, i + 1)
-            i = _JSON_WS.match(text, i).end()
-            if not text.startswith(":", i):
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text, start):
+        lexeme = token.group()
+        if lexeme in ("{", "["):
+            depth += 1
+        elif lexeme in ("}", "]"):
+            depth -= 1
+            if depth == 0:
                 return None
-            start = _JSON_WS.match(text, i + 1).end()
-            _value, end = _JSON_DECODER.raw_decode(text, start)
-        except ValueError:
-            return None
-        if name == key:
-            return start, end
-        i = _JSON_WS.match(text, end).end()
-        if not text.startswith(",", i):
-            return None
-        i += 1
+        elif depth == 1:
+            colon = _JSON_WS.match(text, token.end()).end()
+            if text.startswith(":", colon) and _json_string(lexeme) == key:
+                value_start = _JSON_WS.match(text, colon + 1).end()
+                try:
+                    return value_start, _JSON_DECODER.raw_decode(text, value_start)[1]
+                except ValueError:
+                    return None
+    return None
+
+
+def _json_string(lexeme: str) -> str | None:
+    try:
+        return json.loads(lexeme)
+    except ValueError:
+        return None
 
 
 def json_model(body: bytes) -> str:
@@ -2108,15 +2184,18 @@ async def relay(request: web.Request, process: ModelProcess, path_qs: str, body:
     headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
     headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     skip = [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
+    session = process.session
+    if session is None:  # it crashed or was stopped between the grant and now
+        raise ApiError(503, f"[{process.model.id}] process is not ready")
     response: web.StreamResponse | None = None
     try:
-        async with process.session.request(
+        async with session.request(
                 request.method, process.url_for(path_qs), headers=headers, data=body or None,
                 allow_redirects=False, skip_auto_headers=skip) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in end_to_end_headers(upstream.headers):
                 response.headers.add(key, value)
-            if "content-length" in upstream.headers and request.method != "HEAD":
+            if "content-length" in upstream.headers:
                 response.content_length = int(upstream.headers["Content-Length"])
             if "text/event-stream" in upstream.headers.get("Content-Type", ""):
                 response.headers["X-Accel-Buffering"] = "no"
@@ -2164,13 +2243,41 @@ ERROR_KINDS = {
 }
 
 
+OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ico"})
+MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
+
+
+def request_api_key(request: web.BaseRequest) -> str:
+    """The key a client sent: Basic password, else Bearer token, else x-api-key (§4.9)."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            _user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            if sep:
+                return password
+        except (ValueError, UnicodeDecodeError):
+            pass
+    elif scheme.lower() == "bearer":
+        return value.strip()
+    return request.headers.get("x-api-key", "")
+
+
+def key_matches(key: str, keys: Iterable[str]) -> bool:
+    """Constant-time comparison against every key, so timing tells nothing about them."""
+    matched = False
+    for candidate in keys:
+        matched |= hmac.compare_digest(key.encode(), candidate.encode())
+    return matched
+
+
 class ApiError(Exception):
     """An error we answer ourselves, in the original's envelope."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def go_json(value: Any) -> str:
@@ -2383,7 +2490,7 @@ class Server:
         self.scheduler.pump()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access_log, self.errors], client_max_size=1024 ** 3)
+        app = web.Application(middlewares=[self.access_log, self.errors, self.auth], client_max_size=1024 ** 3)
         routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
         routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
         routes += [
@@ -2466,7 +2573,7 @@ class Server:
         return json_response({"running": running})
 
     async def _unload(self, models: Iterable[str]) -> None:
-        await self.scheduler.unload(models, lambda m: self.config.models[m].unload_timeout)
+        await self.scheduler.unload(list(models))
 
     async def unload_all(self, request: web.Request) -> web.Response:
         await self._unload(self.processes)
@@ -2513,13 +2620,35 @@ class Server:
         try:
             return await handler(request)
         except ApiError as e:
-            return error_response(request, e.status, e.message)
+            response = error_response(request, e.status, e.message)
+            response.headers.update(e.headers or {})
+            return response
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
         except web.HTTPNotFound:
             return web.Response(status=404, text="404 page not found\n")
         except web.HTTPMethodNotAllowed as e:
             return web.Response(status=405, text="Method Not Allowed\n", headers={"Allow": ", ".join(sorted(e.allowed_methods))})
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler) -> web.StreamResponse:
+        """API keys (§4.9). With `adminKeys`, the admin surface takes only those, and keys from
+        `apiKeys` are for model routes alone."""
+        config = self.config
+        unknown_route = request.match_info.http_exception is not None  # 404/405 answer as they are
+        if not (config.api_keys or config.admin_keys) or unknown_route or request.path in OPEN_PATHS:
+            return await handler(request)
+        key = request_api_key(request)
+        model_route = request.path in MODEL_ROUTE_PATHS or request.path.startswith("/upstream/")
+        if key_matches(key, config.admin_keys):
+            return await handler(request)
+        if key_matches(key, config.api_keys):
+            if model_route or not config.admin_keys:
+                return await handler(request)
+            raise ApiError(403, "this API key may only call model routes; the admin API needs a key from adminKeys")
+        if model_route and not config.api_keys:
+            return await handler(request)
+        raise ApiError(401, "unauthorized: invalid or missing API key", {"WWW-Authenticate": 'Basic realm="llama-swap"'})
 
     @web.middleware
     async def access_log(self, request: web.Request, handler) -> web.StreamResponse:
@@ -2531,6 +2660,9 @@ class Server:
             status = response.status
             size = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
             return response
+        except Exception:
+            status = 500
+            raise
         finally:
             if not request.path.startswith(("/wol-health", "/metrics", "/api/performance")):
                 version = f"HTTP/{request.version.major}.{request.version.minor}"
@@ -2612,15 +2744,23 @@ async def watch_config(server: Server) -> None:
         await asyncio.sleep(WATCH_INTERVAL)
         now = server.source.snapshot()
         if any(new is not None and new != old for old, new in zip(last, now)):
-            with contextlib.suppress(ConfigError):  # reload() has logged it; the running config stays
-                server.reload()
+            reload_logged(server)
         last = now
+
+
+def reload_logged(server: Server) -> None:
+    """A reload whose failure is logged, never raised: the running config simply stays."""
+    try:
+        server.reload()
+    except ConfigError:
+        pass  # reload() has logged it
+    except Exception as e:
+        server.log.error(f"failed to reload config: {type(e).__name__}: {e}")
 
 
 def reload_on_signal(server: Server) -> None:
     server.log.info("received SIGHUP, reloading config")
-    with contextlib.suppress(ConfigError):
-        server.reload()
+    reload_logged(server)
 
 
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,

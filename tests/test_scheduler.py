@@ -155,7 +155,7 @@ async def test_unload_tells_waiting_requests_and_stops_the_model():
     processes["a"].start_gate.clear()
     waiter = asyncio.create_task(serve(scheduler, "a", []))
     await asyncio.sleep(0.02)
-    await scheduler.unload(["a"], lambda m: 1.0)
+    await scheduler.unload(["a"])
     with pytest.raises(SchedulerError, match="group: model unloaded"):
         await waiter
     processes["a"].start_gate.set()
