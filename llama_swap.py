@@ -968,7 +968,8 @@ def read_routing(top: ConfigReader, config: Config) -> Routing:
     for name in priorities.data:
         if config.real_model_id(name) is None:
             raise ConfigError(f'routing.scheduler.settings.fifo.priority references unknown model "{name}"')
-        routing.priority[name] = priorities.integer(name)
+        # Keyed by the real model ID, so a priority given to an alias works (the original ignores it).
+        routing.priority[config.real_model_id(name)] = priorities.integer(name)
     return routing
 
 
@@ -1718,6 +1719,9 @@ class GroupPolicy:
                 evict.add(model)
         return frozenset(evict)
 
+    def explain(self, target: str, running: Iterable[str]) -> str:
+        return ""  # the group router logs nothing per swap
+
 
 class MatrixPolicy:
     """The matrix router's rule (§2.12.2): keep the allowed set that is cheapest to reach.
@@ -1732,20 +1736,35 @@ class MatrixPolicy:
     def __init__(self, matrix: Matrix):
         self.matrix = matrix
 
+    def choose(self, target: str, running: frozenset[str]) -> tuple[str, frozenset[str], int] | None:
+        """(set name, models it allows, eviction cost) of the cheapest allowed set holding the target."""
+        best = None
+        for name, combos in self.matrix.combinations.items():
+            for combo in combos:
+                if target in combo:
+                    cost = sum(self.matrix.evict_costs.get(m, 1) for m in running - combo)
+                    if best is None or cost < best[2]:
+                        best = (name, combo, cost)
+        return best
+
     def evictions(self, target: str, running: Iterable[str]) -> frozenset[str]:
         running = frozenset(running)
         if target in running:
             return frozenset()
-        best: frozenset[str] | None = None
-        best_cost = 0
-        for combos in self.matrix.combinations.values():
-            for combo in combos:
-                if target not in combo:
-                    continue
-                cost = sum(self.matrix.evict_costs.get(m, 1) for m in running - combo)
-                if best is None or cost < best_cost:
-                    best, best_cost = combo, cost
-        return running - best if best is not None else running
+        choice = self.choose(target, running)
+        return running - choice[1] if choice else running
+
+    def explain(self, target: str, running: Iterable[str]) -> str:
+        """The one info line per real swap (§2.12.2)."""
+        running = frozenset(running) - {target}
+        if not running:
+            return f"matrix: model={target} starting (no models running)"
+        choice = self.choose(target, running)
+        if choice is None:
+            return f"matrix: model={target} is in no set, runs alone: evict=[{' '.join(sorted(running))}]"
+        name, combo, cost = choice
+        return (f'matrix: model={target} set={name} dsl="{self.matrix.sets[name]}" '
+                f"evict=[{' '.join(sorted(running - combo))}] target=[{' '.join(sorted(combo))}] cost={cost}")
 
 
 def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
@@ -1763,13 +1782,18 @@ class SchedulerError(Exception):
     """A request could not be served by its model; the text goes into the 500 envelope."""
 
 
+class ConcurrencyLimited(SchedulerError):
+    """The model already has `concurrencyLimit` requests queued, waiting or being served."""
+
+
 class Ticket:
     """One request waiting for its model. Its future is resolved by a grant or an error."""
 
-    __slots__ = ("model", "future")
+    __slots__ = ("model", "priority", "future")
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, priority: int = 0):
         self.model = model
+        self.priority = priority
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def waiting(self) -> bool:
@@ -1797,41 +1821,70 @@ class Scheduler:
     which is re-read in order whenever something changes, so A B A B arriving cold run A A B B.
     """
 
-    def __init__(self, processes: dict[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, log: ProxyLog):
+    def __init__(self, processes: dict[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, log: ProxyLog,
+                 priority: Mapping[str, int] | None = None):
         self.processes = processes
         self.policy = policy
+        self.priority = dict(priority or {})  # model -> fifo priority; higher is served first
         self.log = log
-        self.in_flight: Counter[str] = Counter()
+        self.reserved: Counter[str] = Counter()  # admitted and not finished: queued, waiting or served
+        self.in_flight: Counter[str] = Counter()  # being served: such a model is never stopped
+        self.last_use: dict[str, float] = {}  # when a request for the model last began or ended
+        self.stops: set[asyncio.Task] = set()  # TTL unloads
         self.swaps: dict[str, Swap] = {}
         self.queue: list[Ticket] = []
         self.closed_reason = ""
         self.draining: dict[str, ModelConfig | None] = {}  # model -> config it gets once stopped (None: removed)
         self.retiring: dict[str, asyncio.Task] = {}
         self.unloads: set[asyncio.Task] = set()
+        self.ttl_task: asyncio.Task | None = None
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
-        """The model's process, ready and counted as serving until the block ends."""
-        await self._acquire(model)
-        try:
-            yield self.processes[model]
-        finally:
-            self._release(model)
+        """The model's process, ready and counted as serving until the block ends.
 
-    async def _acquire(self, model: str) -> None:
+        Admission comes first: a model with `concurrencyLimit` requests already admitted
+        refuses this one at once (ConcurrencyLimited), before anything is streamed.
+        """
+        self._admit(model)
+        try:
+            await self._acquire(model)
+            try:
+                yield self.processes[model]
+            finally:
+                self._release(model)
+        finally:
+            self.reserved[model] -= 1
+
+    def _admit(self, model: str) -> None:
         if self.closed_reason:
             raise SchedulerError(self.closed_reason)
-        ticket = Ticket(model)
+        if model in self.processes and self.reserved[model] >= self.processes[model].model.concurrency_limit:
+            raise ConcurrencyLimited("Too many requests")
+        self.reserved[model] += 1
+
+    async def _acquire(self, model: str) -> None:
+        ticket = Ticket(model, self.priority.get(model, 0))
         if not self._place(ticket):
-            self.queue.append(ticket)
+            self._enqueue(ticket)
         try:
             await ticket.future
         except asyncio.CancelledError:
             self._withdraw(ticket)
             raise
 
+    def _enqueue(self, ticket: Ticket) -> None:
+        """Behind every queued request of the same or higher priority (§4.6)."""
+        at = next((i for i, t in enumerate(self.queue) if t.priority < ticket.priority), len(self.queue))
+        self.queue.insert(at, ticket)
+
+    def position(self, ticket: Ticket) -> int:
+        """1-based place of a waiting request in the queue; 0 once it is no longer queued."""
+        return self.queue.index(ticket) + 1 if ticket in self.queue else 0
+
     def _release(self, model: str) -> None:
         self.in_flight[model] -= 1
+        self.last_use[model] = time.monotonic()
         if self.in_flight[model] == 0:
             self.pump()
 
@@ -1871,11 +1924,14 @@ class Scheduler:
             return False  # never stop a model that is still serving
         swap = Swap(model, evict, [ticket])
         self.swaps[model] = swap
+        if explanation := self.policy.explain(model, self.running()):
+            self.log.info(explanation)
         swap.task = asyncio.create_task(self._run_swap(swap))
         return True
 
     def _grant(self, ticket: Ticket) -> None:
         self.in_flight[ticket.model] += 1
+        self.last_use[ticket.model] = time.monotonic()
         ticket.future.set_result(None)
 
     def pump(self) -> None:
@@ -1994,8 +2050,35 @@ class Scheduler:
         return any(self.processes[m].state != STOPPED and URL(self.processes[m].model.proxy).origin() == address
                    for m in self.draining if m != model)
 
+    def start(self) -> None:
+        """Begin unloading models whose TTL has run out."""
+        self.ttl_task = asyncio.create_task(self._unload_idle_every_second())
+
+    async def _unload_idle_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._unload_idle()
+
+    def _unload_idle(self) -> None:
+        """Stop each ready model that served nothing for its `ttl` seconds (§3.6): a request in
+        flight, however long, keeps it loaded; the idle clock starts when the last one ends."""
+        now = time.monotonic()
+        for model, process in self.processes.items():
+            ttl = process.model.ttl
+            if ttl <= 0 or process.state != READY or self.in_flight[model] or model in self.draining:
+                continue
+            if any(model in swap.evict for swap in self.swaps.values()):
+                continue
+            if now - self.last_use.setdefault(model, now) > ttl:
+                self.log.info(f"<{model}> Unloading model, TTL of {ttl}s reached")
+                task = asyncio.create_task(process.stop(process.model.unload_timeout))
+                self.stops.add(task)
+                task.add_done_callback(self.stops.discard)
+
     def close(self) -> None:
         """Refuse new requests and fail every waiting one: the server is shutting down."""
+        if self.ttl_task:
+            self.ttl_task.cancel()
         self.closed_reason = f"{self.policy.name} is shutting down"
         self._fail_waiting(self.closed_reason, self.processes)
 
@@ -2010,7 +2093,7 @@ class Scheduler:
             self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
             self.kill_all()
             await asyncio.gather(*(p.stop(0) for p in self.processes.values()))
-        tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values()) + list(self.unloads)
+        tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values()) + list(self.unloads) + list(self.stops)
         if tasks:
             await asyncio.wait(tasks)
 
@@ -2243,6 +2326,7 @@ ERROR_KINDS = {
 }
 
 
+CONCURRENCY_LIMIT_BODY = '{"src":"llama-swap","error":{"message":"Too many requests","type":"rate_limit_error","param":null,"code":"concurrency_limit"}}'
 OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ico"})
 MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
 
@@ -2441,7 +2525,30 @@ class Server:
         self.log = log
         self.source = source
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
-        self.scheduler = Scheduler(self.processes, swap_policy(config), log)
+        self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
+        self.preloading: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Once listening: TTL unloads begin and `hooks.on_startup.preload` models load."""
+        self.scheduler.start()
+        self._preload()
+
+    def _preload(self) -> None:
+        if self.preloading:
+            self.preloading.cancel()
+        if self.config.preload:
+            self.preloading = asyncio.create_task(self._preload_models(list(self.config.preload)))
+
+    async def _preload_models(self, models: list[str]) -> None:
+        """One after another, through the scheduler like any request, so the routing rules hold
+        and a request arriving meanwhile shares the start instead of causing a second one."""
+        for model in models:
+            self.log.info(f"preloading model: {model}")
+            try:
+                async with self.scheduler.lease(model):
+                    pass
+            except SchedulerError as e:
+                self.log.error(f"failed to preload model {model}: {e}")
 
     def _process(self, model: ModelConfig) -> ModelProcess:
         return ModelProcess(model, self.log, self._state_changed)
@@ -2479,7 +2586,9 @@ class Server:
         self.config = new
         self.log.level = LEVELS[new.log_level]
         self.scheduler.policy = swap_policy(new)
+        self.scheduler.priority = dict(new.routing.priority)
         self.scheduler.retire(retire)
+        self._preload()
         for warning in new.warnings:
             self.log.warn(f"config: {warning}")
         self.log.info("configuration reloaded: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
@@ -2623,6 +2732,8 @@ class Server:
             response = error_response(request, e.status, e.message)
             response.headers.update(e.headers or {})
             return response
+        except ConcurrencyLimited:
+            return web.Response(status=429, text=CONCURRENCY_LIMIT_BODY, content_type="application/json", headers={"Retry-After": "1"})
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
         except web.HTTPNotFound:
@@ -2671,6 +2782,8 @@ class Server:
                               f'{status} {size} "{agent}" {go_duration(time.monotonic() - started)}')
 
     async def _on_shutdown(self, app: web.Application) -> None:
+        if self.preloading:
+            self.preloading.cancel()
         self.scheduler.close()
 
 
@@ -2793,6 +2906,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         log.error(f"http server error: cannot listen on {host or ''}:{port}: {e.strerror or e}")
         await runner.cleanup()
         return 1
+    server.start()
     scheme = "https" if ssl_context else "http"
     log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {scheme}://{host or ''}:{port}")
     if not is_loopback_only(host):

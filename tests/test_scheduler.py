@@ -18,7 +18,8 @@ class FakeProcess:
 
     def __init__(self, name: str, events: list[str], on_change):
         self.name = name
-        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1)
+        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1,
+                                 concurrency_limit=100)
         self.events = events
         self.on_change = on_change
         self.state = STOPPED
