@@ -11,10 +11,11 @@ Contents, in dependency order:
     3. Processes     ModelProcess: spawn in its own process group, health, stop the group
     4. Swap policy   GroupPolicy: which running models must stop so a target may run
     5. Scheduler     the one owner of swap decisions: grant, join, queue, swap
-    6. Requests      finding and rewriting `model` in a body without re-encoding it
-    7. Relay         bytes from upstream to client, chunk by chunk
-    8. HTTP          error envelopes, handlers, the application
-    9. CLI           flags, serve(), signals, main()
+    6. Virtual models profiles' pins and selectors: names that stand for other models
+    7. Requests      finding and rewriting `model` in a body without re-encoding it
+    8. Relay         bytes from upstream to client, chunk by chunk
+    9. HTTP          error envelopes, handlers, the application
+   10. CLI           flags, serve(), signals, main()
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import aiohttp
 import yaml
@@ -2103,7 +2104,95 @@ class Scheduler:
 
 
 ###############################################################################
-# 6. Requests: finding and rewriting `model` ##################################
+# 6. Virtual models ###########################################################
+###############################################################################
+
+
+class SelectorError(Exception):
+    """No target of a selector can take the request (answered with 503)."""
+
+
+class VirtualModels:
+    """Names that stand for other models: the active profile's pins (§2.13) and selectors (§2.14).
+
+    No profile is active at start or after a reload. Spillover selectors count the requests
+    each target is serving, to send the next one where there is room.
+    """
+
+    def __init__(self, config: Config, processes: Mapping[str, ModelProcess]):
+        self.config = config
+        self.processes = processes
+        self.active: str | None = None
+        self.reservations: Counter[tuple[str, str]] = Counter()
+        self.turns: Counter[str] = Counter()  # round-robin among equally loaded spillover targets
+
+    def pinned(self, name: str) -> str:
+        """The active profile's target for a pin name ("" for a disabled pin); other names as they are."""
+        if self.active is None:
+            return name
+        return self.config.profiles[self.active].pins.get(name, name)
+
+    def pinned_path(self, raw_tail: str) -> str:
+        """/upstream/<pin>/rest -> /upstream/<target>/rest, the longest matching pin first."""
+        if self.active is None:
+            return raw_tail
+        for pin in sorted(self.config.profiles[self.active].pins, key=len, reverse=True):
+            if raw_tail == pin or raw_tail.startswith(pin + "/"):
+                return self.pinned(pin) + raw_tail[len(pin):] if self.pinned(pin) else ""
+        return raw_tail
+
+    @contextlib.contextmanager
+    def selecting(self, name: str) -> Iterator[str]:
+        """The target a selector picks for this request (or the name itself), reserved until the block ends."""
+        selector = self.config.selectors.get(name)
+        if selector is None:
+            yield name
+            return
+        target = self._choose(selector)
+        key = (selector.id, target)
+        self.reservations[key] += 1
+        try:
+            yield target
+        finally:
+            self.reservations[key] -= 1
+
+    def _state(self, target: str) -> str:
+        model = self.config.real_model_id(target)
+        return self.processes[model].state if model in self.processes else ""
+
+    def _choose(self, selector: Selector) -> str:
+        if selector.strategy == "pin":
+            return selector.targets[0]
+        if selector.strategy == "warm":
+            for wanted in (READY, STARTING):
+                for target in selector.targets:
+                    if self._state(target) == wanted:
+                        return target
+            return selector.targets[0]
+        return self._spill(selector)
+
+    def _spill(self, selector: Selector) -> str:
+        """Fill active targets up to `spillover` requests each, then wake a cold one."""
+        active, cold = [], []
+        for target in selector.targets:
+            state, reserved = self._state(target), self.reservations[(selector.id, target)]
+            if state == STOPPING:
+                continue
+            (active if state in (READY, STARTING) or reserved > 0 else cold).append(target)
+        if not active:
+            if not cold:
+                raise SelectorError(f'selector "{selector.id}" has no available spillover targets')
+            return cold[0]
+        least = min(self.reservations[(selector.id, t)] for t in active)
+        if least >= selector.spillover and cold:
+            return cold[0]
+        candidates = [t for t in active if self.reservations[(selector.id, t)] == least]
+        self.turns[selector.id] += 1
+        return candidates[self.turns[selector.id] % len(candidates)]
+
+
+###############################################################################
+# 7. Requests: finding and rewriting `model` ##################################
 ###############################################################################
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
@@ -2219,6 +2308,15 @@ def request_model(request: web.BaseRequest, body: bytes) -> str:
     return form.get("model", [query_model])[0]
 
 
+def with_model(request: web.BaseRequest, body: bytes, path_qs: str, model: str) -> tuple[bytes, str]:
+    """Body and path with the requested model replaced where it was read: query or body (§4.4)."""
+    if request.method not in ("GET", "HEAD"):
+        return rewrite_model(request, body, model), path_qs
+    path, _, query = path_qs.partition("?")
+    pairs = [(k, model if k == "model" else v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)]
+    return body, f"{path}?{urllib.parse.urlencode(sorted(pairs))}"
+
+
 def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
     """The body with its model field set to `model` (JSON and multipart bodies; §4.4)."""
     content_type = request.headers.get("Content-Type", "")
@@ -2232,7 +2330,7 @@ def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
 
 
 ###############################################################################
-# 7. Relay ####################################################################
+# 8. Relay ####################################################################
 ###############################################################################
 
 HOP_BY_HOP = frozenset({
@@ -2303,7 +2401,7 @@ def error_text(error: BaseException) -> str:
 
 
 ###############################################################################
-# 8. HTTP #####################################################################
+# 9. HTTP #####################################################################
 ###############################################################################
 
 # Routes whose model is read from the request (§4.1). GET routes read ?model=.
@@ -2439,8 +2537,9 @@ def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], l
     return record
 
 
-def model_records(config: Config, states: Mapping[str, str], created: int) -> list[dict[str, Any]]:
-    """Every /v1/models entry: listed models, their aliases if asked for, peers, selectors; by ID."""
+def model_records(config: Config, states: Mapping[str, str], created: int, profile: Profile | None = None) -> list[dict[str, Any]]:
+    """Every /v1/models entry: listed models, their aliases if asked for, peers, selectors and the
+    active profile's pins; by ID."""
     records = []
     for model_id, model in config.models.items():
         if model.unlisted:
@@ -2461,6 +2560,12 @@ def model_records(config: Config, states: Mapping[str, str], created: int) -> li
     for selector in config.selectors.values():
         if not selector.unlisted:
             records.append(selector_record(selector, config, states, created))
+    if profile:
+        taken = set(config.models) | set(config.aliases) | set(config.peer_routes()) | set(config.selectors)
+        for pin, target in profile.pins.items():
+            if target and pin not in taken:  # a pin that shadows a real name adds no record
+                records.append({"id": pin, "object": "model", "created": created, "owned_by": "llama-swap",
+                                "meta": {"llamaswap": {"type": "profile"}}, "status": {"value": "unloaded"}})
     return sorted(records, key=lambda r: r["id"].encode())
 
 
@@ -2526,6 +2631,7 @@ class Server:
         self.source = source
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
+        self.virtual = VirtualModels(config, self.processes)
         self.preloading: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -2584,6 +2690,7 @@ class Server:
                 changes["kept"].append(model_id)
                 self.processes[model_id].model = after
         self.config = new
+        self.virtual = VirtualModels(new, self.processes)  # no profile is active after a reload
         self.log.level = LEVELS[new.log_level]
         self.scheduler.policy = swap_policy(new)
         self.scheduler.priority = dict(new.routing.priority)
@@ -2607,7 +2714,8 @@ class Server:
             web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
             web.get("/running", self.running), web.get("/unload", self.unload_all_text),
             web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
-            web.get("/api/version", self.version), web.post("/api/config/reload", self.reload_config),
+            web.get("/api/version", self.version),
+            web.get("/api/profiles", self.list_profiles), web.put("/api/profiles/active", self.set_profile), web.post("/api/config/reload", self.reload_config),
             web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
         ]
         app.add_routes(routes)
@@ -2617,24 +2725,29 @@ class Server:
     # -- the hot path ---------------------------------------------------------
 
     async def model_request(self, request: web.Request) -> web.StreamResponse:
-        """request -> model -> scheduler.lease(model) -> relay -> release."""
+        """request -> model (via profile pin or selector) -> scheduler.lease(model) -> relay -> release."""
         body = await request.read()
-        name = request_model(request, body)
+        requested = request_model(request, body)
+        name = self.virtual.pinned(requested)
         if not name:
             raise ApiError(404, "no model id could be identified")
-        model = self.config.real_model_id(name)
-        if model is None:
-            raise ApiError(404, "no router for requested model")
-        if self.config.models[model].use_model_name:
-            body = rewrite_model(request, body, self.config.models[model].use_model_name)
-        async with self.scheduler.lease(model) as process:
-            return await relay(request, process, forwarded_path(request), body)
+        with self.virtual.selecting(name) as name:
+            model = self.config.real_model_id(name)
+            if model is None:
+                raise ApiError(404, "no router for requested model")
+            path_qs = forwarded_path(request)
+            if name != requested:  # a pin or a selector chose: the upstream sees the chosen name
+                body, path_qs = with_model(request, body, path_qs, name)
+            if self.config.models[model].use_model_name:
+                body = rewrite_model(request, body, self.config.models[model].use_model_name)
+            async with self.scheduler.lease(model) as process:
+                return await relay(request, process, path_qs, body)
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """/upstream/<model>/<path>: straight to the model's own server, body untouched (§5.9)."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         raw_tail = raw_path[len("/upstream/"):]
-        model, rest = self.split_upstream_path(raw_tail)
+        model, rest = self.split_upstream_path(self.virtual.pinned_path(raw_tail))
         if model is None:
             raise ApiError(404, "model not found")
         query = mark + raw_query
@@ -2664,7 +2777,8 @@ class Server:
     async def list_models(self, request: web.Request) -> web.Response:
         """The OpenAI model list, with each model's loaded status (§5.1)."""
         states = {m: p.state for m, p in self.processes.items()}
-        records = model_records(self.config, states, int(time.time()))
+        profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
+        records = model_records(self.config, states, int(time.time()), profile)
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
         return json_response({"object": "list", "data": records}, headers=headers)
 
@@ -2709,6 +2823,31 @@ class Server:
             raise ApiError(400, f"config reload failed, the running config is kept: {e}") from None
         return json_response({"msg": "ok", "models": changes})
 
+    async def list_profiles(self, request: web.Request) -> web.Response:
+        profiles = [{"id": p.id, "description": p.description, "pins": p.pins}
+                    for _, p in sorted(self.config.profiles.items(), key=lambda e: e[0].encode())]
+        return json_response({"active": self.virtual.active, "profiles": profiles})
+
+    async def set_profile(self, request: web.Request) -> web.Response:
+        """PUT {"name": "<profile>"} or {"name": null}: pins apply from the next request on (§5.5)."""
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid profile request")
+        if "name" not in body:
+            raise ApiError(400, "profile name is required")
+        name = body["name"]
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "profile name must be a string or null")
+        if name and name not in self.config.profiles:
+            raise ApiError(404, f'profile "{name}" not found')
+        if (name or None) != self.virtual.active:
+            self.virtual.active = name or None
+            self.log.info(f'active profile changed to "{name or ""}"')
+        return json_response({"active": self.virtual.active})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
@@ -2732,6 +2871,8 @@ class Server:
             response = error_response(request, e.status, e.message)
             response.headers.update(e.headers or {})
             return response
+        except SelectorError as e:
+            return error_response(request, 503, str(e))
         except ConcurrencyLimited:
             return web.Response(status=429, text=CONCURRENCY_LIMIT_BODY, content_type="application/json", headers={"Retry-After": "1"})
         except SchedulerError as e:
@@ -2797,7 +2938,7 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 9. CLI ######################################################################
+# 10. CLI #####################################################################
 ###############################################################################
 
 SHUTDOWN_BUDGET = 30.0
