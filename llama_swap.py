@@ -663,8 +663,22 @@ def build_config(doc: dict) -> Config:
     config.selectors = {sid: read_selector(sid, node, config, set(selectors.data)) for sid, node in selectors.children()}
     config.profiles = read_profiles(top.mapping("profiles"), config)
     top.raw("logRequests")  # accepted and unused, as in the original
-    config.warnings = top.unknown_key_warnings() + config.warnings
+    config.warnings = top.unknown_key_warnings() + config.warnings + not_yet_active(config, top)
     return config
+
+
+def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
+    """Keys this version reads and checks but does not act on yet: said out loud, never silent."""
+    keys = [k for k in ("store", "captureBuffer", "metricsMaxInMemory", "performance", "logTimeFormat") if k in top.data]
+    keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
+    keys += ["peers"] if config.peers else []
+    keys += ["sendLoadingState"] if config.send_loading_state else []
+    for model in config.models.values():
+        keys += [f"models.{model.id}.filters"] if model.filters != Filters() else []
+        keys += [f"models.{model.id}.timeouts"] if model.timeouts != Timeouts() else []
+        keys += [f"models.{model.id}.compat.ignoreWebsockets"] if model.ignore_websockets and model.id != "comfyui_auto" else []
+        keys += [f"models.{model.id}.sendLoadingState"] if model.send_loading_state and not config.send_loading_state else []
+    return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
 def expand_models(top: ConfigReader, global_macros: list, readers: list) -> dict[str, tuple[dict, list]]:
