@@ -2214,7 +2214,7 @@ _JSON_DECODER = json.JSONDecoder()
 _FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
 
 
-_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]]')
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')  # strings unrolled: fast on huge ones
 
 
 def json_member_span(text: str, key: str) -> tuple[int, int] | None:
