@@ -2636,6 +2636,22 @@ def launch_settings(model: ModelConfig) -> tuple:
     return model.cmd, tuple(model.env), model.proxy, model.check_endpoint, model.cmd_stop
 
 
+HTTP_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+
+
+@web.middleware
+async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
+    """Any OPTIONS request is a CORS preflight, answered here for every path, without a key (§4.10)."""
+    if request.method != "OPTIONS":
+        return await handler(request)
+    asked = request.headers.get("Access-Control-Request-Headers")
+    allowed = ", ".join(h.strip() for h in asked.split(",") if HTTP_TOKEN.match(h.strip())) if asked is not None else \
+        "Content-Type, Authorization, Accept, X-Requested-With"
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": allowed, "Access-Control-Max-Age": "86400"})
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
@@ -2720,7 +2736,7 @@ class Server:
         self.scheduler.pump()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access_log, self.errors, self.auth], client_max_size=1024 ** 3)
+        app = web.Application(middlewares=[self.access_log, cors_preflight, self.errors, self.auth], client_max_size=1024 ** 3)
         routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
         routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
         routes += [

@@ -146,9 +146,17 @@ async def test_open_paths_and_unknown_paths_need_no_key(start_llama_swap, upstre
         assert (status, text) == (404, "404 page not found\n")
         status, text, _ = await call(s, ls, "GET", "/v1/chat/completions")  # known path, wrong method
         assert status == 405, text
-        status, text, _ = await call(s, ls, "OPTIONS", "/v1/chat/completions",
-                                     {"Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
-        assert status != 401, text
+        status, text, headers = await call(s, ls, "OPTIONS", "/v1/chat/completions",
+                                           {"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+                                            "Access-Control-Request-Headers": "Valid, Bad Header, X-Ok"})
+        assert status == 204, text  # a CORS preflight: answered for any path, without a key (§4.10)
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        assert headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+        assert headers["Access-Control-Allow-Headers"] == "Valid, X-Ok"
+        assert headers["Access-Control-Max-Age"] == "86400"
+        status, _, headers = await call(s, ls, "OPTIONS", "/anything/at/all")
+        assert status == 204
+        assert headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization, Accept, X-Requested-With"
         assert upstreams.pids() == []
 
 
