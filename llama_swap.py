@@ -1778,6 +1778,8 @@ class MatrixPolicy:
         if choice is None:
             return f"matrix: model={target} is in no set, runs alone: evict=[{' '.join(sorted(running))}]"
         name, combo, cost = choice
+        if not running - combo:
+            return ""  # joins what runs, stops nothing: not a swap worth a line
         return (f'matrix: model={target} set={name} dsl="{self.matrix.sets[name]}" '
                 f"evict=[{' '.join(sorted(running - combo))}] target=[{' '.join(sorted(combo))}] cost={cost}")
 
@@ -2438,7 +2440,7 @@ ERROR_KINDS = {
 }
 
 
-CONCURRENCY_LIMIT_BODY = '{"src":"llama-swap","error":{"message":"Too many requests","type":"rate_limit_error","param":null,"code":"concurrency_limit"}}'
+CONCURRENCY_LIMIT_BODY = b'{"src":"llama-swap","error":{"message":"Too many requests","type":"rate_limit_error","param":null,"code":"concurrency_limit"}}'
 OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ico"})
 MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
 
@@ -2904,7 +2906,7 @@ class Server:
         except SelectorError as e:
             return error_response(request, 503, str(e))
         except ConcurrencyLimited:
-            return web.Response(status=429, text=CONCURRENCY_LIMIT_BODY, content_type="application/json", headers={"Retry-After": "1"})
+            return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
         except web.HTTPNotFound:
