@@ -6,6 +6,8 @@ teardown can prove that nothing was left running (and kill it if something was).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import random
 import signal
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from llama_swap import READY, STARTING, STOPPED, GroupPolicy, ModelConfig, ProxyLog, Scheduler, StartError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONDER = Path(__file__).resolve().parent / "responder.py"
@@ -168,3 +172,65 @@ def start_llama_swap(tmp_path: Path, upstreams: Upstreams):
             raise AssertionError(f"llama-swap did not shut down on SIGTERM:\n{server.output()}")
     # Upstreams must already be gone once llama-swap has exited: shutdown stops them all.
     assert wait_until(lambda: not upstreams.alive(), 5), f"upstreams alive after llama-swap exited: {upstreams.alive()}"
+
+
+async def eventually(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll a (sync or async) predicate until it is true or `timeout` seconds have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+class FakeProcess:
+    """Just the surface the scheduler uses: state, model, start(), stop()."""
+
+    def __init__(self, name: str, events: list[str], on_change, limit: int = 100):
+        self.name = name
+        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1,
+                                 concurrency_limit=limit)
+        self.events = events
+        self.on_change = on_change
+        self.state = STOPPED
+        self.fail_next_start = ""
+        self.start_gate = asyncio.Event()
+        self.start_gate.set()
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self.on_change(self)
+
+    async def start(self) -> None:
+        if self.state == READY:
+            return
+        self.events.append(f"start {self.name}")
+        self._set(STARTING)
+        await self.start_gate.wait()
+        await asyncio.sleep(0.01)
+        if self.fail_next_start:
+            message, self.fail_next_start = self.fail_next_start, ""
+            self._set(STOPPED)
+            raise StartError(message)
+        self._set(READY)
+
+    async def stop(self, timeout: float) -> None:
+        if self.state != STOPPED:
+            self.events.append(f"stop {self.name}")
+            await asyncio.sleep(0.01)
+            self._set(STOPPED)
+
+
+def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100):
+    events: list[str] = []
+    holder: dict[str, Scheduler] = {}
+    processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit) for n in names}
+    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), ProxyLog(level="error"), priority=priority)
+    holder["s"] = scheduler
+    return scheduler, processes, events

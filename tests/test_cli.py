@@ -184,7 +184,7 @@ def test_non_loopback_listen_address_logs_reachable_warning(listen, warns, tmp_p
     port = free_port()
     server = start(servers, [PY, "-m", "llama_swap"], tmp_path, "--config", str(config),
                    "--listen", listen.format(port=port))
-    assert server.wait_for(f"listening on http://"), server.output()
+    assert server.wait_for("listening on http://"), server.output()
     if warns:
         assert server.wait_for("reachable by all hosts", 5), server.output()
         assert f"localhost:{port}" in server.output()

@@ -11,7 +11,6 @@ llama-swap to see typed macro values and §5.1 rendering in `/v1/models`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

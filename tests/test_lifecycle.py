@@ -10,7 +10,6 @@ passed (a graceful stop window that has to be waited out).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import pid_alive
+from conftest import eventually, pid_alive
 
 HEALTH_TIMEOUT = 15  # the minimum healthCheckTimeout; every config uses it
 START_BOUND = 20.0  # seconds a cold responder may take to become ready on a slow machine
@@ -34,19 +33,6 @@ def config(models: dict[str, dict], **top) -> dict:
     return {"healthCheckTimeout": HEALTH_TIMEOUT, **top, "models": models}
 
 
-async def eventually(predicate, timeout: float, interval: float = 0.05) -> bool:
-    """Poll a (sync or async) predicate until it is true or `timeout` seconds have passed."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(interval)
 
 
 async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:

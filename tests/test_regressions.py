@@ -8,7 +8,6 @@ loose upper bounds, or lower bounds only where a clock must have passed.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import random
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import PY, ROOT, pid_alive
+from conftest import PY, ROOT, eventually, pid_alive
 
 HEALTH_TIMEOUT = 15  # the minimum healthCheckTimeout: the graceful window of an eviction
 TIMEOUT = aiohttp.ClientTimeout(total=90)
@@ -40,19 +39,6 @@ def write(ls, cfg: dict) -> None:
     ls.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-async def eventually(predicate, timeout: float, interval: float = 0.05) -> bool:
-    """Poll a (sync or async) predicate until it is true or `timeout` seconds have passed."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(interval)
 
 
 def parse(raw: bytes) -> dict:

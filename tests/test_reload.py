@@ -13,7 +13,7 @@ import signal
 import aiohttp
 import yaml
 
-from conftest import free_port_block, pid_alive
+from conftest import eventually, free_port_block, pid_alive
 
 
 def write(ls, config: dict) -> None:
@@ -35,13 +35,6 @@ async def upstream_pid(session: aiohttp.ClientSession, ls, model: str) -> int:
         return (await r.json())["pid"]
 
 
-async def eventually(predicate, timeout: float) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return await predicate()
 
 
 def base_config(upstreams, **models) -> dict:

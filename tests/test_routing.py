@@ -13,7 +13,6 @@ Config DSL *errors* live in test_config_validation.py; this module checks what v
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import json
 import re
@@ -24,9 +23,9 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import pid_alive
-from llama_swap import (READY, STARTING, STOPPED, ConcurrencyLimited, Group, GroupPolicy, MatrixPolicy, ModelConfig,
-                        ProxyLog, Scheduler, SchedulerError, StartError, Ticket, parse_config)
+from conftest import eventually, make_scheduler, pid_alive
+from llama_swap import (READY, STARTING, STOPPED, ConcurrencyLimited, Group, GroupPolicy, MatrixPolicy, Scheduler,
+                        SchedulerError, Ticket, parse_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATH = ROOT / "config.example.yaml"
@@ -349,51 +348,8 @@ def test_groups_under_routing_router_settings_read_like_legacy_groups():
 # =========================================================================== 3. scheduler
 
 
-class FakeProcess:
-    """Just the surface the scheduler uses: state, start(), stop() (as in test_scheduler.py)."""
-
-    def __init__(self, name: str, events: list[str], on_change, limit: int = 100):
-        self.name = name
-        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1,
-                                 concurrency_limit=limit)
-        self.events = events
-        self.on_change = on_change
-        self.state = STOPPED
-        self.fail_next_start = ""
-        self.start_gate = asyncio.Event()
-        self.start_gate.set()
-
-    def _set(self, state: str) -> None:
-        self.state = state
-        self.on_change(self)
-
-    async def start(self) -> None:
-        if self.state == READY:
-            return
-        self.events.append(f"start {self.name}")
-        self._set(STARTING)
-        await self.start_gate.wait()
-        await asyncio.sleep(0.01)
-        if self.fail_next_start:
-            message, self.fail_next_start = self.fail_next_start, ""
-            self._set(STOPPED)
-            raise StartError(message)
-        self._set(READY)
-
-    async def stop(self, timeout: float) -> None:
-        if self.state != STOPPED:
-            self.events.append(f"stop {self.name}")
-            await asyncio.sleep(0.01)
-            self._set(STOPPED)
 
 
-def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100):
-    events: list[str] = []
-    holder: dict[str, Scheduler] = {}
-    processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit) for n in names}
-    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), ProxyLog(level="error"), priority=priority)
-    holder["s"] = scheduler
-    return scheduler, processes, events
 
 
 async def settle(rounds: int = 5) -> None:
@@ -679,18 +635,6 @@ def config(models: dict[str, dict], **top) -> dict:
     return {"healthCheckTimeout": HEALTH_TIMEOUT, **top, "models": models}
 
 
-async def eventually(predicate, timeout: float, interval: float = 0.05) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(interval)
 
 
 async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:

@@ -10,54 +10,8 @@ import asyncio
 
 import pytest
 
-from llama_swap import READY, ModelConfig, STARTING, STOPPED, Group, GroupPolicy, ProxyLog, Scheduler, SchedulerError, StartError
-
-
-class FakeProcess:
-    """Just the surface the scheduler uses: state, start(), stop()."""
-
-    def __init__(self, name: str, events: list[str], on_change):
-        self.name = name
-        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1,
-                                 concurrency_limit=100)
-        self.events = events
-        self.on_change = on_change
-        self.state = STOPPED
-        self.fail_next_start = ""
-        self.start_gate = asyncio.Event()
-        self.start_gate.set()
-
-    def _set(self, state: str) -> None:
-        self.state = state
-        self.on_change(self)
-
-    async def start(self) -> None:
-        if self.state == READY:
-            return
-        self.events.append(f"start {self.name}")
-        self._set(STARTING)
-        await self.start_gate.wait()
-        await asyncio.sleep(0.01)
-        if self.fail_next_start:
-            message, self.fail_next_start = self.fail_next_start, ""
-            self._set(STOPPED)
-            raise StartError(message)
-        self._set(READY)
-
-    async def stop(self, timeout: float) -> None:
-        if self.state != STOPPED:
-            self.events.append(f"stop {self.name}")
-            await asyncio.sleep(0.01)
-            self._set(STOPPED)
-
-
-def make_scheduler(*names: str, policy: GroupPolicy | None = None):
-    events: list[str] = []
-    holder: dict[str, Scheduler] = {}
-    processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump()) for n in names}
-    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), ProxyLog(level="error"))
-    holder["s"] = scheduler
-    return scheduler, processes, events
+from conftest import make_scheduler
+from llama_swap import READY, Group, GroupPolicy, Scheduler, SchedulerError
 
 
 async def serve(scheduler: Scheduler, model: str, served: list[str], hold: float = 0.02) -> None:
