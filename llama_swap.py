@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import difflib
+import functools
 import hmac
 import html
 import ipaddress
@@ -243,6 +244,7 @@ class Config:
             return name
         return self.aliases.get(name)
 
+    @functools.cached_property
     def peer_routes(self) -> dict[str, tuple[str, str]]:
         """Requested name -> (peer ID, the peer's model ID): every FQN, and unambiguous bare names."""
         routes = {f"{p.id}/{m}": (p.id, m) for p in self.peers.values() for m in p.models}
@@ -257,7 +259,7 @@ class Config:
 
     def resolves(self, name: str) -> bool:
         """Whether a name reaches a model: local ID, alias, peer FQN or unique bare peer name."""
-        return self.real_model_id(name) is not None or name in self.peer_routes()
+        return self.real_model_id(name) is not None or name in self.peer_routes
 
 
 class ConfigReader:
@@ -671,10 +673,8 @@ def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
     """Keys this version reads and checks but does not act on yet: said out loud, never silent."""
     keys = [k for k in ("store", "captureBuffer", "metricsMaxInMemory", "performance", "logTimeFormat") if k in top.data]
     keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
-    keys += ["peers"] if config.peers else []
     keys += ["sendLoadingState"] if config.send_loading_state else []
     for model in config.models.values():
-        keys += [f"models.{model.id}.filters"] if model.filters != Filters() else []
         keys += [f"models.{model.id}.timeouts"] if model.timeouts != Timeouts() else []
         keys += [f"models.{model.id}.compat.ignoreWebsockets"] if model.ignore_websockets and model.id != "comfyui_auto" else []
         keys += [f"models.{model.id}.sendLoadingState"] if model.send_loading_state and not config.send_loading_state else []
@@ -1202,7 +1202,7 @@ def read_selector(selector_id: str, node: ConfigReader, config: Config, selector
         raise ConfigError(f'{path}: name conflicts with model ID "{selector_id}"')
     if selector_id in config.aliases:
         raise ConfigError(f'{path}: name conflicts with model alias "{selector_id}"')
-    if selector_id in config.peer_routes():
+    if selector_id in config.peer_routes:
         raise ConfigError(f'{path}: name conflicts with peer model "{selector_id}"')
     strategy = node.string("strategy")
     if not strategy:
@@ -1230,7 +1230,7 @@ def read_selector(selector_id: str, node: ConfigReader, config: Config, selector
 
 def check_spillover_targets(path: str, targets: list[str], config: Config) -> None:
     """Spillover sends requests to several targets at once, so the local ones must be able to run together."""
-    peers = config.peer_routes()
+    peers = config.peer_routes
     resolved = [config.real_model_id(t) or ("/".join(peers[t]) if t in peers else t) for t in targets]
     for name in resolved:
         if resolved.count(name) > 1:
@@ -2267,16 +2267,118 @@ def json_model(body: bytes) -> str:
 
 def replace_json_model(body: bytes, model: str) -> bytes:
     """The body with only its top-level `model` changed; every other byte kept."""
-    text = body.decode("utf-8", "surrogateescape")
-    value = json.dumps(model, ensure_ascii=False)
-    span = json_member_span(text, "model")
-    if span is not None:
-        text = text[: span[0]] + value + text[span[1]:]
-    else:
-        brace = text.index("{") + 1
-        rest = text[brace:].lstrip()
-        text = text[:brace] + f'"model":{value}' + ("," if not rest.startswith("}") else "") + text[brace:]
-    return text.encode("utf-8", "surrogateescape")
+    return json_edit(body, lambda text: json_set(text, "model", model))
+
+
+def json_edit(body: bytes, edit: Callable[[str], str]) -> bytes:
+    """Edit a JSON body as text, so that bytes nobody touches come back exactly as they were."""
+    return edit(body.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class JsonMember:
+    key: str
+    key_start: int
+    value_start: int
+    value_end: int
+
+
+def json_object(text: str, start: int) -> tuple[list[JsonMember], int] | None:
+    """The members of the object at `start` and the position of its closing brace, or None."""
+    i = _JSON_WS.match(text, start).end()
+    if not text.startswith("{", i):
+        return None
+    members, depth = [], 0
+    for token in _JSON_TOKEN.finditer(text, i):
+        lexeme = token.group()
+        if lexeme in ("{", "["):
+            depth += 1
+        elif lexeme in ("}", "]"):
+            depth -= 1
+            if depth == 0:
+                return members, token.start()
+        elif depth == 1:
+            colon = _JSON_WS.match(text, token.end()).end()
+            key = _json_string(lexeme)
+            if text.startswith(":", colon) and key is not None:
+                value_start = _JSON_WS.match(text, colon + 1).end()
+                try:
+                    value_end = _JSON_DECODER.raw_decode(text, value_start)[1]
+                except ValueError:
+                    return None
+                members.append(JsonMember(key, token.start(), value_start, value_end))
+    return None
+
+
+def _json_path(text: str, path: str) -> tuple[list[JsonMember], int, str] | None:
+    """For `a.b.c`: the members and closing brace of the object at `a.b`, and `c`."""
+    *parents, last = path.split(".")
+    start = 0
+    for key in parents:
+        found = json_object(text, start)
+        member = next((m for m in found[0] if m.key == key), None) if found else None
+        if member is None:
+            return None
+        start = member.value_start
+    found = json_object(text, start)
+    return (found[0], found[1], last) if found else None
+
+
+def json_set(text: str, path: str, value: Any) -> str:
+    """Set a (dotted) path like sjson: replace the value, or add the member (and missing parents) at the end."""
+    encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    keys = path.split(".")
+    for depth in range(len(keys), 0, -1):  # the deepest object that exists
+        located = _json_path(text, ".".join(keys[:depth]))
+        if located is None:
+            continue
+        members, close, key = located
+        member = next((m for m in members if m.key == key), None)
+        if member and depth == len(keys):
+            return text[: member.value_start] + encoded + text[member.value_end:]
+        nested = encoded
+        for inner in reversed(keys[depth:]):
+            nested = "{" + json.dumps(inner, ensure_ascii=False) + ":" + nested + "}"
+        if member:  # a parent exists but is not an object: it is replaced, as sjson does
+            return text[: member.value_start] + nested + text[member.value_end:]
+        addition = json.dumps(key, ensure_ascii=False) + ":" + nested
+        return text[:close] + ("," if members else "") + addition + text[close:]
+    return text
+
+
+def json_delete(text: str, path: str) -> str:
+    """Remove a (dotted) path and one comma next to it; the rest of the text stays as it was."""
+    located = _json_path(text, path)
+    if located is None:
+        return text
+    members, _close, key = located
+    index = next((i for i, m in enumerate(members) if m.key == key), None)
+    if index is None:
+        return text
+    member = members[index]
+    if index + 1 < len(members):
+        return text[: member.key_start] + text[members[index + 1].key_start:]
+    if index > 0:
+        return text[: members[index - 1].value_end] + text[member.value_end:]
+    return text[: member.key_start] + text[member.value_end:]
+
+
+def apply_filters(body: bytes, filters: Filters, requested: str) -> bytes:
+    """stripParams, then setParams, then setParamsByID[requested] (§4.4); `model` is never touched."""
+    by_id = filters.set_params_by_id.get(requested, {})
+    if not (filters.strip_params or filters.set_params or by_id):
+        return body
+
+    def edit(text: str) -> str:
+        for path in filters.strip_params:
+            text = json_delete(text, path)
+        for params in (filters.set_params, by_id):
+            for key in sorted(params):
+                if key != "model":
+                    text = json_set(text, key, params[key])
+        return text
+
+    return json_edit(body, edit)
 
 
 def multipart_field_span(body: bytes, content_type: str, name: str) -> tuple[int, int] | None:
@@ -2369,26 +2471,39 @@ def client_ip(request: web.BaseRequest) -> str:
     return request.headers.get("X-Real-IP") or request.remote or ""
 
 
-async def relay(request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
+class UpstreamError(Exception):
+    """The upstream could not be reached or sent no answer; nothing went to the client yet."""
+
+
+def forwarded_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
+    """For a local upstream: the client's headers (Host too), X-Forwarded-For extended."""
+    prior = request.headers.get("X-Forwarded-For")
+    headers = [(k, v) for k, v in end_to_end_headers(request.headers) if k.lower() != "x-forwarded-for"]
+    headers.append(("X-Forwarded-For", f"{prior}, {request.remote}" if prior else request.remote or ""))
+    return headers
+
+
+def peer_headers(request: web.BaseRequest, peer: PeerConfig) -> list[tuple[str, str]]:
+    """For a peer: Host is the peer's; its apiKey, when set, replaces the client's credentials (§4.8)."""
+    drop = {"host"} | ({"authorization", "x-api-key"} if peer.api_key else set())
+    headers = [(k, v) for k, v in end_to_end_headers(request.headers) if k.lower() not in drop]
+    if peer.api_key:
+        headers += [("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)]
+    return headers
+
+
+async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, body: bytes,
+                headers: list[tuple[str, str]], log: ProxyLog, label: str) -> web.StreamResponse:
     """Send the request upstream and copy the answer back as it arrives: status, headers, bytes.
 
     Every chunk is written (and flushed) the moment it is read; nothing is parsed. If the client
     goes away, the handler is cancelled and leaving this block closes the upstream connection.
     """
-    headers = end_to_end_headers(request.headers)
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers = [(k, v) for k, v in headers if k.lower() != "x-forwarded-for"]
-    headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     skip = [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
-    session = process.session
-    if session is None:  # it crashed or was stopped between the grant and now
-        raise ApiError(503, f"[{process.model.id}] process is not ready")
     response: web.StreamResponse | None = None
     try:
-        async with session.request(
-                request.method, process.url_for(path_qs), headers=headers, data=body or None,
-                allow_redirects=False, skip_auto_headers=skip) as upstream:
+        async with session.request(request.method, url, headers=headers, data=body or None,
+                                   allow_redirects=False, skip_auto_headers=skip) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in end_to_end_headers(upstream.headers):
                 response.headers.add(key, value)
@@ -2403,10 +2518,10 @@ async def relay(request: web.Request, process: ModelProcess, path_qs: str, body:
             return response
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         if response is None or not response.prepared:
-            raise ApiError(502, f"upstream {process.model.id} unreachable: {error_text(e)}") from None
+            raise UpstreamError(error_text(e)) from None
         if request.transport is None or request.transport.is_closing():
             return response  # the client left; leaving the block above closed the upstream request
-        process.log.info(f"<{process.model.id}> recovered from upstream disconnection during streaming: {error_text(e)}")
+        log.info(f"{label} recovered from upstream disconnection during streaming: {error_text(e)}")
         if request.transport:
             request.transport.close()  # a cut stream must look cut to the client, not complete
         return response
@@ -2577,7 +2692,7 @@ def model_records(config: Config, states: Mapping[str, str], created: int, profi
         if not selector.unlisted:
             records.append(selector_record(selector, config, states, created))
     if profile:
-        taken = set(config.models) | set(config.aliases) | set(config.peer_routes()) | set(config.selectors)
+        taken = set(config.models) | set(config.aliases) | set(config.peer_routes) | set(config.selectors)
         for pin, target in profile.pins.items():
             if target and pin not in taken:  # a pin that shadows a real name adds no record
                 records.append({"id": pin, "object": "model", "created": created, "owned_by": "llama-swap",
@@ -2665,11 +2780,14 @@ class Server:
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
         self.virtual = VirtualModels(config, self.processes)
         self.preloading: asyncio.Task | None = None
+        self.peer_session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
-        """Once listening: TTL unloads begin and `hooks.on_startup.preload` models load."""
+        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, peers get a session."""
         self.scheduler.start()
         self._preload()
+        self.peer_session = aiohttp.ClientSession(
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
 
     def _preload(self) -> None:
         if self.preloading:
@@ -2752,6 +2870,7 @@ class Server:
         ]
         app.add_routes(routes)
         app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
         return app
 
     # -- the hot path ---------------------------------------------------------
@@ -2766,14 +2885,48 @@ class Server:
         with self.virtual.selecting(name) as name:
             model = self.config.real_model_id(name)
             if model is None:
-                raise ApiError(404, "no router for requested model")
+                return await self.peer_request(request, body, requested, name)
             path_qs = forwarded_path(request)
             if name != requested:  # a pin or a selector chose: the upstream sees the chosen name
                 body, path_qs = with_model(request, body, path_qs, name)
-            if self.config.models[model].use_model_name:
-                body = rewrite_model(request, body, self.config.models[model].use_model_name)
+            settings = self.config.models[model]
+            if settings.use_model_name:
+                body = rewrite_model(request, body, settings.use_model_name)
+            if "application/json" in request.headers.get("Content-Type", ""):
+                body = apply_filters(body, settings.filters, name)
             async with self.scheduler.lease(model) as process:
-                return await relay(request, process, path_qs, body)
+                return await self.relay_local(request, process, path_qs, body)
+
+    async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str) -> web.StreamResponse:
+        """A model another server has: forwarded at once, no queue, no limit (§4.8)."""
+        route = self.config.peer_routes.get(name)
+        if route is None:
+            raise ApiError(404, "no router for requested model")
+        peer = self.config.peers[route[0]]
+        path_qs = forwarded_path(request)
+        if route[1] != requested:  # the peer knows the model by its own name
+            body, path_qs = with_model(request, body, path_qs, route[1])
+        if "application/json" in request.headers.get("Content-Type", ""):
+            body = apply_filters(body, peer.filters, name)
+        return await self.relay_peer(request, peer, path_qs, body)
+
+    async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
+        session = process.session
+        if session is None:  # it crashed or was stopped between the grant and now
+            raise ApiError(503, f"[{process.model.id}] process is not ready")
+        try:
+            return await relay(request, session, process.url_for(path_qs), body, forwarded_headers(request),
+                               self.log, f"<{process.model.id}>")
+        except UpstreamError as e:
+            raise ApiError(502, f"upstream {process.model.id} unreachable: {e}") from None
+
+    async def relay_peer(self, request: web.Request, peer: PeerConfig, path_qs: str, body: bytes) -> web.StreamResponse:
+        url = URL(peer.proxy.rstrip("/") + path_qs, encoded=True)
+        try:
+            return await relay(request, self.peer_session, url, body, peer_headers(request, peer), self.log, f"peer {peer.id}:")
+        except UpstreamError as e:
+            self.log.warn(f"peer {peer.id}: proxy error: {e}")
+            raise ApiError(502, f"peer proxy error: {e}") from None
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """/upstream/<model>/<path>: straight to the model's own server, body untouched (§5.9)."""
@@ -2783,6 +2936,9 @@ class Server:
         if model is None:
             raise ApiError(404, "model not found")
         query = mark + raw_query
+        if model in self.config.peer_routes and rest:
+            peer = self.config.peers[self.config.peer_routes[model][0]]
+            return await self.relay_peer(request, peer, rest + query, await request.read())
         if not rest:
             # Location is set by hand: aiohttp's redirect classes would re-encode the query.
             status = 301 if request.method in ("GET", "HEAD") else 308
@@ -2791,14 +2947,14 @@ class Server:
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
         body = await request.read()
         async with self.scheduler.lease(model) as process:
-            return await relay(request, process, rest + query, body)
+            return await self.relay_local(request, process, rest + query, body)
 
     def split_upstream_path(self, raw_tail: str) -> tuple[str | None, str]:
         """(model ID, raw remainder) for the longest leading run of path segments naming a model."""
         segments = raw_tail.split("/")
         for count in range(len(segments), 0, -1):
             name = urllib.parse.unquote("/".join(segments[:count]))
-            model = self.config.real_model_id(name)
+            model = self.config.real_model_id(name) or (name if name in self.config.peer_routes else None)
             if model is not None:
                 rest = "/".join(segments[count:])
                 return model, ("/" + rest) if count < len(segments) else ""
@@ -2958,6 +3114,10 @@ class Server:
         if self.preloading:
             self.preloading.cancel()
         self.scheduler.close()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self.peer_session:
+            await self.peer_session.close()
 
 
 def forwarded_path(request: web.BaseRequest) -> str:

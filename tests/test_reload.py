@@ -139,9 +139,12 @@ async def test_a_removed_model_finishes_its_requests_then_stops(start_llama_swap
         async def b_gone() -> bool:
             return not pid_alive(b_pid)
 
+        async def nothing_running() -> bool:
+            async with s.get(ls.url + "/running") as r:
+                return (await r.json())["running"] == []
+
         assert await eventually(b_gone, 15)
-        async with s.get(ls.url + "/running") as r:
-            assert [e["model"] for e in (await r.json())["running"]] == []
+        assert await eventually(nothing_running, 5)  # the stop is done once its output is read too
 
 
 async def test_sighup_reloads_the_config(start_llama_swap, upstreams):

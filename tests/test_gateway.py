@@ -1,0 +1,111 @@
+"""Gateway features (§4.4 filters, §4.8 peers), checked on what the upstream really received."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from conftest import LlamaSwap, free_port, free_port_block
+from llama_swap import apply_filters, json_delete, json_set, parse_config
+
+
+async def post_raw(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    async with session.post(url + "/v1/chat/completions", data=body,
+                            headers={"Content-Type": "application/json", **(headers or {})}) as r:
+        return r.status, json.loads(await r.read())
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("temperature", '{"model": "m",\n  "top_p" :0.9, "nested": {"a": 1, "b": [1, 2]}}'),
+    ("top_p", '{"model": "m",\n  "temperature": 0.7, "nested": {"a": 1, "b": [1, 2]}}'),
+    ("nested.a", '{"model": "m",\n  "temperature": 0.7, "top_p" :0.9, "nested": {"b": [1, 2]}}'),
+    ("nested.b", '{"model": "m",\n  "temperature": 0.7, "top_p" :0.9, "nested": {"a": 1}}'),
+    ("absent", '{"model": "m",\n  "temperature": 0.7, "top_p" :0.9, "nested": {"a": 1, "b": [1, 2]}}'),
+])
+def test_deleting_a_path_keeps_every_other_byte(path, expected):
+    body = '{"model": "m",\n  "temperature": 0.7, "top_p" :0.9, "nested": {"a": 1, "b": [1, 2]}}'
+    assert json_delete(body, path) == expected
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("temperature", 0.1, '{"model": "m", "temperature": 0.1 }'),
+    ("max_tokens", 64, '{"model": "m", "temperature": 0.7 ,"max_tokens":64}'),
+    ("chat_template_kwargs.enable_thinking", False,
+     '{"model": "m", "temperature": 0.7 ,"chat_template_kwargs":{"enable_thinking":false}}'),
+    ("temperature", {"x": "é"}, '{"model": "m", "temperature": {"x":"é"} }'),
+])
+def test_setting_a_path_changes_only_that_value(path, value, expected):
+    assert json_set('{"model": "m", "temperature": 0.7 }', path, value) == expected
+
+
+def test_filters_strip_then_set_then_set_by_id_and_never_touch_model():
+    config = parse_config("""
+models:
+  m:
+    cmd: srv --port ${PORT}
+    filters:
+      stripParams: "top_p, model, temperature"
+      setParams: {temperature: 0.2, model: evil, max_tokens: 100}
+      setParamsByID:
+        "${MODEL_ID}:think": {max_tokens: 4000, reasoning: {effort: high}}
+""")
+    body = b'{"model":"m:think","top_p":0.5,"temperature":1.5,"messages":[{"role":"user","content":"hi"}]}'
+    out = json.loads(apply_filters(body, config.models["m"].filters, "m:think"))
+    assert out == {"model": "m:think", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2,
+                   "max_tokens": 4000, "reasoning": {"effort": "high"}}
+    assert config.real_model_id("m:think") == "m"
+
+
+async def test_filters_reach_the_upstream_byte_for_byte(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+        "cmd": upstreams.cmd(name="m"),
+        "filters": {"stripParams": "top_p", "setParams": {"temperature": 0.2}}}}})
+    body = b'{ "model" : "m" ,\n "top_p": 0.5,\t"messages": [ {"role":"user","content":"\\u00e9 <b>"} ], "temperature": 1 }'
+    async with aiohttp.ClientSession() as s:
+        status, reply = await post_raw(s, ls.url, body)
+    assert status == 200, reply
+    expected = b'{ "model" : "m" ,\n "messages": [ {"role":"user","content":"\\u00e9 <b>"} ], "temperature": 0.2 }'
+    assert reply["echo"]["body"].encode() == expected
+
+
+async def test_a_bare_peer_model_and_its_full_name_reach_the_peer_with_its_key(start_llama_swap, upstreams, tmp_path):
+    # The "peer" is a second llama-swap-py with one model; ours forwards to it.
+    peer_dir = tmp_path / "peer"
+    peer_dir.mkdir()
+    peer = LlamaSwap(peer_dir, {"startPort": free_port_block(), "healthCheckTimeout": 15,
+                                "models": {"remote-model": {"cmd": upstreams.cmd(name="remote-model")}}})
+    try:
+        ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
+                               "peers": {"box2": {"proxy": peer.url, "models": ["remote-model"], "apiKey": "peer-secret",
+                                                  "filters": {"setParams": {"temperature": 0.3}}}}})
+        async with aiohttp.ClientSession() as s:
+            for name in ("box2/remote-model", "remote-model"):
+                status, reply = await post_raw(s, ls.url, json.dumps({"model": name, "temperature": 1}).encode(),
+                                               {"Authorization": "Bearer client-key"})
+                assert status == 200, reply
+                echo = reply["echo"]
+                assert json.loads(echo["body"]) == {"model": "remote-model", "temperature": 0.3}
+                assert echo["headers"]["Authorization"] == "Bearer peer-secret"
+                assert echo["headers"]["x-api-key"] == "peer-secret" or echo["headers"].get("X-Api-Key") == "peer-secret"
+            async with s.get(ls.url + "/v1/models") as r:
+                records = {m["id"]: m for m in (await r.json())["data"]}
+            assert records["box2/remote-model"]["meta"] == {"llamaswap": {"type": "peer", "peerID": "box2"}}
+            assert records["box2/remote-model"]["name"] == "box2: remote-model"
+            async with s.get(ls.url + "/running") as r:
+                assert (await r.json())["running"] == []  # a peer is never "loaded" here
+    finally:
+        peer.stop()
+
+
+async def test_a_peer_that_cannot_be_reached_gets_a_502_envelope(start_llama_swap, upstreams):
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
+                           "peers": {"gone": {"proxy": dead, "models": ["x"]}}})
+    async with aiohttp.ClientSession() as s:
+        status, reply = await post_raw(s, ls.url, b'{"model":"gone/x"}')
+    assert status == 502
+    assert reply["error"]["code"] == "bad_gateway"
+    assert reply["error"]["message"].startswith("peer proxy error: ")
+    assert "peer gone: proxy error:" in ls.output()
