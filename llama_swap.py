@@ -673,11 +673,9 @@ def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
     """Keys this version reads and checks but does not act on yet: said out loud, never silent."""
     keys = [k for k in ("store", "captureBuffer", "metricsMaxInMemory", "performance", "logTimeFormat") if k in top.data]
     keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
-    keys += ["sendLoadingState"] if config.send_loading_state else []
     for model in config.models.values():
         keys += [f"models.{model.id}.timeouts"] if model.timeouts != Timeouts() else []
         keys += [f"models.{model.id}.compat.ignoreWebsockets"] if model.ignore_websockets and model.id != "comfyui_auto" else []
-        keys += [f"models.{model.id}.sendLoadingState"] if model.send_loading_state and not config.send_loading_state else []
     return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
@@ -1858,30 +1856,38 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
-        """The model's process, ready and counted as serving until the block ends.
+        """The model's process, ready and counted as serving until the block ends."""
+        with self.admitted(model):
+            async with self.granted(self.ticket(model)) as process:
+                yield process
 
-        Admission comes first: a model with `concurrencyLimit` requests already admitted
-        refuses this one at once (ConcurrencyLimited), before anything is streamed.
-        """
-        self._admit(model)
-        try:
-            await self._acquire(model)
-            try:
-                yield self.processes[model]
-            finally:
-                self._release(model)
-        finally:
-            self.reserved[model] -= 1
-
-    def _admit(self, model: str) -> None:
+    @contextlib.contextmanager
+    def admitted(self, model: str) -> Iterator[None]:
+        """Admission, before anything else (and before any stream): a model that already has
+        `concurrencyLimit` requests queued, waiting or served refuses this one (ConcurrencyLimited)."""
         if self.closed_reason:
             raise SchedulerError(self.closed_reason)
         if model in self.processes and self.reserved[model] >= self.processes[model].model.concurrency_limit:
             raise ConcurrencyLimited("Too many requests")
         self.reserved[model] += 1
+        try:
+            yield
+        finally:
+            self.reserved[model] -= 1
 
-    async def _acquire(self, model: str) -> None:
-        ticket = Ticket(model, self.priority.get(model, 0))
+    def ticket(self, model: str) -> Ticket:
+        return Ticket(model, self.priority.get(model, 0))
+
+    @contextlib.asynccontextmanager
+    async def granted(self, ticket: Ticket) -> AsyncIterator[ModelProcess]:
+        """The ticket's model, ready and counted as serving until the block ends."""
+        await self._acquire(ticket)
+        try:
+            yield self.processes[ticket.model]
+        finally:
+            self._release(ticket.model)
+
+    async def _acquire(self, ticket: Ticket) -> None:
         if not self._place(ticket):
             self._enqueue(ticket)
         try:
@@ -2512,8 +2518,7 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, 
             if "text/event-stream" in upstream.headers.get("Content-Type", ""):
                 response.headers["X-Accel-Buffering"] = "no"
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            await copy_body(upstream, response)
             await response.write_eof()
             return response
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -2525,6 +2530,22 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, 
         if request.transport:
             request.transport.close()  # a cut stream must look cut to the client, not complete
         return response
+
+
+async def copy_body(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+    async for chunk in upstream.content.iter_any():
+        await response.write(chunk)
+
+
+async def relay_into(response: web.StreamResponse, request: web.Request, session: aiohttp.ClientSession, url: URL,
+                     body: bytes, headers: list[tuple[str, str]]) -> None:
+    """Only the upstream's body, into a response already under way (the loading stream's)."""
+    try:
+        async with session.request(request.method, url, headers=headers, data=body or None,
+                                   allow_redirects=False) as upstream:
+            await copy_body(upstream, response)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise UpstreamError(error_text(e)) from None
 
 
 def error_text(error: BaseException) -> str:
@@ -2769,6 +2790,69 @@ async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
         "Access-Control-Allow-Headers": allowed, "Access-Control-Max-Age": "86400"})
 
 
+def wants_stream(request: web.BaseRequest, body: bytes) -> bool:
+    """Whether the client asked for a stream: `stream` in the JSON body, or ?stream=true."""
+    if request.method in ("GET", "HEAD"):
+        return request.query.get("stream") == "true"
+    text = body.decode("utf-8", "surrogateescape")
+    span = json_member_span(text, "stream")
+    try:
+        value = json.loads(text[span[0]:span[1]]) if span else False
+    except ValueError:
+        return False
+    return value is True or value == "true" or (type(value) in (int, float) and value != 0)
+
+
+class LoadingStream:
+    """What a user sees in the reasoning field of their chat while the model loads (§6.4): the
+    model's name, the queue position when it changes, a dot every 0.75 s, then how long it took."""
+
+    TICK = 0.75
+    RULE = "\u2501" * 5
+
+    def __init__(self, request: web.Request, model: str, position: Callable[[], int]):
+        self.request = request
+        self.model = model
+        self.position = position
+        self.began = time.monotonic()
+        self.response = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.ticker: asyncio.Task | None = None
+
+    async def open(self) -> web.StreamResponse:
+        await self.response.prepare(self.request)
+        await self.say(f"{self.RULE}\nllama-swap loading model: {self.model}\n")
+        self.ticker = asyncio.create_task(self._tick())
+        return self.response
+
+    async def say(self, text: str) -> None:
+        event = {"choices": [{"delta": {"reasoning_content": text}}]}
+        await self.response.write(f"data: {go_json(event)}\n\n".encode())
+
+    async def _tick(self) -> None:
+        shown = 0
+        while True:
+            await asyncio.sleep(self.TICK)
+            position = self.position()
+            if position and position != shown:
+                await self.say(f"\nQueue position: #{position} ")
+            else:
+                await self.say(".")
+            shown = position
+
+    async def stop(self) -> None:
+        if self.ticker:
+            self.ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await self.ticker
+            self.ticker = None
+
+    async def finish(self) -> None:
+        """The model is ready: say so, then the real answer follows in the same stream."""
+        await self.stop()
+        await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
@@ -2894,8 +2978,34 @@ class Server:
                 body = rewrite_model(request, body, settings.use_model_name)
             if "application/json" in request.headers.get("Content-Type", ""):
                 body = apply_filters(body, settings.filters, name)
+            if settings.send_loading_state and self.processes[model].state != READY and \
+                    path_qs.startswith("/v1/chat/completions") and wants_stream(request, body):
+                return await self.stream_while_loading(request, model, path_qs, body)
             async with self.scheduler.lease(model) as process:
                 return await self.relay_local(request, process, path_qs, body)
+
+    async def stream_while_loading(self, request: web.Request, model: str, path_qs: str, body: bytes) -> web.StreamResponse:
+        """sendLoadingState (§6.4): admitted first (a 429 is never inside a stream), then an SSE
+        stream at once that tells what happens while the model loads, then the answer itself."""
+        with self.scheduler.admitted(model):
+            ticket = self.scheduler.ticket(model)
+            loading = LoadingStream(request, model, lambda: self.scheduler.position(ticket))
+            response = await loading.open()
+            try:
+                async with self.scheduler.granted(ticket) as process:
+                    await loading.finish()
+                    if process.session is None:
+                        raise UpstreamError(f"[{model}] process is not ready")
+                    await relay_into(response, request, process.session, process.url_for(path_qs), body,
+                                     forwarded_headers(request))
+            except (SchedulerError, UpstreamError) as e:
+                await loading.stop()
+                message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else f"upstream {model} unreachable: {e}"
+                await response.write(error_response(request, 500, message).body)
+            finally:
+                await loading.stop()
+            await response.write_eof()
+            return response
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str) -> web.StreamResponse:
         """A model another server has: forwarded at once, no queue, no limit (§4.8)."""

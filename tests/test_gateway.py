@@ -109,3 +109,50 @@ async def test_a_peer_that_cannot_be_reached_gets_a_502_envelope(start_llama_swa
     assert reply["error"]["code"] == "bad_gateway"
     assert reply["error"]["message"].startswith("peer proxy error: ")
     assert "peer gone: proxy error:" in ls.output()
+
+
+async def test_loading_state_streams_progress_as_reasoning_then_the_answer(start_llama_swap, upstreams):
+    import openai
+
+    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True,
+                           "models": {"slow": {"cmd": upstreams.cmd("--startup-delay", "1.5", name="slow")}}})
+    client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0)
+    reasoning, content = [], []
+    stream = await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}], stream=True)
+    async for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        extra = getattr(delta, "model_extra", None) or {}
+        if extra.get("reasoning_content"):
+            assert not content, "progress must come before the answer"
+            reasoning.append(extra["reasoning_content"])
+        if delta.content:
+            content.append(delta.content)
+    text = "".join(reasoning)
+    assert "llama-swap loading model: slow" in text
+    assert "." in text and "Done! (" in text
+    assert "".join(content) == "tok0 tok1 tok2 tok3 tok4 "
+    await client.close()
+
+
+async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"broken": {
+        "cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken"), "sendLoadingState": True}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "broken", "stream": True}) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            text = (await r.read()).decode()
+    assert "llama-swap loading model: broken" in text
+    assert "Done!" not in text
+    assert '"message":"unspecific error: upstream command exited prematurely' in text
+
+
+async def test_loading_state_is_not_used_for_ready_models_or_non_streaming_requests(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}) as r:
+            assert r.headers["Content-Type"].startswith("application/json")  # not streaming: no loading text
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+            assert "loading model" not in (await r.read()).decode()  # ready: straight through
