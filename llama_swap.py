@@ -675,7 +675,6 @@ def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
     keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
     for model in config.models.values():
         keys += [f"models.{model.id}.timeouts"] if model.timeouts != Timeouts() else []
-        keys += [f"models.{model.id}.compat.ignoreWebsockets"] if model.ignore_websockets and model.id != "comfyui_auto" else []
     return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
@@ -2532,6 +2531,46 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, 
         return response
 
 
+def is_websocket(request: web.BaseRequest) -> bool:
+    """An upgrade to a websocket (comma lists and any case accepted, §3.9)."""
+    def tokens(header: str) -> set[str]:
+        return {t.strip().lower() for t in request.headers.get(header, "").split(",")}
+    return "upgrade" in tokens("Connection") and "websocket" in tokens("Upgrade")
+
+
+async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, url: URL,
+                          headers: list[tuple[str, str]]) -> web.WebSocketResponse:
+    """A websocket to the upstream, and every message relayed both ways until one side closes."""
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    headers = [(k, v) for k, v in headers if not k.lower().startswith("sec-websocket-")]
+    try:
+        upstream = await session.ws_connect(url, headers=headers, protocols=protocols)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise UpstreamError(error_text(e)) from None
+    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+    try:
+        await client.prepare(request)
+        pumps = [asyncio.create_task(pump_messages(client, upstream)), asyncio.create_task(pump_messages(upstream, client))]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+    finally:
+        await upstream.close()
+        await client.close()
+    return client
+
+
+async def pump_messages(source, sink) -> None:
+    async for message in source:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+
+
 async def copy_body(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
     async for chunk in upstream.content.iter_any():
         await response.write(chunk)
@@ -2576,6 +2615,7 @@ ERROR_KINDS = {
 }
 
 
+COMFYUI_MODEL = "comfyui_auto"
 CONCURRENCY_LIMIT_BODY = b'{"src":"llama-swap","error":{"message":"Too many requests","type":"rate_limit_error","param":null,"code":"concurrency_limit"}}'
 OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ico"})
 MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
@@ -2951,6 +2991,7 @@ class Server:
             web.get("/api/version", self.version),
             web.get("/api/profiles", self.list_profiles), web.put("/api/profiles/active", self.set_profile), web.post("/api/config/reload", self.reload_config),
             web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
+            web.route("*", "/comfyui", self.comfyui), web.route("*", "/comfyui/{tail:.*}", self.comfyui),
         ]
         app.add_routes(routes)
         app.on_shutdown.append(self._on_shutdown)
@@ -3025,6 +3066,8 @@ class Server:
         if session is None:  # it crashed or was stopped between the grant and now
             raise ApiError(503, f"[{process.model.id}] process is not ready")
         try:
+            if is_websocket(request):
+                return await relay_websocket(request, session, process.url_for(path_qs), forwarded_headers(request))
             return await relay(request, session, process.url_for(path_qs), body, forwarded_headers(request),
                                self.log, f"<{process.model.id}>")
         except UpstreamError as e:
@@ -3055,9 +3098,32 @@ class Server:
             return web.Response(status=status, headers={"Location": f"/upstream/{raw_tail.rstrip('/')}/{query}"})
         if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
+        return await self.passthrough(request, model, rest + query)
+
+    async def passthrough(self, request: web.Request, model: str, path_qs: str) -> web.StreamResponse:
+        """To a local model's own server, body untouched: /upstream and /comfyui."""
+        process = self.processes[model]
+        if process.model.ignore_websockets and is_websocket(request):
+            # Outside the scheduler (§3.9): it cannot start the model and does not keep it busy.
+            if process.state != READY:
+                raise ApiError(409, f"model {model} is not loaded; ignored websocket requests cannot start it")
+            return await self.relay_local(request, process, path_qs, b"")
         body = await request.read()
         async with self.scheduler.lease(model) as process:
-            return await self.relay_local(request, process, rest + query, body)
+            return await self.relay_local(request, process, path_qs, body)
+
+    async def comfyui(self, request: web.Request) -> web.StreamResponse:
+        """/comfyui/<path> to the model `comfyui_auto`; only the root page may start it (§5.10)."""
+        raw_path, mark, raw_query = request.raw_path.partition("?")
+        if raw_path == "/comfyui":
+            status = 301 if request.method in ("GET", "HEAD") else 308
+            return web.Response(status=status, headers={"Location": f"/comfyui/{mark}{raw_query}"})
+        if COMFYUI_MODEL not in self.processes:
+            raise ApiError(404, f"local model {COMFYUI_MODEL} not found")
+        rest = raw_path[len("/comfyui"):]
+        if rest != "/" and self.processes[COMFYUI_MODEL].state != READY:
+            raise ApiError(409, f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it")
+        return await self.passthrough(request, COMFYUI_MODEL, rest + mark + raw_query)
 
     def split_upstream_path(self, raw_tail: str) -> tuple[str | None, str]:
         """(model ID, raw remainder) for the longest leading run of path segments naming a model."""

@@ -45,6 +45,7 @@ GET /                   small HTML page "responder NAME"
 GET /_responder/events  JSON list of recorded events
                         ({"event", "path", "time"}; events are "request",
                         "stream_completed" and "client_disconnected")
+GET /ws                 a websocket echo ("echo: <text>"; binary as it came)
 GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
                         "requests" counts echo (catch-all) requests only;
                         also "ready_at": time.time() at which /health starts
@@ -76,6 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+import aiohttp
 from aiohttp import ClientConnectionResetError, web
 
 CHUNK_ID = "chatcmpl-resp"
@@ -460,6 +462,18 @@ def note_disconnect(state: State, path: str) -> None:
     say(f"client disconnected during stream on {path}")
 
 
+async def handle_websocket(request: web.Request) -> web.WebSocketResponse:
+    """GET /ws: a websocket that echoes text as "echo: <text>" and binary as it came."""
+    ws = web.WebSocketResponse(protocols=("echo-protocol",))
+    await ws.prepare(request)
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await ws.send_str(f"echo: {message.data}")
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+    return ws
+
+
 def make_app(state: State) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[STATE] = state
@@ -467,6 +481,7 @@ def make_app(state: State) -> web.Application:
     app.router.add_get("/", handle_root)
     app.router.add_get("/_responder/events", handle_events)
     app.router.add_get("/_responder/info", handle_info)
+    app.router.add_get("/ws", handle_websocket)
     app.router.add_route("*", "/{tail:.*}", handle_echo)
     return app
 

@@ -156,3 +156,55 @@ async def test_loading_state_is_not_used_for_ready_models_or_non_streaming_reque
             assert r.headers["Content-Type"].startswith("application/json")  # not streaming: no loading text
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
             assert "loading model" not in (await r.read()).decode()  # ready: straight through
+
+
+async def test_a_websocket_is_relayed_both_ways_through_upstream(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ls.url + "/upstream/m/ws", protocols=("echo-protocol",)) as ws:
+            assert ws.protocol == "echo-protocol"
+            await ws.send_str("hello")
+            assert (await ws.receive_str(timeout=10)) == "echo: hello"
+            await ws.send_bytes(b"\x00\x01binary")
+            assert (await ws.receive_bytes(timeout=10)) == b"\x00\x01binary"
+            async with s.get(ls.url + "/running") as r:
+                assert [e["model"] for e in (await r.json())["running"]] == ["m"]
+
+
+async def test_ignored_websockets_cannot_start_a_model_but_pass_once_it_runs(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+        "cmd": upstreams.cmd(name="m"), "compat": {"ignoreWebsockets": True}}}})
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(ls.url + "/upstream/m/ws")
+        assert refused.value.status == 409
+        assert upstreams.pids() == []
+        async with s.get(ls.url + "/upstream/m/") as r:  # loads it
+            assert r.status == 200
+        async with s.ws_connect(ls.url + "/upstream/m/ws") as ws:
+            await ws.send_str("x")
+            assert (await ws.receive_str(timeout=10)) == "echo: x"
+
+
+async def test_comfyui_passthrough_starts_only_from_its_root_page(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"comfyui_auto": {"cmd": upstreams.cmd(name="comfy")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/comfyui?x=1", allow_redirects=False) as r:
+            assert (r.status, r.headers["Location"]) == (301, "/comfyui/?x=1")
+        async with s.get(ls.url + "/comfyui/api/queue") as r:
+            body = await r.json()
+            assert r.status == 409
+            assert body["error"]["message"] == "model comfyui_auto is not loaded; only /comfyui/ can start it"
+        async with s.get(ls.url + "/comfyui/") as r:
+            assert r.status == 200 and "responder comfy" in await r.text()
+        async with s.get(ls.url + "/comfyui/api/x%2Fy?q=1") as r:
+            echo = (await r.json())["echo"]
+            assert (echo["path"], echo["query"]) == ("/api/x%2Fy", "q=1")
+
+
+async def test_comfyui_without_its_model_is_a_404(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/comfyui/") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["message"] == "local model comfyui_auto not found"
