@@ -34,12 +34,14 @@ import html
 import ipaddress
 import json
 import os
+import posixpath
 import re
 import signal
 import socket
 import sys
 import time
 import urllib.parse
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -675,6 +677,7 @@ def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
     keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
     for model in config.models.values():
         keys += [f"models.{model.id}.timeouts"] if model.timeouts != Timeouts() else []
+    keys += [f"peers.{p.id}.timeouts" for p in config.peers.values() if p.timeouts != Timeouts(response_header=60)]
     return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
@@ -868,7 +871,7 @@ def read_capabilities(node: ConfigReader) -> Capabilities:
 
 def read_filters(node: ConfigReader) -> Filters:
     text = node.string("stripParams") or node.string("strip_params")
-    strip = sorted({p.strip() for p in text.split(",") if p.strip() and p.strip() != "model"})
+    strip = sorted({p.strip() for p in text.split(",") if p.strip() and p.strip().split(".")[0] != "model"})
     by_id = node.free_mapping("setParamsByID")
     for key, value in by_id.items():
         if not isinstance(value, dict):
@@ -1529,10 +1532,16 @@ class ModelProcess:
                 with contextlib.suppress(StartError):
                     await asyncio.shield(self._starting)
             elif self.state == READY:
-                self._stopping = asyncio.create_task(self._run_stop(timeout))
-                self._set_state(STOPPING)
+                self.begin_stop(timeout)
             else:
                 await asyncio.shield(self._stopping)
+
+    def begin_stop(self, timeout: float) -> asyncio.Task:
+        """Start stopping a ready server now: from this moment it is STOPPING, so no new request
+        can be handed to it (the scheduler decides synchronously, before any task runs)."""
+        self._stopping = asyncio.create_task(self._run_stop(timeout))
+        self._set_state(STOPPING)
+        return self._stopping
 
     def kill_now(self) -> None:
         """SIGKILL the whole group at once: for a forced exit, where nothing may be left behind."""
@@ -2093,7 +2102,7 @@ class Scheduler:
                 continue
             if now - self.last_use.setdefault(model, now) > ttl:
                 self.log.info(f"<{model}> Unloading model, TTL of {ttl}s reached")
-                task = asyncio.create_task(process.stop(process.model.unload_timeout))
+                task = process.begin_stop(process.model.unload_timeout)
                 self.stops.add(task)
                 task.add_done_callback(self.stops.discard)
 
@@ -2288,30 +2297,39 @@ class JsonMember:
     value_end: int
 
 
+_JSON_MEMBER_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]')
+
+
 def json_object(text: str, start: int) -> tuple[list[JsonMember], int] | None:
-    """The members of the object at `start` and the position of its closing brace, or None."""
+    """The members of the object at `start` and the position of its closing brace, or None.
+
+    Values are delimited by the commas and brackets around them, never decoded, so a huge
+    value costs one regex scan and a string the strict decoder would refuse is no obstacle.
+    """
     i = _JSON_WS.match(text, start).end()
     if not text.startswith("{", i):
         return None
-    members, depth = [], 0
-    for token in _JSON_TOKEN.finditer(text, i):
+    members: list[JsonMember] = []
+    depth, expect_key = 0, True
+    for token in _JSON_MEMBER_TOKEN.finditer(text, i):
         lexeme = token.group()
+        if depth == 1 and lexeme in (",", "}") and members and members[-1].value_end < 0:
+            members[-1].value_end = len(text[: token.start()].rstrip())
         if lexeme in ("{", "["):
             depth += 1
         elif lexeme in ("}", "]"):
             depth -= 1
             if depth == 0:
                 return members, token.start()
-        elif depth == 1:
+        elif lexeme == ",":
+            expect_key = depth == 1 or expect_key
+        elif depth == 1 and expect_key:
             colon = _JSON_WS.match(text, token.end()).end()
             key = _json_string(lexeme)
-            if text.startswith(":", colon) and key is not None:
-                value_start = _JSON_WS.match(text, colon + 1).end()
-                try:
-                    value_end = _JSON_DECODER.raw_decode(text, value_start)[1]
-                except ValueError:
-                    return None
-                members.append(JsonMember(key, token.start(), value_start, value_end))
+            if not text.startswith(":", colon) or key is None:
+                return None
+            members.append(JsonMember(key, token.start(), _JSON_WS.match(text, colon + 1).end(), -1))
+            expect_key = False
     return None
 
 
@@ -2338,9 +2356,12 @@ def json_set(text: str, path: str, value: Any) -> str:
         if located is None:
             continue
         members, close, key = located
-        member = next((m for m in members if m.key == key), None)
-        if member and depth == len(keys):
-            return text[: member.value_start] + encoded + text[member.value_end:]
+        matches = [m for m in members if m.key == key]
+        if matches and depth == len(keys):  # every copy of a duplicated key: the server may read any
+            for m in reversed(matches):
+                text = text[: m.value_start] + encoded + text[m.value_end:]
+            return text
+        member = matches[0] if matches else None
         nested = encoded
         for inner in reversed(keys[depth:]):
             nested = "{" + json.dumps(inner, ensure_ascii=False) + ":" + nested + "}"
@@ -2357,15 +2378,16 @@ def json_delete(text: str, path: str) -> str:
     if located is None:
         return text
     members, _close, key = located
-    index = next((i for i, m in enumerate(members) if m.key == key), None)
-    if index is None:
-        return text
-    member = members[index]
-    if index + 1 < len(members):
-        return text[: member.key_start] + text[members[index + 1].key_start:]
-    if index > 0:
-        return text[: members[index - 1].value_end] + text[member.value_end:]
-    return text[: member.key_start] + text[member.value_end:]
+    for index in reversed([i for i, m in enumerate(members) if m.key == key]):  # every copy
+        member = members[index]
+        if index + 1 < len(members):
+            text = text[: member.key_start] + text[members[index + 1].key_start:]
+        elif index > 0:
+            text = text[: members[index - 1].value_end] + text[member.value_end:]
+        else:
+            text = text[: member.key_start] + text[member.value_end:]
+        members = json_object(text, 0)[0] if "." not in path else _json_path(text, path)[0]
+    return text
 
 
 def apply_filters(body: bytes, filters: Filters, requested: str) -> bytes:
@@ -2379,7 +2401,7 @@ def apply_filters(body: bytes, filters: Filters, requested: str) -> bytes:
             text = json_delete(text, path)
         for params in (filters.set_params, by_id):
             for key in sorted(params):
-                if key != "model":
+                if key.split(".")[0] != "model":  # the request's model is never a filter's business
                     text = json_set(text, key, params[key])
         return text
 
@@ -2497,6 +2519,11 @@ def peer_headers(request: web.BaseRequest, peer: PeerConfig) -> list[tuple[str, 
     return headers
 
 
+def unsent_default_headers(request: web.BaseRequest) -> list[str]:
+    """Headers aiohttp would add by itself, which the upstream must not see if the client sent none."""
+    return [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
+
+
 async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, body: bytes,
                 headers: list[tuple[str, str]], log: ProxyLog, label: str) -> web.StreamResponse:
     """Send the request upstream and copy the answer back as it arrives: status, headers, bytes.
@@ -2504,11 +2531,10 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, 
     Every chunk is written (and flushed) the moment it is read; nothing is parsed. If the client
     goes away, the handler is cancelled and leaving this block closes the upstream connection.
     """
-    skip = [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
     response: web.StreamResponse | None = None
     try:
         async with session.request(request.method, url, headers=headers, data=body or None,
-                                   allow_redirects=False, skip_auto_headers=skip) as upstream:
+                                   allow_redirects=False, skip_auto_headers=unsent_default_headers(request)) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in end_to_end_headers(upstream.headers):
                 response.headers.add(key, value)
@@ -2531,6 +2557,9 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, 
         return response
 
 
+live_websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
+
+
 def is_websocket(request: web.BaseRequest) -> bool:
     """An upgrade to a websocket (comma lists and any case accepted, §3.9)."""
     def tokens(header: str) -> set[str]:
@@ -2544,10 +2573,11 @@ async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, 
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     headers = [(k, v) for k, v in headers if not k.lower().startswith("sec-websocket-")]
     try:
-        upstream = await session.ws_connect(url, headers=headers, protocols=protocols)
+        upstream = await session.ws_connect(url, headers=headers, protocols=protocols, max_msg_size=0)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise UpstreamError(error_text(e)) from None
-    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0)
+    live_websockets.add(client)
     try:
         await client.prepare(request)
         pumps = [asyncio.create_task(pump_messages(client, upstream)), asyncio.create_task(pump_messages(upstream, client))]
@@ -2558,8 +2588,10 @@ async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, 
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
     finally:
+        live_websockets.discard(client)
         await upstream.close()
-        await client.close()
+        if client.prepared:
+            await client.close()
     return client
 
 
@@ -2581,7 +2613,7 @@ async def relay_into(response: web.StreamResponse, request: web.Request, session
     """Only the upstream's body, into a response already under way (the loading stream's)."""
     try:
         async with session.request(request.method, url, headers=headers, data=body or None,
-                                   allow_redirects=False) as upstream:
+                                   allow_redirects=False, skip_auto_headers=unsent_default_headers(request)) as upstream:
             await copy_body(upstream, response)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise UpstreamError(error_text(e)) from None
@@ -2893,6 +2925,20 @@ class LoadingStream:
         await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
 
 
+@web.middleware
+async def clean_path(request: web.Request, handler) -> web.StreamResponse:
+    """Paths with `.`, `..` or empty segments (also percent-encoded) get a 301 to their clean form,
+    as Go's ServeMux does, so that no `..` ever reaches an upstream or a peer."""
+    raw_path, mark, query = request.raw_path.partition("?")
+    decoded = urllib.parse.unquote(raw_path)
+    if "//" not in decoded and not any(seg in (".", "..") for seg in decoded.split("/")):
+        return await handler(request)
+    clean = posixpath.normpath(decoded).replace("//", "/")
+    if decoded.endswith("/") and clean != "/":
+        clean += "/"
+    return web.Response(status=301, headers={"Location": urllib.parse.quote(clean) + mark + query})
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
@@ -2910,8 +2956,9 @@ class Server:
         """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, peers get a session."""
         self.scheduler.start()
         self._preload()
-        self.peer_session = aiohttp.ClientSession(
-            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+        self.peer_session = aiohttp.ClientSession(  # no connection limit: peers are never queued
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
 
     def _preload(self) -> None:
         if self.preloading:
@@ -2980,7 +3027,8 @@ class Server:
         self.scheduler.pump()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access_log, cors_preflight, self.errors, self.auth], client_max_size=1024 ** 3)
+        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.errors, self.auth],
+                              client_max_size=1024 ** 3)
         routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
         routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
         routes += [
@@ -3089,7 +3137,7 @@ class Server:
         if model is None:
             raise ApiError(404, "model not found")
         query = mark + raw_query
-        if model in self.config.peer_routes and rest:
+        if model not in self.processes and rest:  # not local: a peer's (local always wins)
             peer = self.config.peers[self.config.peer_routes[model][0]]
             return await self.relay_peer(request, peer, rest + query, await request.read())
         if not rest:
@@ -3255,7 +3303,7 @@ class Server:
         if not (config.api_keys or config.admin_keys) or unknown_route or request.path in OPEN_PATHS:
             return await handler(request)
         key = request_api_key(request)
-        model_route = request.path in MODEL_ROUTE_PATHS or request.path.startswith("/upstream/")
+        model_route = request.path in MODEL_ROUTE_PATHS or request.path.startswith(("/upstream/", "/comfyui"))
         if key_matches(key, config.admin_keys):
             return await handler(request)
         if key_matches(key, config.api_keys):
@@ -3289,6 +3337,9 @@ class Server:
     async def _on_shutdown(self, app: web.Application) -> None:
         if self.preloading:
             self.preloading.cancel()
+        # Websockets never end by themselves: close them, or shutdown would wait for its budget.
+        await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(live_websockets)),
+                             return_exceptions=True)
         self.scheduler.close()
 
     async def _on_cleanup(self, app: web.Application) -> None:

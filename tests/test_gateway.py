@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -208,3 +209,53 @@ async def test_comfyui_without_its_model_is_a_404(start_llama_swap, upstreams):
         async with s.get(ls.url + "/comfyui/") as r:
             assert r.status == 404
             assert (await r.json())["error"]["message"] == "local model comfyui_auto not found"
+
+
+def test_filters_edit_every_copy_of_a_duplicated_key_and_never_a_model_path():
+    config = parse_config("""
+models:
+  m:
+    cmd: srv --port ${PORT}
+    filters:
+      stripParams: "model.x, stop"
+      setParams: {max_tokens: 64, model.name: evil}
+""")
+    body = b'{"model":"m","max_tokens":1,"stop":["a"],"max_tokens":99999,"stop":"b"}'
+    assert apply_filters(body, config.models["m"].filters, "m") == b'{"model":"m","max_tokens":64,"max_tokens":64}'
+
+
+async def test_dot_segments_are_redirected_to_the_clean_path_before_anything_else(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    for path, location in (("/upstream/m/a/../../running", "/upstream/running"),
+                           ("/upstream/m/%2e%2e/x", "/upstream/x"), ("//running", "/running")):
+        # A raw request: HTTP clients clean such paths themselves before sending them.
+        reader, writer = await asyncio.open_connection("127.0.0.1", ls.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = (await reader.read()).decode().split("\r\n\r\n")[0]
+        writer.close()
+        assert head.startswith("HTTP/1.1 301") and f"Location: {location}" in head, (path, head)
+    assert upstreams.pids() == []
+
+
+async def test_a_local_model_wins_over_a_peer_with_the_same_name_on_upstream(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"shared": {"cmd": upstreams.cmd(name="local-one")}},
+                           "peers": {"p": {"proxy": f"http://127.0.0.1:{free_port()}", "models": ["shared"]}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/upstream/shared/_responder/info") as r:
+            assert r.status == 200 and (await r.json())["name"] == "local-one"
+
+
+async def test_an_open_websocket_does_not_hold_up_shutdown(start_llama_swap, upstreams):
+    import time
+
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ls.url + "/upstream/m/ws") as ws:
+            await ws.send_str("x")
+            assert (await ws.receive_str(timeout=10)) == "echo: x"
+            began = time.monotonic()
+            ls.proc.terminate()
+            message = await ws.receive(timeout=20)
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert ls.proc.wait(20) == 0
+    assert time.monotonic() - began < 15

@@ -166,7 +166,7 @@ async def test_sighup_reloads_the_config(start_llama_swap, upstreams):
 async def test_watch_config_reloads_when_the_file_changes(start_llama_swap, upstreams):
     config = base_config(upstreams, a=())
     ls = start_llama_swap(config, "--watch-config")
-    assert "watching configuration for changes" in ls.output()
+    assert ls.wait_for("watching configuration for changes", 10), ls.output()
     await asyncio.sleep(2.5)  # past the watcher's first look at the file
     config["models"]["w"] = {"cmd": upstreams.cmd(name="w")}
     config["groups"]["all"]["members"].append("w")
