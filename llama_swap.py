@@ -1724,11 +1724,6 @@ class GroupPolicy:
     def __init__(self, groups: Iterable[Group]):
         self.group_of = {member: group for group in groups for member in group.members}
 
-    @classmethod
-    def one_at_a_time(cls, model_ids: Iterable[str]) -> GroupPolicy:
-        """Every model in the default group: one model runs at a time."""
-        return cls([Group(DEFAULT_GROUP, frozenset(model_ids))])
-
     def evictions(self, target: str, running: Iterable[str]) -> frozenset[str]:
         group = self.group_of[target]
         evict = set()

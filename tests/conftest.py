@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_swap import READY, STARTING, STOPPED, GroupPolicy, ModelConfig, ProxyLog, Scheduler, StartError
+from llama_swap import DEFAULT_GROUP, READY, STARTING, STOPPED, Group, GroupPolicy, ModelConfig, ProxyLog, Scheduler, StartError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONDER = Path(__file__).resolve().parent / "responder.py"
@@ -227,10 +227,15 @@ class FakeProcess:
             self._set(STOPPED)
 
 
+def one_at_a_time(names) -> GroupPolicy:
+    """Every model in the default group, as a config without groups has it."""
+    return GroupPolicy([Group(DEFAULT_GROUP, frozenset(names))])
+
+
 def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100):
     events: list[str] = []
     holder: dict[str, Scheduler] = {}
     processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit) for n in names}
-    scheduler = Scheduler(processes, policy or GroupPolicy.one_at_a_time(names), ProxyLog(level="error"), priority=priority)
+    scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority)
     holder["s"] = scheduler
     return scheduler, processes, events

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from conftest import make_scheduler
+from conftest import make_scheduler, one_at_a_time
 from llama_swap import READY, Group, GroupPolicy, Scheduler, SchedulerError
 
 
@@ -130,7 +130,7 @@ async def test_closed_scheduler_refuses_new_and_waiting_requests():
 
 
 def test_default_group_runs_one_model_at_a_time():
-    policy = GroupPolicy.one_at_a_time(["a", "b", "c"])
+    policy = one_at_a_time(["a", "b", "c"])
     assert policy.evictions("a", {"b", "c"}) == {"b", "c"}
     assert policy.evictions("a", {"a"}) == set()
 
