@@ -2225,7 +2225,8 @@ _JSON_DECODER = json.JSONDecoder()
 _FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
 
 
-_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')  # strings unrolled: fast on huge ones
+# Strings (unrolled: fast on huge ones), brackets and commas: all the JSON structure we ever read.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]')
 
 
 def json_member_span(text: str, key: str) -> tuple[int, int] | None:
@@ -2247,7 +2248,7 @@ def json_member_span(text: str, key: str) -> tuple[int, int] | None:
             depth -= 1
             if depth == 0:
                 return None
-        elif depth == 1:
+        elif depth == 1 and lexeme != ",":
             colon = _JSON_WS.match(text, token.end()).end()
             if text.startswith(":", colon) and _json_string(lexeme) == key:
                 value_start = _JSON_WS.match(text, colon + 1).end()
@@ -2292,9 +2293,6 @@ class JsonMember:
     value_end: int
 
 
-_JSON_MEMBER_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]')
-
-
 def json_object(text: str, start: int) -> tuple[list[JsonMember], int] | None:
     """The members of the object at `start` and the position of its closing brace, or None.
 
@@ -2306,7 +2304,7 @@ def json_object(text: str, start: int) -> tuple[list[JsonMember], int] | None:
         return None
     members: list[JsonMember] = []
     depth, expect_key = 0, True
-    for token in _JSON_MEMBER_TOKEN.finditer(text, i):
+    for token in _JSON_TOKEN.finditer(text, i):
         lexeme = token.group()
         if depth == 1 and lexeme in (",", "}") and members and members[-1].value_end < 0:
             members[-1].value_end = len(text[: token.start()].rstrip())
@@ -2920,6 +2918,12 @@ class LoadingStream:
         await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
 
 
+def add_trailing_slash(request: web.BaseRequest, location: str) -> web.Response:
+    """301 (GET/HEAD) or 308 (keeps the method and body) to `location`, set by hand because
+    aiohttp's redirect classes would re-encode its query."""
+    return web.Response(status=301 if request.method in ("GET", "HEAD") else 308, headers={"Location": location})
+
+
 @web.middleware
 async def clean_path(request: web.Request, handler) -> web.StreamResponse:
     """Paths with `.`, `..` or empty segments (also percent-encoded) get a 301 to their clean form,
@@ -3136,9 +3140,7 @@ class Server:
             peer = self.config.peers[self.config.peer_routes[model][0]]
             return await self.relay_peer(request, peer, rest + query, await request.read())
         if not rest:
-            # Location is set by hand: aiohttp's redirect classes would re-encode the query.
-            status = 301 if request.method in ("GET", "HEAD") else 308
-            return web.Response(status=status, headers={"Location": f"/upstream/{raw_tail.rstrip('/')}/{query}"})
+            return add_trailing_slash(request, f"/upstream/{raw_tail.rstrip('/')}/{query}")
         if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
         return await self.passthrough(request, model, rest + query)
@@ -3159,8 +3161,7 @@ class Server:
         """/comfyui/<path> to the model `comfyui_auto`; only the root page may start it (§5.10)."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         if raw_path == "/comfyui":
-            status = 301 if request.method in ("GET", "HEAD") else 308
-            return web.Response(status=status, headers={"Location": f"/comfyui/{mark}{raw_query}"})
+            return add_trailing_slash(request, f"/comfyui/{mark}{raw_query}")
         if COMFYUI_MODEL not in self.processes:
             raise ApiError(404, f"local model {COMFYUI_MODEL} not found")
         rest = raw_path[len("/comfyui"):]

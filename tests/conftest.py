@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
@@ -239,3 +241,27 @@ def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100):
     scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority)
     holder["s"] = scheduler
     return scheduler, processes, events
+
+
+async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
+    """POST a chat completion for `model` (extra JSON keys as given): status and decoded body."""
+    async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:
+        return r.status, json.loads(await r.read())
+
+
+async def running(session: aiohttp.ClientSession, ls) -> list[dict]:
+    async with session.get(ls.url + "/running") as r:
+        assert r.status == 200
+        return (await r.json())["running"]
+
+
+def assert_envelope(status: int, body: dict, message_start: str) -> str:
+    """A llama-swap 500 envelope whose message starts with `message_start`; returns the message."""
+    assert status == 500, body
+    assert body.get("src") == "llama-swap", body
+    error = body["error"]
+    assert error["type"] == "server_error", body
+    assert error["code"] == "internal_error", body
+    assert error["param"] is None, body
+    assert error["message"].startswith(message_start), body
+    return error["message"]

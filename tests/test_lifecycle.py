@@ -19,7 +19,7 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import eventually, pid_alive
+from conftest import assert_envelope, chat, eventually, pid_alive, running
 
 HEALTH_TIMEOUT = 15  # the minimum healthCheckTimeout; every config uses it
 START_BOUND = 20.0  # seconds a cold responder may take to become ready on a slow machine
@@ -31,19 +31,6 @@ STOP_BOUND = 10.0  # a loose upper bound for stops that should be prompt
 
 def config(models: dict[str, dict], **top) -> dict:
     return {"healthCheckTimeout": HEALTH_TIMEOUT, **top, "models": models}
-
-
-
-
-async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
-    async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:
-        return r.status, json.loads(await r.read())
-
-
-async def running(session: aiohttp.ClientSession, ls) -> list[dict]:
-    async with session.get(ls.url + "/running") as r:
-        assert r.status == 200
-        return (await r.json())["running"]
 
 
 async def nothing_running(session: aiohttp.ClientSession, ls) -> bool:
@@ -87,18 +74,6 @@ def content_tokens(events: list[str]) -> list[str]:
             if choice["delta"].get("content"):
                 tokens.append(choice["delta"]["content"])
     return tokens
-
-
-def assert_envelope(status: int, body: dict, message_start: str) -> str:
-    """A llama-swap 500 envelope whose message starts with `message_start`; returns the message."""
-    assert status == 500, body
-    assert body["src"] == "llama-swap", body
-    error = body["error"]
-    assert error["type"] == "server_error", body
-    assert error["code"] == "internal_error", body
-    assert error["param"] is None, body
-    assert error["message"].startswith(message_start), body
-    return error["message"]
 
 
 def openai_client(ls) -> openai.AsyncOpenAI:

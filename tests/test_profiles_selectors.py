@@ -7,10 +7,7 @@ import json
 
 import aiohttp
 
-
-async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
-    async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:
-        return r.status, json.loads(await r.read())
+from conftest import chat
 
 
 async def put_profile(session: aiohttp.ClientSession, ls, body) -> tuple[int, dict]:

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import PY, ROOT, eventually, pid_alive
+from conftest import PY, ROOT, assert_envelope, eventually, pid_alive, running
 
 HEALTH_TIMEOUT = 15  # the minimum healthCheckTimeout: the graceful window of an eviction
 TIMEOUT = aiohttp.ClientTimeout(total=90)
@@ -37,8 +37,6 @@ def config(models: dict[str, dict], **top) -> dict:
 
 def write(ls, cfg: dict) -> None:
     ls.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
 
 
 def parse(raw: bytes) -> dict:
@@ -59,12 +57,6 @@ async def reload(session: aiohttp.ClientSession, ls) -> tuple[int, dict]:
         return r.status, parse(await r.read())
 
 
-async def running(session: aiohttp.ClientSession, ls) -> list[dict]:
-    async with session.get(ls.url + "/running") as r:
-        assert r.status == 200
-        return (await r.json())["running"]
-
-
 async def running_models(session: aiohttp.ClientSession, ls) -> dict[str, str]:
     return {entry["model"]: entry["state"] for entry in await running(session, ls)}
 
@@ -73,18 +65,6 @@ async def upstream_pid(session: aiohttp.ClientSession, ls, model: str) -> int:
     async with session.get(f"{ls.url}/upstream/{model}/_responder/info") as r:
         assert r.status == 200, await r.text()
         return (await r.json())["pid"]
-
-
-def assert_envelope(status: int, body: dict, message_start: str) -> str:
-    """A llama-swap 500 envelope whose message starts with `message_start`; returns the message."""
-    assert status == 500, body
-    assert body.get("src") == "llama-swap", body
-    error = body["error"]
-    assert error["type"] == "server_error", body
-    assert error["code"] == "internal_error", body
-    assert error["param"] is None, body
-    assert error["message"].startswith(message_start), body
-    return error["message"]
 
 
 def pids_running(*argv: str) -> list[int]:

@@ -13,16 +13,11 @@ import signal
 import aiohttp
 import yaml
 
-from conftest import eventually, free_port_block, pid_alive
+from conftest import chat, eventually, free_port_block, pid_alive
 
 
 def write(ls, config: dict) -> None:
     ls.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
-    async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:
-        return r.status, json.loads(await r.read())
 
 
 async def reload(session: aiohttp.ClientSession, ls) -> tuple[int, dict]:
@@ -33,8 +28,6 @@ async def reload(session: aiohttp.ClientSession, ls) -> tuple[int, dict]:
 async def upstream_pid(session: aiohttp.ClientSession, ls, model: str) -> int:
     async with session.get(f"{ls.url}/upstream/{model}/_responder/info") as r:
         return (await r.json())["pid"]
-
-
 
 
 def base_config(upstreams, **models) -> dict:

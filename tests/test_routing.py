@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import re
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import eventually, make_scheduler, pid_alive
+from conftest import chat, eventually, make_scheduler, pid_alive
 from llama_swap import (READY, STARTING, STOPPED, ConcurrencyLimited, Group, GroupPolicy, MatrixPolicy, Scheduler,
                         SchedulerError, Ticket, parse_config)
 
@@ -348,10 +347,6 @@ def test_groups_under_routing_router_settings_read_like_legacy_groups():
 # =========================================================================== 3. scheduler
 
 
-
-
-
-
 async def settle(rounds: int = 5) -> None:
     """Let every runnable task run up to its next real wait."""
     for _ in range(rounds):
@@ -633,13 +628,6 @@ RELEASE_GRACE = 0.3
 
 def config(models: dict[str, dict], **top) -> dict:
     return {"healthCheckTimeout": HEALTH_TIMEOUT, **top, "models": models}
-
-
-
-
-async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
-    async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:
-        return r.status, json.loads(await r.read())
 
 
 async def running_models(session: aiohttp.ClientSession, ls) -> dict[str, str]:
