@@ -118,7 +118,7 @@ class Filters:
     set_params_by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Timeouts:
     """Seconds allowed for the upstream connection; 0 means no limit."""
 
@@ -675,9 +675,6 @@ def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
     """Keys this version reads and checks but does not act on yet: said out loud, never silent."""
     keys = [k for k in ("store", "captureBuffer", "metricsMaxInMemory", "performance", "logTimeFormat") if k in top.data]
     keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
-    for model in config.models.values():
-        keys += [f"models.{model.id}.timeouts"] if model.timeouts != Timeouts() else []
-    keys += [f"peers.{p.id}.timeouts" for p in config.peers.values() if p.timeouts != Timeouts(response_header=60)]
     return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
@@ -1451,6 +1448,46 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession:
+    """A pooled session to one upstream, under its `timeouts` (§2.5; 0 means no limit). No
+    connection limit: the scheduler, not the pool, decides how many requests run at once."""
+    connect = None
+    if timeouts.connect:  # aiohttp's connect budget includes the TLS handshake
+        connect = timeouts.connect + (timeouts.tls_handshake if base_url.startswith("https:") else 0)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=timeouts.idle_conn or None,
+                                     socket_factory=functools.partial(keepalive_socket, timeouts.keepalive))
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect))
+
+
+def keepalive_socket(period: int, addr_info: tuple) -> socket.socket:
+    """A TCP socket that probes an idle peer every `period` seconds, so a dead upstream host is
+    noticed during a long silent generation instead of hanging the request forever."""
+    family, kind, proto, _name, _address = addr_info
+    sock = socket.socket(family, kind, proto)
+    if period > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option in ("TCP_KEEPIDLE", "TCP_KEEPINTVL"):
+            if hasattr(socket, option):  # Linux; macOS has only TCP_KEEPALIVE
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), period)
+    return sock
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a request goes: a pooled session, the server's base URL, how long to wait for the
+    response headers (None: no limit) and how the log names it."""
+
+    session: aiohttp.ClientSession
+    base_url: str
+    header_timeout: float | None
+    label: str
+
+    def url(self, path_qs: str) -> URL:
+        """The upstream URL for a raw (still percent-encoded) path and query."""
+        return URL(self.base_url.rstrip("/") + path_qs, encoded=True)
+
+
 @dataclass
 class Run:
     """One spawned server: its process, its output pipe, the HTTP session to it and the tasks
@@ -1504,9 +1541,12 @@ class ModelProcess:
         self._wake = asyncio.Event()
 
     @property
-    def session(self) -> aiohttp.ClientSession | None:
-        """The pooled session to the server while it is ready; None otherwise."""
-        return self._run.session if self.state == READY and self._run and not self._run.session.closed else None
+    def upstream(self) -> Upstream | None:
+        """The way to the server while it is ready; None otherwise."""
+        if self.state != READY or self._run is None or self._run.session.closed:
+            return None
+        header_timeout = self.model.timeouts.response_header or None
+        return Upstream(self._run.session, self.model.proxy, header_timeout, f"<{self.model.id}>")
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -1589,9 +1629,7 @@ class ModelProcess:
             raise StartError(f"failed to start command '{' '.join(argv)}': {getattr(e, 'strerror', None) or e}") from None
         finally:
             os.close(write_fd)
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+        session = upstream_session(self.model.timeouts, self.model.proxy)
         self._run = run = Run(proc, session, self.output.written)
         reader = asyncio.StreamReader()
         run.pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
@@ -1618,7 +1656,7 @@ class ModelProcess:
         endpoint = self.model.check_endpoint
         if endpoint.lower() == "none":
             return
-        url = self.url_for(URL(endpoint).path_qs if "://" in endpoint else endpoint)
+        url = URL(self.model.proxy.rstrip("/") + (URL(endpoint).path_qs if "://" in endpoint else endpoint), encoded=True)
         proc = self._run.proc
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -1655,10 +1693,6 @@ class ModelProcess:
         lines = self.output.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
         tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
         return f"upstream command exited prematurely with exit status {code}{tail}"
-
-    def url_for(self, path_qs: str) -> URL:
-        """The upstream URL for a raw (still percent-encoded) path and query."""
-        return URL(self.model.proxy.rstrip("/") + path_qs, encoded=True)
 
     async def _run_stop(self, timeout: float) -> None:
         try:
@@ -2287,99 +2321,137 @@ def json_edit(body: bytes, edit: Callable[[str], str]) -> bytes:
 
 @dataclass
 class JsonMember:
-    key: str
-    key_start: int
+    key: str | None  # None for an array element
+    start: int  # where the member begins: its key, or the element itself
     value_start: int
     value_end: int
 
 
-def json_object(text: str, start: int) -> tuple[list[JsonMember], int] | None:
-    """The members of the object at `start` and the position of its closing brace, or None.
+def json_container(text: str, start: int) -> tuple[str, list[JsonMember], int] | None:
+    """The object or array at `start`: its opening bracket, members and closing bracket position.
 
     Values are delimited by the commas and brackets around them, never decoded, so a huge
     value costs one regex scan and a string the strict decoder would refuse is no obstacle.
     """
     i = _JSON_WS.match(text, start).end()
-    if not text.startswith("{", i):
+    opener = text[i:i + 1]
+    if opener not in ("{", "["):
         return None
     members: list[JsonMember] = []
     depth, expect_key = 0, True
     for token in _JSON_TOKEN.finditer(text, i):
         lexeme = token.group()
-        if depth == 1 and lexeme in (",", "}") and members and members[-1].value_end < 0:
-            members[-1].value_end = len(text[: token.start()].rstrip())
+        if depth == 1 and lexeme in (",", "}", "]") and members and members[-1].value_end < 0:
+            members[-1].value_end = _end_of_value(text, token.start())
         if lexeme in ("{", "["):
             depth += 1
         elif lexeme in ("}", "]"):
             depth -= 1
             if depth == 0:
-                return members, token.start()
+                return opener, members, token.start()
         elif lexeme == ",":
             expect_key = depth == 1 or expect_key
-        elif depth == 1 and expect_key:
+        elif depth == 1 and expect_key and opener == "{":
             colon = _JSON_WS.match(text, token.end()).end()
             key = _json_string(lexeme)
             if not text.startswith(":", colon) or key is None:
                 return None
             members.append(JsonMember(key, token.start(), _JSON_WS.match(text, colon + 1).end(), -1))
             expect_key = False
+        if opener == "[" and depth == 1 and (lexeme == "," or token.start() == i):
+            element = _JSON_WS.match(text, token.end()).end()
+            if not text.startswith("]", element):
+                members.append(JsonMember(None, element, element, -1))
     return None
 
 
-def _json_path(text: str, path: str) -> tuple[list[JsonMember], int, str] | None:
-    """For `a.b.c`: the members and closing brace of the object at `a.b`, and `c`."""
-    *parents, last = path.split(".")
+def _end_of_value(text: str, delimiter: int) -> int:
+    end = delimiter
+    while end > 0 and text[end - 1] in " \t\r\n":
+        end -= 1
+    return end
+
+
+def json_path_keys(path: str) -> list[str]:
+    """sjson's path syntax: keys split on `.`, and `\\` makes the next character literal (`a\\.b`)."""
+    keys, key, escaped = [], "", False
+    for c in path:
+        if escaped or c not in ".\\":
+            key, escaped = key + c, False
+        elif c == "\\":
+            escaped = True
+        else:
+            keys.append(key)
+            key = ""
+    return keys + [key]
+
+
+def _json_locate(text: str, keys: list[str]) -> tuple[str, list[JsonMember], int] | None:
+    """The object or array that holds the last key of the path."""
     start = 0
-    for key in parents:
-        found = json_object(text, start)
-        member = next((m for m in found[0] if m.key == key), None) if found else None
-        if member is None:
+    for key in keys[:-1]:
+        found = json_container(text, start)
+        matches = _json_matches(found, key) if found else []
+        if not matches:
             return None
-        start = member.value_start
-    found = json_object(text, start)
-    return (found[0], found[1], last) if found else None
+        start = found[1][matches[0]].value_start
+    return json_container(text, start)
+
+
+def _json_matches(found: tuple[str, list[JsonMember], int], key: str) -> list[int]:
+    """Indexes of the members a key names: every copy of an object key, or one array index
+    (`-1` is the last element)."""
+    opener, members, _close = found
+    if opener == "{":
+        return [i for i, m in enumerate(members) if m.key == key]
+    index = len(members) - 1 if key == "-1" else int(key) if key.isdigit() else -1
+    return [index] if 0 <= index < len(members) else []
 
 
 def json_set(text: str, path: str, value: Any) -> str:
-    """Set a (dotted) path like sjson: replace the value, or add the member (and missing parents) at the end."""
+    """Set a path like sjson: replace the value (every copy of a duplicated key: the server may
+    read any), or add the member and its missing parents; in an array, an index past the end
+    (or `-1`) appends, padding with nulls."""
     encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    keys = path.split(".")
-    for depth in range(len(keys), 0, -1):  # the deepest object that exists
-        located = _json_path(text, ".".join(keys[:depth]))
-        if located is None:
+    keys = json_path_keys(path)
+    for depth in range(len(keys), 0, -1):  # the deepest container that exists
+        found = _json_locate(text, keys[:depth])
+        if found is None:
             continue
-        members, close, key = located
-        matches = [m for m in members if m.key == key]
-        if matches and depth == len(keys):  # every copy of a duplicated key: the server may read any
-            for m in reversed(matches):
-                text = text[: m.value_start] + encoded + text[m.value_end:]
-            return text
-        member = matches[0] if matches else None
+        opener, members, close = found
+        key = keys[depth - 1]
+        matches = [] if opener == "[" and key == "-1" else _json_matches(found, key)  # -1 appends
         nested = encoded
         for inner in reversed(keys[depth:]):
             nested = "{" + json.dumps(inner, ensure_ascii=False) + ":" + nested + "}"
-        if member:  # a parent exists but is not an object: it is replaced, as sjson does
-            return text[: member.value_start] + nested + text[member.value_end:]
-        addition = json.dumps(key, ensure_ascii=False) + ":" + nested
+        if matches:  # the value itself, or a parent that is not a container, which sjson replaces
+            for m in reversed(matches):
+                text = text[: members[m].value_start] + nested + text[members[m].value_end:]
+            return text
+        if opener == "{":
+            addition = json.dumps(key, ensure_ascii=False) + ":" + nested
+        elif key == "-1" or key.isdigit():
+            addition = ",".join(["null"] * max(0, int(key) - len(members)) + [nested]) if key.isdigit() else nested
+        else:
+            return text  # a name where an array is: nothing to set
         return text[:close] + ("," if members else "") + addition + text[close:]
     return text
 
 
 def json_delete(text: str, path: str) -> str:
-    """Remove a (dotted) path and one comma next to it; the rest of the text stays as it was."""
-    located = _json_path(text, path)
-    if located is None:
-        return text
-    members, _close, key = located
-    for index in reversed([i for i, m in enumerate(members) if m.key == key]):  # every copy
+    """Remove a path and one comma next to it; the rest of the text stays as it was."""
+    keys = json_path_keys(path)
+    while (found := _json_locate(text, keys)) and (matches := _json_matches(found, keys[-1])):
+        members, index = found[1], matches[-1]  # every copy of a duplicated key, from the last
         member = members[index]
         if index + 1 < len(members):
-            text = text[: member.key_start] + text[members[index + 1].key_start:]
+            text = text[: member.start] + text[members[index + 1].start:]
         elif index > 0:
             text = text[: members[index - 1].value_end] + text[member.value_end:]
         else:
-            text = text[: member.key_start] + text[member.value_end:]
-        members = json_object(text, 0)[0] if "." not in path else _json_path(text, path)[0]
+            text = text[: member.start] + text[member.value_end:]
+        if found[0] == "[":
+            break  # an index names one element; the next one has moved into its place
     return text
 
 
@@ -2394,7 +2466,7 @@ def apply_filters(body: bytes, filters: Filters, requested: str) -> bytes:
             text = json_delete(text, path)
         for params in (filters.set_params, by_id):
             for key in sorted(params):
-                if key.split(".")[0] != "model":  # the request's model is never a filter's business
+                if json_path_keys(key)[0] != "model":  # the request's model is never a filter's business
                     text = json_set(text, key, params[key])
         return text
 
@@ -2478,9 +2550,13 @@ HOP_BY_HOP = frozenset({
 
 
 def end_to_end_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Headers without hop-by-hop ones (and those the Connection header names) or Content-Length."""
+    """Headers without hop-by-hop ones (and those the Connection header names) or Content-Length.
+
+    `Expect: 100-continue` goes too: we answered it and hold the whole body, so an upstream
+    that never sends 100 cannot make us wait (Go waits `timeouts.expectContinue` instead).
+    """
     named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
-    drop = HOP_BY_HOP | named | {"content-length"}
+    drop = HOP_BY_HOP | named | {"content-length", "expect"}
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 
@@ -2492,7 +2568,11 @@ def client_ip(request: web.BaseRequest) -> str:
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached or sent no answer; nothing went to the client yet."""
+    """The upstream could not be reached or gave no usable answer; nothing went to the client yet."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
 
 
 def forwarded_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
@@ -2517,35 +2597,44 @@ def unsent_default_headers(request: web.BaseRequest) -> list[str]:
     return [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
 
 
-async def relay(request: web.Request, session: aiohttp.ClientSession, url: URL, body: bytes,
-                headers: list[tuple[str, str]], log: ProxyLog, label: str) -> web.StreamResponse:
+async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
+                        headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
+    """The upstream's response with its headers read, its body still to come."""
+    pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=body or None,
+                                       allow_redirects=False, skip_auto_headers=unsent_default_headers(request))
+    try:
+        return await asyncio.wait_for(pending, upstream.header_timeout)
+    except asyncio.TimeoutError as e:
+        if isinstance(e, aiohttp.ClientError):  # the connect timeout
+            raise UpstreamError(error_text(e)) from None
+        raise UpstreamError(f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamError(error_text(e)) from None
+
+
+async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
+                headers: list[tuple[str, str]], log: ProxyLog) -> web.StreamResponse:
     """Send the request upstream and copy the answer back as it arrives: status, headers, bytes.
 
     Every chunk is written (and flushed) the moment it is read; nothing is parsed. If the client
     goes away, the handler is cancelled and leaving this block closes the upstream connection.
     """
-    response: web.StreamResponse | None = None
-    try:
-        async with session.request(request.method, url, headers=headers, data=body or None,
-                                   allow_redirects=False, skip_auto_headers=unsent_default_headers(request)) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in end_to_end_headers(upstream.headers):
-                response.headers.add(key, value)
-            if "content-length" in upstream.headers:
-                response.content_length = int(upstream.headers["Content-Length"])
-            if "text/event-stream" in upstream.headers.get("Content-Type", ""):
-                response.headers["X-Accel-Buffering"] = "no"
-            await response.prepare(request)
-            await copy_body(upstream, response)
+    async with await send_upstream(request, upstream, path_qs, body, headers) as answer:
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for key, value in end_to_end_headers(answer.headers):
+            response.headers.add(key, value)
+        if "content-length" in answer.headers:
+            response.content_length = int(answer.headers["Content-Length"])
+        if "text/event-stream" in answer.headers.get("Content-Type", ""):
+            response.headers["X-Accel-Buffering"] = "no"
+        await response.prepare(request)
+        try:
+            await copy_body(answer, response)
             await response.write_eof()
-            return response
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        if response is None or not response.prepared:
-            raise UpstreamError(error_text(e)) from None
-        if request.transport is None or request.transport.is_closing():
-            return response  # the client left; leaving the block above closed the upstream request
-        log.info(f"{label} recovered from upstream disconnection during streaming: {error_text(e)}")
-        if request.transport:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if request.transport is None or request.transport.is_closing():
+                return response  # the client left; leaving the block closes the upstream request
+            log.info(f"{upstream.label} recovered from upstream disconnection during streaming: {error_text(e)}")
             request.transport.close()  # a cut stream must look cut to the client, not complete
         return response
 
@@ -2560,20 +2649,25 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return "upgrade" in tokens("Connection") and "websocket" in tokens("Upgrade")
 
 
-async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, url: URL,
-                          headers: list[tuple[str, str]]) -> web.WebSocketResponse:
+async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str,
+                          headers: list[tuple[str, str]]) -> web.StreamResponse:
     """A websocket to the upstream, and every message relayed both ways until one side closes."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     headers = [(k, v) for k, v in headers if not k.lower().startswith("sec-websocket-")]
     try:
-        upstream = await session.ws_connect(url, headers=headers, protocols=protocols, max_msg_size=0)
+        upstream_ws = await upstream.session.ws_connect(upstream.url(path_qs), headers=headers, protocols=protocols,
+                                                        max_msg_size=0)
+    except aiohttp.WSServerHandshakeError as e:  # it answered, but not with an upgrade: its error is the client's
+        raise UpstreamError(f"refused the websocket upgrade: {e.status} {e.message}",
+                            e.status if e.status >= 400 else 502) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise UpstreamError(error_text(e)) from None
-    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0)
+    client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), max_msg_size=0)
     live_websockets.add(client)
     try:
         await client.prepare(request)
-        pumps = [asyncio.create_task(pump_messages(client, upstream)), asyncio.create_task(pump_messages(upstream, client))]
+        pumps = [asyncio.create_task(pump_messages(client, upstream_ws)),
+                 asyncio.create_task(pump_messages(upstream_ws, client))]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -2582,7 +2676,7 @@ async def relay_websocket(request: web.Request, session: aiohttp.ClientSession, 
             await asyncio.gather(*pumps, return_exceptions=True)
     finally:
         live_websockets.discard(client)
-        await upstream.close()
+        await upstream_ws.close()
         if client.prepared:
             await client.close()
     return client
@@ -2601,15 +2695,14 @@ async def copy_body(upstream: aiohttp.ClientResponse, response: web.StreamRespon
         await response.write(chunk)
 
 
-async def relay_into(response: web.StreamResponse, request: web.Request, session: aiohttp.ClientSession, url: URL,
+async def relay_into(response: web.StreamResponse, request: web.Request, upstream: Upstream, path_qs: str,
                      body: bytes, headers: list[tuple[str, str]]) -> None:
     """Only the upstream's body, into a response already under way (the loading stream's)."""
-    try:
-        async with session.request(request.method, url, headers=headers, data=body or None,
-                                   allow_redirects=False, skip_auto_headers=unsent_default_headers(request)) as upstream:
-            await copy_body(upstream, response)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise UpstreamError(error_text(e)) from None
+    async with await send_upstream(request, upstream, path_qs, body, headers) as answer:
+        try:
+            await copy_body(answer, response)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise UpstreamError(error_text(e)) from None
 
 
 def error_text(error: BaseException) -> str:
@@ -2949,15 +3042,12 @@ class Server:
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
         self.virtual = VirtualModels(config, self.processes)
         self.preloading: asyncio.Task | None = None
-        self.peer_session: aiohttp.ClientSession | None = None
+        self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
 
     def start(self) -> None:
-        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, peers get a session."""
+        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load."""
         self.scheduler.start()
         self._preload()
-        self.peer_session = aiohttp.ClientSession(  # no connection limit: peers are never queued
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
 
     def _preload(self) -> None:
         if self.preloading:
@@ -3082,10 +3172,9 @@ class Server:
             try:
                 async with self.scheduler.granted(ticket) as process:
                     await loading.finish()
-                    if process.session is None:
+                    if process.upstream is None:
                         raise UpstreamError(f"[{model}] process is not ready")
-                    await relay_into(response, request, process.session, process.url_for(path_qs), body,
-                                     forwarded_headers(request))
+                    await relay_into(response, request, process.upstream, path_qs, body, forwarded_headers(request))
             except (SchedulerError, UpstreamError) as e:
                 await loading.stop()
                 message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else f"upstream {model} unreachable: {e}"
@@ -3109,24 +3198,30 @@ class Server:
         return await self.relay_peer(request, peer, path_qs, body)
 
     async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
-        session = process.session
-        if session is None:  # it crashed or was stopped between the grant and now
+        upstream = process.upstream
+        if upstream is None:  # it crashed or was stopped between the grant and now
             raise ApiError(503, f"[{process.model.id}] process is not ready")
         try:
             if is_websocket(request):
-                return await relay_websocket(request, session, process.url_for(path_qs), forwarded_headers(request))
-            return await relay(request, session, process.url_for(path_qs), body, forwarded_headers(request),
-                               self.log, f"<{process.model.id}>")
+                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request))
+            return await relay(request, upstream, path_qs, body, forwarded_headers(request), self.log)
         except UpstreamError as e:
-            raise ApiError(502, f"upstream {process.model.id} unreachable: {e}") from None
+            raise ApiError(e.status, f"upstream {process.model.id} {e}" if e.status != 502 or e.args[0].startswith("refused") else
+                           f"upstream {process.model.id} unreachable: {e}") from None
 
     async def relay_peer(self, request: web.Request, peer: PeerConfig, path_qs: str, body: bytes) -> web.StreamResponse:
-        url = URL(peer.proxy.rstrip("/") + path_qs, encoded=True)
         try:
-            return await relay(request, self.peer_session, url, body, peer_headers(request, peer), self.log, f"peer {peer.id}:")
+            return await relay(request, self.peer_upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
         except UpstreamError as e:
             self.log.warn(f"peer {peer.id}: proxy error: {e}")
             raise ApiError(502, f"peer proxy error: {e}") from None
+
+    def peer_upstream(self, peer: PeerConfig) -> Upstream:
+        """One pooled session per peer setting, kept across reloads that leave the peer as it was."""
+        key = (peer.proxy, peer.timeouts)
+        if key not in self.peer_sessions:
+            self.peer_sessions[key] = upstream_session(peer.timeouts, peer.proxy)
+        return Upstream(self.peer_sessions[key], peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:")
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
         """/upstream/<model>/<path>: straight to the model's own server, body untouched (§5.9)."""
@@ -3339,8 +3434,7 @@ class Server:
         self.scheduler.close()
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        if self.peer_session:
-            await self.peer_session.close()
+        await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
 
 
 def forwarded_path(request: web.BaseRequest) -> str:

@@ -41,6 +41,43 @@ def test_setting_a_path_changes_only_that_value(path, value, expected):
     assert json_set('{"model": "m", "temperature": 0.7 }', path, value) == expected
 
 
+ARRAYS = '{"a": [1, {"b": 2}, [3, 4]], "x.y": 1}'
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("a.0", 9, '{"a": [9, {"b": 2}, [3, 4]], "x.y": 1}'),
+    ("a.1.b", 9, '{"a": [1, {"b": 9}, [3, 4]], "x.y": 1}'),
+    ("a.2.1", 9, '{"a": [1, {"b": 2}, [3, 9]], "x.y": 1}'),
+    ("a.-1", 9, '{"a": [1, {"b": 2}, [3, 4],9], "x.y": 1}'),  # -1 appends
+    ("a.5", 9, '{"a": [1, {"b": 2}, [3, 4],null,null,9], "x.y": 1}'),  # past the end: padded with nulls
+    ("a.name", 9, ARRAYS),  # a name where an array is: nothing to set
+    ("x\\.y", 2, '{"a": [1, {"b": 2}, [3, 4]], "x.y": 2}'),  # an escaped dot is part of the key
+    ("a.1.c.d", True, '{"a": [1, {"b": 2,"c":{"d":true}}, [3, 4]], "x.y": 1}'),
+])
+def test_setting_sjson_paths_with_array_indexes_and_escapes(path, value, expected):
+    assert json_set(ARRAYS, path, value) == expected
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("a.0", '{"a": [{"b": 2}, [3, 4]], "x.y": 1}'),
+    ("a.1", '{"a": [1, [3, 4]], "x.y": 1}'),
+    ("a.-1", '{"a": [1, {"b": 2}], "x.y": 1}'),  # -1 is the last element
+    ("a.1.b", '{"a": [1, {}, [3, 4]], "x.y": 1}'),
+    ("x\\.y", '{"a": [1, {"b": 2}, [3, 4]]}'),
+    ("a.9", ARRAYS),
+    ("x.y", ARRAYS),  # unescaped: key x, then y, which do not exist
+])
+def test_deleting_sjson_paths_with_array_indexes_and_escapes(path, expected):
+    assert json_delete(ARRAYS, path) == expected
+
+
+def test_array_edits_at_the_edges():
+    assert json_set('{"a":[]}', "a.0", 1) == '{"a":[1]}'
+    assert json_set('{"a":[ ]}', "a.-1", 1) == '{"a":[ 1]}'
+    assert json_delete('{"a":[ 1 ]}', "a.0") == '{"a":[  ]}'
+    assert json_delete('{"a":[[1,2], "]"]}', "a.1") == '{"a":[[1,2]]}'
+
+
 def test_filters_strip_then_set_then_set_by_id_and_never_touch_model():
     config = parse_config("""
 models:
