@@ -13,9 +13,10 @@ Contents, in dependency order:
     5. Scheduler     the one owner of swap decisions: grant, join, queue, swap
     6. Virtual models profiles' pins and selectors: names that stand for other models
     7. Requests      finding and rewriting `model` in a body without re-encoding it
-    8. Relay         bytes from upstream to client, chunk by chunk
-    9. HTTP          error envelopes, handlers, the application
-   10. CLI           flags, serve(), signals, main()
+    8. In-flight     Exchange: one request on its way, listed and cancellable
+    9. Relay         bytes from upstream to client, chunk by chunk
+   10. HTTP          error envelopes, handlers, the application
+   11. CLI           flags, serve(), signals, main()
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import datetime
 import difflib
 import functools
 import hmac
 import html
 import ipaddress
+import itertools
 import json
 import os
 import posixpath
+import random
 import re
 import signal
 import socket
@@ -2540,7 +2544,126 @@ def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
 
 
 ###############################################################################
-# 8. Relay ####################################################################
+# 8. In-flight requests #######################################################
+###############################################################################
+
+EXCHANGE = "llama_swap.exchange"  # the request's Exchange, where the relay reports what it sent
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+
+
+def client_ip(request: web.BaseRequest) -> str:
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    return request.headers.get("X-Real-IP") or request.remote or ""
+
+
+def canonical_header(name: str) -> str:
+    """Go's spelling of a header name: x-api-key -> X-Api-Key."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
+    """The first value of each header under its canonical name; credentials never shown. Host
+    is not a header to Go, which keeps it apart."""
+    snapshot: dict[str, str] = {}
+    for key, value in headers.items():
+        if key.lower() != "host":
+            snapshot.setdefault(canonical_header(key), "[REDACTED]" if key.lower() in SENSITIVE_HEADERS else value)
+    return snapshot
+
+
+def go_timestamp(seconds: float) -> str:
+    """RFC 3339 in local time with fractional seconds, as Go writes a time.Time in JSON."""
+    stamp = datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="microseconds")
+    return stamp[:-6] + "Z" if stamp.endswith("+00:00") else stamp
+
+
+class RequestCancelled(Exception):
+    """Someone cancelled this request with POST /api/inflight/{id}/cancel."""
+
+    def __init__(self, exchange: Exchange):
+        super().__init__(f"request {exchange.id} was cancelled")
+        self.exchange = exchange
+
+
+@dataclass
+class Exchange:
+    """One model request on its way through, from the moment its model is known (§5.6)."""
+
+    id: str
+    model: str
+    path: str
+    method: str
+    request_headers: dict[str, str]
+    remote_ip: str
+    metadata: dict[str, str]
+    task: asyncio.Task
+    began: float = field(default_factory=time.time)
+    response: web.StreamResponse | None = None
+    response_bytes: int = 0
+    cancelled: bool = False
+
+    def responding(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    def sent(self, size: int) -> None:
+        self.response_bytes += size
+
+    def record(self) -> dict[str, Any]:
+        """The in-flight entry of the original's API."""
+        record = {
+            "id": self.id, "timestamp": go_timestamp(self.began), "model": self.model, "req_path": self.path,
+            "method": self.method, "req_headers": self.request_headers, "remote_ip": self.remote_ip,
+            "resp_headers": header_snapshot(self.response.headers) if self.response is not None else {},
+            "resp_bytes": self.response_bytes, "elapsed_ms": int((time.time() - self.began) * 1000),
+        }
+        if self.metadata:
+            record["metadata"] = self.metadata
+        return record
+
+
+class InFlight:
+    """Every model request being served or waiting, and the way to cancel one."""
+
+    def __init__(self) -> None:
+        self.exchanges: dict[str, Exchange] = {}
+        self._ids = itertools.count(1)
+
+    @contextlib.contextmanager
+    def track(self, request: web.Request, model: str, path_qs: str,
+              metadata: dict[str, str] | None = None) -> Iterator[Exchange]:
+        """Listed while the block runs; a cancel turns into RequestCancelled at its end."""
+        exchange = Exchange(str(next(self._ids)), model, path_qs.partition("?")[0], request.method,
+                            header_snapshot(request.headers), client_ip(request), metadata or {}, asyncio.current_task())
+        self.exchanges[exchange.id] = request[EXCHANGE] = exchange
+        try:
+            yield exchange
+        except asyncio.CancelledError:
+            if not exchange.cancelled:
+                raise  # the client left, or we are shutting down
+            if hasattr(exchange.task, "uncancel"):
+                exchange.task.uncancel()
+            raise RequestCancelled(exchange) from None
+        finally:
+            del self.exchanges[exchange.id]
+
+    def cancel(self, exchange_id: str) -> Exchange | None:
+        """Cancel a request as if its client had gone: it leaves the queue, or its upstream
+        request is aborted. None if there is no such request."""
+        exchange = self.exchanges.get(exchange_id)
+        if exchange is not None and not exchange.cancelled:
+            exchange.cancelled = True
+            exchange.task.cancel()
+        return exchange
+
+    def records(self) -> list[dict[str, Any]]:
+        ordered = sorted(self.exchanges.values(), key=lambda e: (e.began, int(e.id)))
+        return [e.record() for e in ordered]
+
+
+###############################################################################
+# 9. Relay ####################################################################
 ###############################################################################
 
 HOP_BY_HOP = frozenset({
@@ -2558,13 +2681,6 @@ def end_to_end_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
     drop = HOP_BY_HOP | named | {"content-length", "expect"}
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
-
-
-def client_ip(request: web.BaseRequest) -> str:
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    if forwarded:
-        return forwarded.split(",")[0].strip()
-    return request.headers.get("X-Real-IP") or request.remote or ""
 
 
 class UpstreamError(Exception):
@@ -2628,8 +2744,11 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
         if "text/event-stream" in answer.headers.get("Content-Type", ""):
             response.headers["X-Accel-Buffering"] = "no"
         await response.prepare(request)
+        exchange = request.get(EXCHANGE)
+        if exchange is not None:
+            exchange.responding(response)
         try:
-            await copy_body(answer, response)
+            await copy_body(answer, response, exchange)
             await response.write_eof()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             if request.transport is None or request.transport.is_closing():
@@ -2690,9 +2809,11 @@ async def pump_messages(source, sink) -> None:
             await sink.send_bytes(message.data)
 
 
-async def copy_body(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+async def copy_body(upstream: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange | None) -> None:
     async for chunk in upstream.content.iter_any():
         await response.write(chunk)
+        if exchange is not None:
+            exchange.sent(len(chunk))
 
 
 async def relay_into(response: web.StreamResponse, request: web.Request, upstream: Upstream, path_qs: str,
@@ -2700,7 +2821,7 @@ async def relay_into(response: web.StreamResponse, request: web.Request, upstrea
     """Only the upstream's body, into a response already under way (the loading stream's)."""
     async with await send_upstream(request, upstream, path_qs, body, headers) as answer:
         try:
-            await copy_body(answer, response)
+            await copy_body(answer, response, request.get(EXCHANGE))
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise UpstreamError(error_text(e)) from None
 
@@ -2710,7 +2831,7 @@ def error_text(error: BaseException) -> str:
 
 
 ###############################################################################
-# 9. HTTP #####################################################################
+# 10. HTTP ####################################################################
 ###############################################################################
 
 # Routes whose model is read from the request (§4.1). GET routes read ?model=.
@@ -2729,7 +2850,7 @@ ERROR_KINDS = {
     403: ("authentication_error", "forbidden"), 404: ("invalid_request_error", "not_found"),
     409: ("invalid_request_error", "conflict"), 429: ("rate_limit_error", "rate_limit_exceeded"),
     502: ("server_error", "bad_gateway"), 503: ("server_error", "service_unavailable"),
-    504: ("server_error", "gateway_timeout"),
+    499: ("invalid_request_error", "request_cancelled"), 504: ("server_error", "gateway_timeout"),
 }
 
 
@@ -2963,47 +3084,75 @@ def wants_stream(request: web.BaseRequest, body: bytes) -> bool:
 
 class LoadingStream:
     """What a user sees in the reasoning field of their chat while the model loads (§6.4): the
-    model's name, the queue position when it changes, a dot every 0.75 s, then how long it took."""
+    model's name, the queue position when it changes, a dot every 0.75 s and now and then a
+    remark, typed out five characters at a time; then how long it took.
+
+    Unlike the original, the end is not typed: once the model is ready, whatever text is left
+    goes out at once with the `Done!` line, so the answer never waits for an animation.
+    """
 
     TICK = 0.75
+    PIECE, PIECE_PAUSE = 5, 1 / 15  # 75 characters a second
     RULE = "\u2501" * 5
+    REMARKS = (
+        "Warming up the tensors", "Convincing the GPU this is a good idea", "Counting parameters, one by one",
+        "Moving weights into VRAM; they are heavier than they look", "Asking the model to wake up politely",
+        "Still faster than downloading it again", "Lining up the attention heads", "Untangling the KV cache",
+    )
 
     def __init__(self, request: web.Request, model: str, position: Callable[[], int]):
         self.request = request
-        self.model = model
         self.position = position
         self.began = time.monotonic()
         self.response = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.ticker: asyncio.Task | None = None
+        self.pending = f"{self.RULE}\nllama-swap loading model: {model}\n"  # typed out by the writer
+        self.writer: asyncio.Task | None = None
 
     async def open(self) -> web.StreamResponse:
         await self.response.prepare(self.request)
-        await self.say(f"{self.RULE}\nllama-swap loading model: {self.model}\n")
-        self.ticker = asyncio.create_task(self._tick())
+        self.writer = asyncio.create_task(self._type())
         return self.response
 
     async def say(self, text: str) -> None:
         event = {"choices": [{"delta": {"reasoning_content": text}}]}
         await self.response.write(f"data: {go_json(event)}\n\n".encode())
 
-    async def _tick(self) -> None:
+    async def _type(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self.TICK
+        next_remark = loop.time() + random.uniform(2, 5)
         shown = 0
         while True:
-            await asyncio.sleep(self.TICK)
+            if self.pending:
+                piece, self.pending = self.pending[:self.PIECE], self.pending[self.PIECE:]
+                await self.say(piece)
+            await asyncio.sleep(self.PIECE_PAUSE)
+            now = loop.time()
+            if now < next_tick:
+                continue
+            next_tick += self.TICK
             position = self.position()
             if position and position != shown:
-                await self.say(f"\nQueue position: #{position} ")
+                self.pending += f"\nQueue position: #{position} "
+            elif now >= next_remark:
+                self.pending += f"\n{random.choice(self.REMARKS)} "
+                next_remark = now + random.uniform(5, 9)
             else:
-                await self.say(".")
+                self.pending += "."
             shown = position
 
     async def stop(self) -> None:
-        if self.ticker:
-            self.ticker.cancel()
+        """No more ticks; the text not typed yet goes out at once."""
+        if self.writer:
+            self.writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await self.ticker
-            self.ticker = None
+                await self.writer
+            self.writer = None
+        if self.pending:
+            text, self.pending = self.pending, ""
+            with contextlib.suppress(ConnectionError):
+                await self.say(text)
 
     async def finish(self) -> None:
         """The model is ready: say so, then the real answer follows in the same stream."""
@@ -3041,6 +3190,7 @@ class Server:
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
         self.virtual = VirtualModels(config, self.processes)
+        self.inflight = InFlight()
         self.preloading: asyncio.Task | None = None
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
 
@@ -3125,7 +3275,8 @@ class Server:
             web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
             web.get("/running", self.running), web.get("/unload", self.unload_all_text),
             web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
-            web.get("/api/version", self.version),
+            web.get("/api/version", self.version), web.get("/api/inflight", self.list_inflight),
+            web.post("/api/inflight/{id}/cancel", self.cancel_inflight),
             web.get("/api/profiles", self.list_profiles), web.put("/api/profiles/active", self.set_profile), web.post("/api/config/reload", self.reload_config),
             web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
             web.route("*", "/comfyui", self.comfyui), web.route("*", "/comfyui/{tail:.*}", self.comfyui),
@@ -3144,18 +3295,24 @@ class Server:
         name = self.virtual.pinned(requested)
         if not name:
             raise ApiError(404, "no model id could be identified")
-        with self.virtual.selecting(name) as name:
-            model = self.config.real_model_id(name)
+        with self.virtual.selecting(name) as chosen:
+            metadata = {"selector": name} if chosen != name else {}
+            model = self.config.real_model_id(chosen)
             if model is None:
-                return await self.peer_request(request, body, requested, name)
-            path_qs = forwarded_path(request)
-            if name != requested:  # a pin or a selector chose: the upstream sees the chosen name
-                body, path_qs = with_model(request, body, path_qs, name)
-            settings = self.config.models[model]
-            if settings.use_model_name:
-                body = rewrite_model(request, body, settings.use_model_name)
-            if "application/json" in request.headers.get("Content-Type", ""):
-                body = apply_filters(body, settings.filters, name)
+                return await self.peer_request(request, body, requested, chosen, metadata)
+            return await self.local_request(request, body, requested, chosen, model, metadata)
+
+    async def local_request(self, request: web.Request, body: bytes, requested: str, name: str, model: str,
+                            metadata: dict[str, str]) -> web.StreamResponse:
+        path_qs = forwarded_path(request)
+        if name != requested:  # a pin or a selector chose: the upstream sees the chosen name
+            body, path_qs = with_model(request, body, path_qs, name)
+        settings = self.config.models[model]
+        if settings.use_model_name:
+            body = rewrite_model(request, body, settings.use_model_name)
+        if "application/json" in request.headers.get("Content-Type", ""):
+            body = apply_filters(body, settings.filters, name)
+        with self.inflight.track(request, model, path_qs, metadata):
             if settings.send_loading_state and self.processes[model].state != READY and \
                     path_qs.startswith("/v1/chat/completions") and wants_stream(request, body):
                 return await self.stream_while_loading(request, model, path_qs, body)
@@ -3169,6 +3326,7 @@ class Server:
             ticket = self.scheduler.ticket(model)
             loading = LoadingStream(request, model, lambda: self.scheduler.position(ticket))
             response = await loading.open()
+            request[EXCHANGE].responding(response)
             try:
                 async with self.scheduler.granted(ticket) as process:
                     await loading.finish()
@@ -3184,7 +3342,8 @@ class Server:
             await response.write_eof()
             return response
 
-    async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str) -> web.StreamResponse:
+    async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,
+                           metadata: dict[str, str]) -> web.StreamResponse:
         """A model another server has: forwarded at once, no queue, no limit (§4.8)."""
         route = self.config.peer_routes.get(name)
         if route is None:
@@ -3195,7 +3354,8 @@ class Server:
             body, path_qs = with_model(request, body, path_qs, route[1])
         if "application/json" in request.headers.get("Content-Type", ""):
             body = apply_filters(body, peer.filters, name)
-        return await self.relay_peer(request, peer, path_qs, body)
+        with self.inflight.track(request, name, path_qs, metadata):
+            return await self.relay_peer(request, peer, path_qs, body)
 
     async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
         upstream = process.upstream
@@ -3233,12 +3393,21 @@ class Server:
         query = mark + raw_query
         if model not in self.processes and rest:  # not local: a peer's (local always wins)
             peer = self.config.peers[self.config.peer_routes[model][0]]
-            return await self.relay_peer(request, peer, rest + query, await request.read())
+            body = await request.read()
+            with self.tracked_passthrough(request, model, rest):
+                return await self.relay_peer(request, peer, rest + query, body)
         if not rest:
             return add_trailing_slash(request, f"/upstream/{raw_tail.rstrip('/')}/{query}")
         if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
-        return await self.passthrough(request, model, rest + query)
+        with self.tracked_passthrough(request, model, rest):
+            return await self.passthrough(request, model, rest + query)
+
+    def tracked_passthrough(self, request: web.Request, model: str, path: str) -> contextlib.AbstractContextManager:
+        """An /upstream request is listed in flight when it calls a model route (§5.6)."""
+        if (request.method == "POST" and path in MODEL_POST_PATHS) or (request.method == "GET" and path in MODEL_GET_PATHS):
+            return self.inflight.track(request, model, path)
+        return contextlib.nullcontext()
 
     async def passthrough(self, request: web.Request, model: str, path_qs: str) -> web.StreamResponse:
         """To a local model's own server, body untouched: /upstream and /comfyui."""
@@ -3351,6 +3520,17 @@ class Server:
             self.log.info(f'active profile changed to "{name or ""}"')
         return json_response({"active": self.virtual.active})
 
+    async def list_inflight(self, request: web.Request) -> web.Response:
+        """Our addition: the requests in flight now, as the `inflight` events carry them."""
+        return json_response({"requests": self.inflight.records()})
+
+    async def cancel_inflight(self, request: web.Request) -> web.Response:
+        exchange = self.inflight.cancel(request.match_info["id"])
+        if exchange is None:
+            raise ApiError(404, "inflight request not found")
+        self.log.info(f"cancelled in-flight request {exchange.id} ({exchange.model} {exchange.method} {exchange.path})")
+        return json_response({"msg": "ok"})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
@@ -3376,6 +3556,13 @@ class Server:
             return response
         except SelectorError as e:
             return error_response(request, 503, str(e))
+        except RequestCancelled as e:
+            response = e.exchange.response
+            if response is None or not response.prepared:
+                return error_response(request, 499, str(e))
+            if request.transport is not None:
+                request.transport.close()  # a cut stream must look cut to the client, not complete
+            return response
         except ConcurrencyLimited:
             return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
         except SchedulerError as e:
@@ -3447,7 +3634,7 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 10. CLI #####################################################################
+# 11. CLI #####################################################################
 ###############################################################################
 
 SHUTDOWN_BUDGET = 30.0

@@ -174,6 +174,25 @@ async def test_loading_state_streams_progress_as_reasoning_then_the_answer(start
     await client.close()
 
 
+async def test_loading_text_is_typed_out_with_remarks_and_the_end_comes_at_once(start_llama_swap, upstreams):
+    from llama_swap import LoadingStream
+
+    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True,
+                           "models": {"slow": {"cmd": upstreams.cmd("--startup-delay", "6", name="slow")}}})
+    pieces = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "slow", "stream": True}) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {") and b"reasoning_content" in line:
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"]["reasoning_content"])
+    done = next(i for i, p in enumerate(pieces) if "Done! (" in p)
+    assert all(len(p) <= 5 for p in pieces[:done - 1])  # typed, five characters at a time
+    text = "".join(pieces)
+    assert text.startswith("\u2501" * 5 + "\nllama-swap loading model: slow\n.")
+    assert any(remark in text for remark in LoadingStream.REMARKS)  # the first comes within 2-5 s
+    assert pieces[done].endswith("s)\n" + "\u2501" * 5 + "\n \n")
+
+
 async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails(start_llama_swap, upstreams):
     ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"broken": {
         "cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken"), "sendLoadingState": True}}})
@@ -181,8 +200,10 @@ async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "broken", "stream": True}) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             text = (await r.read()).decode()
-    assert "llama-swap loading model: broken" in text
-    assert "Done!" not in text
+    said = "".join(json.loads(line[6:])["choices"][0]["delta"]["reasoning_content"]
+                   for line in text.splitlines() if line.startswith("data: {"))
+    assert "llama-swap loading model: broken" in said
+    assert "Done!" not in said
     assert '"message":"unspecific error: upstream command exited prematurely' in text
 
 
