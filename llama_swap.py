@@ -7,7 +7,7 @@ untouched. A drop-in for the Go llama-swap: same config file, same endpoints, sa
 
 Contents, in dependency order:
     1. Config        the YAML file -> Config / ModelConfig, errors that name file and key
-    2. Logging       ProxyLog (our own lines) and LogRing (bounded history of bytes)
+    2. Logging       ProxyLog and LogMonitors: history rings, live readers, logToStdout
     3. Processes     ModelProcess: spawn in its own process group, health, stop the group
     4. Swap policy   GroupPolicy: which running models must stop so a target may run
     5. Scheduler     the one owner of swap decisions: grant, join, queue, swap
@@ -15,8 +15,9 @@ Contents, in dependency order:
     7. Requests      finding and rewriting `model` in a body without re-encoding it
     8. In-flight     Exchange: one request on its way, listed and cancellable
     9. Relay         bytes from upstream to client, chunk by chunk
-   10. HTTP          error envelopes, handlers, the application
-   11. CLI           flags, serve(), signals, main()
+   10. Watching      activity rows (tokens, speeds), captures, per-model metrics
+   11. HTTP          error envelopes, handlers, the application
+   12. CLI           flags, serve(), signals, main()
 """
 
 from __future__ import annotations
@@ -27,28 +28,36 @@ __license__ = "MIT"
 import argparse
 import asyncio
 import base64
+import bisect
+import collections
+import concurrent.futures
 import contextlib
 import datetime
 import difflib
 import functools
+import gzip
 import hmac
 import html
+import http
 import ipaddress
 import itertools
 import json
+import math
 import os
 import posixpath
 import random
 import re
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import urllib.parse
 import weakref
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 
 import aiohttp
 import yaml
@@ -677,8 +686,7 @@ def build_config(doc: dict) -> Config:
 
 def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
     """Keys this version reads and checks but does not act on yet: said out loud, never silent."""
-    keys = [k for k in ("store", "captureBuffer", "metricsMaxInMemory", "performance", "logTimeFormat") if k in top.data]
-    keys += ["logToStdout"] if config.log_to_stdout != "proxy" else []
+    keys = [k for k in ("performance",) if k in top.data]
     return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
@@ -1370,22 +1378,125 @@ class LogRing:
         return [line for line in text.splitlines() if line.strip()][-count:]
 
 
-class ProxyLog:
-    """llama-swap's own log: `[LEVEL] message` lines to stdout and to a history ring."""
+def _go_zone(t: datetime.datetime) -> str:
+    """Go's `Z07:00`: Z for UTC, else the offset with a colon."""
+    offset = t.strftime("%z")
+    return "Z" if offset in ("+0000", "") else f"{offset[:3]}:{offset[3:]}"
 
-    def __init__(self, level: str = "info", stream: Any = None):
-        self.level = LEVELS.get(level, LEVELS["info"])
-        self.stream = stream if stream is not None else sys.stdout
+
+def _fraction(t: datetime.datetime, digits: int, trim: bool = False) -> str:
+    text = f"{t.microsecond:06d}000"[:digits]
+    return ("." + text.rstrip("0")) if trim and text.rstrip("0") else "" if trim else "." + text
+
+
+# logTimeFormat names -> Go's layouts written with Python (§7.2); `_2` is a space-padded day.
+LOG_TIME_LAYOUTS: dict[str, Callable[[datetime.datetime], str]] = {
+    "ansic": lambda t: t.strftime(f"%a %b {t.day:2d} %H:%M:%S %Y"),
+    "unixdate": lambda t: t.strftime(f"%a %b {t.day:2d} %H:%M:%S %Z %Y"),
+    "rubydate": lambda t: t.strftime("%a %b %d %H:%M:%S %z %Y"),
+    "rfc822": lambda t: t.strftime("%d %b %y %H:%M %Z"),
+    "rfc822z": lambda t: t.strftime("%d %b %y %H:%M %z"),
+    "rfc850": lambda t: t.strftime("%A, %d-%b-%y %H:%M:%S %Z"),
+    "rfc1123": lambda t: t.strftime("%a, %d %b %Y %H:%M:%S %Z"),
+    "rfc1123z": lambda t: t.strftime("%a, %d %b %Y %H:%M:%S %z"),
+    "rfc3339": lambda t: t.strftime("%Y-%m-%dT%H:%M:%S") + _go_zone(t),
+    "rfc3339nano": lambda t: t.strftime("%Y-%m-%dT%H:%M:%S") + _fraction(t, 9, trim=True) + _go_zone(t),
+    "kitchen": lambda t: f"{t.hour % 12 or 12}:{t.minute:02d}{'AM' if t.hour < 12 else 'PM'}",
+    "stamp": lambda t: t.strftime(f"%b {t.day:2d} %H:%M:%S"),
+    "stampmilli": lambda t: t.strftime(f"%b {t.day:2d} %H:%M:%S") + _fraction(t, 3),
+    "stampmicro": lambda t: t.strftime(f"%b {t.day:2d} %H:%M:%S") + _fraction(t, 6),
+    "stampnano": lambda t: t.strftime(f"%b {t.day:2d} %H:%M:%S") + _fraction(t, 9),
+}
+
+
+class LogStream:
+    """One live reader of a log (or of events): chunks wait here until it takes them. It is
+    never waited for: past `limit` chunks, new ones are dropped and counted, and a log reader
+    is told how many bytes it missed before the next chunk it gets."""
+
+    def __init__(self, limit: int, mark_drops: bool = True):
+        self.limit = limit
+        self.mark_drops = mark_drops
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.dropped = 0
+        self.closed = False
+        self._ready = asyncio.Event()
+
+    def offer(self, data: bytes) -> None:
+        if len(self.chunks) >= self.limit:
+            self.dropped += len(data)
+            return
+        if self.dropped and self.mark_drops:
+            self.chunks.append(f"\n\u2014 {self.dropped} bytes dropped \u2014\n".encode())
+        self.dropped = 0
+        self.chunks.append(data)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self.chunks:
+                yield self.chunks.popleft()
+            if self.closed:
+                return
+
+
+class LogMonitor:
+    """A log source (§7.1): it keeps 100 KiB of history, hands each chunk to its live readers
+    without waiting for them, and passes it on downstream (another monitor, or stdout)."""
+
+    def __init__(self, downstream: Callable[[bytes], None] | None = None):
         self.history = LogRing()
+        self.downstream = downstream
+        self.listeners: set[Callable[[bytes], None]] = set()
+
+    def write(self, data: bytes) -> None:
+        self.history.write(data)
+        for listener in list(self.listeners):
+            listener(data)
+        if self.downstream:
+            self.downstream(data)
+
+    @contextlib.contextmanager
+    def reading(self, limit: int = 10) -> Iterator[LogStream]:
+        """A live reader for as long as the block runs."""
+        stream = LogStream(limit)
+        self.listeners.add(stream.offer)
+        try:
+            yield stream
+        finally:
+            self.listeners.discard(stream.offer)
+
+
+def write_stdout(data: bytes) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+class ProxyLog:
+    """llama-swap's own log, `[LEVEL] message` lines, and the monitors every log goes through:
+    `proxy` (ours), `upstream` (all model servers' output) and `mux` (what /logs shows and
+    stdout prints), wired by logToStdout (§7.1)."""
+
+    def __init__(self, level: str = "info", to_stdout: str = "proxy", time_format: str = "",
+                 stdout: Callable[[bytes], None] | None = write_stdout):
+        self.level = LEVELS.get(level, LEVELS["info"])
+        self.time_format = time_format
+        self.mux = LogMonitor(stdout if to_stdout != "none" else None)
+        self.proxy = LogMonitor(self.mux.write if to_stdout in ("proxy", "both") else None)
+        self.upstream = LogMonitor(self.mux.write if to_stdout in ("upstream", "both") else None)
 
     def log(self, level: str, message: str) -> None:
         if LEVELS[level] < self.level:
             return
-        line = f"[{level.upper()}] {message}\n"
-        self.history.write(line.encode())
-        with contextlib.suppress(OSError, ValueError):
-            self.stream.write(line)
-            self.stream.flush()
+        stamp = LOG_TIME_LAYOUTS[self.time_format](datetime.datetime.now().astimezone()) + " " if self.time_format else ""
+        self.proxy.write(f"{stamp}[{level.upper()}] {message}\n".encode())
 
     def debug(self, message: str) -> None:
         self.log("debug", message)
@@ -1537,7 +1648,8 @@ class ModelProcess:
         self.log = log
         self.on_change = on_change
         self.state = STOPPED
-        self.output = LogRing()
+        self.stop_reason = ""  # why the current run is ending: the first stop request names it
+        self.output = LogMonitor(log.upstream.write)  # kept across restarts, as the original does
         self._run: Run | None = None
         self._starting: asyncio.Task | None = None
         self._loading: asyncio.Task | None = None  # spawn and health check: what an abort cancels
@@ -1562,27 +1674,31 @@ class ModelProcess:
         if self.state == STOPPING:
             await asyncio.shield(self._stopping)
         if self.state == STOPPED:
+            self.stop_reason = ""
             self._loading = asyncio.create_task(self._load())
             self._starting = asyncio.create_task(self._run_start(self._loading))
             self._set_state(STARTING)
         if self.state == STARTING:
             await asyncio.shield(self._starting)
 
-    async def stop(self, timeout: float) -> None:
-        """Stop the server and its process group: graceful for `timeout` seconds, then SIGKILL."""
+    async def stop(self, timeout: float, reason: str) -> None:
+        """Stop the server and its process group: graceful for `timeout` seconds, then SIGKILL.
+        `reason` (swap, ttl, unload, reload, shutdown) is what the metrics count the stop as."""
+        self.stop_reason = self.stop_reason or reason
         while self.state != STOPPED:
             if self.state == STARTING:
                 self._loading.cancel()  # too late if loading just finished: then it is READY next time round
                 with contextlib.suppress(StartError):
                     await asyncio.shield(self._starting)
             elif self.state == READY:
-                self.begin_stop(timeout)
+                self.begin_stop(timeout, reason)
             else:
                 await asyncio.shield(self._stopping)
 
-    def begin_stop(self, timeout: float) -> asyncio.Task:
+    def begin_stop(self, timeout: float, reason: str) -> asyncio.Task:
         """Start stopping a ready server now: from this moment it is STOPPING, so no new request
         can be handed to it (the scheduler decides synchronously, before any task runs)."""
+        self.stop_reason = self.stop_reason or reason
         self._stopping = asyncio.create_task(self._run_stop(timeout))
         self._set_state(STOPPING)
         return self._stopping
@@ -1634,7 +1750,7 @@ class ModelProcess:
         finally:
             os.close(write_fd)
         session = upstream_session(self.model.timeouts, self.model.proxy)
-        self._run = run = Run(proc, session, self.output.written)
+        self._run = run = Run(proc, session, self.output.history.written)
         reader = asyncio.StreamReader()
         run.pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
@@ -1652,6 +1768,7 @@ class ModelProcess:
         self._wake.set()
         if self.state == READY and run is self._run:
             self.log.warn(f"<{self.model.id}> upstream process exited unexpectedly (exit status {code})")
+            self.stop_reason = "crash"
             self._set_state(STOPPED)
             signal_group(run.proc.pid, signal.SIGKILL)  # leftovers of a crashed server still hold memory
             await run.close()
@@ -1694,7 +1811,7 @@ class ModelProcess:
     async def _premature_exit_message(self, code: int) -> str:
         # The exit can be seen before the last output is read: give the reader a moment to finish.
         await asyncio.wait({self._run.reader}, timeout=1.0)
-        lines = self.output.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
+        lines = self.output.history.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
         tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
         return f"upstream command exited prematurely with exit status {code}{tail}"
 
@@ -1845,12 +1962,13 @@ class ConcurrencyLimited(SchedulerError):
 class Ticket:
     """One request waiting for its model. Its future is resolved by a grant or an error."""
 
-    __slots__ = ("model", "priority", "future")
+    __slots__ = ("model", "priority", "future", "since")
 
     def __init__(self, model: str, priority: int = 0):
         self.model = model
         self.priority = priority
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.since = time.monotonic()
 
     def waiting(self) -> bool:
         return not self.future.done()
@@ -1894,6 +2012,9 @@ class Scheduler:
         self.retiring: dict[str, asyncio.Task] = {}
         self.unloads: set[asyncio.Task] = set()
         self.ttl_task: asyncio.Task | None = None
+        # What the metrics hear of: a grant with its wait in seconds, a request refused with 429.
+        self.on_grant: Callable[[str, float], None] = lambda model, waited: None
+        self.on_refuse: Callable[[str], None] = lambda model: None
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
@@ -1909,6 +2030,7 @@ class Scheduler:
         if self.closed_reason:
             raise SchedulerError(self.closed_reason)
         if model in self.processes and self.reserved[model] >= self.processes[model].model.concurrency_limit:
+            self.on_refuse(model)
             raise ConcurrencyLimited("Too many requests")
         self.reserved[model] += 1
         try:
@@ -1995,8 +2117,9 @@ class Scheduler:
 
     def _grant(self, ticket: Ticket) -> None:
         self.in_flight[ticket.model] += 1
-        self.last_use[ticket.model] = time.monotonic()
+        self.last_use[ticket.model] = now = time.monotonic()
         ticket.future.set_result(None)
+        self.on_grant(ticket.model, now - ticket.since)
 
     def pump(self) -> None:
         """Re-read the queue front to back after anything changed."""
@@ -2010,7 +2133,8 @@ class Scheduler:
     async def _run_swap(self, swap: Swap) -> None:
         error = ""
         try:
-            await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout) for m in swap.evict))
+            await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
+                                   for m in swap.evict))
             if not swap.abandoned:
                 await self.processes[swap.target].start()
         except StartError as e:
@@ -2069,7 +2193,7 @@ class Scheduler:
             by_timeout.setdefault(self.processes[m].model.unload_timeout, []).append(m)
         try:
             for timeout in sorted(by_timeout):
-                await asyncio.gather(*(self.processes[m].stop(timeout) for m in by_timeout[timeout]))
+                await asyncio.gather(*(self.processes[m].stop(timeout, "unload") for m in by_timeout[timeout]))
         finally:
             self.pump()
 
@@ -2096,7 +2220,7 @@ class Scheduler:
     async def _retire(self, model: str) -> None:
         process = self.processes[model]
         try:
-            await process.stop(process.model.unload_timeout)
+            await process.stop(process.model.unload_timeout, "reload")
         finally:
             next_config = self.draining.pop(model)
             del self.retiring[model]
@@ -2135,7 +2259,7 @@ class Scheduler:
                 continue
             if now - self.last_use.setdefault(model, now) > ttl:
                 self.log.info(f"<{model}> Unloading model, TTL of {ttl}s reached")
-                task = process.begin_stop(process.model.unload_timeout)
+                task = process.begin_stop(process.model.unload_timeout, "ttl")
                 self.stops.add(task)
                 task.add_done_callback(self.stops.discard)
 
@@ -2149,14 +2273,14 @@ class Scheduler:
     async def shutdown(self, timeout: float) -> None:
         """Stop every model, starting or running, within `timeout`; wait for swap tasks."""
         self.close()
-        stops = [p.stop(timeout) for p in self.processes.values()]
+        stops = [p.stop(timeout, "shutdown") for p in self.processes.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*stops), timeout + 1)
         except asyncio.TimeoutError:
             # An eviction begun before shutdown may have a longer graceful window than we have left.
             self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
             self.kill_all()
-            await asyncio.gather(*(p.stop(0) for p in self.processes.values()))
+            await asyncio.gather(*(p.stop(0, "shutdown") for p in self.processes.values()))
         tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values()) + list(self.unloads) + list(self.stops)
         if tasks:
             await asyncio.wait(tasks)
@@ -2548,6 +2672,7 @@ def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
 ###############################################################################
 
 EXCHANGE = "llama_swap.exchange"  # the request's Exchange, where the relay reports what it sent
+COPY_LIMIT = 64 * 1024 * 1024
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 
 
@@ -2573,10 +2698,10 @@ def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
     return snapshot
 
 
-def go_timestamp(seconds: float) -> str:
-    """RFC 3339 in local time with fractional seconds, as Go writes a time.Time in JSON."""
-    stamp = datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="microseconds")
-    return stamp[:-6] + "Z" if stamp.endswith("+00:00") else stamp
+def go_timestamp(seconds: float, fraction: bool = True) -> str:
+    """RFC 3339 in local time, as Go writes a time.Time in JSON (`Z` for UTC)."""
+    moment = datetime.datetime.fromtimestamp(seconds).astimezone()
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (_fraction(moment, 6) if fraction else "") + _go_zone(moment)
 
 
 class RequestCancelled(Exception):
@@ -2599,16 +2724,31 @@ class Exchange:
     remote_ip: str
     metadata: dict[str, str]
     task: asyncio.Task
+    on_change: Callable[[Exchange, bool], None]  # (exchange, announce at once)
+    request_body: bytes = b""  # as forwarded
     began: float = field(default_factory=time.time)
     response: web.StreamResponse | None = None
     response_bytes: int = 0
+    first_byte_after: float | None = None  # seconds from `began` to the first body byte sent
+    copy: bytearray | None = None  # the response body, kept while it fits COPY_LIMIT (activity, captures)
     cancelled: bool = False
+    announced_at: float = 0.0  # when watchers last heard of it (byte counts are throttled)
+    trailing: asyncio.TimerHandle | None = None
 
     def responding(self, response: web.StreamResponse) -> None:
         self.response = response
+        self.on_change(self, True)
 
-    def sent(self, size: int) -> None:
-        self.response_bytes += size
+    def sent(self, chunk: bytes) -> None:
+        if self.first_byte_after is None:
+            self.first_byte_after = time.time() - self.began
+        self.response_bytes += len(chunk)
+        if self.copy is not None:
+            if len(self.copy) + len(chunk) <= COPY_LIMIT:
+                self.copy += chunk
+            else:  # too big to parse or keep: the activity row gets no tokens, no capture is made
+                self.copy = None
+        self.on_change(self, False)
 
     def record(self) -> dict[str, Any]:
         """The in-flight entry of the original's API."""
@@ -2624,19 +2764,26 @@ class Exchange:
 
 
 class InFlight:
-    """Every model request being served or waiting, and the way to cancel one."""
+    """Every model request being served or waiting, and the way to cancel one. Watchers hear
+    of each one as it comes, answers and goes (§5.6), of its byte count at most every 0.25 s."""
 
-    def __init__(self) -> None:
+    THROTTLE = 0.25
+
+    def __init__(self, announce: Callable[[dict[str, Any]], None] = lambda event: None):
         self.exchanges: dict[str, Exchange] = {}
+        self.announce = announce
         self._ids = itertools.count(1)
 
     @contextlib.contextmanager
-    def track(self, request: web.Request, model: str, path_qs: str,
+    def track(self, request: web.Request, model: str, path_qs: str, body: bytes,
               metadata: dict[str, str] | None = None) -> Iterator[Exchange]:
-        """Listed while the block runs; a cancel turns into RequestCancelled at its end."""
+        """Listed while the block runs; a cancel turns into RequestCancelled at its end. The
+        answer to a POST is copied as it is relayed, for its activity row and capture (§6.2)."""
         exchange = Exchange(str(next(self._ids)), model, path_qs.partition("?")[0], request.method,
-                            header_snapshot(request.headers), client_ip(request), metadata or {}, asyncio.current_task())
+                            header_snapshot(request.headers), client_ip(request), metadata or {}, asyncio.current_task(),
+                            self._changed, body, copy=bytearray() if request.method == "POST" else None)
         self.exchanges[exchange.id] = request[EXCHANGE] = exchange
+        self._upsert(exchange)
         try:
             yield exchange
         except asyncio.CancelledError:
@@ -2647,6 +2794,28 @@ class InFlight:
             raise RequestCancelled(exchange) from None
         finally:
             del self.exchanges[exchange.id]
+            if exchange.trailing:
+                exchange.trailing.cancel()
+            self.announce({"operation": "remove", "id": exchange.id})
+
+    def _upsert(self, exchange: Exchange) -> None:
+        exchange.trailing = None
+        exchange.announced_at = time.monotonic()
+        self.announce({"operation": "upsert", "request": exchange.record()})
+
+    def _changed(self, exchange: Exchange, urgent: bool) -> None:
+        wait = exchange.announced_at + self.THROTTLE - time.monotonic()
+        if urgent or wait <= 0:
+            if exchange.trailing:
+                exchange.trailing.cancel()
+            self._upsert(exchange)
+        elif exchange.trailing is None:  # the last count is announced too, a little later
+            exchange.trailing = asyncio.get_running_loop().call_later(wait, self._upsert, exchange)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a watcher gets first (`requests` left out when there are none, as Go omits it)."""
+        records = self.records()
+        return {"operation": "snapshot", "requests": records} if records else {"operation": "snapshot"}
 
     def cancel(self, exchange_id: str) -> Exchange | None:
         """Cancel a request as if its client had gone: it leaves the queue, or its upstream
@@ -2813,7 +2982,7 @@ async def copy_body(upstream: aiohttp.ClientResponse, response: web.StreamRespon
     async for chunk in upstream.content.iter_any():
         await response.write(chunk)
         if exchange is not None:
-            exchange.sent(len(chunk))
+            exchange.sent(chunk)
 
 
 async def relay_into(response: web.StreamResponse, request: web.Request, upstream: Upstream, path_qs: str,
@@ -2831,7 +3000,864 @@ def error_text(error: BaseException) -> str:
 
 
 ###############################################################################
-# 10. HTTP ####################################################################
+# 10. Watching: activity, captures, metrics ###################################
+###############################################################################
+
+# Messages are stored and shown verbatim; longer ones are cut here (§6.2).
+MAX_ERROR_MESSAGE = 500
+# Where an error text may sit in a failed response, first non-empty string wins (§6.2).
+ERROR_MESSAGE_PATHS = ("error.message", "error", "message", "detail")
+# Where a usage object may sit in one streamed event: OpenAI chat and completions, the
+# Responses API (`response.completed`), Anthropic's `message_start` (§6.3).
+STREAM_USAGE_PATHS = ("usage", "response.usage", "message.usage")
+INPUT_TOKEN_PATHS = ("prompt_tokens", "input_tokens")
+OUTPUT_TOKEN_PATHS = ("completion_tokens", "output_tokens")
+CACHED_TOKEN_PATHS = ("cache_read_input_tokens", "input_tokens_details.cached_tokens",
+                      "prompt_tokens_details.cached_tokens")
+# Python's reason phrases where they differ from Go's http.StatusText, which the rows mirror.
+GO_STATUS_TEXT = {413: "Request Entity Too Large", 414: "Request URI Too Long",
+                  416: "Requested Range Not Satisfiable", 418: "I'm a teapot",
+                  422: "Unprocessable Entity"}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_MISSING = object()
+
+
+
+# -- activity: what a response says about its tokens (§6.2, §6.3) ---------------
+
+@dataclass(frozen=True)
+class Tokens:
+    """The "tokens" object of an activity row.
+
+    `Tokens()`, every field 0, is the row written when nothing could be read: a failed
+    request, an empty or undecodable body, a body without usage data. A response that was
+    read uses -1 for what the upstream did not say (no cache count, no speeds, no
+    speculative decoding), so the UI can tell "unknown" from "zero" (§6.2).
+    """
+
+    cache_tokens: int = 0
+    draft_tokens: int = 0
+    draft_acc_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    prompt_per_second: float = 0.0
+    tokens_per_second: float = 0.0
+
+    def as_json(self) -> dict[str, int | float]:
+        return {"cache_tokens": self.cache_tokens, "draft_tokens": self.draft_tokens,
+                "draft_acc_tokens": self.draft_acc_tokens, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "prompt_per_second": go_float(self.prompt_per_second),
+                "tokens_per_second": go_float(self.tokens_per_second)}
+
+
+class DecompressionError(Exception):
+    """A response said it was gzip or deflate but its bytes would not inflate."""
+
+
+def measure_response(path: str, status: int, headers: Mapping[str, str], body: bytes,
+                     wall_ms: int) -> tuple[Tokens, int, str]:
+    """(tokens, duration_ms, error_msg) of one finished response, as §6.2 records them.
+
+    `path` is the request path as forwarded, `body` the full (possibly compressed) copy of
+    what the client got, `wall_ms` the time since the request arrived. The duration is the
+    wall time unless llama-server reports a longer one.
+    """
+    encoding = header_value(headers, "Content-Encoding")
+    if status != 200:
+        try:
+            body = decompress(encoding, body)
+        except DecompressionError as exc:
+            return Tokens(), wall_ms, f"response decode failed: {exc}"
+        return Tokens(), wall_ms, error_message(status, body)
+    if not body:
+        return Tokens(), wall_ms, ""
+    try:
+        body = decompress(encoding, body)
+    except DecompressionError as exc:
+        return Tokens(), wall_ms, f"response decompression failed: {exc}"
+    if "text/event-stream" in header_value(headers, "Content-Type").lower():
+        readings = _read_stream(body)
+    else:
+        readings = _read_json(path, body)
+    if readings is None:
+        return Tokens(), wall_ms, ""
+    tokens, duration_ms = readings.tokens(wall_ms)
+    return tokens, duration_ms, ""
+
+
+def header_value(headers: Mapping[str, str], name: str) -> str:
+    """The first value of a header, whatever its case; "" when absent. Works for plain
+    dicts as well as aiohttp's case-insensitive multidicts."""
+    wanted = name.lower()
+    return next((value for key, value in headers.items() if key.lower() == wanted), "")
+
+
+def decompress(content_encoding: str, body: bytes) -> bytes:
+    """The body as the upstream meant it. Only gzip and deflate are inflated: those are the
+    only encodings the metered routes let clients ask for (§6.1); anything else is kept."""
+    encoding = content_encoding.strip().lower()
+    if not body or encoding not in ("gzip", "deflate"):
+        return body
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        return _inflate(body)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DecompressionError(str(exc)) from exc
+
+
+def _inflate(body: bytes) -> bytes:
+    """HTTP's deflate is zlib-wrapped by the RFC, but some servers send a raw stream."""
+    try:
+        return zlib.decompress(body)
+    except zlib.error:
+        return zlib.decompress(body, -zlib.MAX_WBITS)
+
+
+def error_message(status: int, body: bytes) -> str:
+    """What went wrong, for a non-200 row: the upstream's own words when its body says so,
+    else the status line."""
+    document = _loads_or_none(body)
+    for path in ERROR_MESSAGE_PATHS:
+        text = _lookup(document, path)
+        if isinstance(text, str) and text:
+            if len(text) > MAX_ERROR_MESSAGE:
+                return text[:MAX_ERROR_MESSAGE] + "..."
+            return text
+    return status_line(status)
+
+
+def status_line(status: int) -> str:
+    """`502 Bad Gateway` with Go's reason phrases; `HTTP 599` for codes without one."""
+    try:
+        phrase = GO_STATUS_TEXT.get(status) or http.HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+    return f"{status} {phrase}"
+
+
+@dataclass
+class _Readings:
+    """What one response said about itself, before it becomes a row's `Tokens`."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_tokens: int = -1
+    timings: dict | None = None
+    metrics: dict | None = None
+
+    def tokens(self, wall_ms: int) -> tuple[Tokens, int]:
+        """Tokens and duration (§6.3 `buildMetrics`). llama-server's own timings beat the
+        usage counts, and vLLM's metrics beat both for speeds and drafts."""
+        input_tokens, output_tokens, cached = self.input_tokens, self.output_tokens, self.cache_tokens
+        draft, accepted = -1, -1
+        prompt_speed, gen_speed = -1.0, -1.0
+        duration_ms = wall_ms
+        if self.timings is not None:
+            timings = self.timings
+            input_tokens = _as_int(timings.get("prompt_n"))
+            output_tokens = _as_int(timings.get("predicted_n"))
+            prompt_speed = _as_float(timings.get("prompt_per_second"))
+            gen_speed = _as_float(timings.get("predicted_per_second"))
+            upstream_ms = _as_float(timings.get("prompt_ms")) + _as_float(timings.get("predicted_ms"))
+            duration_ms = max(wall_ms, _as_int(upstream_ms))
+            if "cache_n" in timings:
+                cached = _as_int(timings["cache_n"])
+            if "draft_n" in timings and "draft_n_accepted" in timings:
+                draft, accepted = _as_int(timings["draft_n"]), _as_int(timings["draft_n_accepted"])
+        if self.metrics is not None:
+            speculative = self.metrics.get("speculative_decoding")
+            if (isinstance(speculative, dict) and "num_draft_tokens" in speculative
+                    and "num_accepted_draft_tokens" in speculative):
+                draft = _as_int(speculative["num_draft_tokens"])
+                accepted = _as_int(speculative["num_accepted_draft_tokens"])
+            first_token_seconds = _as_float(self.metrics.get("time_to_first_token_ms")) / 1000
+            if first_token_seconds > 0:
+                # vLLM gives no prompt speed; cached tokens were not processed, so leave them out.
+                prompt_speed = _finite((input_tokens - max(cached, 0)) / first_token_seconds, prompt_speed)
+            inter_token_ms = _as_float(self.metrics.get("mean_itl_ms"))
+            if inter_token_ms > 0:
+                gen_speed = _finite(1000 / inter_token_ms, gen_speed)
+        tokens = Tokens(cache_tokens=cached, draft_tokens=draft, draft_acc_tokens=accepted,
+                        input_tokens=input_tokens, output_tokens=output_tokens,
+                        prompt_per_second=prompt_speed, tokens_per_second=gen_speed)
+        return tokens, duration_ms
+
+
+def _read_json(path: str, body: bytes) -> _Readings | None:
+    """A whole JSON answer; None when it is not JSON or says nothing about tokens."""
+    document = _loads_or_none(body)
+    if isinstance(document, list) and path.startswith("/infill"):
+        # llama-server's /infill answers with an array; the last element carries the timings.
+        last = document[-1] if document else None
+        timings = last.get("timings") if isinstance(last, dict) else None
+        return _Readings(timings=timings) if isinstance(timings, dict) else None
+    if not isinstance(document, dict):
+        return None
+    usage, timings, metrics = (_object_at(document, key) for key in ("usage", "timings", "metrics"))
+    if usage is None and timings is None and metrics is None:
+        return None
+    readings = _Readings(timings=timings, metrics=metrics)
+    if usage is not None:
+        readings.input_tokens, readings.output_tokens, readings.cache_tokens = _usage_counts(usage)
+    return readings
+
+
+def _read_stream(body: bytes) -> _Readings | None:
+    """A server-sent event stream; None when no event carried usage, timings or metrics.
+
+    Upstreams spread usage over several events (Anthropic sends input tokens at the start
+    and output tokens at the end), so a count replaces the running one only when it is
+    positive; a cache count may be 0.
+    """
+    readings, found = _Readings(), False
+    for line in body.split(b"\n"):
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[len(b"data:"):].strip()
+        if not data or data == b"[DONE]":
+            continue
+        event = _loads_or_none(data)
+        if not isinstance(event, dict):
+            continue
+        for path in STREAM_USAGE_PATHS:
+            usage = _object_at(event, path)
+            if usage is None:
+                continue
+            found = True
+            input_tokens, output_tokens, cached = _usage_counts(usage)
+            if input_tokens > 0:
+                readings.input_tokens = input_tokens
+            if output_tokens > 0:
+                readings.output_tokens = output_tokens
+            if cached >= 0:
+                readings.cache_tokens = cached
+        timings, metrics = _object_at(event, "timings"), _object_at(event, "metrics")
+        if timings is not None:
+            readings.timings, found = timings, True
+        if metrics is not None:
+            readings.metrics, found = metrics, True
+    return readings if found else None
+
+
+def _usage_counts(usage: dict) -> tuple[int, int, int]:
+    """(input, output, cached) of a usage object in any dialect; cached is -1 when absent."""
+    return (_as_int(_first_present(usage, INPUT_TOKEN_PATHS, 0)),
+            _as_int(_first_present(usage, OUTPUT_TOKEN_PATHS, 0)),
+            _as_int(_first_present(usage, CACHED_TOKEN_PATHS, -1)))
+
+
+def _first_present(document: dict, paths: Sequence[str], default: Any) -> Any:
+    """The value at the first path that exists, even if it is 0: the first name wins."""
+    for path in paths:
+        value = _lookup(document, path)
+        if value is not _MISSING:
+            return value
+    return default
+
+
+def _lookup(document: Any, path: str) -> Any:
+    """The value at a dotted path of nested objects, or _MISSING."""
+    for key in path.split("."):
+        if not isinstance(document, dict) or key not in document:
+            return _MISSING
+        document = document[key]
+    return document
+
+
+def _object_at(document: dict, path: str) -> dict | None:
+    """The object at a path; `"usage": null`, which OpenAI streams in every chunk, is none."""
+    value = _lookup(document, path)
+    return value if isinstance(value, dict) else None
+
+
+def _loads_or_none(data: bytes) -> Any:
+    """Parsed JSON, or None. NaN and Infinity are refused, as Go's decoder refuses them."""
+    try:
+        return json.loads(data, parse_constant=_refuse_constant)
+    except ValueError:
+        return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _as_int(value: Any) -> int:
+    """A JSON number as a stored integer: floats truncated, clamped to SQLite's range,
+    anything else 0 (what Go's gjson reads from a missing or odd field)."""
+    if isinstance(value, float):
+        value = int(value) if math.isfinite(value) else 0
+    if not isinstance(value, int):
+        return 0
+    return min(max(value, INT64_MIN), INT64_MAX)
+
+
+def _as_float(value: Any) -> float:
+    """A JSON number as a float; 0 for anything else. Python reads 1e400 as infinity, which
+    JSON cannot carry back to the UI, so that is 0 too."""
+    number = float(value) if isinstance(value, (int, float)) else 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _finite(speed: float, fallback: float) -> float:
+    """A computed speed, unless absurd timings made it overflow to infinity."""
+    return speed if math.isfinite(speed) else fallback
+
+
+def go_float(value: float) -> int | float:
+    """A float64 as Go's encoder writes it: whole numbers without ".0" (10, not 10.0)."""
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
+# -- activity: speed histograms (§5.11) -------------------------------------------
+
+def histogram(values: Sequence[float]) -> dict | None:
+    """Bins and percentiles of speeds for `/api/metrics/stats` (§5.11); None when empty.
+
+    The bin count grows with the number of values (Sturges' rule) within 5..20; the
+    largest value falls in the last bin rather than one of its own.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    low, high = ordered[0], ordered[-1]
+    if low == high:
+        bins, bin_size = [len(ordered)], 0.0
+    else:
+        count = min(max(math.ceil(math.log2(len(ordered))) + 1, 5), 20)
+        bin_size = (high - low) / count
+        bins = [0] * count
+        for value in ordered:
+            bins[min(math.floor((value - low) / bin_size), count - 1)] += 1
+    return {"bins": bins, "min": go_float(low), "max": go_float(high), "binSize": go_float(bin_size),
+            "p50": go_float(percentile(ordered, 50)), "p95": go_float(percentile(ordered, 95)),
+            "p99": go_float(percentile(ordered, 99))}
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """The p-th percentile of sorted values, interpolated between the two nearest ranks."""
+    rank = p / 100 * (len(ordered) - 1)
+    lower, upper = math.floor(rank), math.ceil(rank)
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * (rank - lower)
+
+
+# -- activity: the store (§5.11) ----------------------------------------------------
+
+# `sort` parameter -> column. Only these fixed names ever reach the SQL text.
+SORT_COLUMNS = {"id": "id", "time": "ts_created", "model": "model_id", "req_path": "req_path",
+                "resp_status_code": "resp_status_code", "resp_content_type": "resp_content_type",
+                "cached": "cache_tokens", "prompt": "input_tokens", "generated": "output_tokens",
+                "drafted": "draft_tokens", "prompt_speed": "prompt_per_second",
+                "gen_speed": "tokens_per_second", "duration": "duration_ms"}
+DEFAULT_LIMIT = 25
+MAX_LIMIT = 999
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS activity (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_created INTEGER NOT NULL,
+    model_id TEXT NOT NULL,
+    req_path TEXT NOT NULL,
+    resp_content_type TEXT NOT NULL,
+    resp_status_code INTEGER NOT NULL,
+    cache_tokens INTEGER NOT NULL,
+    draft_tokens INTEGER NOT NULL,
+    draft_acc_tokens INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    prompt_per_second REAL NOT NULL,
+    tokens_per_second REAL NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    error_msg TEXT,
+    metadata_json TEXT
+)"""
+INSERT_COLUMNS = ("ts_created, model_id, req_path, resp_content_type, resp_status_code, "
+                  "cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens, "
+                  "prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json")
+ROW_COLUMNS = "id, " + INSERT_COLUMNS
+
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})",
+                      re.ASCII)
+_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+class QueryError(Exception):
+    """A bad query parameter; the message is the 400 envelope's text."""
+
+
+@dataclass(frozen=True)
+class ActivityQuery:
+    """`GET /api/metrics/activity` parameters, checked. Times are Unix seconds; bounds are
+    inclusive; `sort_column` is always one of SORT_COLUMNS' values."""
+
+    models: tuple[str, ...] = ()
+    start: int | None = None
+    end: int | None = None
+    min_id: int | None = None
+    max_id: int | None = None
+    limit: int = DEFAULT_LIMIT
+    page: int = 1
+    sort_column: str = "id"
+    descending: bool = True
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> ActivityQuery:
+        """Read the query string (§5.11), raising QueryError with the spec's message. An
+        empty value counts as absent; of a repeated single-valued parameter the first wins."""
+        models = tuple(value for value in _values(params, "model") if value)
+        start = _parse_time(_first(params, "start"), "start")
+        end = _parse_time(_first(params, "end"), "end")
+        if start is not None and end is not None and start > end:
+            raise QueryError("start must be before end")
+        min_id = _parse_id(_first(params, "min_id"), "min_id")
+        max_id = _parse_id(_first(params, "max_id"), "max_id")
+        if min_id is not None and max_id is not None and min_id > max_id:
+            raise QueryError("min_id must be <= max_id")
+        limit = DEFAULT_LIMIT
+        if text := _first(params, "limit"):
+            limit = _parse_int(text)
+            if limit is None:
+                raise QueryError("invalid limit")
+            if not 1 <= limit <= MAX_LIMIT:
+                raise QueryError(f"limit must be between 1 and {MAX_LIMIT}")
+        page = 1
+        if text := _first(params, "page"):
+            page = _parse_int(text)
+            if page is None or page < 1:
+                raise QueryError("page must be >= 1")
+        sort = _first(params, "sort") or "id"
+        if sort not in SORT_COLUMNS:
+            raise QueryError("invalid sort column")
+        order = (_first(params, "order") or "desc").lower()
+        if order not in ("asc", "desc"):
+            raise QueryError("order must be asc or desc")
+        return cls(models=models, start=_unix_seconds(start), end=_unix_seconds(end),
+                   min_id=min_id, max_id=max_id, limit=limit, page=page,
+                   sort_column=SORT_COLUMNS[sort], descending=order == "desc")
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The WHERE clause (or "") and its parameters."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        if self.models:
+            clauses.append(f"model_id IN ({', '.join('?' * len(self.models))})")
+            args.extend(self.models)
+        for clause, value in (("ts_created >= ?", self.start), ("ts_created <= ?", self.end),
+                              ("id >= ?", self.min_id), ("id <= ?", self.max_id)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+    def order_by(self) -> str:
+        """Rows with equal sort values stay in id order, so pages do not overlap."""
+        direction = "DESC" if self.descending else "ASC"
+        if self.sort_column == "id":
+            return f" ORDER BY id {direction}"
+        return f" ORDER BY {self.sort_column} {direction}, id {direction}"
+
+
+class ActivityStore:
+    """One row per metered request, in SQLite (§5.11).
+
+    Without a path the rows live in memory and only the newest `max_in_memory` are kept;
+    with a path they go to that file (WAL, waiting up to 5 s for a lock), are never pruned
+    and outlive restarts. Calls are synchronous and meant for one worker thread at a time,
+    which need not be the thread that opened the store.
+    """
+
+    def __init__(self, path: str | None, max_in_memory: int):
+        self.path = path or None
+        self.max_in_memory = max_in_memory
+        self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
+        if self.path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(self, *, model: str, req_path: str, resp_content_type: str, resp_status_code: int,
+            tokens: Tokens, duration_ms: int, error_msg: str = "",
+            metadata: Mapping[str, str] | None = None, ts_created: int | None = None) -> int:
+        """Store one request and return its id (ids start at 1 and are never reused).
+        `ts_created` is Unix seconds, now by default."""
+        cursor = self._db.execute(
+            f"INSERT INTO activity ({INSERT_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (int(time.time()) if ts_created is None else ts_created, model, req_path,
+             resp_content_type, resp_status_code, tokens.cache_tokens, tokens.draft_tokens,
+             tokens.draft_acc_tokens, tokens.input_tokens, tokens.output_tokens,
+             tokens.prompt_per_second, tokens.tokens_per_second, duration_ms, error_msg,
+             json.dumps(dict(metadata)) if metadata else None))
+        row_id = cursor.lastrowid
+        if self.path is None:
+            self._db.execute("DELETE FROM activity WHERE id <= ?", (row_id - self.max_in_memory,))
+        return row_id
+
+    def row(self, row_id: int, has_capture: Callable[[int], bool] | None = None) -> dict | None:
+        """One row as the API renders it (for the `activity` event), or None if gone."""
+        found = self._db.execute(f"SELECT {ROW_COLUMNS} FROM activity WHERE id = ?", (row_id,)).fetchone()
+        return None if found is None else _render_row(found, has_capture)
+
+    def query(self, params: Mapping[str, Any],
+              has_capture: Callable[[int], bool] | None = None) -> dict:
+        """The body of `GET /api/metrics/activity` for a query string given as a multidict
+        (aiohttp's `request.query`) or a mapping of name -> list of values. Raises
+        QueryError for a bad parameter."""
+        query = ActivityQuery.parse(params)
+        where, args = query.where()
+        total = self._db.execute(f"SELECT COUNT(*) FROM activity{where}", args).fetchone()[0]
+        # A page far past the end must not overflow SQLite's OFFSET; it is empty anyway.
+        offset = min((query.page - 1) * query.limit, INT64_MAX)
+        found = self._db.execute(f"SELECT {ROW_COLUMNS} FROM activity{where}{query.order_by()}"
+                                 " LIMIT ? OFFSET ?", [*args, query.limit, offset]).fetchall()
+        return {"data": [_render_row(row, has_capture) for row in found], "page": query.page,
+                "limit": query.limit, "total": total,
+                "total_pages": (total + query.limit - 1) // query.limit}
+
+    def stats(self, model: str | None = None) -> dict:
+        """The body of `GET /api/metrics/stats`, over one model's rows or all of them."""
+        where, args = (" WHERE model_id = ?", [model]) if model else ("", [])
+        requests, input_tokens, output_tokens, cache_tokens = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
+            " COALESCE(SUM(CASE WHEN cache_tokens > 0 THEN cache_tokens ELSE 0 END), 0)"
+            f" FROM activity{where}", args).fetchone()
+        return {"total_requests": requests, "total_input_tokens": input_tokens,
+                "total_output_tokens": output_tokens, "total_cache_tokens": cache_tokens,
+                "prompt_histogram": histogram(self._speeds("prompt_per_second", where, args)),
+                "gen_histogram": histogram(self._speeds("tokens_per_second", where, args))}
+
+    def _speeds(self, column: str, where: str, args: list[Any]) -> list[float]:
+        """Known speeds only: -1 (unknown) and 0 (nothing read) would flatten the histogram."""
+        condition = f"{where} AND {column} > 0" if where else f" WHERE {column} > 0"
+        return [speed for (speed,) in self._db.execute(f"SELECT {column} FROM activity{condition}", args)]
+
+
+def _render_row(row: Sequence[Any], has_capture: Callable[[int], bool] | None) -> dict:
+    (row_id, ts_created, model, req_path, content_type, status, cached, draft, accepted,
+     input_tokens, output_tokens, prompt_speed, gen_speed, duration_ms, error_msg, metadata_json) = row
+    tokens = Tokens(cache_tokens=cached, draft_tokens=draft, draft_acc_tokens=accepted,
+                    input_tokens=input_tokens, output_tokens=output_tokens,
+                    prompt_per_second=float(prompt_speed), tokens_per_second=float(gen_speed))
+    rendered = {"id": row_id, "timestamp": go_timestamp(ts_created, fraction=False), "model": model,
+                "req_path": req_path, "resp_content_type": content_type, "resp_status_code": status,
+                "tokens": tokens.as_json(), "duration_ms": duration_ms,
+                "has_capture": bool(has_capture and has_capture(row_id))}
+    if error_msg:
+        rendered["error_msg"] = error_msg
+    metadata = _loads_or_none(metadata_json.encode()) if metadata_json else None
+    if isinstance(metadata, dict) and metadata:
+        rendered["metadata"] = metadata
+    return rendered
+
+
+def _values(params: Mapping[str, Any], name: str) -> list[str]:
+    """Every value of a query parameter, from a multidict or a mapping of name -> list."""
+    getall = getattr(params, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    values = params.get(name, [])
+    return [values] if isinstance(values, str) else list(values)
+
+
+def _first(params: Mapping[str, Any], name: str) -> str:
+    values = _values(params, name)
+    return values[0] if values else ""
+
+
+def _parse_time(text: str, name: str) -> datetime.datetime | None:
+    """An RFC 3339 timestamp as Go's time.RFC3339 accepts it (a zone is required,
+    fractional seconds allowed); None when absent."""
+    if not text:
+        return None
+    match = _RFC3339.fullmatch(text)
+    try:
+        if match is None:
+            raise ValueError(text)
+        year, month, day, hour, minute, second, fraction, zone = match.groups()
+        offset = datetime.timedelta(0)
+        if zone != "Z":
+            offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+            offset = -offset if zone[0] == "-" else offset
+        return datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                                 int((fraction or "0")[:6].ljust(6, "0")), datetime.timezone(offset))
+    except ValueError:
+        raise QueryError(f"invalid '{name}' timestamp, use RFC3339 format") from None
+
+
+def _unix_seconds(moment: datetime.datetime | None) -> int | None:
+    """Whole seconds, rounded down as Go's Time.Unix does, to match the stored resolution."""
+    return None if moment is None else (moment - _EPOCH) // datetime.timedelta(seconds=1)
+
+
+def _parse_id(text: str, name: str) -> int | None:
+    if not text:
+        return None
+    value = _parse_int(text)
+    if value is None or value < 1:
+        raise QueryError(f"{name} must be >= 1")
+    return value
+
+
+def _parse_int(text: str) -> int | None:
+    """A decimal int64 as Go's strconv.Atoi reads it; None when it is not one."""
+    if not _INTEGER.fullmatch(text):
+        return None
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else None
+
+
+# -- captures (§5.13) -----------------------------------------------------------
+
+# Paths whose bodies are not kept: audio and images are big and say little (§5.13).
+NO_REQUEST_BODY = frozenset({"/v1/audio/voices", "/v1/audio/transcriptions", "/v1/images/edits", "/sdapi/v1/img2img"})
+NO_RESPONSE_BODY = frozenset({"/v1/audio/speech", "/v1/images/generations", "/sdapi/v1/txt2img",
+                              "/v1/images/edits", "/sdapi/v1/img2img"})
+
+
+class Captures:
+    """Recorded requests and their answers, compressed, the oldest dropped once they pass
+    `capacity` bytes; one bigger than the whole buffer is not kept at all."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self.size = 0
+
+    def add(self, capture_id: int, capture: dict[str, Any]) -> None:
+        data = zlib.compress(json.dumps(capture).encode())
+        if len(data) > self.capacity:
+            return
+        self.entries[capture_id] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            self.size -= len(self.entries.popitem(last=False)[1])
+
+    def get(self, capture_id: int) -> dict[str, Any] | None:
+        data = self.entries.get(capture_id)
+        return json.loads(zlib.decompress(data)) if data is not None else None
+
+    def __contains__(self, capture_id: int) -> bool:
+        return capture_id in self.entries
+
+
+def make_capture(capture_id: int, exchange: Exchange, status: int, headers: Mapping[str, str],
+                 body: bytes) -> dict[str, Any] | None:
+    """What /api/captures/{id} returns: bodies base64, none of a failed answer, credentials
+    redacted, the answer decompressed (so without its Content-Encoding)."""
+    if status == 200 and not body:
+        return None
+    response_body = None
+    if status == 200 and exchange.path not in NO_RESPONSE_BODY:
+        try:
+            response_body = base64.b64encode(decompress(header_value(headers, "Content-Encoding"), body)).decode()
+        except DecompressionError:
+            return None
+    request_body = None if exchange.path in NO_REQUEST_BODY else base64.b64encode(exchange.request_body).decode()
+    response_headers = {k: v for k, v in header_snapshot(headers).items() if k != "Content-Encoding"}
+    return {"id": capture_id, "req_path": exchange.path, "req_headers": exchange.request_headers,
+            "req_body": request_body, "resp_headers": response_headers, "resp_body": response_body}
+
+
+class Activity:
+    """Activity rows and captures, made from each finished model request in one worker thread,
+    so reading a big answer or writing to disk never holds up the event loop. The store and
+    the captures are only ever touched from that thread."""
+
+    def __init__(self, config: Config, on_recorded: Callable[[int, str, Tokens], None]):
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-swap-activity")
+        self.store = ActivityStore(config.store_path, config.metrics_max_in_memory)
+        self.captures = Captures(config.capture_buffer_mb * 1024 * 1024)
+        self.on_recorded = on_recorded
+        self.pending: set[asyncio.Future] = set()
+
+    def configure(self, config: Config) -> None:
+        """After a reload (the store's file is kept until a restart)."""
+        self.worker.submit(self._configure, config.metrics_max_in_memory, config.capture_buffer_mb * 1024 * 1024)
+
+    def _configure(self, max_in_memory: int, capture_bytes: int) -> None:
+        self.store.max_in_memory = max_in_memory
+        self.captures.capacity = capture_bytes
+
+    def record(self, exchange: Exchange, status: int, headers: Mapping[str, str], body: bytes | bytearray,
+               wall_ms: int) -> None:
+        future = asyncio.get_running_loop().run_in_executor(
+            self.worker, self._record, exchange, status, dict(headers), body, wall_ms)
+        self.pending.add(future)
+        future.add_done_callback(self._recorded)
+
+    def _record(self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes,
+                wall_ms: int) -> tuple[int, str, Tokens]:
+        tokens, duration_ms, error = measure_response(exchange.path, status, headers, body, wall_ms)
+        row_id = self.store.add(model=exchange.model, req_path=exchange.path,
+                                resp_content_type=header_value(headers, "Content-Type"), resp_status_code=status,
+                                tokens=tokens, duration_ms=duration_ms, error_msg=error, metadata=exchange.metadata,
+                                ts_created=int(exchange.began))
+        if self.captures.capacity > 0 and (capture := make_capture(row_id, exchange, status, headers, body)):
+            self.captures.add(row_id, capture)
+        return row_id, exchange.model, tokens
+
+    def _recorded(self, future: asyncio.Future) -> None:
+        self.pending.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            self.on_recorded(*future.result())
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a store or capture lookup in the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
+
+    def has_capture(self, capture_id: int) -> bool:
+        return capture_id in self.captures
+
+    async def close(self) -> None:
+        """Rows still being written are finished; then the store is closed."""
+        if self.pending:
+            await asyncio.wait(self.pending, timeout=5)
+        await self.call(self.store.close)
+        self.worker.shutdown(wait=False)
+
+
+# -- metrics ---------------------------------------------------------------------
+
+
+# Seconds; requests span a cache hit to a long generation, starts a tiny model to a 100 GB one.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+def prom_number(value: float) -> str:
+    """A sample value as Go's %g writes it: integers without a point, others shortest."""
+    if value == int(value) and abs(value) < 1e21:
+        return str(int(value))
+    return repr(float(value))
+
+
+def prom_labels(labels: Iterable[tuple[str, str]]) -> str:
+    """`{k="v",...}` with `\\`, `"` and newlines escaped; nothing for no labels."""
+    def escape(value: str) -> str:
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    pairs = [f'{key}="{escape(value)}"' for key, value in labels]
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def metric_family(name: str, help_text: str, kind: str, samples: Iterable[tuple[tuple, float]]) -> str:
+    """One metric in the text exposition format: HELP, TYPE, then a line per label set."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    lines += [f"{name}{prom_labels(labels)} {prom_number(value)}" for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+class Histogram:
+    """Observations counted into fixed buckets, per label set, as Prometheus histograms are."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.series: dict[tuple, list] = {}  # labels -> [count per bucket..., sum, count]
+
+    def observe(self, labels: tuple, value: float) -> None:
+        series = self.series.setdefault(labels, [0] * len(self.buckets) + [0.0, 0])
+        index = bisect.bisect_left(self.buckets, value)
+        if index < len(self.buckets):
+            series[index] += 1
+        series[-2] += value
+        series[-1] += 1
+
+    def render(self, name: str, help_text: str) -> str:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for labels, series in sorted(self.series.items()):
+            cumulative = 0
+            for bound, count in zip(self.buckets, series):
+                cumulative += count
+                lines.append(f"{name}_bucket{prom_labels(labels + (('le', prom_number(bound)),))} {cumulative}")
+            lines.append(f"{name}_bucket{prom_labels(labels + (('le', '+Inf'),))} {series[-1]}")
+            lines.append(f"{name}_sum{prom_labels(labels)} {prom_number(series[-2])}")
+            lines.append(f"{name}_count{prom_labels(labels)} {series[-1]}")
+        return "\n".join(lines) + "\n"
+
+
+class Metrics:
+    """Per-model figures for /metrics, which the original does not export: requests, latency,
+    tokens, starts and stops, queueing. Fed by notifications; nothing here is on the hot path
+    beyond adding to a counter."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple] = Counter()  # (model, path, status)
+        self.refused: Counter[str] = Counter()
+        self.tokens: Counter[tuple] = Counter()  # (model, "prompt" | "generated")
+        self.starts: Counter[tuple] = Counter()  # (model, "ready" | "failed")
+        self.stops: Counter[tuple] = Counter()  # (model, reason)
+        self.first_byte = Histogram(REQUEST_BUCKETS)
+        self.duration = Histogram(REQUEST_BUCKETS)
+        self.queue_wait = Histogram(REQUEST_BUCKETS)
+        self.start_duration = Histogram(START_BUCKETS)
+        self._states: dict[str, tuple[str, float]] = {}  # model -> (state, since)
+
+    def state_changed(self, model: str, state: str, stop_reason: str) -> None:
+        previous, since = self._states.get(model, (STOPPED, 0.0))
+        now = time.monotonic()
+        self._states[model] = (state, now)
+        if previous == STARTING and state == READY:
+            self.starts[(model, "ready")] += 1
+            self.start_duration.observe((("model", model),), now - since)
+        elif previous == STARTING and state == STOPPED and not stop_reason:
+            self.starts[(model, "failed")] += 1
+        elif state == STOPPED and previous != STOPPED:
+            self.stops[(model, stop_reason or "unknown")] += 1
+
+    def request_done(self, model: str, path: str, status: int, first_byte_after: float | None, seconds: float) -> None:
+        self.requests[(model, path, str(status))] += 1
+        labels = (("model", model),)
+        self.duration.observe(labels, seconds)
+        if first_byte_after is not None:
+            self.first_byte.observe(labels, first_byte_after)
+
+    def waited(self, model: str, seconds: float) -> None:
+        self.queue_wait.observe((("model", model),), seconds)
+
+    def refuse(self, model: str) -> None:
+        self.refused[model] += 1
+
+    def add_tokens(self, model: str, tokens: Tokens) -> None:
+        self.tokens[(model, "prompt")] += max(tokens.input_tokens, 0)
+        self.tokens[(model, "generated")] += max(tokens.output_tokens, 0)
+
+    def render(self, scheduler: Scheduler) -> str:
+        models = sorted(scheduler.processes, key=str.encode)
+        families = [
+            metric_family("llamaswap_model_state", "Current state of each model (1 for the state it is in).", "gauge",
+                          [((("model", m), ("state", st)), float(scheduler.processes[m].state == st))
+                           for m in models for st in (STOPPED, STARTING, READY, STOPPING)]),
+            metric_family("llamaswap_inflight_requests", "Requests being served by each model.", "gauge",
+                          [((("model", m),), scheduler.in_flight[m]) for m in models]),
+            metric_family("llamaswap_queue_depth", "Requests admitted and waiting for their model.", "gauge",
+                          [((("model", m),), scheduler.reserved[m] - scheduler.in_flight[m]) for m in models]),
+            metric_family("llamaswap_requests_total", "Model requests by path and response status.", "counter",
+                          [((("model", m), ("path", p), ("status", s)), n) for (m, p, s), n in sorted(self.requests.items())]),
+            metric_family("llamaswap_requests_refused_total", "Requests refused with 429 (concurrencyLimit).", "counter",
+                          [((("model", m),), n) for m, n in sorted(self.refused.items())]),
+            metric_family("llamaswap_tokens_total", "Prompt and generated tokens reported by the upstreams.", "counter",
+                          [((("model", m), ("kind", k)), n) for (m, k), n in sorted(self.tokens.items())]),
+            metric_family("llamaswap_model_starts_total", "Model starts by result.", "counter",
+                          [((("model", m), ("result", r)), n) for (m, r), n in sorted(self.starts.items())]),
+            metric_family("llamaswap_model_stops_total", "Model stops by reason (swap, ttl, unload, crash, reload, shutdown).",
+                          "counter", [((("model", m), ("reason", r)), n) for (m, r), n in sorted(self.stops.items())]),
+            self.duration.render("llamaswap_request_duration_seconds", "Time from the request to the end of its answer."),
+            self.first_byte.render("llamaswap_time_to_first_byte_seconds", "Time from the request to the first byte of its answer."),
+            self.queue_wait.render("llamaswap_queue_wait_seconds", "Time a request waited for its model (queue and load)."),
+            self.start_duration.render("llamaswap_model_start_duration_seconds", "Time from spawn to healthy."),
+        ]
+        return "".join(families)
+
+
+###############################################################################
+# 11. HTTP ####################################################################
 ###############################################################################
 
 # Routes whose model is read from the request (§4.1). GET routes read ?model=.
@@ -2998,6 +4024,60 @@ def model_records(config: Config, states: Mapping[str, str], created: int, profi
                 records.append({"id": pin, "object": "model", "created": created, "owned_by": "llama-swap",
                                 "meta": {"llamaswap": {"type": "profile"}}, "status": {"value": "unloaded"}})
     return sorted(records, key=lambda r: r["id"].encode())
+
+
+def model_statuses(config: Config, states: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The modelStatus event (§5.4): local models by ID, then every peer model."""
+    statuses = []
+    for model_id in sorted(config.models, key=str.encode):
+        model = config.models[model_id]
+        status = {"id": model_id, "name": model.name, "description": model.description, "state": states[model_id],
+                  "unlisted": model.unlisted, "peerID": ""}
+        if model.aliases:
+            status["aliases"] = model.aliases
+        rendered = capability_fields(model.capabilities)
+        status.update({k: rendered[k] for k in ("capabilities", "context_length") if k in rendered})
+        statuses.append(status)
+    for peer in config.peers.values():
+        statuses += [{"id": f"{peer.id}/{m}", "name": "", "description": "", "state": "", "unlisted": False,
+                      "peerID": peer.id} for m in peer.models]
+    return statuses
+
+
+def sse_event(kind: str, data: Any) -> bytes:
+    """One /api/events message (§5.4): its `data` is JSON inside a JSON string, as the original sends it."""
+    return f"event:message\ndata:{go_json({'type': kind, 'data': go_json(data)})}\n\n".encode()
+
+
+class Events:
+    """The /api/events watchers, each with its own queue of at most LIMIT messages (§5.4)."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self.streams: set[LogStream] = set()
+
+    def publish(self, kind: str, data: Any) -> None:
+        if self.streams:  # nobody watching: not even the message is made
+            message = sse_event(kind, data)
+            for stream in self.streams:
+                stream.offer(message)
+
+    @contextlib.contextmanager
+    def watching(self, first: Iterable[bytes]) -> Iterator[LogStream]:
+        """A watcher that gets `first`, then every message published while the block runs."""
+        stream = LogStream(self.LIMIT, mark_drops=False)
+        for message in first:
+            stream.offer(message)
+        self.streams.add(stream)
+        try:
+            yield stream
+        finally:
+            self.streams.discard(stream)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
 
 
 def selector_record(selector: Selector, config: Config, states: Mapping[str, str], created: int) -> dict[str, Any]:
@@ -3189,8 +4269,15 @@ class Server:
         self.source = source
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
+        self.metrics = Metrics()
+        self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
+        self.activity = Activity(config, self._activity_recorded)
         self.virtual = VirtualModels(config, self.processes)
-        self.inflight = InFlight()
+        self.events = Events()
+        self.inflight = InFlight(lambda event: self.events.publish("inflight", event))
+        self.log_streams: set[LogStream] = set()  # live /logs/stream readers, ended at shutdown
+        for source in ("proxy", "upstream"):
+            getattr(log, source).listeners.add(functools.partial(self._publish_log, source))
         self.preloading: asyncio.Task | None = None
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
 
@@ -3252,21 +4339,38 @@ class Server:
         self.config = new
         self.virtual = VirtualModels(new, self.processes)  # no profile is active after a reload
         self.log.level = LEVELS[new.log_level]
+        self.log.time_format = new.log_time_format
         self.scheduler.policy = swap_policy(new)
+        self.activity.configure(new)
         self.scheduler.priority = dict(new.routing.priority)
         self.scheduler.retire(retire)
         self._preload()
         for warning in new.warnings:
             self.log.warn(f"config: {warning}")
         self.log.info("configuration reloaded: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
+        self.events.publish("profileChanged", {"active": None})
+        self._publish_statuses()
         return changes
 
     def _state_changed(self, process: ModelProcess) -> None:
         self.log.debug(f"<{process.model.id}> state is now {process.state}")
+        self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
         self.scheduler.pump()
+        self._publish_statuses()
+
+    def _publish_statuses(self) -> None:
+        if self.events.streams:
+            self.events.publish("modelStatus", model_statuses(self.config, {m: p.state for m, p in self.processes.items()}))
+
+    def _activity_recorded(self, row_id: int, model: str, tokens: Tokens) -> None:
+        self.metrics.add_tokens(model, tokens)
+        self.events.publish("activity", {"id": row_id})
+
+    def _publish_log(self, source: str, data: bytes) -> None:
+        self.events.publish("logData", {"source": source, "data": data.decode("utf-8", "replace")})
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.errors, self.auth],
+        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors, self.auth],
                               client_max_size=1024 ** 3)
         routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
         routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
@@ -3276,6 +4380,10 @@ class Server:
             web.get("/running", self.running), web.get("/unload", self.unload_all_text),
             web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
             web.get("/api/version", self.version), web.get("/api/inflight", self.list_inflight),
+            web.get("/logs", self.logs), web.get("/logs/stream", self.log_stream), web.get("/metrics", self.prometheus),
+            web.get("/logs/stream/{id:.+}", self.log_stream), web.get("/api/events", self.events_stream),
+            web.get("/api/metrics/activity", self.activity_rows), web.get("/api/metrics/stats", self.activity_stats),
+            web.get("/api/captures/{id}", self.capture),
             web.post("/api/inflight/{id}/cancel", self.cancel_inflight),
             web.get("/api/profiles", self.list_profiles), web.put("/api/profiles/active", self.set_profile), web.post("/api/config/reload", self.reload_config),
             web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
@@ -3312,7 +4420,8 @@ class Server:
             body = rewrite_model(request, body, settings.use_model_name)
         if "application/json" in request.headers.get("Content-Type", ""):
             body = apply_filters(body, settings.filters, name)
-        with self.inflight.track(request, model, path_qs, metadata):
+        metadata = {**metadata, "fifo_priority": str(self.scheduler.priority.get(model, 0))}
+        with self.inflight.track(request, model, path_qs, body, metadata):
             if settings.send_loading_state and self.processes[model].state != READY and \
                     path_qs.startswith("/v1/chat/completions") and wants_stream(request, body):
                 return await self.stream_while_loading(request, model, path_qs, body)
@@ -3354,7 +4463,7 @@ class Server:
             body, path_qs = with_model(request, body, path_qs, route[1])
         if "application/json" in request.headers.get("Content-Type", ""):
             body = apply_filters(body, peer.filters, name)
-        with self.inflight.track(request, name, path_qs, metadata):
+        with self.inflight.track(request, name, path_qs, body, metadata):
             return await self.relay_peer(request, peer, path_qs, body)
 
     async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
@@ -3394,22 +4503,24 @@ class Server:
         if model not in self.processes and rest:  # not local: a peer's (local always wins)
             peer = self.config.peers[self.config.peer_routes[model][0]]
             body = await request.read()
-            with self.tracked_passthrough(request, model, rest):
+            with self.tracked_passthrough(request, model, rest, body):
                 return await self.relay_peer(request, peer, rest + query, body)
         if not rest:
             return add_trailing_slash(request, f"/upstream/{raw_tail.rstrip('/')}/{query}")
         if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
-        with self.tracked_passthrough(request, model, rest):
-            return await self.passthrough(request, model, rest + query)
+        body = await request.read()
+        with self.tracked_passthrough(request, model, rest, body):
+            return await self.passthrough(request, model, rest + query, body)
 
-    def tracked_passthrough(self, request: web.Request, model: str, path: str) -> contextlib.AbstractContextManager:
+    def tracked_passthrough(self, request: web.Request, model: str, path: str,
+                            body: bytes) -> contextlib.AbstractContextManager:
         """An /upstream request is listed in flight when it calls a model route (§5.6)."""
         if (request.method == "POST" and path in MODEL_POST_PATHS) or (request.method == "GET" and path in MODEL_GET_PATHS):
-            return self.inflight.track(request, model, path)
+            return self.inflight.track(request, model, path, body)
         return contextlib.nullcontext()
 
-    async def passthrough(self, request: web.Request, model: str, path_qs: str) -> web.StreamResponse:
+    async def passthrough(self, request: web.Request, model: str, path_qs: str, body: bytes) -> web.StreamResponse:
         """To a local model's own server, body untouched: /upstream and /comfyui."""
         process = self.processes[model]
         if process.model.ignore_websockets and is_websocket(request):
@@ -3417,7 +4528,6 @@ class Server:
             if process.state != READY:
                 raise ApiError(409, f"model {model} is not loaded; ignored websocket requests cannot start it")
             return await self.relay_local(request, process, path_qs, b"")
-        body = await request.read()
         async with self.scheduler.lease(model) as process:
             return await self.relay_local(request, process, path_qs, body)
 
@@ -3431,7 +4541,7 @@ class Server:
         rest = raw_path[len("/comfyui"):]
         if rest != "/" and self.processes[COMFYUI_MODEL].state != READY:
             raise ApiError(409, f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it")
-        return await self.passthrough(request, COMFYUI_MODEL, rest + mark + raw_query)
+        return await self.passthrough(request, COMFYUI_MODEL, rest + mark + raw_query, await request.read())
 
     def split_upstream_path(self, raw_tail: str) -> tuple[str | None, str]:
         """(model ID, raw remainder) for the longest leading run of path segments naming a model."""
@@ -3518,6 +4628,8 @@ class Server:
         if (name or None) != self.virtual.active:
             self.virtual.active = name or None
             self.log.info(f'active profile changed to "{name or ""}"')
+            self.events.publish("profileChanged", {"active": self.virtual.active})
+            self._publish_statuses()
         return json_response({"active": self.virtual.active})
 
     async def list_inflight(self, request: web.Request) -> web.Response:
@@ -3533,6 +4645,84 @@ class Server:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
+
+    async def activity_rows(self, request: web.Request) -> web.Response:
+        """Recorded requests, filtered, sorted and paged (§5.11)."""
+        try:
+            return json_response(await self.activity.call(self.activity.store.query, request.query, self.activity.has_capture))
+        except QueryError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def activity_stats(self, request: web.Request) -> web.Response:
+        return json_response(await self.activity.call(self.activity.store.stats, request.query.get("model") or None))
+
+    async def capture(self, request: web.Request) -> web.Response:
+        """One recorded request and its answer (§5.13)."""
+        try:
+            capture_id = int(request.match_info["id"])
+        except ValueError:
+            raise ApiError(400, "invalid capture ID") from None
+        capture = await self.activity.call(self.activity.captures.get, capture_id)
+        if capture is None:
+            raise ApiError(404, "capture not found")
+        return json_response(capture)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """Prometheus text (§5.14), with our per-model series."""
+        return web.Response(text=self.metrics.render(self.scheduler),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    # -- watching: logs and events ---------------------------------------------
+
+    async def logs(self, request: web.Request) -> web.Response:
+        """The combined log's history (§5.7); a browser is sent to the UI."""
+        if "text/html" in request.headers.get("Accept", ""):
+            raise web.HTTPFound("/ui/")
+        return web.Response(body=self.log.mux.history.history(), content_type="text/plain")
+
+    async def log_stream(self, request: web.Request) -> web.StreamResponse:
+        """History, then each new chunk as it is written, until the client or the server goes."""
+        monitor = self.log_monitor(request.match_info.get("id", ""))
+        response = web.StreamResponse(headers={"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        with monitor.reading() as stream:
+            self.log_streams.add(stream)
+            try:
+                if "no-history" not in request.query:
+                    await response.write(monitor.history.history())
+                async for chunk in stream:
+                    await response.write(chunk)
+            finally:
+                self.log_streams.discard(stream)
+        return response
+
+    def log_monitor(self, name: str) -> LogMonitor:
+        if name in ("", "proxy", "upstream"):
+            return {"": self.log.mux, "proxy": self.log.proxy, "upstream": self.log.upstream}[name]
+        model, _rest = self.split_upstream_path(name)
+        if model not in self.processes:
+            raise ApiError(400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
+        return self.processes[model].output
+
+    async def events_stream(self, request: web.Request) -> web.StreamResponse:
+        """/api/events (§5.4): the state of things first, then every change, as SSE."""
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
+            "X-Content-Type-Options": "nosniff", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        first = [
+            sse_event("logData", {"source": "proxy", "data": self.log.proxy.history.history().decode("utf-8", "replace")}),
+            sse_event("logData", {"source": "upstream", "data": self.log.upstream.history.history().decode("utf-8", "replace")}),
+            sse_event("modelStatus", model_statuses(self.config, {m: p.state for m, p in self.processes.items()})),
+            sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
+            sse_event("profileChanged", {"active": self.virtual.active}),
+            sse_event("inflight", self.inflight.snapshot()),
+        ]
+        with self.events.watching(first) as stream:
+            async for message in stream:
+                await response.write(message)
+        return response
 
     async def root(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui")
@@ -3571,6 +4761,33 @@ class Server:
             return web.Response(status=404, text="404 page not found\n")
         except web.HTTPMethodNotAllowed as e:
             return web.Response(status=405, text="Method Not Allowed\n", headers={"Allow": ", ".join(sorted(e.allowed_methods))})
+
+    @web.middleware
+    async def watch(self, request: web.Request, handler) -> web.StreamResponse:
+        """Once a model request is answered: its figures (§6.2). Outside `errors`, so an error
+        counts with the status the client got; off the hot path, which only fills the Exchange."""
+        status, response = 500, None
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the client left
+            raise
+        finally:
+            if (exchange := request.get(EXCHANGE)) is not None:
+                self.observe(exchange, response if response is not None else exchange.response, status)
+
+    def observe(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:
+        """A model request's metrics and, for a POST, its activity row and capture (§6.2)."""
+        seconds = time.time() - exchange.began
+        self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds)
+        if exchange.method != "POST" or status == 101:
+            return
+        relayed = response is not None and response is exchange.response
+        body = exchange.copy if relayed else getattr(response, "body", None)
+        headers = response.headers if response is not None else {}
+        self.activity.record(exchange, status, headers, body or b"", int(seconds * 1000))
 
     @web.middleware
     async def auth(self, request: web.Request, handler) -> web.StreamResponse:
@@ -3618,10 +4835,14 @@ class Server:
         # Websockets never end by themselves: close them, or shutdown would wait for its budget.
         await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(live_websockets)),
                              return_exceptions=True)
+        for stream in self.log_streams:  # streams that never end by themselves either
+            stream.close()
+        self.events.close()
         self.scheduler.close()
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
+        await self.activity.close()
 
 
 def forwarded_path(request: web.BaseRequest) -> str:
@@ -3634,7 +4855,7 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 11. CLI #####################################################################
+# 12. CLI #####################################################################
 ###############################################################################
 
 SHUTDOWN_BUDGET = 30.0
@@ -3716,7 +4937,11 @@ def reload_on_signal(server: Server) -> None:
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
                 watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
-    server = Server(config, log, source)
+    try:
+        server = Server(config, log, source)
+    except sqlite3.Error as e:
+        print(f"llama-swap: store.path: cannot open {config.store_path}: {e}", file=sys.stderr)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen: list[int] = []
@@ -3816,7 +5041,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ssl.SSLError) as e:
             print(f"llama-swap: cannot load TLS certificate: {e}", file=sys.stderr)
             return 1
-    log = ProxyLog(config.log_level)
+    log = ProxyLog(config.log_level, config.log_to_stdout, config.log_time_format)
     log.debug(f"PID: {os.getpid()}")
     for warning in config.warnings:
         log.warn(f"config: {warning}")

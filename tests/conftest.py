@@ -222,7 +222,7 @@ class FakeProcess:
             raise StartError(message)
         self._set(READY)
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float, reason: str = "") -> None:
         if self.state != STOPPED:
             self.events.append(f"stop {self.name}")
             await asyncio.sleep(0.01)

@@ -91,7 +91,7 @@ async def test_an_entry_shows_who_asked_what_without_credentials(start_llama_swa
         async with await waiting as r:
             assert r.status == 200
     assert entry["model"] == "m" and entry["req_path"] == "/chat/completions" and entry["method"] == "POST"
-    assert entry["metadata"] == {"selector": "auto"}
+    assert entry["metadata"] == {"selector": "auto", "fifo_priority": "0"}
     assert entry["remote_ip"] == "203.0.113.9"
     sent = entry["req_headers"]
     assert sent["Authorization"] == sent["X-Api-Key"] == sent["Cookie"] == "[REDACTED]"

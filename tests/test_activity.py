@@ -1,0 +1,494 @@
+"""Activity: token extraction (§6.2, §6.3), speed histograms and the store (§5.11)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import zlib
+
+import pytest
+
+import llama_swap as activity
+from llama_swap import ActivityStore, QueryError, Tokens, histogram, measure_response
+
+JSON = {"Content-Type": "application/json"}
+SSE = {"Content-Type": "text/event-stream"}
+
+
+def measure_json(document, path="/v1/chat/completions", wall_ms=100, headers=JSON):
+    return measure_response(path, 200, headers, json.dumps(document).encode(), wall_ms)
+
+
+def sse(*events) -> bytes:
+    lines = []
+    for event in events:
+        lines.append("data: " + (event if isinstance(event, str) else json.dumps(event)))
+        lines.append("")
+    return "\n".join(lines).encode()
+
+
+def parsed(**fields) -> Tokens:
+    """A read response's tokens: -1 where the upstream said nothing."""
+    defaults = dict(cache_tokens=-1, draft_tokens=-1, draft_acc_tokens=-1, input_tokens=0,
+                    output_tokens=0, prompt_per_second=-1.0, tokens_per_second=-1.0)
+    return Tokens(**{**defaults, **fields})
+
+
+# §6.3 test vectors ###########################################################
+
+def test_openai_usage_with_cached_prompt_tokens():
+    tokens, duration, error = measure_json(
+        {"usage": {"prompt_tokens": 12, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4}}})
+    assert tokens == parsed(input_tokens=12, output_tokens=7, cache_tokens=4)
+    assert (duration, error) == (100, "")
+
+
+LLAMA_TIMINGS = {"prompt_n": 20, "predicted_n": 50, "prompt_per_second": 100.0, "predicted_per_second": 40.0,
+                 "prompt_ms": 200, "predicted_ms": 1250, "cache_n": 8}
+
+
+def test_llama_server_timings_give_counts_speeds_and_a_longer_duration():
+    tokens, duration, _ = measure_json({"timings": LLAMA_TIMINGS}, wall_ms=100)
+    assert tokens == parsed(input_tokens=20, output_tokens=50, cache_tokens=8,
+                            prompt_per_second=100.0, tokens_per_second=40.0)
+    assert duration == 1450
+
+
+def test_llama_server_timings_never_shorten_the_wall_time():
+    _, duration, _ = measure_json({"timings": LLAMA_TIMINGS}, wall_ms=2000)
+    assert duration == 2000
+
+
+def test_llama_server_timings_beat_usage_counts():
+    tokens, _, _ = measure_json({"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "timings": LLAMA_TIMINGS})
+    assert (tokens.input_tokens, tokens.output_tokens) == (20, 50)
+
+
+def test_stream_takes_usage_from_the_final_chunk():
+    body = sse({"choices": [{}]}, {"usage": {"prompt_tokens": 15, "completion_tokens": 33}}, "[DONE]")
+    tokens, duration, error = measure_response("/v1/chat/completions", 200, SSE, body, 70)
+    assert tokens == parsed(input_tokens=15, output_tokens=33)
+    assert (duration, error) == (70, "")
+
+
+def test_vllm_stream_metrics_give_speeds():
+    body = sse({"choices": [{"delta": {"content": "hi"}}], "usage": None},
+               {"choices": [], "usage": {"prompt_tokens": 14, "completion_tokens": 152},
+                "metrics": {"time_to_first_token_ms": 70, "mean_itl_ms": 10}},
+               "[DONE]")
+    tokens, _, _ = measure_response("/v1/chat/completions", 200, SSE, body, 100)
+    assert (tokens.input_tokens, tokens.output_tokens, tokens.cache_tokens) == (14, 152, -1)
+    assert tokens.prompt_per_second == pytest.approx(200)
+    assert tokens.tokens_per_second == pytest.approx(100)
+    assert (tokens.draft_tokens, tokens.draft_acc_tokens) == (-1, -1)
+
+
+def test_vllm_prompt_speed_leaves_cached_tokens_out():
+    tokens, _, _ = measure_json({"usage": {"prompt_tokens": 42, "completion_tokens": 128,
+                                           "prompt_tokens_details": {"cached_tokens": 20}},
+                                 "metrics": {"time_to_first_token_ms": 85.2, "mean_itl_ms": 9.1}})
+    assert tokens.cache_tokens == 20
+    assert tokens.prompt_per_second == 22 / (85.2 / 1000)
+    assert tokens.tokens_per_second == 1000 / 9.1
+
+
+def test_vllm_speculative_decoding_needs_both_counts():
+    tokens, _, _ = measure_json({"usage": {"prompt_tokens": 5, "completion_tokens": 6},
+                                 "metrics": {"speculative_decoding": {"num_draft_tokens": 20}}})
+    assert (tokens.draft_tokens, tokens.draft_acc_tokens) == (-1, -1)
+
+
+def test_llama_server_drafts_survive_an_empty_speculative_decoding():
+    timings = {**LLAMA_TIMINGS, "draft_n": 30, "draft_n_accepted": 12}
+    tokens, _, _ = measure_json({"timings": timings, "metrics": {"speculative_decoding": {}}})
+    assert (tokens.draft_tokens, tokens.draft_acc_tokens) == (30, 12)
+
+
+def test_vllm_speculative_decoding_overrides_draft_counts():
+    timings = {**LLAMA_TIMINGS, "draft_n": 30, "draft_n_accepted": 12}
+    tokens, _, _ = measure_json({"timings": timings, "metrics": {
+        "speculative_decoding": {"num_draft_tokens": 40, "num_accepted_draft_tokens": 25}}})
+    assert (tokens.draft_tokens, tokens.draft_acc_tokens) == (40, 25)
+
+
+def test_infill_reads_timings_from_the_last_element():
+    body = [{"content": "a"}, {"content": "b", "timings": {"prompt_n": 5, "predicted_n": 9, "prompt_per_second": 50.5,
+                                                             "predicted_per_second": 12.25, "prompt_ms": 10,
+                                                             "predicted_ms": 20}}]
+    tokens, _, _ = measure_json(body, path="/infill")
+    assert tokens == parsed(input_tokens=5, output_tokens=9, prompt_per_second=50.5, tokens_per_second=12.25)
+
+
+def test_stream_with_only_done_is_a_zero_token_row():
+    tokens, duration, error = measure_response("/v1/chat/completions", 200, SSE, sse("[DONE]"), 42)
+    assert tokens == Tokens(0, 0, 0, 0, 0, 0.0, 0.0)
+    assert (duration, error) == (42, "")
+
+
+# Other dialects and bodies ###################################################
+
+def test_anthropic_stream_keeps_input_from_message_start_and_output_from_message_delta():
+    body = (b"event: message_start\r\n"
+            b'data: {"type":"message_start","message":{"id":"msg_1","usage":'
+            b'{"input_tokens":25,"cache_read_input_tokens":5,"output_tokens":1}}}\r\n\r\n'
+            b"event: content_block_delta\r\n"
+            b'data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi"}}\r\n\r\n'
+            b"event: message_delta\r\n"
+            b'data: {"type":"message_delta","usage":{"input_tokens":0,"output_tokens":15}}\r\n\r\n'
+            b"event: message_stop\r\n"
+            b'data: {"type":"message_stop"}\r\n\r\n')
+    tokens, _, _ = measure_response("/v1/messages", 200, {"content-type": "text/event-stream; charset=utf-8"},
+                                    body, 10)
+    assert tokens == parsed(input_tokens=25, output_tokens=15, cache_tokens=5)
+
+
+def test_stream_cache_count_of_zero_is_known_not_unknown():
+    body = sse({"usage": {"prompt_tokens": 4, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 0}}},
+               {"usage": {"prompt_tokens": 0, "completion_tokens": 0}}, "[DONE]")
+    tokens, _, _ = measure_response("/v1/chat/completions", 200, SSE, body, 10)
+    assert tokens == parsed(input_tokens=4, output_tokens=2, cache_tokens=0)
+
+
+def test_responses_api_stream_reads_usage_of_response_completed():
+    body = sse({"type": "response.created", "response": {"id": "resp_1", "usage": None}},
+               {"type": "response.output_text.delta", "delta": "Hi"},
+               {"type": "response.completed", "response": {"id": "resp_1", "usage": {
+                   "input_tokens": 30, "input_tokens_details": {"cached_tokens": 10},
+                   "output_tokens": 12, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 42}}})
+    tokens, _, _ = measure_response("/v1/responses", 200, SSE, body, 10)
+    assert tokens == parsed(input_tokens=30, output_tokens=12, cache_tokens=10)
+
+
+def test_responses_api_json_uses_input_and_output_tokens():
+    tokens, _, _ = measure_json({"object": "response", "usage": {"input_tokens": 8, "output_tokens": 3}},
+                                path="/v1/responses")
+    assert tokens == parsed(input_tokens=8, output_tokens=3)
+
+
+def test_first_present_name_wins_even_when_it_is_zero():
+    tokens, _, _ = measure_json({"usage": {"prompt_tokens": 0, "input_tokens": 9, "completion_tokens": 1}})
+    assert tokens.input_tokens == 0
+
+
+def test_gzip_body_is_decompressed_for_reading():
+    body = gzip.compress(json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode())
+    tokens, _, error = measure_response("/v1/chat/completions", 200,
+                                        {**JSON, "Content-Encoding": "gzip"}, body, 10)
+    assert tokens == parsed(input_tokens=3, output_tokens=4)
+    assert error == ""
+
+
+def test_deflate_body_is_decompressed_for_reading():
+    body = zlib.compress(json.dumps({"usage": {"prompt_tokens": 6, "completion_tokens": 1}}).encode())
+    tokens, _, _ = measure_response("/v1/chat/completions", 200, {**JSON, "content-encoding": "deflate"}, body, 10)
+    assert (tokens.input_tokens, tokens.output_tokens) == (6, 1)
+
+
+def test_undecompressable_body_is_a_zero_row_with_an_error():
+    tokens, duration, error = measure_response("/v1/chat/completions", 200,
+                                               {**JSON, "Content-Encoding": "gzip"}, b"not gzip", 10)
+    assert tokens == Tokens()
+    assert duration == 10
+    assert error.startswith("response decompression failed: ")
+
+
+def test_unknown_encoding_is_read_as_is():
+    body = json.dumps({"usage": {"prompt_tokens": 2, "completion_tokens": 2}}).encode()
+    tokens, _, _ = measure_response("/v1/chat/completions", 200, {**JSON, "Content-Encoding": "br"}, body, 10)
+    assert tokens.input_tokens == 2
+
+
+def test_empty_200_body_is_a_zero_row():
+    assert measure_response("/v1/chat/completions", 200, JSON, b"", 12) == (Tokens(), 12, "")
+
+
+def test_invalid_json_is_a_zero_row():
+    assert measure_response("/v1/chat/completions", 200, JSON, b"{oops", 12) == (Tokens(), 12, "")
+
+
+def test_json_without_usage_is_a_zero_row():
+    assert measure_json({"choices": []}, wall_ms=5) == (Tokens(), 5, "")
+
+
+# Failed requests #############################################################
+
+def failed(status, body, headers=JSON):
+    return measure_response("/v1/chat/completions", status, headers, body, 9)
+
+
+def test_error_message_from_openai_error_object():
+    body = json.dumps({"error": {"message": "context too long", "type": "invalid_request_error"}}).encode()
+    assert failed(400, body) == (Tokens(), 9, "context too long")
+
+
+def test_error_message_from_error_string():
+    assert failed(500, b'{"error":"model crashed"}')[2] == "model crashed"
+
+
+def test_error_message_from_message_when_error_is_empty():
+    assert failed(503, b'{"error":"","message":"loading"}')[2] == "loading"
+
+
+def test_error_message_from_detail():
+    assert failed(422, b'{"detail":"field required"}')[2] == "field required"
+
+
+def test_long_error_message_is_cut_at_500_characters():
+    body = json.dumps({"error": {"message": "x" * 600}}).encode()
+    assert failed(400, body)[2] == "x" * 500 + "..."
+
+
+def test_error_without_body_is_the_status_line():
+    assert failed(502, b"") == (Tokens(), 9, "502 Bad Gateway")
+
+
+def test_error_with_a_plain_text_body_is_the_status_line():
+    assert failed(404, b"not found")[2] == "404 Not Found"
+
+
+def test_error_uses_go_reason_phrases():
+    assert failed(418, b"")[2] == "418 I'm a teapot"
+    assert failed(422, b"")[2] == "422 Unprocessable Entity"
+
+
+def test_error_with_an_unknown_code():
+    assert failed(599, b"")[2] == "HTTP 599"
+
+
+def test_compressed_error_body_is_read():
+    body = gzip.compress(b'{"error":{"message":"bad"}}')
+    assert failed(400, body, {**JSON, "Content-Encoding": "gzip"})[2] == "bad"
+
+
+def test_undecodable_error_body():
+    error = failed(500, b"garbage", {**JSON, "Content-Encoding": "gzip"})[2]
+    assert error.startswith("response decode failed: ")
+
+
+# Histograms ##################################################################
+
+def test_histogram_of_nothing_is_none():
+    assert histogram([]) is None
+
+
+def test_histogram_of_one_distinct_value():
+    assert histogram([42.5, 42.5, 42.5]) == {"bins": [3], "min": 42.5, "max": 42.5, "binSize": 0,
+                                             "p50": 42.5, "p95": 42.5, "p99": 42.5}
+
+
+def test_histogram_of_the_spec_example():
+    assert histogram([30.0, 10.0, 20.0]) == {"bins": [1, 0, 1, 0, 1], "min": 10, "max": 30, "binSize": 4,
+                                             "p50": 20, "p95": 29, "p99": 29.8}
+
+
+def test_histogram_bin_count_grows_with_log2_of_n():
+    # n = 40: ceil(log2 40) + 1 = 7 bins of (70 - 0) / 7 = 10; 70 lands in the last bin.
+    values = [float(v) for v in range(39)] + [70.0]
+    result = histogram(values)
+    assert result["binSize"] == 10
+    assert result["bins"] == [10, 10, 10, 9, 0, 0, 1]
+    # ranks: p50 -> 19.5 between 19 and 20; p95 -> 37.05 between 37 and 38; p99 -> 38.61 between 38 and 70
+    assert result["p50"] == pytest.approx(19.5)
+    assert result["p95"] == pytest.approx(37.05)
+    assert result["p99"] == pytest.approx(38 + 32 * 0.61)
+
+
+def test_histogram_bin_count_is_at_most_20():
+    # 2**19 + 1 values: ceil(log2 n) + 1 = 21, capped.
+    result = histogram([float(v) for v in range(2**19 + 1)])
+    assert len(result["bins"]) == 20
+    assert sum(result["bins"]) == 2**19 + 1
+
+
+# Store #######################################################################
+
+def add(store, model="m1", ts=1_700_000_000, tokens=None, **fields):
+    row = dict(model=model, req_path="/v1/chat/completions", resp_content_type="application/json",
+               resp_status_code=200, tokens=tokens or parsed(input_tokens=1, output_tokens=1), duration_ms=10,
+               ts_created=ts)
+    row.update(fields)
+    return store.add(**row)
+
+
+@pytest.fixture
+def utc(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.fixture
+def store():
+    store = ActivityStore(None, 1000)
+    yield store
+    store.close()
+
+
+def test_row_renders_as_the_api_shows_it(store, utc):
+    row_id = add(store, ts=1_779_184_801, tokens=parsed(input_tokens=25, output_tokens=10,
+                                                         prompt_per_second=0.0, tokens_per_second=10.0),
+                 duration_ms=30, error_msg="oops", metadata={"fifo_priority": "0", "selector": "public"})
+    assert row_id == 1
+    assert json.dumps(store.row(1, lambda i: i == 1)) == json.dumps(
+        {"id": 1, "timestamp": "2026-05-19T10:00:01Z", "model": "m1", "req_path": "/v1/chat/completions",
+         "resp_content_type": "application/json", "resp_status_code": 200,
+         "tokens": {"cache_tokens": -1, "draft_tokens": -1, "draft_acc_tokens": -1, "input_tokens": 25,
+                    "output_tokens": 10, "prompt_per_second": 0, "tokens_per_second": 10},
+         "duration_ms": 30, "has_capture": True, "error_msg": "oops",
+         "metadata": {"fifo_priority": "0", "selector": "public"}})
+
+
+def test_row_omits_empty_error_and_metadata(store):
+    add(store)
+    row = store.row(1)
+    assert "error_msg" not in row and "metadata" not in row
+    assert row["has_capture"] is False
+    assert store.row(2) is None
+
+
+def test_timestamp_uses_the_local_zone(monkeypatch, store):
+    monkeypatch.setenv("TZ", "Etc/GMT-2")  # POSIX sign: two hours east of UTC
+    time.tzset()
+    try:
+        add(store, ts=1_779_177_601)
+        assert store.row(1)["timestamp"] == "2026-05-19T10:00:01+02:00"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_memory_store_keeps_only_the_newest_rows():
+    store = ActivityStore(None, 3)
+    ids = [add(store) for _ in range(5)]
+    assert ids == [1, 2, 3, 4, 5]
+    result = store.query({})
+    assert [row["id"] for row in result["data"]] == [5, 4, 3]
+    assert result["total"] == 3
+
+
+def test_file_store_survives_reopening_and_is_never_pruned(tmp_path):
+    path = str(tmp_path / "activity.db")
+    store = ActivityStore(path, 2)
+    for _ in range(4):
+        add(store)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    store.close()
+    reopened = ActivityStore(path, 2)
+    assert add(reopened) == 5
+    assert reopened.query({})["total"] == 5
+    reopened.close()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"start": ["yesterday"]}, "invalid 'start' timestamp, use RFC3339 format"),
+    ({"start": ["2026-05-19T10:00:00"]}, "invalid 'start' timestamp, use RFC3339 format"),
+    ({"end": ["2026-13-01T00:00:00Z"]}, "invalid 'end' timestamp, use RFC3339 format"),
+    ({"start": ["2026-05-19T10:00:01Z"], "end": ["2026-05-19T10:00:00Z"]}, "start must be before end"),
+    ({"min_id": ["0"]}, "min_id must be >= 1"),
+    ({"min_id": ["x"]}, "min_id must be >= 1"),
+    ({"max_id": ["-3"]}, "max_id must be >= 1"),
+    ({"min_id": ["5"], "max_id": ["4"]}, "min_id must be <= max_id"),
+    ({"limit": ["ten"]}, "invalid limit"),
+    ({"limit": ["0"]}, "limit must be between 1 and 999"),
+    ({"limit": ["1000"]}, "limit must be between 1 and 999"),
+    ({"page": ["0"]}, "page must be >= 1"),
+    ({"page": ["two"]}, "page must be >= 1"),
+    ({"sort": ["tokens"]}, "invalid sort column"),
+    ({"order": ["up"]}, "order must be asc or desc"),
+])
+def test_query_validation_messages(store, params, message):
+    with pytest.raises(QueryError) as raised:
+        store.query(params)
+    assert str(raised.value) == message
+
+
+def test_query_accepts_a_multidict():
+    class MultiDict:
+        def __init__(self, pairs):
+            self.pairs = pairs
+
+        def getall(self, name, default):
+            return [v for k, v in self.pairs if k == name] or default
+
+    query = activity.ActivityQuery.parse(MultiDict([("model", "a"), ("model", "b"), ("order", "ASC")]))
+    assert query.models == ("a", "b")
+    assert query.descending is False
+
+
+def test_pagination(store):
+    for _ in range(7):
+        add(store)
+    result = store.query({"limit": ["3"], "page": ["3"]})
+    assert [row["id"] for row in result["data"]] == [1]
+    assert (result["page"], result["limit"], result["total"], result["total_pages"]) == (3, 3, 7, 3)
+    assert store.query({"limit": ["3"], "page": ["9"]})["data"] == []
+
+
+def test_empty_store_has_no_pages(store):
+    assert store.query({}) == {"data": [], "page": 1, "limit": 25, "total": 0, "total_pages": 0}
+
+
+def test_sort_by_a_column_then_by_id(store):
+    for prompt in (5, 9, 5, 1):
+        add(store, tokens=parsed(input_tokens=prompt))
+    ascending = store.query({"sort": ["prompt"], "order": ["asc"]})["data"]
+    assert [(row["tokens"]["input_tokens"], row["id"]) for row in ascending] == [(1, 4), (5, 1), (5, 3), (9, 2)]
+    descending = store.query({"sort": ["prompt"], "order": ["DESC"]})["data"]
+    assert [row["id"] for row in descending] == [2, 3, 1, 4]
+
+
+def test_sort_by_time_and_speed(store):
+    add(store, ts=300, tokens=parsed(tokens_per_second=2.0))
+    add(store, ts=100, tokens=parsed(tokens_per_second=30.0))
+    add(store, ts=200, tokens=parsed(tokens_per_second=10.0))
+    assert [r["id"] for r in store.query({"sort": ["time"], "order": ["asc"]})["data"]] == [2, 3, 1]
+    assert [r["id"] for r in store.query({"sort": ["gen_speed"]})["data"]] == [2, 3, 1]
+
+
+def test_repeated_model_filter_is_ored(store):
+    for model in ("a", "b", "c", "a"):
+        add(store, model=model)
+    result = store.query({"model": ["a", "c"]})
+    assert [row["id"] for row in result["data"]] == [4, 3, 1]
+    assert result["total"] == 3
+
+
+def test_time_filter_is_inclusive_at_second_resolution(store, utc):
+    for ts in (1_779_184_799, 1_779_184_800, 1_779_184_801, 1_779_184_802):
+        add(store, ts=ts)
+    result = store.query({"start": ["2026-05-19T10:00:00.900Z"], "end": ["2026-05-19T12:00:01+02:00"]})
+    assert [row["id"] for row in result["data"]] == [3, 2]
+
+
+def test_id_range_filter(store):
+    for _ in range(6):
+        add(store)
+    assert [r["id"] for r in store.query({"min_id": ["2"], "max_id": ["4"]})["data"]] == [4, 3, 2]
+
+
+def test_stats_totals_and_histograms(store):
+    add(store, model="a", tokens=parsed(input_tokens=1, output_tokens=2, cache_tokens=1,
+                                        prompt_per_second=10.0, tokens_per_second=-1.0))
+    add(store, model="a", tokens=parsed(input_tokens=3, output_tokens=4, cache_tokens=-1,
+                                        prompt_per_second=30.0))
+    add(store, model="a", tokens=Tokens())
+    add(store, model="b", tokens=parsed(input_tokens=100, output_tokens=100, cache_tokens=50,
+                                        prompt_per_second=20.0, tokens_per_second=5.0))
+    assert store.stats("a") == {
+        "total_requests": 3, "total_input_tokens": 4, "total_output_tokens": 6, "total_cache_tokens": 1,
+        "prompt_histogram": {"bins": [1, 0, 0, 0, 1], "min": 10, "max": 30, "binSize": 4,
+                             "p50": 20, "p95": 29, "p99": 29.8},
+        "gen_histogram": None}
+    everything = store.stats()
+    assert (everything["total_requests"], everything["total_cache_tokens"]) == (4, 51)
+    assert everything["prompt_histogram"]["bins"] == [1, 0, 1, 0, 1]
+    assert everything["gen_histogram"]["bins"] == [1]
+
+
+def test_stats_of_an_empty_store(store):
+    assert store.stats() == {"total_requests": 0, "total_input_tokens": 0, "total_output_tokens": 0,
+                             "total_cache_tokens": 0, "prompt_histogram": None, "gen_histogram": None}
