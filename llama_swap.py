@@ -32,6 +32,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import decimal
 import datetime
 import difflib
 import functools
@@ -44,6 +45,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import posixpath
 import random
 import re
@@ -57,7 +59,7 @@ import weakref
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import aiohttp
 import yaml
@@ -680,14 +682,8 @@ def build_config(doc: dict) -> Config:
     config.selectors = {sid: read_selector(sid, node, config, set(selectors.data)) for sid, node in selectors.children()}
     config.profiles = read_profiles(top.mapping("profiles"), config)
     top.raw("logRequests")  # accepted and unused, as in the original
-    config.warnings = top.unknown_key_warnings() + config.warnings + not_yet_active(config, top)
+    config.warnings = top.unknown_key_warnings() + config.warnings
     return config
-
-
-def not_yet_active(config: Config, top: ConfigReader) -> list[str]:
-    """Keys this version reads and checks but does not act on yet: said out loud, never silent."""
-    keys = [k for k in ("performance",) if k in top.data]
-    return [f"{key}: read and checked, but not acted on yet by llama-swap-py {__version__}" for key in keys]
 
 
 def expand_models(top: ConfigReader, global_macros: list, readers: list) -> dict[str, tuple[dict, list]]:
@@ -1389,6 +1385,36 @@ def _fraction(t: datetime.datetime, digits: int, trim: bool = False) -> str:
     return ("." + text.rstrip("0")) if trim and text.rstrip("0") else "" if trim else "." + text
 
 
+def go_time(moment: datetime.datetime, fraction: bool = True) -> str:
+    """RFC 3339 as Go writes a time.Time in JSON: the fraction without trailing zeros, Z for UTC."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (_fraction(moment, 9, trim=True) if fraction else "") + _go_zone(moment)
+
+
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})")
+
+
+def parse_rfc3339(text: str) -> datetime.datetime:
+    """An `after=` query value read as Go's time.Parse(time.RFC3339) reads it: upper-case T and
+    Z, an optional fraction of any length, an offset of ±hh:mm. ValueError otherwise (→ 400)."""
+    match = _RFC3339.fullmatch(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    microsecond = int((match[7] or "0")[:6].ljust(6, "0"))  # Go keeps nanoseconds; we can keep micro
+    return datetime.datetime(year, month, day, hour, minute, second, microsecond, _zone(match[8]))
+
+
+def _zone(text: str) -> datetime.timezone:
+    if text == "Z":
+        return datetime.timezone.utc
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    if minutes >= 60:
+        raise ValueError(f"time zone offset out of range: {text}")
+    offset = datetime.timedelta(hours=hours, minutes=minutes)
+    return datetime.timezone(-offset if text[0] == "-" else offset)  # ValueError from 24:00 on
+
+
 # logTimeFormat names -> Go's layouts written with Python (§7.2); `_2` is a space-padded day.
 LOG_TIME_LAYOUTS: dict[str, Callable[[datetime.datetime], str]] = {
     "ansic": lambda t: t.strftime(f"%a %b {t.day:2d} %H:%M:%S %Y"),
@@ -1399,8 +1425,8 @@ LOG_TIME_LAYOUTS: dict[str, Callable[[datetime.datetime], str]] = {
     "rfc850": lambda t: t.strftime("%A, %d-%b-%y %H:%M:%S %Z"),
     "rfc1123": lambda t: t.strftime("%a, %d %b %Y %H:%M:%S %Z"),
     "rfc1123z": lambda t: t.strftime("%a, %d %b %Y %H:%M:%S %z"),
-    "rfc3339": lambda t: t.strftime("%Y-%m-%dT%H:%M:%S") + _go_zone(t),
-    "rfc3339nano": lambda t: t.strftime("%Y-%m-%dT%H:%M:%S") + _fraction(t, 9, trim=True) + _go_zone(t),
+    "rfc3339": lambda t: go_time(t, fraction=False),
+    "rfc3339nano": go_time,
     "kitchen": lambda t: f"{t.hour % 12 or 12}:{t.minute:02d}{'AM' if t.hour < 12 else 'PM'}",
     "stamp": lambda t: t.strftime(f"%b {t.day:2d} %H:%M:%S"),
     "stampmilli": lambda t: t.strftime(f"%b {t.day:2d} %H:%M:%S") + _fraction(t, 3),
@@ -2699,9 +2725,8 @@ def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def go_timestamp(seconds: float, fraction: bool = True) -> str:
-    """RFC 3339 in local time, as Go writes a time.Time in JSON (`Z` for UTC)."""
-    moment = datetime.datetime.fromtimestamp(seconds).astimezone()
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (_fraction(moment, 6) if fraction else "") + _go_zone(moment)
+    """Unix seconds in local time, as Go writes a time.Time in JSON."""
+    return go_time(datetime.datetime.fromtimestamp(seconds).astimezone(), fraction)
 
 
 class RequestCancelled(Exception):
@@ -3380,8 +3405,6 @@ INSERT_COLUMNS = ("ts_created, model_id, req_path, resp_content_type, resp_statu
                   "prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json")
 ROW_COLUMNS = "id, " + INSERT_COLUMNS
 
-_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})",
-                      re.ASCII)
 _INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -3573,21 +3596,11 @@ def _first(params: Mapping[str, Any], name: str) -> str:
 
 
 def _parse_time(text: str, name: str) -> datetime.datetime | None:
-    """An RFC 3339 timestamp as Go's time.RFC3339 accepts it (a zone is required,
-    fractional seconds allowed); None when absent."""
+    """An RFC 3339 timestamp as Go's time.RFC3339 accepts it; None when absent."""
     if not text:
         return None
-    match = _RFC3339.fullmatch(text)
     try:
-        if match is None:
-            raise ValueError(text)
-        year, month, day, hour, minute, second, fraction, zone = match.groups()
-        offset = datetime.timedelta(0)
-        if zone != "Z":
-            offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-            offset = -offset if zone[0] == "-" else offset
-        return datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                                 int((fraction or "0")[:6].ljust(6, "0")), datetime.timezone(offset))
+        return parse_rfc3339(text)
     except ValueError:
         raise QueryError(f"invalid '{name}' timestamp, use RFC3339 format") from None
 
@@ -3724,34 +3737,743 @@ class Activity:
         self.worker.shutdown(wait=False)
 
 
+MIB = 1048576  # the spec's "MB": sizes are kept in whole MiB and exported as MiB * 1048576 bytes
+
+
+def local_now() -> datetime.datetime:
+    """The current time, timezone-aware in the local zone (Go stamps samples with time.Now())."""
+    return datetime.datetime.now().astimezone()
+
+
+@dataclass(frozen=True)
+class NetIOStat:
+    """Bytes through one network interface since boot (kernel counters, never reset by us)."""
+
+    name: str
+    bytes_recv: int
+    bytes_sent: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes_recv": self.bytes_recv, "bytes_sent": self.bytes_sent}
+
+
+@dataclass(frozen=True)
+class SysStat:
+    """One sample of the host: per-core CPU %, memory and swap in whole MiB, load, network.
+
+    The memory figures mean what they mean in Go llama-swap (gopsutil): used = MemTotal -
+    MemAvailable, free = MemFree. Page cache is in neither, so used + free < total.
+    """
+
+    timestamp: datetime.datetime
+    cpu_util_per_core: tuple[float, ...] = ()
+    mem_total_mb: int = 0
+    mem_used_mb: int = 0
+    mem_free_mb: int = 0
+    swap_total_mb: int = 0
+    swap_used_mb: int = 0
+    load_avg_1: float = 0.0
+    load_avg_5: float = 0.0
+    load_avg_15: float = 0.0
+    net_io: tuple[NetIOStat, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "timestamp": go_time(self.timestamp),
+            "cpu_util_per_core": [go_float(float(pct)) for pct in self.cpu_util_per_core],
+            "mem_total_mb": self.mem_total_mb,
+            "mem_used_mb": self.mem_used_mb,
+            "mem_free_mb": self.mem_free_mb,
+            "swap_total_mb": self.swap_total_mb,
+            "swap_used_mb": self.swap_used_mb,
+            "load_avg_1": go_float(float(self.load_avg_1)),
+            "load_avg_5": go_float(float(self.load_avg_5)),
+            "load_avg_15": go_float(float(self.load_avg_15)),
+            "net_io": [io.to_json() for io in self.net_io],
+        }
+
+
+@dataclass(frozen=True)
+class GpuStat:
+    """One reading of one GPU. A value the device cannot report is 0, as in Go.
+
+    mem_util_pct is VRAM fill (used / total * 100), not NVML's memory-controller activity:
+    that is what Go computes for every source and what the UI shows as "VRAM".
+    """
+
+    timestamp: datetime.datetime
+    id: int
+    name: str
+    uuid: str = ""
+    temp_c: int = 0
+    vram_temp_c: int = 0
+    gpu_util_pct: float = 0.0
+    mem_util_pct: float = 0.0
+    mem_used_mb: int = 0
+    mem_total_mb: int = 0
+    fan_speed_pct: float = 0.0
+    power_draw_w: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "timestamp": go_time(self.timestamp),
+            "id": self.id,
+            "name": self.name,
+            "uuid": self.uuid,
+            "temp_c": self.temp_c,
+            "vram_temp_c": self.vram_temp_c,
+            "gpu_util_pct": go_float(float(self.gpu_util_pct)),
+            "mem_util_pct": go_float(float(self.mem_util_pct)),
+            "mem_used_mb": self.mem_used_mb,
+            "mem_total_mb": self.mem_total_mb,
+            "fan_speed_pct": go_float(float(self.fan_speed_pct)),
+            "power_draw_w": go_float(float(self.power_draw_w)),
+        }
+
+
+# -- performance: the system, from /proc ----------------------------------------
+
+# Per core ("cpu0", "cpu1", ...): (busy, total) jiffies since boot. Keyed by name so a core
+# going offline between two samples does not shift the others.
+CpuTimes = dict[str, tuple[int, int]]
+
+
+def parse_cpu_times(proc_stat: str) -> CpuTimes:
+    """The per-core lines of /proc/stat; the aggregate `cpu` line is not a core."""
+    times: CpuTimes = {}
+    for line in proc_stat.splitlines():
+        fields = line.split()
+        if not fields or not fields[0].startswith("cpu") or not fields[0][3:].isdigit():
+            continue
+        # user nice system idle iowait irq softirq steal; guest and guest_nice follow but are
+        # already counted in user and nice.
+        jiffies = [int(value) for value in fields[1:9]]
+        idle = sum(jiffies[3:5])  # idle + iowait: waiting on a disk is not work
+        times[fields[0]] = (sum(jiffies) - idle, sum(jiffies))
+    return times
+
+
+def cpu_percent_per_core(previous: CpuTimes | None, current: CpuTimes) -> list[float]:
+    """Busy % of each core between two samples, 0-100. A core absent from `previous` (the very
+    first sample, a core just brought online) is measured since boot."""
+    percents = []
+    for core, (busy, total) in current.items():
+        busy_before, total_before = (previous or {}).get(core, (0, 0))
+        busy_delta, total_delta = busy - busy_before, total - total_before
+        percents.append(0.0 if busy_delta <= 0 or total_delta <= 0 else min(100.0, busy_delta / total_delta * 100))
+    return percents
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo as {field: kB}."""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        number = rest.split()[:1]
+        if number and number[0].isdigit():
+            values[key.strip()] = int(number[0])
+    return values
+
+
+def memory_fields(meminfo: Mapping[str, int]) -> dict[str, int]:
+    """The SysStat memory and swap fields, in whole MiB, from /proc/meminfo's kB."""
+    total = meminfo.get("MemTotal", 0)
+    available = meminfo.get("MemAvailable")
+    if available is None:  # kernels before 3.14 do not estimate it; this is gopsutil's fallback
+        available = meminfo.get("MemFree", 0) + meminfo.get("Buffers", 0) + meminfo.get("Cached", 0)
+    swap_total = meminfo.get("SwapTotal", 0)
+    return {
+        "mem_total_mb": total // 1024,
+        "mem_used_mb": max(0, total - available) // 1024,
+        "mem_free_mb": meminfo.get("MemFree", 0) // 1024,
+        "swap_total_mb": swap_total // 1024,
+        "swap_used_mb": max(0, swap_total - meminfo.get("SwapFree", 0)) // 1024,
+    }
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages from /proc/loadavg; zeros when unreadable."""
+    try:
+        one, five, fifteen = (float(value) for value in text.split()[:3])
+    except ValueError:
+        return 0.0, 0.0, 0.0
+    return one, five, fifteen
+
+
+def parse_net_dev(text: str) -> list[NetIOStat]:
+    """Byte counters per interface from /proc/net/dev, in its order; loopback `lo` is left out."""
+    stats = []
+    for line in text.splitlines()[2:]:  # two header lines
+        name, colon, counters = line.partition(":")
+        fields = counters.split()
+        if colon and name.strip() != "lo" and len(fields) >= 9:
+            stats.append(NetIOStat(name.strip(), int(fields[0]), int(fields[8])))
+    return stats
+
+
+def read_text(path: str) -> str:
+    """A /proc or /sys file's text, or "" where there is none (not Linux) or it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+def read_cpu_times() -> CpuTimes:
+    return parse_cpu_times(read_text("/proc/stat"))
+
+
+def read_load_average() -> tuple[float, float, float]:
+    text = read_text("/proc/loadavg")
+    if text:
+        return parse_loadavg(text)
+    try:
+        return os.getloadavg()  # macOS and the BSDs have no /proc but do have this
+    except (AttributeError, OSError):  # Windows has neither
+        return 0.0, 0.0, 0.0
+
+
+def read_system_stats(previous_cpu_times: CpuTimes | None = None) -> tuple[SysStat, CpuTimes]:
+    """A SysStat now, and the CPU times to pass back next time.
+
+    CPU % covers the interval since `previous_cpu_times`; without them it is the average since
+    boot. Where a /proc file is missing (not Linux) its fields stay zero or empty; this never
+    raises for that. Blocking file reads: run it in a worker thread.
+    """
+    cpu_times = read_cpu_times()
+    load_1, load_5, load_15 = read_load_average()
+    stat = SysStat(
+        timestamp=local_now(),
+        cpu_util_per_core=tuple(cpu_percent_per_core(previous_cpu_times, cpu_times)),
+        **memory_fields(parse_meminfo(read_text("/proc/meminfo"))),
+        load_avg_1=load_1,
+        load_avg_5=load_5,
+        load_avg_15=load_15,
+        net_io=tuple(parse_net_dev(read_text("/proc/net/dev"))),
+    )
+    return stat, cpu_times
+
+
+# -- performance: GPUs, through NVML --------------------------------------------
+
+class GpuProvider(Protocol):
+    """A source of GPU readings. sample() may block on the driver: call it in a worker thread."""
+
+    def sample(self) -> list[GpuStat]: ...
+
+    def close(self) -> None: ...
+
+
+class FakeGpuProvider:
+    """Answers every sample with the stats it was given; for tests."""
+
+    def __init__(self, stats: Iterable[GpuStat] = ()):
+        self.stats = list(stats)
+        self.closed = False
+
+    def sample(self) -> list[GpuStat]:
+        return list(self.stats)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def init_nvml() -> Any | None:
+    """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
+    driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
+    try:
+        import pynvml  # optional dependency, so the proxy runs on machines without it
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError):
+        return None
+    return pynvml
+
+
+def shutdown_nvml(nvml: Any) -> None:
+    with contextlib.suppress(nvml.NVMLError):
+        nvml.nvmlShutdown()
+
+
+def nvml_read(nvml: Any, query: Callable[..., Any], *args: Any, default: Any = 0) -> Any:
+    """One NVML query, or `default` where the device does not support it (NotSupported: a fan on
+    a passively cooled card) or the driver refuses; one missing value never loses the sample."""
+    try:
+        return query(*args)
+    except nvml.NVMLError:
+        return default
+
+
+@dataclass(frozen=True)
+class NvmlDevice:
+    index: int
+    handle: Any
+    name: str
+    uuid: str
+
+
+# c_nvmlValue_t's union members, indexed by NVML_VALUE_TYPE_* (0 = double ... 6 = unsigned short).
+NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
+class NvmlProvider:
+    """GPU readings through NVML: one GpuStat per device per sample, all with the same timestamp.
+
+    Device handles, names and UUIDs are read once: they do not change while the driver is
+    loaded. VRAM temperature comes from NVML's memory-temperature field, which only boards with
+    HBM report (A100, H100, ...); GDDR boards answer NotSupported and read 0, as in Go.
+    Takes over an initialised NVML (see init_nvml) and shuts it down on close().
+    """
+
+    def __init__(self, nvml: Any):
+        self._nvml = nvml
+        self._open = True
+        self.devices: list[NvmlDevice] = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
+            if handle is None:  # e.g. no permission for this one GPU: show the others
+                continue
+            name = nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="")
+            uuid = nvml_read(nvml, nvml.nvmlDeviceGetUUID, handle, default="")
+            self.devices.append(NvmlDevice(index, handle, name, uuid))
+
+    def sample(self) -> list[GpuStat]:
+        timestamp = local_now()
+        return [self._read(device, timestamp) for device in self.devices]
+
+    def _read(self, device: NvmlDevice, timestamp: datetime.datetime) -> GpuStat:
+        nvml, handle = self._nvml, device.handle
+        memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
+        used_mb, total_mb = (memory.used // MIB, memory.total // MIB) if memory else (0, 0)
+        rates = nvml_read(nvml, nvml.nvmlDeviceGetUtilizationRates, handle, default=None)
+        return GpuStat(
+            timestamp=timestamp,
+            id=device.index,
+            name=device.name,
+            uuid=device.uuid,
+            temp_c=int(nvml_read(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)),
+            vram_temp_c=self._memory_temperature(handle),
+            gpu_util_pct=float(rates.gpu) if rates else 0.0,
+            mem_util_pct=used_mb / total_mb * 100 if total_mb else 0.0,
+            mem_used_mb=used_mb,
+            mem_total_mb=total_mb,
+            fan_speed_pct=float(nvml_read(nvml, nvml.nvmlDeviceGetFanSpeed, handle)),
+            power_draw_w=nvml_read(nvml, nvml.nvmlDeviceGetPowerUsage, handle) / 1000,  # mW
+        )
+
+    def _memory_temperature(self, handle: Any) -> int:
+        nvml = self._nvml
+        values = nvml_read(nvml, nvml.nvmlDeviceGetFieldValues, handle, [nvml.NVML_FI_DEV_MEMORY_TEMP], default=None)
+        # A field query succeeds as a whole even when the field itself is unsupported.
+        if not values or values[0].nvmlReturn != nvml.NVML_SUCCESS or values[0].valueType >= len(NVML_VALUE_MEMBERS):
+            return 0
+        return int(getattr(values[0].value, NVML_VALUE_MEMBERS[values[0].valueType]))
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            shutdown_nvml(self._nvml)
+
+
+def open_gpu_provider() -> GpuProvider | None:
+    """NVML when a driver and at least one GPU are there, else None: the GPU series are then
+    simply absent (the caller may log `GPU monitoring not available: ...`). Never raises for a
+    missing package, library, driver or GPU."""
+    nvml = init_nvml()
+    if nvml is None:
+        return None
+    try:
+        provider = NvmlProvider(nvml)
+    except nvml.NVMLError:
+        shutdown_nvml(nvml)
+        return None
+    if not provider.devices:
+        provider.close()
+        return None
+    return provider
+
+
+# -- performance: the monitor ---------------------------------------------------
+
+HISTORY_SECONDS = 3600  # the ring holds one hour of samples, as in Go
+
+
+class PerformanceMonitor:
+    """The last hour of system and GPU samples (§5.14).
+
+    Two rings of 3600 / every entries: one SysStat per tick, and one tuple of GpuStat per tick
+    (all GPUs read at that instant, so the history is one hour however many GPUs there are).
+    record() adds, snapshot() and latest() read; all three are plain synchronous calls made on
+    the event loop, so they need no lock. run() is the sampling loop: the server wraps it in a
+    task it owns and cancels on shutdown. The monitor owns no task, and does not close the GPU
+    provider, which the server may hand to the monitor it builds after a reload.
+    """
+
+    def __init__(self, every: float = 5.0, gpu: GpuProvider | None = None):
+        self.every = every
+        self.gpu = gpu
+        capacity = max(1, int(HISTORY_SECONDS // every))
+        self.sys_samples: collections.deque[SysStat] = collections.deque(maxlen=capacity)
+        self.gpu_samples: collections.deque[tuple[GpuStat, ...]] = collections.deque(maxlen=capacity)
+
+    def record(self, sys_stat: SysStat, gpu_stats: Sequence[GpuStat] = ()) -> None:
+        self.sys_samples.append(sys_stat)
+        if gpu_stats:
+            self.gpu_samples.append(tuple(gpu_stats))
+
+    def snapshot(self, after: datetime.datetime | None = None) -> dict[str, Any]:
+        """The /api/performance body. With `after` (timezone-aware), only samples strictly later.
+        Without it an empty list is null, as Go encodes a nil slice; keys in Go's map order."""
+        sys_stats = [s.to_json() for s in self.sys_samples if after is None or s.timestamp > after]
+        gpu_stats = [g.to_json() for sample in self.gpu_samples for g in sample
+                     if after is None or g.timestamp > after]
+        empty = None if after is None else []
+        return {"enabled": True, "gpu_stats": gpu_stats or empty, "sys_stats": sys_stats or empty}
+
+    def latest(self) -> tuple[SysStat | None, list[GpuStat]]:
+        """The newest system sample and the newest reading of each GPU: what /metrics shows."""
+        sys_stat = self.sys_samples[-1] if self.sys_samples else None
+        return sys_stat, latest_per_gpu(g for sample in self.gpu_samples for g in sample)
+
+    async def run(self) -> None:
+        """Sample every `every` seconds until cancelled, the first time one interval from now.
+
+        The reads run in worker threads so a slow /proc or GPU driver never stalls the event
+        loop. Ticks keep a fixed schedule; ticks missed while the machine slept are skipped
+        rather than taken in a burst. The readers do not raise for missing files or unsupported
+        GPU fields, so an exception here is a bug: it ends the task, for its owner to log.
+        """
+        loop = asyncio.get_running_loop()
+        # A baseline, so the first sample's CPU % covers one interval rather than all uptime.
+        cpu_times = await asyncio.to_thread(read_cpu_times)
+        next_tick = loop.time()
+        while True:
+            next_tick = max(next_tick + self.every, loop.time())
+            await asyncio.sleep(next_tick - loop.time())
+            sys_stat, cpu_times = await asyncio.to_thread(read_system_stats, cpu_times)
+            gpu_stats = await asyncio.to_thread(self.gpu.sample) if self.gpu else []
+            self.record(sys_stat, gpu_stats)
+
+
+def latest_per_gpu(stats: Iterable[GpuStat]) -> list[GpuStat]:
+    """The newest reading of each GPU id, sorted by id (on equal timestamps the first one wins)."""
+    latest: dict[int, GpuStat] = {}
+    for stat in stats:
+        if stat.id not in latest or stat.timestamp > latest[stat.id].timestamp:
+            latest[stat.id] = stat
+    return [latest[gpu_id] for gpu_id in sorted(latest)]
+
+
+# -- Prometheus text ------------------------------------------------------------
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+MetricKind = Literal["gauge", "counter", "histogram", "summary", "untyped"]
+
+
+def format_number(value: float) -> str:
+    """A sample value as Go llama-swap prints it: an int with %d (bytes, counters), a float with
+    Go's %g: the shortest digits that read back to the same float, in exponent form (two exponent
+    digits at least) below 1e-4 and from 1e6 up. 20 -> "20", 10.5 -> "10.5", 8589934592 ->
+    "8589934592", 8589934592.0 -> "8.589934592e+09", 1e6 -> "1e+06", 0.00001 -> "1e-05".
+    """
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    sign = "-" if math.copysign(1.0, value) < 0 else ""
+    # repr() gives the shortest round-tripping digits, as Go's strconv does.
+    _, digit_tuple, exponent = decimal.Decimal(repr(abs(value))).as_tuple()
+    point = len(digit_tuple) + exponent  # the decimal point sits after this many digits
+    digits = "".join(map(str, digit_tuple)).rstrip("0")
+    if not digits:
+        return sign + "0"
+    decimal_exponent = point - 1
+    if decimal_exponent < -4 or decimal_exponent >= 6:
+        mantissa = digits[0] + (f".{digits[1:]}" if len(digits) > 1 else "")
+        return f"{sign}{mantissa}e{'-' if decimal_exponent < 0 else '+'}{abs(decimal_exponent):02d}"
+    if point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    if point >= len(digits):
+        return sign + digits + "0" * (point - len(digits))
+    return f"{sign}{digits[:point]}.{digits[point:]}"
+
+
+def escape_label_value(value: str) -> str:
+    """A label value for the text format: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def sample_line(name: str, labels: Mapping[str, str], value: float) -> str:
+    if not labels:
+        return f"{name} {format_number(value)}"
+    label_text = ",".join(f'{key}="{escape_label_value(str(label))}"' for key, label in labels.items())
+    return f"{name}{{{label_text}}} {format_number(value)}"
+
+
+def family_header(name: str, help_text: str, kind: MetricKind) -> list[str]:
+    # HELP text escapes only backslash and newline in this format.
+    help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
+def metric_family(name: str, help_text: str, kind: MetricKind,
+                  samples: Iterable[tuple[Mapping[str, str], float]]) -> str:
+    """One metric family: # HELP, # TYPE, then one line per (labels, value), newline-terminated.
+    Values follow format_number: pass ints for byte counts and counters, floats for the rest."""
+    lines = family_header(name, help_text, kind)
+    lines += [sample_line(name, labels, value) for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class HistogramSeries:
+    """One label set of a histogram: cumulative counts, one per bucket bound (each count is of
+    the observations <= that bound), then the sum and count of all observations."""
+
+    labels: Mapping[str, str]
+    cumulative_counts: Sequence[int]
+    sum: float
+    count: int
+
+
+def histogram_family(name: str, help_text: str, buckets: Sequence[float],
+                     series: Iterable[HistogramSeries]) -> str:
+    """A histogram family: for each series, `_bucket` lines with `le` for each bound and then
+    `le="+Inf"` (= count), then `_sum` and `_count`. `buckets` are the finite upper bounds in
+    increasing order, shared by every series."""
+    lines = family_header(name, help_text, "histogram")
+    for one in series:
+        if len(one.cumulative_counts) != len(buckets):
+            raise ValueError(f"{name}: {len(one.cumulative_counts)} bucket counts for {len(buckets)} buckets")
+        bounds = [format_number(float(bound)) for bound in buckets] + ["+Inf"]
+        counts = [*one.cumulative_counts, one.count]
+        lines += [sample_line(f"{name}_bucket", {**one.labels, "le": le}, count)
+                  for le, count in zip(bounds, counts, strict=True)]
+        lines.append(sample_line(f"{name}_sum", one.labels, float(one.sum)))
+        lines.append(sample_line(f"{name}_count", one.labels, one.count))
+    return "\n".join(lines) + "\n"
+
+
+# Go writes every GPU value as a float64 with %g, byte sizes included (so 24 GiB reads
+# 2.5769803776e+10); the floats here keep /metrics byte-identical to Go's.
+GPU_METRICS: tuple[tuple[str, str, Callable[[GpuStat], float]], ...] = (
+    ("llamaswap_gpu_temperature_celsius", "GPU temperature in Celsius", lambda g: float(g.temp_c)),
+    ("llamaswap_gpu_vram_temperature_celsius", "GPU VRAM temperature in Celsius", lambda g: float(g.vram_temp_c)),
+    ("llamaswap_gpu_util_percent", "GPU utilization percent (0-100)", lambda g: float(g.gpu_util_pct)),
+    ("llamaswap_gpu_memory_util_percent", "GPU memory utilization percent (0-100)", lambda g: float(g.mem_util_pct)),
+    ("llamaswap_gpu_memory_used_bytes", "GPU memory used in bytes", lambda g: float(g.mem_used_mb * MIB)),
+    ("llamaswap_gpu_memory_total_bytes", "GPU memory total in bytes", lambda g: float(g.mem_total_mb * MIB)),
+    ("llamaswap_gpu_fan_speed_percent", "GPU fan speed percent (0-100)", lambda g: float(g.fan_speed_pct)),
+    ("llamaswap_gpu_power_draw_watts", "GPU power draw in watts", lambda g: float(g.power_draw_w)),
+)
+
+
+def render_prometheus(sys_stat: SysStat | None, gpu_stats: Iterable[GpuStat]) -> str:
+    """The /metrics body: the newest system sample, then the newest reading of each GPU sorted
+    by id. Empty until the first sample; GPU families only when there are GPU readings."""
+    gpus = latest_per_gpu(gpu_stats)
+    families = list(system_families(sys_stat)) if sys_stat else []
+    if gpus:
+        families += [metric_family(name, help_text, "gauge", [(gpu_labels(g), value(g)) for g in gpus])
+                     for name, help_text, value in GPU_METRICS]
+    return "".join(families)
+
+
+def system_families(s: SysStat) -> Iterator[str]:
+    yield metric_family("llamaswap_cpu_util_percent", "CPU utilization per core (0-100)", "gauge",
+                        [({"core": str(core)}, float(pct)) for core, pct in enumerate(s.cpu_util_per_core)])
+    for name, help_text, mb in (("llamaswap_memory_total_bytes", "Total memory in bytes", s.mem_total_mb),
+                                ("llamaswap_memory_used_bytes", "Used memory in bytes", s.mem_used_mb),
+                                ("llamaswap_memory_free_bytes", "Free memory in bytes", s.mem_free_mb),
+                                ("llamaswap_swap_total_bytes", "Total swap in bytes", s.swap_total_mb),
+                                ("llamaswap_swap_used_bytes", "Used swap in bytes", s.swap_used_mb)):
+        yield metric_family(name, help_text, "gauge", [({}, mb * MIB)])
+    yield metric_family("llamaswap_load_average", "Load average", "gauge",
+                        [({"interval": "1m"}, float(s.load_avg_1)), ({"interval": "5m"}, float(s.load_avg_5)),
+                         ({"interval": "15m"}, float(s.load_avg_15))])
+    if s.net_io:
+        yield metric_family("llamaswap_network_bytes_total", "Total network bytes transferred", "counter",
+                            [({"interface": io.name, "direction": direction}, count) for io in s.net_io
+                             for direction, count in (("recv", io.bytes_recv), ("sent", io.bytes_sent))])
+
+
+def gpu_labels(g: GpuStat) -> dict[str, str]:
+    return {"id": str(g.id), "name": g.name, **({"uuid": g.uuid} if g.uuid else {})}
+
+
+# -- performance: /api/hardware -------------------------------------------------
+
+class HardwareUnavailable(Exception):
+    """Detection failed (the memory size is unknown); /api/hardware answers
+    Envelope(503, `hardware detection unavailable`)."""
+
+
+# platform.machine() spellings (Linux, macOS, Windows) -> schema v1 names.
+ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64",
+                 "armv7l": "armv7", "armv7": "armv7", "ppc64le": "ppc64le", "riscv64": "riscv64", "s390x": "s390x"}
+OS_FAMILIES = {"linux": "linux", "darwin": "macos", "windows": "windows", "freebsd": "freebsd"}
+NVML_ARCHITECTURES = {2: "Kepler", 3: "Maxwell", 4: "Pascal", 5: "Volta", 6: "Turing", 7: "Ampere",
+                      8: "Ada Lovelace", 9: "Hopper", 10: "Blackwell", 13: "Rubin"}
+
+
+def hardware_snapshot(detector_version: str) -> dict[str, Any]:
+    """The /api/hardware body (schema v1), best effort: what cannot be found out is null.
+
+    Reads /proc, /etc/os-release and, where present, NVML (the only accelerator source: AMD and
+    Intel GPUs are not listed). Meant to be taken once at startup; NVML start-up can take a
+    moment on a many-GPU host, so call it in a worker thread. Raises HardwareUnavailable when
+    not even the memory size is known.
+    """
+    capacity = memory_capacity()
+    if not capacity:
+        raise HardwareUnavailable("system memory size unknown")
+    cpuinfo = parse_cpuinfo(read_text("/proc/cpuinfo"))
+    return {
+        "schema_version": 1,
+        "captured_at": go_time(datetime.datetime.now(datetime.timezone.utc)),
+        "capture": {"scope": "inference_host", "method": "detected",
+                    "detector": {"name": "llama-swap", "version": detector_version}},
+        "architecture": describe_architecture(platform.machine()),
+        "operating_system": describe_operating_system(platform.system(), platform.release(),
+                                                      read_text("/etc/os-release")),
+        "environment": describe_environment(platform.release(), cpuinfo),
+        "cpu": describe_cpu(cpuinfo, os.cpu_count()),
+        "memory": {"capacity_bytes": capacity},
+        "accelerators": nvml_accelerators(),
+    }
+
+
+def describe_architecture(machine: str) -> dict[str, Any]:
+    name = ARCHITECTURES.get(machine.lower(), "other")
+    return {"name": name, "raw_name": machine if machine != name else None}
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if equals and not key.startswith("#"):
+            values[key.strip()] = value.strip().strip("\"'")
+    return values
+
+
+def describe_operating_system(system: str, kernel: str, os_release: str) -> dict[str, Any]:
+    """Family, name and version (os-release ID and VERSION_ID on Linux, as gopsutil gives Go)."""
+    family = OS_FAMILIES.get(system.lower(), "other")
+    if family == "linux":
+        release = parse_os_release(os_release)
+        name, version = release.get("ID"), release.get("VERSION_ID")
+    elif family == "macos":
+        name, version = "macOS", platform.mac_ver()[0]
+    elif family == "windows":
+        name, version = "Windows", platform.version()
+    else:  # the BSDs and the rest: the kernel release is the OS version
+        name, version = system, kernel
+    described = {"family": family, "name": name or None, "version": version or None, "kernel": kernel or None}
+    if family == "other":
+        described["raw_family"] = system  # the schema asks for the raw value behind "other"
+    return described
+
+
+def parse_cpuinfo(text: str) -> list[dict[str, str]]:
+    """/proc/cpuinfo as one {field: value} per processor block."""
+    blocks = [{}]
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            blocks[-1][key.strip()] = value.strip()
+        elif blocks[-1]:
+            blocks.append({})
+    return [block for block in blocks if block]
+
+
+def describe_environment(kernel: str, cpuinfo: list[dict[str, str]]) -> dict[str, Any]:
+    """WSL, a container, a virtual machine, or unknown. We do not claim "native": without
+    systemd-detect-virt a bare-metal host cannot be told reliably from some containers."""
+    kind, name = "unknown", None
+    if "microsoft" in kernel.lower() or "wsl" in kernel.lower():
+        kind, name = "wsl", "WSL"
+    elif os.path.exists("/.dockerenv"):
+        kind, name = "container", "Docker"
+    elif os.path.exists("/run/.containerenv"):
+        kind, name = "container", "Podman"
+    elif any("hypervisor" in block.get("flags", "").split() for block in cpuinfo):
+        kind = "virtual_machine"  # x86 CPUs set this flag for every guest
+    return {"kind": kind, "name": name, "version": None}
+
+
+def describe_cpu(cpuinfo: list[dict[str, str]], logical_threads: int | None) -> dict[str, Any]:
+    def first(key: str) -> str | None:
+        return next((block[key] for block in cpuinfo if block.get(key)), None)
+
+    sockets = {block["physical id"] for block in cpuinfo if "physical id" in block}
+    cores = {(block.get("physical id"), block["core id"]) for block in cpuinfo if "core id" in block}
+    # More cores than threads would be a misread: the schema forbids it, so leave it unknown.
+    physical_cores = len(cores) if cores and (not logical_threads or len(cores) <= logical_threads) else None
+    return {
+        "vendor": first("vendor_id"),
+        "model": first("model name") or first("Model"),  # "Model" is how ARM boards name it
+        "socket_count": len(sockets) or None,
+        "physical_core_count": physical_cores,
+        "logical_thread_count": logical_threads or None,
+    }
+
+
+def memory_capacity() -> int:
+    """Bytes of memory this process may use: physical memory, or a smaller cgroup limit."""
+    physical = parse_meminfo(read_text("/proc/meminfo")).get("MemTotal", 0) * 1024
+    if not physical:
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no sysconf on Windows
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [int(text) for text in (read_text("/sys/fs/cgroup/memory.max").strip(),
+                                     read_text("/sys/fs/cgroup/memory/memory.limit_in_bytes").strip())
+              if text.isdigit() and int(text) > 0]
+    return min([physical, *limits]) if physical else 0
+
+
+def nvml_accelerators() -> list[dict[str, Any]]:
+    """The NVIDIA GPUs NVML lists, in its order; [] without NVML."""
+    nvml = init_nvml()
+    if nvml is None:
+        return []
+    try:
+        driver = nvml_read(nvml, nvml.nvmlSystemGetDriverVersion, default=None)
+        handles = [nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
+                   for index in range(nvml_read(nvml, nvml.nvmlDeviceGetCount))]
+        usable = [handle for handle in handles if handle is not None]
+        return [nvml_accelerator(nvml, index, handle, driver) for index, handle in enumerate(usable)]
+    finally:
+        shutdown_nvml(nvml)
+
+
+def nvml_accelerator(nvml: Any, index: int, handle: Any, driver: str | None) -> dict[str, Any]:
+    memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
+    power_limit_mw = nvml_read(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+    return {
+        "index": index,
+        "kind": "gpu",
+        "vendor": "NVIDIA",
+        "model": nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="") or None,
+        "architecture": NVML_ARCHITECTURES.get(nvml_read(nvml, nvml.nvmlDeviceGetArchitecture, handle, default=None)),
+        # Unified-memory boards (GB10, Jetson) report no framebuffer: size unknown.
+        "memory": {"kind": "dedicated", "capacity_bytes": memory.total if memory and memory.total else None},
+        "driver": {"name": "NVIDIA", "version": driver} if driver else None,
+        "power_limit_watts": go_float(power_limit_mw / 1000) if power_limit_mw else None,
+    }
+
+
 # -- metrics ---------------------------------------------------------------------
 
 
 # Seconds; requests span a cache hit to a long generation, starts a tiny model to a 100 GB one.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
-
-
-def prom_number(value: float) -> str:
-    """A sample value as Go's %g writes it: integers without a point, others shortest."""
-    if value == int(value) and abs(value) < 1e21:
-        return str(int(value))
-    return repr(float(value))
-
-
-def prom_labels(labels: Iterable[tuple[str, str]]) -> str:
-    """`{k="v",...}` with `\\`, `"` and newlines escaped; nothing for no labels."""
-    def escape(value: str) -> str:
-        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    pairs = [f'{key}="{escape(value)}"' for key, value in labels]
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-def metric_family(name: str, help_text: str, kind: str, samples: Iterable[tuple[tuple, float]]) -> str:
-    """One metric in the text exposition format: HELP, TYPE, then a line per label set."""
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{prom_labels(labels)} {prom_number(value)}" for labels, value in samples]
-    return "\n".join(lines) + "\n"
 
 
 class Histogram:
@@ -3770,16 +4492,11 @@ class Histogram:
         series[-1] += 1
 
     def render(self, name: str, help_text: str) -> str:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        for labels, series in sorted(self.series.items()):
-            cumulative = 0
-            for bound, count in zip(self.buckets, series):
-                cumulative += count
-                lines.append(f"{name}_bucket{prom_labels(labels + (('le', prom_number(bound)),))} {cumulative}")
-            lines.append(f"{name}_bucket{prom_labels(labels + (('le', '+Inf'),))} {series[-1]}")
-            lines.append(f"{name}_sum{prom_labels(labels)} {prom_number(series[-2])}")
-            lines.append(f"{name}_count{prom_labels(labels)} {series[-1]}")
-        return "\n".join(lines) + "\n"
+        series = []
+        for labels, counts in sorted(self.series.items()):
+            cumulative = list(itertools.accumulate(counts[:-2]))
+            series.append(HistogramSeries(dict(labels), cumulative, counts[-2], counts[-1]))
+        return histogram_family(name, help_text, self.buckets, series)
 
 
 class Metrics:
@@ -3832,22 +4549,22 @@ class Metrics:
         models = sorted(scheduler.processes, key=str.encode)
         families = [
             metric_family("llamaswap_model_state", "Current state of each model (1 for the state it is in).", "gauge",
-                          [((("model", m), ("state", st)), float(scheduler.processes[m].state == st))
+                          [({"model": m, "state": st}, int(scheduler.processes[m].state == st))
                            for m in models for st in (STOPPED, STARTING, READY, STOPPING)]),
             metric_family("llamaswap_inflight_requests", "Requests being served by each model.", "gauge",
-                          [((("model", m),), scheduler.in_flight[m]) for m in models]),
+                          [({"model": m}, scheduler.in_flight[m]) for m in models]),
             metric_family("llamaswap_queue_depth", "Requests admitted and waiting for their model.", "gauge",
-                          [((("model", m),), scheduler.reserved[m] - scheduler.in_flight[m]) for m in models]),
+                          [({"model": m}, scheduler.reserved[m] - scheduler.in_flight[m]) for m in models]),
             metric_family("llamaswap_requests_total", "Model requests by path and response status.", "counter",
-                          [((("model", m), ("path", p), ("status", s)), n) for (m, p, s), n in sorted(self.requests.items())]),
+                          [({"model": m, "path": p, "status": s}, n) for (m, p, s), n in sorted(self.requests.items())]),
             metric_family("llamaswap_requests_refused_total", "Requests refused with 429 (concurrencyLimit).", "counter",
-                          [((("model", m),), n) for m, n in sorted(self.refused.items())]),
+                          [({"model": m}, n) for m, n in sorted(self.refused.items())]),
             metric_family("llamaswap_tokens_total", "Prompt and generated tokens reported by the upstreams.", "counter",
-                          [((("model", m), ("kind", k)), n) for (m, k), n in sorted(self.tokens.items())]),
+                          [({"model": m, "kind": k}, n) for (m, k), n in sorted(self.tokens.items())]),
             metric_family("llamaswap_model_starts_total", "Model starts by result.", "counter",
-                          [((("model", m), ("result", r)), n) for (m, r), n in sorted(self.starts.items())]),
+                          [({"model": m, "result": r}, n) for (m, r), n in sorted(self.starts.items())]),
             metric_family("llamaswap_model_stops_total", "Model stops by reason (swap, ttl, unload, crash, reload, shutdown).",
-                          "counter", [((("model", m), ("reason", r)), n) for (m, r), n in sorted(self.stops.items())]),
+                          "counter", [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.stops.items())]),
             self.duration.render("llamaswap_request_duration_seconds", "Time from the request to the end of its answer."),
             self.first_byte.render("llamaswap_time_to_first_byte_seconds", "Time from the request to the first byte of its answer."),
             self.queue_wait.render("llamaswap_queue_wait_seconds", "Time a request waited for its model (queue and load)."),
@@ -4272,6 +4989,9 @@ class Server:
         self.metrics = Metrics()
         self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
         self.activity = Activity(config, self._activity_recorded)
+        self.performance: PerformanceMonitor | None = None
+        self.monitoring: asyncio.Task | None = None
+        self.hardware: asyncio.Future | None = None
         self.virtual = VirtualModels(config, self.processes)
         self.events = Events()
         self.inflight = InFlight(lambda event: self.events.publish("inflight", event))
@@ -4282,9 +5002,29 @@ class Server:
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
 
     def start(self) -> None:
-        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load."""
+        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
+        performance monitor samples, the hardware is looked at once."""
         self.scheduler.start()
         self._preload()
+        self._monitor(self.config)
+        self.hardware = asyncio.ensure_future(asyncio.to_thread(hardware_snapshot, __version__))
+
+    def _monitor(self, config: Config) -> None:
+        if self.monitoring:
+            self.monitoring.cancel()
+        self.performance = None if config.performance_disabled else PerformanceMonitor(config.performance_every)
+        self.monitoring = asyncio.create_task(self._sample(self.performance)) if self.performance else None
+
+    async def _sample(self, monitor: PerformanceMonitor) -> None:
+        """System and GPU samples until cancelled; NVML is looked for in a worker thread."""
+        monitor.gpu = await asyncio.to_thread(open_gpu_provider)
+        if monitor.gpu is None:
+            self.log.info("GPU monitoring not available: no NVIDIA GPU found through NVML")
+        try:
+            await monitor.run()
+        finally:
+            if monitor.gpu:
+                monitor.gpu.close()
 
     def _preload(self) -> None:
         if self.preloading:
@@ -4342,6 +5082,8 @@ class Server:
         self.log.time_format = new.log_time_format
         self.scheduler.policy = swap_policy(new)
         self.activity.configure(new)
+        if (new.performance_disabled, new.performance_every) != (old.performance_disabled, old.performance_every):
+            self._monitor(new)
         self.scheduler.priority = dict(new.routing.priority)
         self.scheduler.retire(retire)
         self._preload()
@@ -4381,6 +5123,7 @@ class Server:
             web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
             web.get("/api/version", self.version), web.get("/api/inflight", self.list_inflight),
             web.get("/logs", self.logs), web.get("/logs/stream", self.log_stream), web.get("/metrics", self.prometheus),
+            web.get("/api/performance", self.performance_samples), web.get("/api/hardware", self.hardware_info),
             web.get("/logs/stream/{id:.+}", self.log_stream), web.get("/api/events", self.events_stream),
             web.get("/api/metrics/activity", self.activity_rows), web.get("/api/metrics/stats", self.activity_stats),
             web.get("/api/captures/{id}", self.capture),
@@ -4668,9 +5411,27 @@ class Server:
         return json_response(capture)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        """Prometheus text (§5.14), with our per-model series."""
-        return web.Response(text=self.metrics.render(self.scheduler),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        """Prometheus text (§5.14): the newest system and GPU sample, then our per-model series
+        (served even with the performance monitor disabled, where the original answers 503)."""
+        system = render_prometheus(*self.performance.latest()) if self.performance else ""
+        return web.Response(text=system + self.metrics.render(self.scheduler),
+                            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+    async def performance_samples(self, request: web.Request) -> web.Response:
+        """The last hour of system and GPU samples, or those after `?after=` (§5.14)."""
+        if self.performance is None:
+            return json_response({"enabled": False}, status=503)
+        try:
+            after = parse_rfc3339(request.query["after"]) if "after" in request.query else None
+        except ValueError:
+            raise ApiError(400, "invalid 'after' timestamp, use RFC3339 format") from None
+        return json_response(self.performance.snapshot(after))
+
+    async def hardware_info(self, request: web.Request) -> web.Response:
+        try:
+            return json_response(await asyncio.shield(self.hardware))
+        except HardwareUnavailable:
+            raise ApiError(503, "hardware detection unavailable") from None
 
     # -- watching: logs and events ---------------------------------------------
 
@@ -4830,8 +5591,10 @@ class Server:
                               f'{status} {size} "{agent}" {go_duration(time.monotonic() - started)}')
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        if self.preloading:
-            self.preloading.cancel()
+        tasks = [task for task in (self.preloading, self.monitoring, self.hardware) if task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # the GPU source is closed on the way out
         # Websockets never end by themselves: close them, or shutdown would wait for its budget.
         await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(live_websockets)),
                              return_exceptions=True)

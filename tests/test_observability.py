@@ -12,7 +12,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LlamaSwap, chat, eventually
+from conftest import LlamaSwap, chat, eventually, free_port
 
 
 async def activity(session: aiohttp.ClientSession, ls, query: str = "") -> dict:
@@ -116,7 +116,8 @@ async def test_an_unusable_store_path_is_a_clear_startup_error(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     config = {"store": {"path": str(bad)}, "models": {"m": {"cmd": "unused --port ${PORT}"}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "llama_swap", "--config", str(tmp_path / "c.yaml"), "--listen", "127.0.0.1:0"],
+    done = subprocess.run([sys.executable, "-m", "llama_swap", "--config", str(tmp_path / "c.yaml"),
+                           "--listen", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert f"store.path: cannot open {bad}" in done.stderr and "Traceback" not in done.stderr
@@ -152,9 +153,11 @@ async def test_metrics_count_refusals_and_unloads(start_llama_swap, upstreams):
     async with aiohttp.ClientSession() as s:
         slow = asyncio.create_task(chat(s, ls, "m", responder_sleep=2))
 
-        async def refused() -> bool:
-            return (await chat(s, ls, "m"))[0] == 429
-        assert await eventually(refused, 10)
+        async def admitted() -> bool:
+            async with s.get(ls.url + "/api/inflight") as r:
+                return bool((await r.json())["requests"])
+        assert await eventually(admitted, 10)
+        assert (await chat(s, ls, "m"))[0] == 429
         assert (await slow)[0] == 200
         async with s.post(ls.url + "/api/models/unload") as r:
             assert r.status == 200
@@ -163,3 +166,30 @@ async def test_metrics_count_refusals_and_unloads(start_llama_swap, upstreams):
     assert page[("llamaswap_requests_refused_total", (("model", "m"),))] >= 1
     assert page[("llamaswap_model_stops_total", (("model", "m"), ("reason", "unload")))] == 1
     assert page[("llamaswap_requests_total", (("model", "m"), ("path", "/v1/chat/completions"), ("status", "429")))] >= 1
+
+
+async def test_system_samples_hardware_and_a_disabled_monitor(start_llama_swap, upstreams):
+    ls = start_llama_swap({"performance": {"disabled": True}, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/api/performance") as r:
+            assert r.status == 503 and await r.json() == {"enabled": False}
+        async with s.get(ls.url + "/metrics") as r:  # our per-model series stay
+            assert r.status == 200
+            page = samples(await r.text())
+        async with s.get(ls.url + "/api/hardware") as r:
+            assert r.status == 200
+            hardware = await r.json()
+    assert page[("llamaswap_model_state", (("model", "m"), ("state", "stopped")))] == 1
+    assert not any(name.startswith("llamaswap_cpu_") for name, _ in page)
+    assert hardware["schema_version"] == 1 and hardware["memory"]["capacity_bytes"] > 0
+    assert isinstance(hardware["accelerators"], list)
+
+
+async def test_performance_rejects_a_bad_after_and_lists_nothing_before_the_first_sample(start_llama_swap, upstreams):
+    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/api/performance?after=yesterday") as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["message"] == "invalid 'after' timestamp, use RFC3339 format"
+        async with s.get(ls.url + "/api/performance?after=2000-01-01T00:00:00Z") as r:
+            assert r.status == 200 and (await r.json())["enabled"] is True
