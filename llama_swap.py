@@ -2885,10 +2885,26 @@ class UpstreamError(Exception):
         self.status = status
 
 
+def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
+    """The client's end-to-end headers. An answer we copy for its activity row may only come
+    gzip or deflate (which we can read back): other encodings leave Accept-Encoding (§6.1)."""
+    headers = end_to_end_headers(request.headers)
+    exchange = request.get(EXCHANGE)
+    if exchange is None or exchange.copy is None:
+        return headers
+    return [(k, readable_codings(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
+
+
+def readable_codings(accept_encoding: str) -> str:
+    """The codings of an Accept-Encoding list that we can decompress: gzip and deflate."""
+    codings = [c.strip() for c in accept_encoding.split(",")]
+    return ", ".join(c for c in codings if c.split(";")[0].strip().lower() in ("gzip", "deflate"))
+
+
 def forwarded_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
     """For a local upstream: the client's headers (Host too), X-Forwarded-For extended."""
     prior = request.headers.get("X-Forwarded-For")
-    headers = [(k, v) for k, v in end_to_end_headers(request.headers) if k.lower() != "x-forwarded-for"]
+    headers = [(k, v) for k, v in request_headers(request) if k.lower() != "x-forwarded-for"]
     headers.append(("X-Forwarded-For", f"{prior}, {request.remote}" if prior else request.remote or ""))
     return headers
 
@@ -2896,7 +2912,7 @@ def forwarded_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
 def peer_headers(request: web.BaseRequest, peer: PeerConfig) -> list[tuple[str, str]]:
     """For a peer: Host is the peer's; its apiKey, when set, replaces the client's credentials (§4.8)."""
     drop = {"host"} | ({"authorization", "x-api-key"} if peer.api_key else set())
-    headers = [(k, v) for k, v in end_to_end_headers(request.headers) if k.lower() not in drop]
+    headers = [(k, v) for k, v in request_headers(request) if k.lower() not in drop]
     if peer.api_key:
         headers += [("Authorization", f"Bearer {peer.api_key}"), ("x-api-key", peer.api_key)]
     return headers
@@ -2905,6 +2921,24 @@ def peer_headers(request: web.BaseRequest, peer: PeerConfig) -> list[tuple[str, 
 def unsent_default_headers(request: web.BaseRequest) -> list[str]:
     """Headers aiohttp would add by itself, which the upstream must not see if the client sent none."""
     return [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
+
+
+STREAMING = "llama_swap.streaming"  # the request's CountedResponse, once its headers are sent
+
+
+class CountedResponse(web.StreamResponse):
+    """A streamed answer that counts the body bytes it wrote, so a stream the client cut short
+    is still logged with its status and size."""
+
+    written = 0
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        request[STREAMING] = self
+        return await super().prepare(request)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await super().write(data)
+        self.written += len(data)
 
 
 async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
@@ -2930,7 +2964,7 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
     goes away, the handler is cancelled and leaving this block closes the upstream connection.
     """
     async with await send_upstream(request, upstream, path_qs, body, headers) as answer:
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        response = CountedResponse(status=answer.status, reason=answer.reason)
         for key, value in end_to_end_headers(answer.headers):
             response.headers.add(key, value)
         if "content-length" in answer.headers:
@@ -4901,7 +4935,7 @@ class LoadingStream:
         self.request = request
         self.position = position
         self.began = time.monotonic()
-        self.response = web.StreamResponse(status=200, headers={
+        self.response = CountedResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.pending = f"{self.RULE}\nllama-swap loading model: {model}\n"  # typed out by the writer
         self.writer: asyncio.Task | None = None
@@ -5444,7 +5478,7 @@ class Server:
     async def log_stream(self, request: web.Request) -> web.StreamResponse:
         """History, then each new chunk as it is written, until the client or the server goes."""
         monitor = self.log_monitor(request.match_info.get("id", ""))
-        response = web.StreamResponse(headers={"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff",
+        response = CountedResponse(headers={"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff",
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
         with monitor.reading() as stream:
@@ -5468,7 +5502,7 @@ class Server:
 
     async def events_stream(self, request: web.Request) -> web.StreamResponse:
         """/api/events (§5.4): the state of things first, then every change, as SSE."""
-        response = web.StreamResponse(headers={
+        response = CountedResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
             "X-Content-Type-Options": "nosniff", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -5577,9 +5611,12 @@ class Server:
         status, size = 499, 0  # what the log shows when the client left before an answer
         try:
             response = await handler(request)
-            status = response.status
-            size = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
+            status, size = response.status, sent_size(response)
             return response
+        except asyncio.CancelledError:
+            if (streaming := request.get(STREAMING)) is not None:  # it left during the answer
+                status, size = streaming.status, streaming.written
+            raise
         except Exception:
             status = 500
             raise
@@ -5606,6 +5643,13 @@ class Server:
     async def _on_cleanup(self, app: web.Application) -> None:
         await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
         await self.activity.close()
+
+
+def sent_size(response: web.StreamResponse) -> int:
+    """Body bytes of an answer: counted for streams, known for the rest."""
+    if isinstance(response, CountedResponse):
+        return response.written
+    return response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
 
 
 def forwarded_path(request: web.BaseRequest) -> str:

@@ -193,3 +193,15 @@ async def test_performance_rejects_a_bad_after_and_lists_nothing_before_the_firs
             assert (await r.json())["error"]["message"] == "invalid 'after' timestamp, use RFC3339 format"
         async with s.get(ls.url + "/api/performance?after=2000-01-01T00:00:00Z") as r:
             assert r.status == 200 and (await r.json())["enabled"] is True
+
+
+async def test_a_metered_request_asks_only_for_encodings_we_can_read(start_llama_swap, upstreams):
+    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"},
+                          headers={"Accept-Encoding": "br, gzip;q=0.8, zstd, deflate"}) as r:
+            metered = (await r.json())["echo"]["headers"]
+        async with s.post(ls.url + "/upstream/m/slots", json={}, headers={"Accept-Encoding": "br, gzip"}) as r:
+            passthrough = (await r.json())["echo"]["headers"]
+    assert metered["Accept-Encoding"] == "gzip;q=0.8, deflate"
+    assert passthrough["Accept-Encoding"] == "br, gzip"  # not a model route: untouched
