@@ -37,13 +37,16 @@ import datetime
 import difflib
 import functools
 import gzip
+import hashlib
 import hmac
 import html
 import http
 import ipaddress
+import importlib.resources
 import itertools
 import json
 import math
+import mimetypes
 import os
 import platform
 import posixpath
@@ -2272,6 +2275,14 @@ class Scheduler:
         while True:
             await asyncio.sleep(1.0)
             self._unload_idle()
+
+    def ttl_remaining(self, model: str) -> float | None:
+        """Seconds until an idle ready model is unloaded for its TTL; None without TTL or while busy."""
+        process = self.processes[model]
+        if process.model.ttl <= 0 or process.state != READY or self.in_flight[model]:
+            return None
+        idle = time.monotonic() - self.last_use.get(model, time.monotonic())
+        return round(max(0.0, process.model.ttl - idle), 1)
 
     def _unload_idle(self) -> None:
         """Stop each ready model that served nothing for its `ttl` seconds (§3.6): a request in
@@ -5011,6 +5022,26 @@ async def clean_path(request: web.Request, handler) -> web.StreamResponse:
     return web.Response(status=301, headers={"Location": urllib.parse.quote(clean) + mark + query})
 
 
+def ui_files() -> dict[str, tuple[bytes, str]]:
+    """Every file of the web UI by its path under /ui/, with its ETag: read once, at start,
+    through importlib.resources so a zipapp serves them as well as a checkout does."""
+    files: dict[str, tuple[bytes, str]] = {}
+    try:
+        root = importlib.resources.files("ui_assets")
+    except ModuleNotFoundError:
+        return files
+
+    def walk(directory: Any, prefix: str) -> None:
+        for entry in directory.iterdir():
+            if entry.is_dir() and not entry.name.startswith("__"):
+                walk(entry, f"{prefix}{entry.name}/")
+            elif not entry.name.endswith((".py", ".pyc")):
+                body = entry.read_bytes()
+                files[prefix + entry.name] = body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+    walk(root, "")
+    return files
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
@@ -5023,6 +5054,7 @@ class Server:
         self.metrics = Metrics()
         self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
         self.activity = Activity(config, self._activity_recorded)
+        self.ui_files = ui_files()
         self.performance: PerformanceMonitor | None = None
         self.monitoring: asyncio.Task | None = None
         self.hardware: asyncio.Future | None = None
@@ -5155,6 +5187,8 @@ class Server:
             web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
             web.get("/running", self.running), web.get("/unload", self.unload_all_text),
             web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
+            web.post("/api/models/load/{model:.+}", self.load_one),
+            web.get("/ui", self.ui_index), web.get("/ui/{path:.*}", self.ui), web.get("/favicon.ico", self.favicon),
             web.get("/api/version", self.version), web.get("/api/inflight", self.list_inflight),
             web.get("/logs", self.logs), web.get("/logs/stream", self.log_stream), web.get("/metrics", self.prometheus),
             web.get("/api/performance", self.performance_samples), web.get("/api/hardware", self.hardware_info),
@@ -5351,6 +5385,8 @@ class Server:
             model = process.model
             entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy, "ttl": model.ttl}
             entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
+            entry.update(in_flight=self.scheduler.in_flight[model_id], ttl_remaining=self.scheduler.ttl_remaining(model_id),
+                         queued=self.scheduler.reserved[model_id] - self.scheduler.in_flight[model_id])
             running.append(entry)
         return json_response({"running": running})
 
@@ -5364,6 +5400,15 @@ class Server:
     async def unload_all_text(self, request: web.Request) -> web.Response:
         await self._unload(self.processes)
         return web.Response(text="OK")
+
+    async def load_one(self, request: web.Request) -> web.Response:
+        """Our addition, for the UI's Load button: start a model as a request would, answer once it is ready."""
+        model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
+        if model is None:
+            raise ApiError(404, "model not found")
+        async with self.scheduler.lease(model):
+            pass
+        return json_response({"msg": "ok"})
 
     async def unload_one(self, request: web.Request) -> web.Response:
         model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
@@ -5521,6 +5566,30 @@ class Server:
 
     async def root(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui")
+
+    async def ui_index(self, request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("/ui/")
+
+    async def ui(self, request: web.Request) -> web.Response:
+        """The web UI (§5.12): files as they are, and index.html for the app's own paths."""
+        path = request.match_info["path"]
+        if "." not in path.rpartition("/")[2]:
+            path = "index.html"
+        return self.ui_file(request, path)
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        return self.ui_file(request, "favicon.svg")
+
+    def ui_file(self, request: web.Request, path: str) -> web.Response:
+        found = self.ui_files.get(path)
+        if found is None:
+            raise ApiError(404, f"no such file in the web UI: {path}")
+        body, etag = found
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}  # always revalidated: an upgrade shows at once
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return web.Response(body=body, content_type=content_type, headers=headers)
 
     async def upstream_index(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui/models")
