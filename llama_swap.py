@@ -32,6 +32,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import decimal
 import datetime
 import difflib
@@ -3790,6 +3791,19 @@ def local_now() -> datetime.datetime:
     return datetime.datetime.now().astimezone()
 
 
+def sample_json(sample: Any) -> dict[str, Any]:
+    """A sample as Go writes it: fields in order, times in RFC 3339, whole floats without ".0"."""
+    def value(v: Any) -> Any:
+        if isinstance(v, datetime.datetime):
+            return go_time(v)
+        if isinstance(v, float):
+            return go_float(v)
+        if isinstance(v, tuple):
+            return [value(item) for item in v]
+        return sample_json(v) if dataclasses.is_dataclass(v) else v
+    return {f.name: value(getattr(sample, f.name)) for f in dataclasses.fields(sample)}
+
+
 @dataclass(frozen=True)
 class NetIOStat:
     """Bytes through one network interface since boot (kernel counters, never reset by us)."""
@@ -3799,7 +3813,7 @@ class NetIOStat:
     bytes_sent: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "bytes_recv": self.bytes_recv, "bytes_sent": self.bytes_sent}
+        return sample_json(self)
 
 
 @dataclass(frozen=True)
@@ -3823,19 +3837,7 @@ class SysStat:
     net_io: tuple[NetIOStat, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "timestamp": go_time(self.timestamp),
-            "cpu_util_per_core": [go_float(float(pct)) for pct in self.cpu_util_per_core],
-            "mem_total_mb": self.mem_total_mb,
-            "mem_used_mb": self.mem_used_mb,
-            "mem_free_mb": self.mem_free_mb,
-            "swap_total_mb": self.swap_total_mb,
-            "swap_used_mb": self.swap_used_mb,
-            "load_avg_1": go_float(float(self.load_avg_1)),
-            "load_avg_5": go_float(float(self.load_avg_5)),
-            "load_avg_15": go_float(float(self.load_avg_15)),
-            "net_io": [io.to_json() for io in self.net_io],
-        }
+        return sample_json(self)
 
 
 @dataclass(frozen=True)
@@ -3860,20 +3862,7 @@ class GpuStat:
     power_draw_w: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "timestamp": go_time(self.timestamp),
-            "id": self.id,
-            "name": self.name,
-            "uuid": self.uuid,
-            "temp_c": self.temp_c,
-            "vram_temp_c": self.vram_temp_c,
-            "gpu_util_pct": go_float(float(self.gpu_util_pct)),
-            "mem_util_pct": go_float(float(self.mem_util_pct)),
-            "mem_used_mb": self.mem_used_mb,
-            "mem_total_mb": self.mem_total_mb,
-            "fan_speed_pct": go_float(float(self.fan_speed_pct)),
-            "power_draw_w": go_float(float(self.power_draw_w)),
-        }
+        return sample_json(self)
 
 
 # -- performance: the system, from /proc ----------------------------------------
