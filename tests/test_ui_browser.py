@@ -1,0 +1,418 @@
+"""The web UI end to end in headless Chromium (§5.12): a real llama-swap with responder upstreams,
+driven through its pages the way a person uses them.
+
+Needs the playwright package and Debian's Chromium at /usr/bin/chromium (never a browser that
+Playwright downloads); without either the module is skipped. One browser serves the whole module
+(its own event loop, module-scoped); each test gets fresh browser contexts. Every screenshot lands
+in test-output/ui/<test>-<step>.png for a reviewer to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from conftest import ROOT, eventually, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+pytest.importorskip("playwright.async_api", reason="the playwright package is not installed (pip install playwright)")
+
+from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SHOTS = ROOT / "test-output" / "ui"
+# CI is a slow two-core machine: every wait on the page is generous, and none is a sleep.
+expect.set_options(timeout=15000)
+MODEL_START_MS = 30000
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+# Harness ###################################################################################
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+class Tabs:
+    """The browser pages of one test: each in its own context, uncaught script errors recorded,
+    screenshots named after the test and the step."""
+
+    def __init__(self, browser: Browser, test_name: str):
+        self.browser = browser
+        self.test_name = re.sub(r"[^\w.-]+", "_", test_name)
+        self.contexts = []
+        self.errors: list[str] = []
+
+    async def open(self, ls, path: str = "/ui/", **context_options) -> Page:
+        context = await self.browser.new_context(**context_options)
+        self.contexts.append(context)
+        page = await context.new_page()
+        page.on("pageerror", lambda error: self.errors.append(f"{page.url}: {error}"))
+        await page.goto(ls.url + path)
+        return page
+
+    async def shot(self, page: Page, step: str, full_page: bool = False) -> Path:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        path = SHOTS / f"{self.test_name}-{step}.png"
+        await page.screenshot(path=str(path), full_page=full_page)
+        return path
+
+    async def close(self) -> None:
+        for context in self.contexts:
+            for page in context.pages:
+                try:  # the state each page ended in, passed or not
+                    await self.shot(page, f"end-{self.contexts.index(context)}")
+                except Exception:
+                    pass
+            await context.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tabs(browser, start_llama_swap, request):
+    """Depends on start_llama_swap so that the pages close before the server stops."""
+    tabs = Tabs(browser, request.node.name)
+    try:
+        yield tabs
+    finally:
+        await tabs.close()
+    assert not tabs.errors, f"uncaught errors in the page: {tabs.errors}"
+
+
+def fixed_port_model(upstreams, port: int, *args: str, name: str) -> dict:
+    """A model on a port chosen here, so the test can ask its responder what it saw."""
+    return {"cmd": upstreams.cmd(*args, name=name).replace("${PORT}", str(port)), "proxy": f"http://127.0.0.1:{port}"}
+
+
+async def responder_events(session: aiohttp.ClientSession, port: int) -> list[dict]:
+    async with session.get(f"http://127.0.0.1:{port}/_responder/events") as r:
+        return await r.json()
+
+
+async def model_states(session: aiohttp.ClientSession, ls) -> dict[str, str]:
+    async with session.get(ls.url + "/running") as r:
+        return {entry["model"]: entry["state"] for entry in (await r.json())["running"]}
+
+
+async def activity_rows(session: aiohttp.ClientSession, ls) -> list[dict]:
+    async with session.get(ls.url + "/api/metrics/activity") as r:
+        return (await r.json())["data"]
+
+
+# Frame and Models page #####################################################################
+
+async def test_every_page_opens_from_the_nav_and_the_indicator_follows_the_connection(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    page = await tabs.open(ls, "/ui/")
+    await expect(page.get_by_test_id("connection-state")).to_have_text("connected")
+    await expect(page.get_by_test_id("model-state-m")).to_have_text("stopped")
+    await expect(page).to_have_title("Models · llama-swap")
+    for name, title in [("logs", "Logs"), ("activity", "Activity"), ("playground", "Playground"),
+                        ("captures", "Captures"), ("models", "Models")]:
+        await page.get_by_test_id(f"nav-{name}").click()
+        await expect(page).to_have_url(f"{ls.url}/ui/{name}")
+        await expect(page.locator("main h1")).to_have_text(title)
+        await expect(page.get_by_test_id(f"nav-{name}")).to_have_attribute("aria-current", "page")
+        await expect(page).to_have_title(f"{title} · llama-swap")
+    await expect(page.get_by_test_id("connection-state")).to_have_text("connected")  # one stream for every page
+    await tabs.shot(page, "connected")
+
+    await page.goto(ls.url + "/ui/no-such-page")
+    await expect(page.locator("main h1")).to_have_text("Page not found")
+
+    ls.stop()  # the server goes away under the open page (the fixture's stop then finds it gone)
+    await expect(page.get_by_test_id("connection-state")).to_have_text(re.compile("^(reconnecting|offline)$"))
+    await tabs.shot(page, "server-gone")
+
+
+async def test_load_on_the_models_page_shows_the_start_up_output_then_ready(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"healthCheckTimeout": 60, "models": {
+        "m": {"cmd": upstreams.cmd("--startup-delay", "4", name="m"), "description": "a slow starter"}}})
+    page = await tabs.open(ls, "/ui/models")
+    row = page.get_by_test_id("model-row-m")
+    state, load, unload = page.get_by_test_id("model-state-m"), page.get_by_test_id("load-m"), page.get_by_test_id("unload-m")
+    await expect(row).to_contain_text("a slow starter")
+    await expect(state).to_have_text("stopped")
+    await expect(load).to_be_enabled()
+    await expect(unload).to_be_disabled()
+
+    await load.click()
+    # The responder prints "loading model..." for four seconds before it even listens.
+    await expect(state).to_have_text("starting")
+    await expect(load).to_be_disabled()
+    await expect(page.get_by_test_id("model-tail-m")).to_contain_text("loading model...")
+    await tabs.shot(page, "starting")
+
+    await expect(state).to_have_text("ready", timeout=MODEL_START_MS)
+    await expect(page.get_by_test_id("model-tail-m")).to_be_hidden()
+    await expect(unload).to_be_enabled()
+    await expect(load).to_be_disabled()
+    await tabs.shot(page, "ready")
+    async with aiohttp.ClientSession() as s:
+        assert await model_states(s, ls) == {"m": "ready"}
+
+        await unload.click()
+        await expect(state).to_have_text("stopped")
+        await expect(load).to_be_enabled()
+        assert await model_states(s, ls) == {}
+
+
+async def test_the_models_page_fits_a_phone(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"models": {
+        "org/a-model-with-a-rather-long-name-Q4_K_M": {"cmd": upstreams.cmd(name="long"), "aliases": ["long"],
+                                                     "description": "a description long enough to need a second line on a phone"},
+        "m": {"cmd": upstreams.cmd(name="m")}}})
+    page = await tabs.open(ls, "/ui/models", viewport={"width": 390, "height": 844})
+    await expect(page.get_by_test_id("model-state-m")).to_have_text("stopped")
+    await expect(page.get_by_test_id("load-org/a-model-with-a-rather-long-name-Q4_K_M")).to_be_visible()
+    await expect(page.get_by_test_id("connection-state")).to_have_text("connected")
+    # The nav folds behind the Menu button; nothing scrolls sideways.
+    await expect(page.get_by_test_id("nav-logs")).to_be_hidden()
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    await tabs.shot(page, "models-390px", full_page=True)
+
+    await page.get_by_role("button", name="Menu").click()
+    await expect(page.get_by_test_id("nav-logs")).to_be_visible()
+    await tabs.shot(page, "menu-open")
+    await page.get_by_test_id("nav-logs").click()
+    await expect(page.locator("main h1")).to_have_text("Logs")
+    await expect(page.get_by_test_id("nav-logs")).to_be_hidden()  # the menu closes on the way
+
+
+async def test_a_request_in_flight_shows_on_the_models_page_and_cancel_stops_it_upstream(start_llama_swap, upstreams, tabs):
+    port = free_port()
+    ls = start_llama_swap({"healthCheckTimeout": 30, "models": {"m": fixed_port_model(upstreams, port, name="m")}})
+    page = await tabs.open(ls, "/ui/models")
+    await expect(page.get_by_test_id("connection-state")).to_have_text("connected")
+    await expect(page.get_by_test_id("inflight-table")).to_be_hidden()
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "m", "stream": True, "responder_chunks": 2000, "responder_delay": 0.05}
+        async with s.post(ls.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            await r.content.readuntil(b"\n\n")  # the answer is under way
+            rows = page.locator("[data-testid^='inflight-row-']")
+            await expect(rows).to_have_count(1)
+            await expect(rows).to_contain_text("POST /v1/chat/completions")
+            await expect(rows).to_contain_text("answering")
+            await expect(rows.locator("td[data-label='Sent']")).not_to_have_text("0 B")  # the count moves
+            model_row = page.get_by_test_id("model-row-m")
+            await expect(model_row.locator("td[data-label='In flight']")).to_have_text("1")
+            await expect(model_row.locator("td[data-label='Queued']")).to_have_text("0")
+            await tabs.shot(page, "in-flight")
+            await rows.locator("[data-testid^='inflight-cancel-']").click()
+            with pytest.raises(aiohttp.ClientPayloadError):  # cut, not ended as if complete
+                await asyncio.wait_for(r.read(), 15)  # (a TimeoutError: the cancel did not cut it)
+        await expect(rows).to_have_count(0)
+        await expect(page.get_by_test_id("inflight-table")).to_be_hidden()
+
+        async def upstream_saw_the_disconnect() -> bool:
+            return any(e["event"] == "client_disconnected" for e in await responder_events(s, port))
+        assert await eventually(upstream_saw_the_disconnect, 15)
+
+
+# Playground ################################################################################
+
+async def test_the_playground_streams_a_reply_and_stop_ends_the_upstream_stream(start_llama_swap, upstreams, tabs):
+    port = free_port()
+    ls = start_llama_swap({"healthCheckTimeout": 30, "models": {
+        "quick": {"cmd": upstreams.cmd(name="quick")},  # five chunks, 50 ms apart
+        "slow": fixed_port_model(upstreams, port, "--chunks", "2000", "--chunk-delay", "0.05", name="slow")}})
+    page = await tabs.open(ls, "/ui/playground?model=quick")
+    model, send, stop = page.get_by_test_id("pg-model"), page.get_by_test_id("pg-send"), page.get_by_test_id("pg-stop")
+    answer = page.get_by_test_id("pg-answer")
+    meta = page.locator(".msg.assistant .meta").last
+    await expect(model).to_have_value("quick")
+    await expect(stop).to_be_disabled()
+
+    await page.get_by_test_id("pg-system").fill("Answer briefly.")
+    await page.get_by_test_id("pg-input").fill("hello")
+    await send.click()
+    await expect(answer).to_have_text("tok0 tok1 tok2 tok3 tok4")
+    await expect(meta).to_contain_text("5 tokens")
+    await expect(send).to_be_enabled()
+    await expect(stop).to_be_disabled()
+    await tabs.shot(page, "answered")
+    async with aiohttp.ClientSession() as s:
+        # What the page sent, as the capture of its request shows it.
+        assert await eventually(lambda: activity_rows(s, ls), 15)
+        [row] = await activity_rows(s, ls)
+        async with s.get(ls.url + f"/api/captures/{row['id']}") as r:
+            sent = json.loads(base64.b64decode((await r.json())["req_body"]))
+        assert sent == {"model": "quick", "stream": True, "messages": [
+            {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"}]}
+
+        await model.select_option("slow")
+        await page.get_by_test_id("pg-input").fill("count to two thousand")
+        await page.get_by_test_id("pg-input").press("Enter")
+        await expect(stop).to_be_enabled(timeout=MODEL_START_MS)  # the swap to "slow" comes first
+        await expect(answer).to_contain_text("tok3")
+        await tabs.shot(page, "streaming")
+        await stop.click()
+        await expect(stop).to_be_disabled()
+        await expect(send).to_be_enabled()
+        await expect(meta).to_contain_text("stopped")
+        await expect(page.locator(".msg.user")).to_have_count(2)
+        await tabs.shot(page, "stopped")
+
+        async def upstream_saw_the_disconnect() -> bool:
+            return any(e["event"] == "client_disconnected" for e in await responder_events(s, port))
+        assert await eventually(upstream_saw_the_disconnect, 15)
+        assert not any(e["event"] == "stream_completed" for e in await responder_events(s, port))
+    assert "tok1999" not in await answer.text_content()
+
+
+async def test_the_playground_markdown_renders_model_text_without_injecting_html(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    page = await tabs.open(ls, "/ui/playground")
+    await expect(page.get_by_test_id("pg-model")).to_have_value("m")
+    hostile = "\n\n".join([
+        "**bold** and `code`",
+        '<img src=x onerror="window.__pwned = 1">',
+        "<script>window.__pwned = 2</script>",
+        "[a link](javascript:window.__pwned=3) and [another](https://example.com/\"onmouseover=\"window.__pwned=4)",
+        "```html\n<img src=x onerror=\"window.__pwned = 5\">\n```",
+        "- <b onclick=\"window.__pwned = 6\">item</b>",
+    ])
+    result = await page.evaluate("""async (source) => {
+        const { renderMarkdown } = await import('/ui/markdown.js');
+        const box = document.createElement('div');
+        box.className = 'md answer';
+        box.innerHTML = renderMarkdown(source);  // as the playground shows an answer
+        document.querySelector('main').append(box);
+        await new Promise((resolve) => setTimeout(resolve, 300));  // time for an onerror to fire
+        return {
+            tags: [...box.querySelectorAll('*')].map((e) => e.tagName.toLowerCase()),
+            handlers: [...box.querySelectorAll('*')].flatMap((e) => [...e.attributes].map((a) => a.name))
+                .filter((name) => name.startsWith('on')),
+            hrefs: [...box.querySelectorAll('a')].map((a) => a.getAttribute('href')),
+            text: box.textContent,
+            pwned: window.__pwned ?? null,
+        };
+    }""", hostile)
+    await tabs.shot(page, "hostile-markdown")
+    assert result["pwned"] is None
+    assert not {"img", "script", "b"} & set(result["tags"]), result["tags"]
+    assert result["handlers"] == []
+    assert result["hrefs"] and all(href.startswith(("http://", "https://")) for href in result["hrefs"]), result["hrefs"]
+    assert {"strong", "code", "pre", "ul"} <= set(result["tags"])  # the markdown itself still renders
+    assert '<img src=x onerror="window.__pwned = 1">' in result["text"]  # shown as the text it is
+
+
+# Logs page #################################################################################
+
+async def test_the_logs_page_shows_new_lines_live_filters_and_pauses(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"healthCheckTimeout": 30, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    page = await tabs.open(ls, "/ui/logs")
+    output = page.get_by_test_id("log-output")
+    await expect(page.get_by_test_id("log-source")).to_have_value("proxy")
+    await expect(output).to_contain_text("listening on")  # the history comes first
+
+    def line(text: str):
+        return output.locator(".log-line", has_text=text)
+
+    async with aiohttp.ClientSession() as s:
+        first, second = f"ui-test-{uuid.uuid4().hex}", f"ui-test-{uuid.uuid4().hex}"
+        async with s.get(ls.url + "/v1/models", headers={"User-Agent": first}) as r:
+            assert r.status == 200
+        await expect(line(first)).to_have_count(1)
+        await expect(line(first)).to_contain_text('"GET /v1/models HTTP/1.1" 200')
+        await tabs.shot(page, "live-line")
+
+        await page.get_by_test_id("log-filter").fill(first)
+        await expect(output.locator(".log-line:visible")).to_have_count(1)
+        await tabs.shot(page, "filtered")
+        await page.get_by_test_id("log-filter").fill("")
+        await expect(output.locator(".log-line:visible")).not_to_have_count(1)
+
+        pause = page.get_by_test_id("log-pause")
+        await pause.click()
+        await expect(pause).to_have_attribute("aria-pressed", "true")
+        async with s.get(ls.url + "/v1/models", headers={"User-Agent": second}) as r:
+            assert r.status == 200
+        await expect(pause).to_have_text(re.compile(r"^Resume \(\d+ new\)$"))  # held back, counted
+        await expect(line(second)).to_have_count(0)
+        await pause.click()
+        await expect(line(second)).to_have_count(1)
+
+        await page.get_by_test_id("log-clear").click()
+        await expect(output.locator(".log-line")).to_have_count(0)
+
+        # A model's own output, preselected from the address, live as the model starts.
+        await page.goto(ls.url + "/ui/logs?source=m")
+        await expect(page.get_by_test_id("log-source")).to_have_value("m")
+        async with s.post(ls.url + "/api/models/load/m") as r:
+            assert r.status == 200
+        await expect(line("responder m listening on")).to_have_count(1)
+        await expect(output).not_to_contain_text("llama-swap listening on")  # only the model's lines
+        await tabs.shot(page, "model-source")
+
+
+# Activity and captures #####################################################################
+
+async def test_a_capture_opens_from_the_activity_page_and_by_id(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"healthCheckTimeout": 30, "captureBuffer": 5, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    page = await tabs.open(ls, "/ui/activity")
+    await expect(page.get_by_test_id("connection-state")).to_have_text("connected")
+    await expect(page.locator("p.empty", has_text="No requests recorded yet.")).to_be_visible()
+
+    marker = f"capture-me-{uuid.uuid4().hex}"
+    body = {"model": "m", "stream": True, "responder_chunks": 3, "messages": [{"role": "user", "content": marker}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer secret"}) as r:
+            assert r.status == 200
+            await r.read()
+        assert await eventually(lambda: activity_rows(s, ls), 15)
+        [row] = await activity_rows(s, ls)
+    row_id = row["id"]
+
+    # The row arrives without a reload (an `activity` event).
+    activity_row = page.get_by_test_id(f"activity-row-{row_id}")
+    await expect(activity_row).to_contain_text("/v1/chat/completions")
+    await expect(activity_row).to_contain_text("200")
+    await expect(page.get_by_test_id("summary-row-m").locator("td").nth(1)).to_have_text("1")  # one request
+    await expect(page.get_by_test_id("speed-chart").or_(page.get_by_test_id("speed-chart-empty"))).to_be_visible()
+    await tabs.shot(page, "activity")
+
+    async def shows_the_capture() -> None:
+        request, response = page.get_by_test_id("capture-request"), page.get_by_test_id("capture-response")
+        await expect(request).to_contain_text("/v1/chat/completions")
+        await expect(request).to_contain_text(marker)
+        await expect(request).to_contain_text("[REDACTED]")  # the bearer key is not kept
+        await expect(request).not_to_contain_text("secret")
+        await expect(response).to_contain_text("text/event-stream")
+        events = page.get_by_test_id("capture-events")
+        await expect(events).to_contain_text("5 events")  # three chunks, the final one, [DONE]
+        await expect(events).to_contain_text("tok2")
+
+    await page.get_by_test_id(f"capture-link-{row_id}").click()
+    await expect(page).to_have_url(f"{ls.url}/ui/captures/{row_id}")
+    await shows_the_capture()
+    await tabs.shot(page, "capture-from-activity", full_page=True)
+
+    await page.get_by_test_id("nav-captures").click()
+    await expect(page.get_by_test_id(f"capture-link-{row_id}")).to_be_visible()  # the recent list
+    await page.get_by_test_id("capture-id").fill(str(row_id))
+    await page.get_by_test_id("capture-open").click()
+    await expect(page).to_have_url(f"{ls.url}/ui/captures/{row_id}")
+    await shows_the_capture()
+
+    await page.get_by_test_id("capture-id").fill("999")
+    await page.get_by_test_id("capture-open").click()
+    await expect(page.get_by_test_id("capture-error")).to_contain_text("capture not found")
+    await tabs.shot(page, "capture-missing")
