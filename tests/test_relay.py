@@ -553,7 +553,9 @@ async def test_models_list_running_health_root_and_unload(start_llama_swap, upst
         entries = await running(s, ls.url)
         assert len(entries) == 1
         entry = entries[0]
-        assert list(entry) == ["model", "state", "cmd", "proxy", "ttl", "name", "description"]
+        # The original's fields in its order, then ours (for the UI): in_flight, ttl_remaining, queued.
+        assert list(entry) == ["model", "state", "cmd", "proxy", "ttl", "name", "description",
+                               "in_flight", "ttl_remaining", "queued"]
         port = urlsplit(entry["proxy"]).port
         assert entry["name"].strip() == "Bee" and entry["description"].strip() == "the b model"
         assert {k: entry[k] for k in ("model", "state", "cmd", "proxy", "ttl")} == {
