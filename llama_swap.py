@@ -53,6 +53,7 @@ import platform
 import posixpath
 import random
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -5022,8 +5023,9 @@ def ui_files() -> dict[str, tuple[bytes, str]]:
 
     def walk(directory: Any, prefix: str) -> None:
         for entry in directory.iterdir():
-            if entry.is_dir() and not entry.name.startswith("__"):
-                walk(entry, f"{prefix}{entry.name}/")
+            if entry.is_dir():
+                if not entry.name.startswith("__"):  # __pycache__ is Python's, not the UI's
+                    walk(entry, f"{prefix}{entry.name}/")
             elif not entry.name.endswith((".py", ".pyc")):
                 body = entry.read_bytes()
                 files[prefix + entry.name] = body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
@@ -5765,6 +5767,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--listen", default="", help="listen address HOST:PORT (default :8080, or :8443 with TLS)")
     parser.add_argument("--tls-cert-file", default="", help="TLS certificate file")
     parser.add_argument("--tls-key-file", default="", help="TLS key file")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve three small fake models (no model files needed) instead of a config file")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     argv = ["--help" if a in ("-help", "--help") else a for a in normalize_flags(argv)]
     return parser.parse_args(argv)
@@ -5854,6 +5858,33 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     return 0
 
 
+def demo_config() -> str:
+    """--demo: a chat model that loads fast, one that loads slowly (they swap), and an embedding
+    model that runs beside them, all served by llama_swap_responder, shipped with us."""
+    # Where llama_swap_responder can be imported from: our own directory, or our .pyz.
+    importable = os.path.dirname(os.path.abspath(__file__))
+
+    def model(name: str, delay: float, description: str) -> dict[str, Any]:
+        command = [sys.executable, "-m", "llama_swap_responder", "--port", "${PORT}", "--name", name,
+                   "--startup-delay", str(delay)]
+        return {"cmd": " ".join(shlex.quote(part) for part in command), "env": [f"PYTHONPATH={importable}"],
+                "description": description, "capabilities": {"in": ["text"], "out": ["text"]}}
+
+    return yaml.safe_dump({
+        "healthCheckTimeout": 30,
+        "sendLoadingState": True,
+        "models": {
+            "chat-small": {**model("chat-small", 0.5, "loads in half a second"), "ttl": 600},
+            "chat-large": model("chat-large", 3, "loads in three seconds; swaps with chat-small"),
+            "embed": model("embed", 0.3, "an embedding model that runs beside the chat models"),
+        },
+        "groups": {
+            "chat": {"swap": True, "exclusive": False, "members": ["chat-small", "chat-large"]},
+            "embeddings": {"swap": False, "exclusive": False, "members": ["embed"]},
+        },
+    }, sort_keys=False)
+
+
 def describe_config(config: Config, source: str) -> str:
     """The effective config in a few lines, for --check-config: what would run, and how."""
     lines = [f"config OK: {source}: {len(config.models)} models, {len(config.peers)} peers, router {config.routing.router}"]
@@ -5881,15 +5912,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}), built at unknown")
         return 0
-    if not args.config and not args.config_dir:
+    if args.demo and (args.config or args.config_dir):
+        print("llama-swap: --demo brings its own config; leave out --config and --config-dir", file=sys.stderr)
+        return 1
+    if not args.config and not args.config_dir and not args.demo:
         print("llama-swap: at least one of --config or --config-dir must be provided (see llama-swap --help)", file=sys.stderr)
         return 1
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         print("llama-swap: both --tls-cert-file and --tls-key-file must be provided for TLS", file=sys.stderr)
         return 1
     try:
-        host, port = parse_listen(args.listen or (":8443" if args.tls_cert_file else ":8080"))
-        config = load_config(args.config, args.config_dir)
+        host, port = parse_listen(args.listen or ("localhost:8080" if args.demo else ":8443" if args.tls_cert_file else ":8080"))
+        config = parse_config(demo_config()) if args.demo else load_config(args.config, args.config_dir)
     except (ConfigError, ValueError) as e:
         print(f"llama-swap: {e}", file=sys.stderr)
         return 1
@@ -5910,7 +5944,10 @@ def main(argv: list[str] | None = None) -> int:
     log.debug(f"PID: {os.getpid()}")
     for warning in config.warnings:
         log.warn(f"config: {warning}")
-    source = ConfigSource(args.config or None, args.config_dir or None)
+    if args.demo:
+        log.info(f"demo mode: {', '.join(config.models)} are served by the built-in fake upstream; "
+                 f"open http://{host or 'localhost'}:{port}/ui/")
+    source = None if args.demo else ConfigSource(args.config or None, args.config_dir or None)
     return asyncio.run(serve(config, source, host, port, ssl_context, log, watch=args.watch_config))
 
 

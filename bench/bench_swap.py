@@ -6,7 +6,7 @@ Run by hand from the repository root (not part of the pytest suite)::
     python bench/bench_swap.py [--swaps 10] [--requests 300] [--stream-rounds 10] [--verbose]
 
 It starts llama-swap itself (`python -m llama_swap`) as a subprocess on a free port with a
-temporary config whose upstreams are `tests/responder.py`, prints a markdown report and
+temporary config whose upstreams are `llama_swap_responder.py`, prints a markdown report and
 stops everything it started (SIGTERM to llama-swap, which stops its upstreams; anything
 still alive afterwards is reported and killed by pid).
 
@@ -47,7 +47,7 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-RESPONDER = ROOT / "tests" / "responder.py"
+RESPONDER = ROOT / "llama_swap_responder.py"
 PY = sys.executable
 
 STARTUP_DELAY = 1.0

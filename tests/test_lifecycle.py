@@ -1,6 +1,6 @@
 """Model lifecycle through a real llama-swap: swaps, shared starts, failed starts, stops, shutdown.
 
-Every test runs `python -m llama_swap` with fake upstreams (tests/responder.py) and checks
+Every test runs `python -m llama_swap` with fake upstreams (llama_swap_responder.py) and checks
 what a client and the operating system can see: HTTP answers, /running, /v1/models, the pids
 the upstreams wrote to the pid file and whether those processes are still alive. Timing
 assertions are orderings or loose upper bounds; lower bounds only where the clock must have

@@ -1,6 +1,6 @@
 """One test per bug fixed after review; each fails on the behaviour it replaced.
 
-Every test runs a real llama-swap in front of real `tests/responder.py` upstreams (or small
+Every test runs a real llama-swap in front of real `llama_swap_responder.py` upstreams (or small
 shell commands) and checks what a client and the operating system can see. Timing checks are
 loose upper bounds, or lower bounds only where a clock must have passed.
 """

@@ -3,7 +3,7 @@
 Spec: §4.1 endpoints, §4.3 model extraction, §4.4 rewriting, §4.11 errors, §5.1 /v1/models,
 §5.2 /running, §5.3 unload, §5.9 /upstream passthrough, §6.1 relaying.
 
-Every test runs a real llama-swap subprocess in front of real `tests/responder.py` upstreams;
+Every test runs a real llama-swap subprocess in front of real `llama_swap_responder.py` upstreams;
 the responder echoes what it received under an `echo` key, so the tests can compare the bytes
 the upstream saw with the bytes the client sent.
 """

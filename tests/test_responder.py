@@ -1,4 +1,4 @@
-"""Tests for the fake upstream server in tests/responder.py."""
+"""Tests for the fake upstream server, llama_swap_responder.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pytest
 
-RESPONDER = Path(__file__).with_name("responder.py")
+RESPONDER = Path(__file__).resolve().parent.parent / "llama_swap_responder.py"
 START_TIMEOUT = 10.0
 
 

@@ -4,7 +4,7 @@ concurrency limit, TTL unloads and startup preloading (spec §2.11, §2.12, §3.
 The first half is pure: configs are parsed with `parse_config` and the swap policies are asked
 directly. The scheduler is driven with in-memory processes (the FakeProcess pattern of
 test_scheduler.py), which pins exact orders that timing hides from outside. The second half runs a
-real llama-swap with fake upstreams (tests/responder.py); there, timing assertions are orderings
+real llama-swap with fake upstreams (llama_swap_responder.py); there, timing assertions are orderings
 or loose upper bounds, and lower bounds only where the clock must have passed.
 
 Config DSL *errors* live in test_config_validation.py; this module checks what valid configs mean.

@@ -1,8 +1,8 @@
-"""Fake inference server ("upstream") for the llama-swap-py test-suite.
+"""Fake inference server ("upstream") for llama-swap-py's demo mode and test-suite.
 
 Run it as::
 
-    python tests/responder.py --port 8123 [options]
+    python -m llama_swap_responder --port 8123 [options]
 
 It mimics just enough of llama-server / an OpenAI-compatible server for the
 proxy to start it, health-check it, relay requests to it and stop it.  Only
