@@ -110,12 +110,12 @@ async def run(args: argparse.Namespace) -> None:
                 if i:  # the first is a cold load, not a swap
                     swaps.append(time.perf_counter() - began)
             async with s.get(url + "/running") as r:
-                direct = (await r.json())["running"][0]["proxy"]
+                [loaded] = (await r.json())["running"]  # streamed to directly and through us, no swap
             body = {"prompt": "Once upon a time", "n_predict": args.tokens, "ignore_eos": True, "stream": True}
             rates: dict[str, list[float]] = {"direct": [], "proxied": []}
             for _ in range(args.rounds):
-                rates["direct"].append(await stream_rate(s, direct + "/completion", body))
-                rates["proxied"].append(await stream_rate(s, url + "/completion", {"model": "beta", **body}))
+                rates["direct"].append(await stream_rate(s, loaded["proxy"] + "/completion", body))
+                rates["proxied"].append(await stream_rate(s, url + "/completion", {"model": loaded["model"], **body}))
     finally:
         proxy.terminate()
         proxy.wait(60)
