@@ -47,7 +47,6 @@ import importlib.resources
 import itertools
 import json
 import math
-import mimetypes
 import os
 import platform
 import posixpath
@@ -58,6 +57,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 import urllib.parse
 import weakref
@@ -881,7 +881,7 @@ def read_capabilities(node: ConfigReader) -> Capabilities:
 
 def read_filters(node: ConfigReader) -> Filters:
     text = node.string("stripParams") or node.string("strip_params")
-    strip = sorted({p.strip() for p in text.split(",") if p.strip() and p.strip().split(".")[0] != "model"})
+    strip = sorted({p.strip() for p in text.split(",") if p.strip() and json_path_keys(p.strip())[0] != "model"})
     by_id = node.free_mapping("setParamsByID")
     for key, value in by_id.items():
         if not isinstance(value, dict):
@@ -1442,22 +1442,27 @@ LOG_TIME_LAYOUTS: dict[str, Callable[[datetime.datetime], str]] = {
 
 class LogStream:
     """One live reader of a log (or of events): chunks wait here until it takes them. It is
-    never waited for: past `limit` chunks, new ones are dropped and counted, and a log reader
-    is told how many bytes it missed before the next chunk it gets."""
+    never waited for: past `limit` chunks, a log reader loses new ones and is told how many
+    bytes it missed before the next chunk it gets; an event watcher (`resync`) is closed
+    instead, because a missed event leaves it wrong: it reconnects and gets the state anew."""
 
-    def __init__(self, limit: int, mark_drops: bool = True):
+    def __init__(self, limit: int, resync: bool = False):
         self.limit = limit
-        self.mark_drops = mark_drops
+        self.resync = resync
         self.chunks: collections.deque[bytes] = collections.deque()
         self.dropped = 0
         self.closed = False
         self._ready = asyncio.Event()
 
     def offer(self, data: bytes) -> None:
+        if self.closed:
+            return
         if len(self.chunks) >= self.limit:
+            if self.resync:
+                self.close()
             self.dropped += len(data)
             return
-        if self.dropped and self.mark_drops:
+        if self.dropped:
             self.chunks.append(f"\n\u2014 {self.dropped} bytes dropped \u2014\n".encode())
         self.dropped = 0
         self.chunks.append(data)
@@ -2553,16 +2558,14 @@ def json_path_keys(path: str) -> list[str]:
     return keys + [key]
 
 
-def _json_locate(text: str, keys: list[str]) -> tuple[str, list[JsonMember], int] | None:
-    """The object or array that holds the last key of the path."""
-    start = 0
+def _json_holders(text: str, keys: list[str]) -> list[int]:
+    """Where each object or array that holds the last key of the path starts, through every
+    copy of a duplicated parent (a server may read any copy), in text order."""
+    starts = [0]
     for key in keys[:-1]:
-        found = json_container(text, start)
-        matches = _json_matches(found, key) if found else []
-        if not matches:
-            return None
-        start = found[1][matches[0]].value_start
-    return json_container(text, start)
+        found = [f for start in starts if (f := json_container(text, start))]
+        starts = [f[1][i].value_start for f in found for i in _json_matches(f, key)]
+    return [start for start in starts if json_container(text, start)]
 
 
 def _json_matches(found: tuple[str, list[JsonMember], int], key: str) -> list[int]:
@@ -2581,44 +2584,51 @@ def json_set(text: str, path: str, value: Any) -> str:
     (or `-1`) appends, padding with nulls."""
     encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     keys = json_path_keys(path)
-    for depth in range(len(keys), 0, -1):  # the deepest container that exists
-        found = _json_locate(text, keys[:depth])
-        if found is None:
-            continue
-        opener, members, close = found
-        key = keys[depth - 1]
-        matches = [] if opener == "[" and key == "-1" else _json_matches(found, key)  # -1 appends
-        nested = encoded
-        for inner in reversed(keys[depth:]):
-            nested = "{" + json.dumps(inner, ensure_ascii=False) + ":" + nested + "}"
-        if matches:  # the value itself, or a parent that is not a container, which sjson replaces
-            for m in reversed(matches):
-                text = text[: members[m].value_start] + nested + text[members[m].value_end:]
+    for depth in range(len(keys), 0, -1):  # the deepest containers that exist
+        holders = _json_holders(text, keys[:depth])
+        for start in reversed(holders):  # from the end, so the earlier ones have not moved
+            text = _set_in(text, start, keys[depth - 1], keys[depth:], encoded)
+        if holders:
             return text
-        if opener == "{":
-            addition = json.dumps(key, ensure_ascii=False) + ":" + nested
-        elif key == "-1" or key.isdigit():
-            addition = ",".join(["null"] * max(0, int(key) - len(members)) + [nested]) if key.isdigit() else nested
-        else:
-            return text  # a name where an array is: nothing to set
-        return text[:close] + ("," if members else "") + addition + text[close:]
     return text
 
 
+def _set_in(text: str, start: int, key: str, missing: list[str], encoded: str) -> str:
+    """Set `key` in the container at `start` to `encoded`, wrapped in objects for `missing` keys."""
+    found = json_container(text, start)
+    opener, members, close = found
+    matches = [] if opener == "[" and key == "-1" else _json_matches(found, key)  # -1 appends
+    nested = encoded
+    for inner in reversed(missing):
+        nested = "{" + json.dumps(inner, ensure_ascii=False) + ":" + nested + "}"
+    if matches:  # the value itself, or a parent that is not a container, which sjson replaces
+        for m in reversed(matches):
+            text = text[: members[m].value_start] + nested + text[members[m].value_end:]
+        return text
+    if opener == "{":
+        addition = json.dumps(key, ensure_ascii=False) + ":" + nested
+    elif key == "-1" or key.isdigit():
+        addition = ",".join(["null"] * max(0, int(key) - len(members)) + [nested]) if key.isdigit() else nested
+    else:
+        return text  # a name where an array is: nothing to set
+    return text[:close] + ("," if members else "") + addition + text[close:]
+
+
 def json_delete(text: str, path: str) -> str:
-    """Remove a path and one comma next to it; the rest of the text stays as it was."""
+    """Remove a path and one comma next to it, in every copy; the rest of the text stays as it was."""
     keys = json_path_keys(path)
-    while (found := _json_locate(text, keys)) and (matches := _json_matches(found, keys[-1])):
-        members, index = found[1], matches[-1]  # every copy of a duplicated key, from the last
-        member = members[index]
-        if index + 1 < len(members):
-            text = text[: member.start] + text[members[index + 1].start:]
-        elif index > 0:
-            text = text[: members[index - 1].value_end] + text[member.value_end:]
-        else:
-            text = text[: member.start] + text[member.value_end:]
-        if found[0] == "[":
-            break  # an index names one element; the next one has moved into its place
+    for start in reversed(_json_holders(text, keys)):  # from the end, so the earlier ones have not moved
+        while (found := json_container(text, start)) and (matches := _json_matches(found, keys[-1])):
+            members, index = found[1], matches[-1]  # every copy of a duplicated key, from the last
+            member = members[index]
+            if index + 1 < len(members):
+                text = text[: member.start] + text[members[index + 1].start:]
+            elif index > 0:
+                text = text[: members[index - 1].value_end] + text[member.value_end:]
+            else:
+                text = text[: member.start] + text[member.value_end:]
+            if found[0] == "[":
+                break  # an index names one element; the next one has moved into its place
     return text
 
 
@@ -2764,7 +2774,8 @@ class Exchange:
     task: asyncio.Task
     on_change: Callable[[Exchange, bool], None]  # (exchange, announce at once)
     request_body: bytes = b""  # as forwarded
-    began: float = field(default_factory=time.time)
+    began: float = field(default_factory=time.time)  # for the timestamp; durations use `clock`
+    clock: float = field(default_factory=time.monotonic)
     response: web.StreamResponse | None = None
     response_bytes: int = 0
     first_byte_after: float | None = None  # seconds from `began` to the first body byte sent
@@ -2779,7 +2790,7 @@ class Exchange:
 
     def sent(self, chunk: bytes) -> None:
         if self.first_byte_after is None:
-            self.first_byte_after = time.time() - self.began
+            self.first_byte_after = time.monotonic() - self.clock
         self.response_bytes += len(chunk)
         if self.copy is not None:
             if len(self.copy) + len(chunk) <= COPY_LIMIT:
@@ -2794,7 +2805,7 @@ class Exchange:
             "id": self.id, "timestamp": go_timestamp(self.began), "model": self.model, "req_path": self.path,
             "method": self.method, "req_headers": self.request_headers, "remote_ip": self.remote_ip,
             "resp_headers": header_snapshot(self.response.headers) if self.response is not None else {},
-            "resp_bytes": self.response_bytes, "elapsed_ms": int((time.time() - self.began) * 1000),
+            "resp_bytes": self.response_bytes, "elapsed_ms": int((time.monotonic() - self.clock) * 1000),
         }
         if self.metadata:
             record["metadata"] = self.metadata
@@ -3731,8 +3742,11 @@ class Activity:
     so reading a big answer or writing to disk never holds up the event loop. The store and
     the captures are only ever touched from that thread."""
 
-    def __init__(self, config: Config, on_recorded: Callable[[int, str, Tokens], None]):
+    BACKLOG = 64  # answers waiting for the worker; past this, rows are written without reading the answer
+
+    def __init__(self, config: Config, log: ProxyLog, on_recorded: Callable[[int, str, Tokens], None]):
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-swap-activity")
+        self.log = log
         self.store = ActivityStore(config.store_path, config.metrics_max_in_memory)
         self.captures = Captures(config.capture_buffer_mb * 1024 * 1024)
         self.on_recorded = on_recorded
@@ -3748,6 +3762,8 @@ class Activity:
 
     def record(self, exchange: Exchange, status: int, headers: Mapping[str, str], body: bytes | bytearray,
                wall_ms: int) -> None:
+        if len(self.pending) >= self.BACKLOG:  # memory stays bounded: the row, without tokens or capture
+            body = b""
         future = asyncio.get_running_loop().run_in_executor(
             self.worker, self._record, exchange, status, dict(headers), body, wall_ms)
         self.pending.add(future)
@@ -3766,7 +3782,11 @@ class Activity:
 
     def _recorded(self, future: asyncio.Future) -> None:
         self.pending.discard(future)
-        if not future.cancelled() and future.exception() is None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.log.warn(f"activity: a request could not be recorded: {error_text(future.exception())}")
+        else:
             self.on_recorded(*future.result())
 
     async def call(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -3777,9 +3797,7 @@ class Activity:
         return capture_id in self.captures
 
     async def close(self) -> None:
-        """Rows still being written are finished; then the store is closed."""
-        if self.pending:
-            await asyncio.wait(self.pending, timeout=5)
+        """Rows still being written are finished (at most BACKLOG); then the store is closed."""
         await self.call(self.store.close)
         self.worker.shutdown(wait=False)
 
@@ -3813,9 +3831,6 @@ class NetIOStat:
     bytes_recv: int
     bytes_sent: int
 
-    def to_json(self) -> dict[str, Any]:
-        return sample_json(self)
-
 
 @dataclass(frozen=True)
 class SysStat:
@@ -3836,9 +3851,6 @@ class SysStat:
     load_avg_5: float = 0.0
     load_avg_15: float = 0.0
     net_io: tuple[NetIOStat, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return sample_json(self)
 
 
 @dataclass(frozen=True)
@@ -3861,9 +3873,6 @@ class GpuStat:
     mem_total_mb: int = 0
     fan_speed_pct: float = 0.0
     power_draw_w: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return sample_json(self)
 
 
 # -- performance: the system, from /proc ----------------------------------------
@@ -4000,20 +4009,6 @@ class GpuProvider(Protocol):
     def close(self) -> None: ...
 
 
-class FakeGpuProvider:
-    """Answers every sample with the stats it was given; for tests."""
-
-    def __init__(self, stats: Iterable[GpuStat] = ()):
-        self.stats = list(stats)
-        self.closed = False
-
-    def sample(self) -> list[GpuStat]:
-        return list(self.stats)
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def init_nvml() -> Any | None:
     """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
     driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
@@ -4066,6 +4061,7 @@ class NvmlProvider:
     def __init__(self, nvml: Any):
         self._nvml = nvml
         self._open = True
+        self._lock = threading.Lock()  # close() waits for a sample still reading the devices
         self.devices: list[NvmlDevice] = []
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
@@ -4077,7 +4073,8 @@ class NvmlProvider:
 
     def sample(self) -> list[GpuStat]:
         timestamp = local_now()
-        return [self._read(device, timestamp) for device in self.devices]
+        with self._lock:
+            return [self._read(device, timestamp) for device in self.devices] if self._open else []
 
     def _read(self, device: NvmlDevice, timestamp: datetime.datetime) -> GpuStat:
         nvml, handle = self._nvml, device.handle
@@ -4108,9 +4105,10 @@ class NvmlProvider:
         return int(getattr(values[0].value, NVML_VALUE_MEMBERS[values[0].valueType]))
 
     def close(self) -> None:
-        if self._open:
-            self._open = False
-            shutdown_nvml(self._nvml)
+        with self._lock:
+            if self._open:
+                self._open = False
+                shutdown_nvml(self._nvml)
 
 
 def open_gpu_provider() -> GpuProvider | None:
@@ -4143,8 +4141,7 @@ class PerformanceMonitor:
     (all GPUs read at that instant, so the history is one hour however many GPUs there are).
     record() adds, snapshot() and latest() read; all three are plain synchronous calls made on
     the event loop, so they need no lock. run() is the sampling loop: the server wraps it in a
-    task it owns and cancels on shutdown. The monitor owns no task, and does not close the GPU
-    provider, which the server may hand to the monitor it builds after a reload.
+    task it owns and cancels on shutdown; the server also opens and closes the GPU provider.
     """
 
     def __init__(self, every: float = 5.0, gpu: GpuProvider | None = None):
@@ -4162,8 +4159,8 @@ class PerformanceMonitor:
     def snapshot(self, after: datetime.datetime | None = None) -> dict[str, Any]:
         """The /api/performance body. With `after` (timezone-aware), only samples strictly later.
         Without it an empty list is null, as Go encodes a nil slice; keys in Go's map order."""
-        sys_stats = [s.to_json() for s in self.sys_samples if after is None or s.timestamp > after]
-        gpu_stats = [g.to_json() for sample in self.gpu_samples for g in sample
+        sys_stats = [sample_json(s) for s in self.sys_samples if after is None or s.timestamp > after]
+        gpu_stats = [sample_json(g) for sample in self.gpu_samples for g in sample
                      if after is None or g.timestamp > after]
         empty = None if after is None else []
         return {"enabled": True, "gpu_stats": gpu_stats or empty, "sys_stats": sys_stats or empty}
@@ -4818,7 +4815,7 @@ class Events:
     @contextlib.contextmanager
     def watching(self, first: Iterable[bytes]) -> Iterator[LogStream]:
         """A watcher that gets `first`, then every message published while the block runs."""
-        stream = LogStream(self.LIMIT, mark_drops=False)
+        stream = LogStream(self.LIMIT, resync=True)
         for message in first:
             stream.offer(message)
         self.streams.add(stream)
@@ -4978,8 +4975,7 @@ class LoadingStream:
         """No more ticks; the text not typed yet goes out at once."""
         if self.writer:
             self.writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await self.writer
+            await asyncio.wait({self.writer})  # unlike awaiting it, this never swallows our own cancellation
             self.writer = None
         if self.pending:
             text, self.pending = self.pending, ""
@@ -4989,7 +4985,8 @@ class LoadingStream:
     async def finish(self) -> None:
         """The model is ready: say so, then the real answer follows in the same stream."""
         await self.stop()
-        await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
+        with contextlib.suppress(ConnectionError):  # the client may be gone; the relay notices next
+            await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
 
 
 def add_trailing_slash(request: web.BaseRequest, location: str) -> web.Response:
@@ -5010,6 +5007,11 @@ async def clean_path(request: web.Request, handler) -> web.StreamResponse:
     if decoded.endswith("/") and clean != "/":
         clean += "/"
     return web.Response(status=301, headers={"Location": urllib.parse.quote(clean) + mark + query})
+
+
+# Fixed, not from the system's mimetypes: some map .js to text/plain, which browsers refuse for modules.
+UI_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml",
+            "ico": "image/x-icon", "png": "image/png", "json": "application/json"}
 
 
 def ui_files() -> dict[str, tuple[bytes, str]]:
@@ -5044,7 +5046,7 @@ class Server:
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
         self.metrics = Metrics()
         self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
-        self.activity = Activity(config, self._activity_recorded)
+        self.activity = Activity(config, log, self._activity_recorded)
         self.ui_files = ui_files()
         self.performance: PerformanceMonitor | None = None
         self.monitoring: asyncio.Task | None = None
@@ -5073,15 +5075,18 @@ class Server:
         self.monitoring = asyncio.create_task(self._sample(self.performance)) if self.performance else None
 
     async def _sample(self, monitor: PerformanceMonitor) -> None:
-        """System and GPU samples until cancelled; NVML is looked for in a worker thread."""
-        monitor.gpu = await asyncio.to_thread(open_gpu_provider)
+        """System and GPU samples until cancelled. NVML is opened and closed in worker threads
+        (the close waits for a sample still reading it), never on the event loop."""
+        monitor.gpu = await asyncio.shield(asyncio.to_thread(open_gpu_provider))
         if monitor.gpu is None:
             self.log.info("GPU monitoring not available: no NVIDIA GPU found through NVML")
         try:
             await monitor.run()
+        except Exception as e:  # a bug: say so, and the rest of the server goes on without samples
+            self.log.error(f"performance monitor stopped: {type(e).__name__}: {e}")
         finally:
             if monitor.gpu:
-                monitor.gpu.close()
+                await asyncio.shield(asyncio.to_thread(monitor.gpu.close))
 
     def _preload(self) -> None:
         if self.preloading:
@@ -5109,6 +5114,9 @@ class Server:
         Models whose launch settings did not change keep their running server; changed and
         removed ones finish their requests on the old server and are then stopped.
         """
+        if self.source is None:
+            self.log.warn("nothing to reload: --demo has no config file")
+            raise ConfigError("no config file to reload (started with --demo)")
         self.log.info("reloading configuration")
         try:
             new = self.source.load()
@@ -5247,10 +5255,12 @@ class Server:
             except (SchedulerError, UpstreamError) as e:
                 await loading.stop()
                 message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else f"upstream {model} unreachable: {e}"
-                await response.write(error_response(request, 500, message).body)
+                with contextlib.suppress(ConnectionError):  # no one left to tell
+                    await response.write(error_response(request, 500, message).body)
             finally:
                 await loading.stop()
-            await response.write_eof()
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
             return response
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,
@@ -5579,7 +5589,7 @@ class Server:
         headers = {"ETag": etag, "Cache-Control": "no-cache"}  # always revalidated: an upgrade shows at once
         if request.headers.get("If-None-Match") == etag:
             return web.Response(status=304, headers=headers)
-        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        content_type = UI_TYPES.get(path.rpartition(".")[2], "application/octet-stream")
         return web.Response(body=body, content_type=content_type, headers=headers)
 
     async def upstream_index(self, request: web.Request) -> web.Response:
@@ -5626,6 +5636,9 @@ class Server:
             response = await handler(request)
             status = response.status
             return response
+        except web.HTTPException as e:  # a redirect or an aiohttp error answer: its status is what was sent
+            status = e.status
+            raise
         except asyncio.CancelledError:
             status = 499  # the client left
             raise
@@ -5635,7 +5648,7 @@ class Server:
 
     def observe(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:
         """A model request's metrics and, for a POST, its activity row and capture (§6.2)."""
-        seconds = time.time() - exchange.began
+        seconds = time.monotonic() - exchange.clock
         self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds)
         if exchange.method != "POST" or status == 101:
             return
@@ -5676,6 +5689,9 @@ class Server:
         except asyncio.CancelledError:
             if (streaming := request.get(STREAMING)) is not None:  # it left during the answer
                 status, size = streaming.status, streaming.written
+            raise
+        except web.HTTPException as e:  # a redirect or an aiohttp error answer
+            status = e.status
             raise
         except Exception:
             status = 500
@@ -5912,8 +5928,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}), built at unknown")
         return 0
-    if args.demo and (args.config or args.config_dir):
-        print("llama-swap: --demo brings its own config; leave out --config and --config-dir", file=sys.stderr)
+    if args.demo and (args.config or args.config_dir or args.watch_config):
+        print("llama-swap: --demo brings its own config; leave out --config, --config-dir and --watch-config",
+              file=sys.stderr)
         return 1
     if not args.config and not args.config_dir and not args.demo:
         print("llama-swap: at least one of --config or --config-dir must be provided (see llama-swap --help)", file=sys.stderr)

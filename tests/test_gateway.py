@@ -71,6 +71,14 @@ def test_deleting_sjson_paths_with_array_indexes_and_escapes(path, expected):
     assert json_delete(ARRAYS, path) == expected
 
 
+def test_nested_paths_edit_every_copy_of_a_duplicated_parent():
+    # A JSON reader may keep either copy (Python's and Go's keep the last): a limit must hold in both.
+    twice = '{"kw":{"think":true},"kw":{"think":true}}'
+    assert json_set(twice, "kw.think", False) == '{"kw":{"think":false},"kw":{"think":false}}'
+    assert json_delete('{"a":{"b":1},"a":{"b":2}}', "a.b") == '{"a":{},"a":{}}'
+    assert json_set('{"a":{"x":1},"a":{"y":1}}', "a.b.c", 3) == '{"a":{"x":1,"b":{"c":3}},"a":{"y":1,"b":{"c":3}}}'
+
+
 def test_array_edits_at_the_edges():
     assert json_set('{"a":[]}', "a.0", 1) == '{"a":[1]}'
     assert json_set('{"a":[ ]}', "a.-1", 1) == '{"a":[ 1]}'

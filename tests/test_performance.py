@@ -9,16 +9,33 @@ import os
 import sys
 import types
 from types import SimpleNamespace
+from typing import Iterable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import llama_swap as perf
-from llama_swap import (MIB, FakeGpuProvider, GpuStat, HistogramSeries, NetIOStat, PerformanceMonitor, SysStat,
+from llama_swap import (MIB, GpuStat, HistogramSeries, NetIOStat, PerformanceMonitor, SysStat,
                         cpu_percent_per_core, escape_label_value, format_number, hardware_snapshot,
                         histogram_family, metric_family, open_gpu_provider, parse_cpu_times, parse_loadavg,
                         parse_meminfo, parse_net_dev, parse_rfc3339, read_system_stats, render_prometheus)
 from llama_swap import go_time as rfc3339
+from llama_swap import sample_json
+
+
+class FakeGpuProvider:
+    """Answers every sample with the stats it was given; for tests."""
+
+    def __init__(self, stats: Iterable[GpuStat] = ()):
+        self.stats = list(stats)
+        self.closed = False
+
+    def sample(self) -> list[GpuStat]:
+        return list(self.stats)
+
+    def close(self) -> None:
+        self.closed = True
+
 
 UTC = datetime.timezone.utc
 T0 = datetime.datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -133,15 +150,15 @@ def test_system_stats_without_proc_are_zeros_not_an_error(monkeypatch):
 
 def test_sys_stat_json_has_the_spec_fields_in_order():
     stat = SysStat(at(0), (10.5, 20.0), 8192, 4096, 1024, 2048, 0, 1.5, 1.0, 0.25, (NetIOStat("eth0", 1000, 2000),))
-    assert stat.to_json() == {
+    assert sample_json(stat) == {
         "timestamp": "2026-03-01T12:00:00Z", "cpu_util_per_core": [10.5, 20], "mem_total_mb": 8192,
         "mem_used_mb": 4096, "mem_free_mb": 1024, "swap_total_mb": 2048, "swap_used_mb": 0, "load_avg_1": 1.5,
         "load_avg_5": 1, "load_avg_15": 0.25, "net_io": [{"name": "eth0", "bytes_recv": 1000, "bytes_sent": 2000}]}
-    assert json.dumps(stat.to_json()["cpu_util_per_core"]) == "[10.5, 20]"  # Go writes 20, not 20.0
+    assert json.dumps(sample_json(stat)["cpu_util_per_core"]) == "[10.5, 20]"  # Go writes 20, not 20.0
 
 
 def test_gpu_stat_json_has_the_spec_fields_in_order():
-    keys = list(GpuStat(at(0), 0, "gpu").to_json())
+    keys = list(sample_json(GpuStat(at(0), 0, "gpu")))
     assert keys == ["timestamp", "id", "name", "uuid", "temp_c", "vram_temp_c", "gpu_util_pct", "mem_util_pct",
                     "mem_used_mb", "mem_total_mb", "fan_speed_pct", "power_draw_w"]
 
