@@ -32,6 +32,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import decimal
 import datetime
@@ -1599,6 +1600,98 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """What a model server runs between fork and exec, on Linux: from then on the kernel
+    SIGKILLs it the moment llama-swap dies, however it dies (SIGKILL, the OOM killer), so no
+    server is left holding VRAM. Everything is looked up before the fork; the child only makes
+    system calls. Its own children are not covered: GroupRecord takes care of those."""
+    prctl, parent = _prctl(), os.getpid()
+    if prctl is None:
+        return None
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # we died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return in_child
+
+
+def process_start_time(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, from /proc), with the boot it belongs
+    to: what tells our old process apart from a stranger that got its number."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return None
+    return f"{boot}:{stat[stat.rfind(b')') + 2:].split()[19].decode()}"
+
+
+class GroupRecord:
+    """The process groups of the model servers we run, kept in a file, so that when a run of
+    ours is killed before it can stop them, the next one on the same port stops them before it
+    starts anything (children of a server, which die_with_parent does not reach, included)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.groups: dict[str, str] = {}  # pgid -> start time of its leader
+
+    def add(self, pgid: int) -> None:
+        self.groups[str(pgid)] = process_start_time(pgid) or ""
+        self._save()
+
+    def remove(self, pgid: int) -> None:
+        if self.groups.pop(str(pgid), None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        with contextlib.suppress(OSError):  # a read-only home loses the record, not a model
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.groups, f)
+            os.replace(self.path + ".tmp", self.path)
+
+    async def stop_leftovers(self, log: ProxyLog) -> None:
+        """SIGKILL the groups a killed run of ours left behind, wait (a little) until they are
+        gone so their ports and memory are free, and forget them."""
+        try:
+            with open(self.path) as f:
+                left = json.load(f)
+        except (OSError, ValueError, TypeError):
+            return
+        for pgid, started in left.items():
+            pgid = int(pgid)
+            leader = process_start_time(pgid)
+            # Ours if its leader is the very process we started, or if the leader is gone and the
+            # group lives on (a new group under the same number would have its leader alive).
+            if process_group_alive(pgid) and (leader == started or (leader is None and started)):
+                log.warn(f"stopping process group {pgid}, left running by a llama-swap that was killed")
+                signal_group(pgid, signal.SIGKILL)
+                for _ in range(100):
+                    if not await asyncio.to_thread(process_group_alive, pgid):
+                        break
+                    await asyncio.sleep(0.05)
+        self.groups = {}
+        self._save()
+
+
 def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession:
     """A pooled session to one upstream, under its `timeouts` (§2.5; 0 means no limit). No
     connection limit: the scheduler, not the pool, decides how many requests run at once."""
@@ -1679,10 +1772,12 @@ class ModelProcess:
     so no connection ever outlives the server it was opened to.
     """
 
-    def __init__(self, model: ModelConfig, log: ProxyLog, on_change: Callable[[ModelProcess], None]):
+    def __init__(self, model: ModelConfig, log: ProxyLog, on_change: Callable[[ModelProcess], None],
+                 groups: GroupRecord | None = None):
         self.model = model
         self.log = log
         self.on_change = on_change
+        self.groups = groups or GroupRecord(None)
         self.state = STOPPED
         self.stop_reason = ""  # why the current run is ending: the first stop request names it
         self.output = LogMonitor(log.upstream.write)  # kept across restarts, as the original does
@@ -1779,12 +1874,13 @@ class ModelProcess:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-                env=self._environment(), start_new_session=True)
+                env=self._environment(), start_new_session=True, preexec_fn=die_with_parent())
         except (OSError, ValueError) as e:
             os.close(read_fd)
             raise StartError(f"failed to start command '{' '.join(argv)}': {getattr(e, 'strerror', None) or e}") from None
         finally:
             os.close(write_fd)
+        self.groups.add(proc.pid)
         session = upstream_session(self.model.timeouts, self.model.proxy)
         self._run = run = Run(proc, session, self.output.history.written)
         reader = asyncio.StreamReader()
@@ -1808,6 +1904,7 @@ class ModelProcess:
             self._set_state(STOPPED)
             signal_group(run.proc.pid, signal.SIGKILL)  # leftovers of a crashed server still hold memory
             await run.close()
+            self.groups.remove(run.proc.pid)
 
     async def _wait_healthy(self) -> None:
         endpoint = self.model.check_endpoint
@@ -1869,6 +1966,7 @@ class ModelProcess:
             signal_group(run.proc.pid, signal.SIGKILL)
             await self._group_gone(run.proc)
         await run.close()
+        self.groups.remove(run.proc.pid)
 
     async def _stop_gracefully(self, proc: asyncio.subprocess.Process) -> None:
         if proc.returncode is None or process_group_alive(proc.pid):
@@ -5038,10 +5136,12 @@ def ui_files() -> dict[str, tuple[bytes, str]]:
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
-    def __init__(self, config: Config, log: ProxyLog, source: ConfigSource | None = None):
+    def __init__(self, config: Config, log: ProxyLog, source: ConfigSource | None = None,
+                 groups: GroupRecord | None = None):
         self.config = config
         self.log = log
         self.source = source
+        self.groups = groups or GroupRecord(None)
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
         self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
         self.metrics = Metrics()
@@ -5106,7 +5206,7 @@ class Server:
                 self.log.error(f"failed to preload model {model}: {e}")
 
     def _process(self, model: ModelConfig) -> ModelProcess:
-        return ModelProcess(model, self.log, self._state_changed)
+        return ModelProcess(model, self.log, self._state_changed, self.groups)
 
     def reload(self) -> dict[str, list[str]]:
         """Read the config again and switch to it; ConfigError leaves everything as it was.
@@ -5822,8 +5922,10 @@ def reload_on_signal(server: Server) -> None:
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
                 watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
+    groups = GroupRecord(group_record_path(port))
+    await groups.stop_leftovers(log)  # before any model of ours starts
     try:
-        server = Server(config, log, source)
+        server = Server(config, log, source, groups)
     except sqlite3.Error as e:
         print(f"llama-swap: store.path: cannot open {config.store_path}: {e}", file=sys.stderr)
         return 1
@@ -5899,6 +6001,12 @@ def demo_config() -> str:
             "embeddings": {"swap": False, "exclusive": False, "members": ["embed"]},
         },
     }, sort_keys=False)
+
+
+def group_record_path(port: int) -> str:
+    """Per listening port, so two instances never stop each other's models."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llama-swap-py", f"process-groups-{port}.json")
 
 
 def describe_config(config: Config, source: str) -> str:
