@@ -78,6 +78,7 @@ from yarl import URL
 ###############################################################################
 
 DEFAULT_START_PORT = 5800
+DEFAULT_MAX_REQUEST_BODY_MB = 256  # base64 images and audio fit; a runaway client does not
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
 DEFAULT_UNLOAD_TIMEOUT = 10
@@ -247,6 +248,7 @@ class Config:
     include_aliases_in_list: bool = False
     send_loading_state: bool = False
     metrics_max_in_memory: int = 1000
+    max_request_body_mb: int = DEFAULT_MAX_REQUEST_BODY_MB  # ours: bodies past it get a 413
     capture_buffer_mb: int = 5
     store_path: str | None = None
     session_headers: list[str] = field(default_factory=lambda: list(DEFAULT_SESSION_HEADERS))
@@ -641,7 +643,7 @@ def strip_comment_lines(command: str) -> str:
 
 TOP_LEVEL_KEYS = (
     "healthCheckTimeout", "logRequests", "logLevel", "logTimeFormat", "logToStdout", "metricsMaxInMemory",
-    "captureBuffer", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
+    "captureBuffer", "maxRequestBodyMB", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
     "profiles", "selectors", "routing", "groups", "matrix", "hooks", "sendLoadingState", "includeAliasesInList",
     "apiKeys", "adminKeys", "peers", "upstream",
 )
@@ -733,6 +735,7 @@ def read_globals(top: ConfigReader, config: Config) -> None:
     if config.metrics_max_in_memory <= 0:
         config.metrics_max_in_memory = 1000
     config.capture_buffer_mb = top.integer("captureBuffer", 5)
+    config.max_request_body_mb = top.integer("maxRequestBodyMB", DEFAULT_MAX_REQUEST_BODY_MB)
     config.include_aliases_in_list = top.boolean("includeAliasesInList")
     config.send_loading_state = top.boolean("sendLoadingState")
     headers = top.mapping("ui").mapping("activity")
@@ -751,6 +754,8 @@ def check_globals(top: ConfigReader, config: Config) -> None:
         raise performance.error("every", str(e)) from None
     if config.performance_every < 5:
         raise performance.error("every", f"must be at least 5s, got {go_duration(config.performance_every)}")
+    if config.max_request_body_mb < 1:
+        raise top.error("maxRequestBodyMB", f"must be at least 1, got {config.max_request_body_mb}")
     if top.integer("startPort", DEFAULT_START_PORT) < 1:
         raise top.error("startPort", "must be greater than 1")
     if config.global_ttl < 0:
@@ -5278,7 +5283,7 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors, self.auth],
-                              client_max_size=1024 ** 3)
+                              client_max_size=self.config.max_request_body_mb * 1024 * 1024)
         routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
         routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
         routes += [
@@ -5722,6 +5727,9 @@ class Server:
             return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.config.max_request_body_mb
+            return error_response(request, 413, f"request body too large: the limit is {limit} MB (maxRequestBodyMB)")
         except web.HTTPNotFound:
             return web.Response(status=404, text="404 page not found\n")
         except web.HTTPMethodNotAllowed as e:

@@ -1174,3 +1174,10 @@ def test_v1_models_shows_typed_macros_capabilities_aliases_peers_and_selectors(s
     assert records["sel-spill"]["meta"] == {"llamaswap": {"type": "selector", "strategy": "spillover", "targets": ["m", "p/x"], "spillover": 3}}
 
     assert [r["id"] for r in get_json(ls.url + "/models")["data"]] == ids
+
+
+def test_max_request_body_defaults_to_256_mb_and_must_be_positive():
+    assert parse_config("models: {m: {cmd: 'srv --port ${PORT}'}}\n").max_request_body_mb == 256
+    assert parse_config("maxRequestBodyMB: 8\nmodels: {m: {cmd: 'srv --port ${PORT}'}}\n").max_request_body_mb == 8
+    with pytest.raises(ConfigError, match="maxRequestBodyMB: must be at least 1, got 0"):
+        parse_config("maxRequestBodyMB: 0\nmodels: {m: {cmd: 'srv --port ${PORT}'}}\n")

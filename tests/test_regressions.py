@@ -374,3 +374,17 @@ async def test_model_after_a_12_mb_messages_array_is_found_quickly(start_llama_s
     assert reply["model"] == "b"
     assert reply["echo"]["body_len"] == len(body)
     assert elapsed < 20, f"a 12 MB request took {elapsed:.1f}s"
+
+
+async def test_a_body_past_max_request_body_gets_a_413_envelope_and_nothing_starts(start_llama_swap, upstreams):
+    ls = start_llama_swap({"maxRequestBodyMB": 1, "healthCheckTimeout": 15,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    huge = b'{"model":"m","prompt":"' + b"x" * (2 * 1024 * 1024) + b'"}'
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/completions", data=huge, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413
+            body = await r.json()
+        assert body["error"]["message"] == "request body too large: the limit is 1 MB (maxRequestBodyMB)"
+        assert upstreams.alive() == []  # refused before any model was started
+        async with s.post(ls.url + "/v1/completions", json={"model": "m", "prompt": "small"}) as r:
+            assert r.status == 200  # and the server goes on
