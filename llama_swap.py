@@ -2921,9 +2921,11 @@ class InFlight:
 
     THROTTLE = 0.25
 
-    def __init__(self, announce: Callable[[dict[str, Any]], None] = lambda event: None):
+    def __init__(self, announce: Callable[[dict[str, Any]], None] = lambda event: None,
+                 watched: Callable[[], bool] = lambda: False):
         self.exchanges: dict[str, Exchange] = {}
         self.announce = announce
+        self.watched = watched  # nobody watching: no entry is rendered (a new watcher gets a snapshot)
         self._ids = itertools.count(1)
 
     @contextlib.contextmanager
@@ -2953,7 +2955,8 @@ class InFlight:
     def _upsert(self, exchange: Exchange) -> None:
         exchange.trailing = None
         exchange.announced_at = time.monotonic()
-        self.announce({"operation": "upsert", "request": exchange.record()})
+        if self.watched():
+            self.announce({"operation": "upsert", "request": exchange.record()})
 
     def _changed(self, exchange: Exchange, urgent: bool) -> None:
         wait = exchange.announced_at + self.THROTTLE - time.monotonic()
@@ -5158,7 +5161,7 @@ class Server:
         self.hardware: asyncio.Future | None = None
         self.virtual = VirtualModels(config, self.processes)
         self.events = Events()
-        self.inflight = InFlight(lambda event: self.events.publish("inflight", event))
+        self.inflight = InFlight(lambda event: self.events.publish("inflight", event), lambda: bool(self.events.streams))
         self.log_streams: set[LogStream] = set()  # live /logs/stream readers, ended at shutdown
         for source in ("proxy", "upstream"):
             getattr(log, source).listeners.add(functools.partial(self._publish_log, source))
