@@ -47,6 +47,7 @@ import ipaddress
 import importlib.resources
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -1515,6 +1516,15 @@ class LogMonitor:
             self.listeners.discard(stream.offer)
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """Client-sent text (a path, a model name, a header) made safe for one log line: control
+    characters escaped, so nobody can start a forged line of our log or move its cursor."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def write_stdout(data: bytes) -> None:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stdout.buffer.write(data)
@@ -1551,6 +1561,36 @@ class ProxyLog:
 
     def error(self, message: str) -> None:
         self.log("error", message)
+
+
+class ProtocolLog(logging.Handler):
+    """What aiohttp's server says about a request that never reached a handler, in our log.
+
+    A malformed request (bad framing, a header past the limits, Content-Length beside
+    Transfer-Encoding) is a client's fault: one warning line, not a traceback. Anything else
+    aiohttp reports is a fault of ours, logged with its traceback."""
+
+    def __init__(self, log: ProxyLog):
+        super().__init__()
+        self.proxy_log = log
+
+    @classmethod
+    def logger(cls, log: ProxyLog) -> logging.Logger:
+        logger = logging.Logger("llama_swap.http", logging.DEBUG)  # our own, not in logging's tree
+        logger.addHandler(cls(log))
+        return logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
+            level = "debug" if record.levelno <= logging.DEBUG else "warn"
+            client = printable(str(record.args[0])) if record.args else "a client"
+            # aiohttp's message may quote the offending line over several lines, with a caret
+            reason = " ".join(line.strip() for line in str(error.message).splitlines() if line.strip(" ^"))
+            self.proxy_log.log(level, f"refused a malformed request from {client}: {error.code} {printable(reason)}")
+        elif record.levelno > logging.DEBUG:
+            trace = "\n" + logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+            self.proxy_log.error(printable(record.getMessage()) + trace)
 
 
 ###############################################################################
@@ -1695,6 +1735,53 @@ class GroupRecord:
                     await asyncio.sleep(0.05)
         self.groups = {}
         self._save()
+
+
+def read_text(path: str) -> str:
+    """A /proc or /sys file's text, or "" where there is none (not Linux) or it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+PORT_RELEASE_WAIT = 2.0  # seconds a port being let go of (a server still exiting) may take
+
+
+def loopback_address(proxy: str) -> tuple[str, int] | None:
+    """Host and port of a proxy URL on this machine; None for another host."""
+    url = URL(proxy)
+    host = url.host or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    return (host, url.port) if local and url.port else None
+
+
+async def port_answers(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port now."""
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def port_holder(port: int) -> str:
+    """' (pid N, name)' of the process listening on a TCP port, from /proc; '' if unknown
+    (not Linux, or a process of another user)."""
+    sockets = {f"socket:[{fields[9]}]"
+               for table in ("/proc/net/tcp", "/proc/net/tcp6")
+               for fields in (line.split() for line in read_text(table).splitlines()[1:])
+               if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port}  # 0A: LISTEN
+    for pid in filter(str.isdigit, os.listdir("/proc") if sockets else ()):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in sockets for fd in os.listdir(f"/proc/{pid}/fd")):
+                return f" (pid {pid}, {read_text(f'/proc/{pid}/comm').strip()})"
+    return ""
 
 
 def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession:
@@ -1861,8 +1948,24 @@ class ModelProcess:
         raise error
 
     async def _load(self) -> None:
+        await self._claim_port()
         await self._spawn()
         await self._wait_healthy()
+
+    async def _claim_port(self) -> None:
+        """A server on this machine needs its port free: whatever else answers there would pass
+        our health check and be sent the requests. A port being let go of gets a moment."""
+        address = loopback_address(self.model.proxy)
+        if address is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PORT_RELEASE_WAIT
+        while await port_answers(*address):
+            if loop.time() >= deadline:
+                holder = await asyncio.to_thread(port_holder, address[1])
+                raise StartError(f"port {address[1]} is already in use by another process{holder}, "
+                                 f"so {self.model.id} cannot start there (proxy {self.model.proxy})")
+            await asyncio.sleep(0.1)
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -3015,10 +3118,16 @@ class UpstreamError(Exception):
         self.status = status
 
 
+DECODED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})  # the request codings aiohttp undoes
+
+
 def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
-    """The client's end-to-end headers. An answer we copy for its activity row may only come
-    gzip or deflate (which we can read back): other encodings leave Accept-Encoding (§6.1)."""
-    headers = end_to_end_headers(request.headers)
+    """The client's end-to-end headers. The body we read is already decoded from a coding
+    aiohttp knows, so its Content-Encoding goes (we forward what we read). An answer we copy
+    for its activity row may only come gzip or deflate (which we can read back): other
+    encodings leave Accept-Encoding (§6.1)."""
+    headers = [(k, v) for k, v in end_to_end_headers(request.headers)
+               if k.lower() != "content-encoding" or v.lower() not in DECODED_CODINGS]
     exchange = request.get(EXCHANGE)
     if exchange is None or exchange.copy is None:
         return headers
@@ -3061,6 +3170,7 @@ class CountedResponse(web.StreamResponse):
     is still logged with its status and size."""
 
     written = 0
+    tail = b""  # the last bytes written: whether a broken-off stream ended between two events
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         request[STREAMING] = self
@@ -3069,6 +3179,12 @@ class CountedResponse(web.StreamResponse):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         await super().write(data)
         self.written += len(data)
+        self.tail = (self.tail + bytes(data[-4:]))[-4:]
+
+    def between_events(self) -> bool:
+        """An event stream whose every event so far is complete."""
+        ended = not self.tail or self.tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+        return ended and self.content_type == "text/event-stream"
 
 
 async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
@@ -3112,8 +3228,25 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
             if request.transport is None or request.transport.is_closing():
                 return response  # the client left; leaving the block closes the upstream request
             log.info(f"{upstream.label} recovered from upstream disconnection during streaming: {error_text(e)}")
-            request.transport.close()  # a cut stream must look cut to the client, not complete
+            if not response.between_events():
+                request.transport.close()  # a cut stream must look cut to the client, not complete
+                return response
+            await response.write(stream_error_event(request.path, f"the stream from {upstream.label.rstrip(':')} "
+                                                                  f"broke off: {error_text(e)}"))
+            await response.write_eof()
         return response
+
+
+def stream_error_event(path: str, message: str) -> bytes:
+    """The last event of a stream whose upstream broke off, as its clients' SDKs understand an
+    error event (Anthropic's for /v1/messages, OpenAI's otherwise), so they raise an error
+    instead of taking a short answer for a whole one."""
+    if path.startswith("/v1/messages"):
+        event = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    envelope = {"src": "llama-swap", "error": {"message": message, "type": "server_error", "param": None,
+                                                "code": "upstream_disconnected"}}
+    return b"data: " + json.dumps(envelope).encode() + b"\n\n"
 
 
 live_websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
@@ -4061,15 +4194,6 @@ def parse_net_dev(text: str) -> list[NetIOStat]:
     return stats
 
 
-def read_text(path: str) -> str:
-    """A /proc or /sys file's text, or "" where there is none (not Linux) or it cannot be read."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            return file.read()
-    except OSError:
-        return ""
-
-
 def read_cpu_times() -> CpuTimes:
     return parse_cpu_times(read_text("/proc/stat"))
 
@@ -4757,10 +4881,12 @@ def request_api_key(request: web.BaseRequest) -> str:
 
 
 def key_matches(key: str, keys: Iterable[str]) -> bool:
-    """Constant-time comparison against every key, so timing tells nothing about them."""
+    """Constant-time comparison against every key, so timing tells nothing about them: digests
+    are compared, not the keys, since compare_digest gives away a difference in length."""
+    digest = hashlib.sha256(key.encode()).digest()
     matched = False
     for candidate in keys:
-        matched |= hmac.compare_digest(key.encode(), candidate.encode())
+        matched |= hmac.compare_digest(digest, hashlib.sha256(candidate.encode()).digest())
     return matched
 
 
@@ -5402,7 +5528,7 @@ class Server:
         try:
             return await relay(request, self.peer_upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
         except UpstreamError as e:
-            self.log.warn(f"peer {peer.id}: proxy error: {e}")
+            self.log.warn(f"peer {peer.id}: proxy error: {printable(str(e))}")
             raise ApiError(502, f"peer proxy error: {e}") from None
 
     def peer_upstream(self, peer: PeerConfig) -> Upstream:
@@ -5571,7 +5697,8 @@ class Server:
         exchange = self.inflight.cancel(request.match_info["id"])
         if exchange is None:
             raise ApiError(404, "inflight request not found")
-        self.log.info(f"cancelled in-flight request {exchange.id} ({exchange.model} {exchange.method} {exchange.path})")
+        self.log.info(f"cancelled in-flight request {exchange.id} "
+                      f"({printable(f'{exchange.model} {exchange.method} {exchange.path}')})")
         return json_response({"msg": "ok"})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -5811,8 +5938,8 @@ class Server:
             if not request.path.startswith(("/wol-health", "/metrics", "/api/performance")):
                 version = f"HTTP/{request.version.major}.{request.version.minor}"
                 agent = request.headers.get("User-Agent", "")
-                self.log.info(f'Request {client_ip(request)} "{request.method} {request.path} {version}" '
-                              f'{status} {size} "{agent}" {go_duration(time.monotonic() - started)}')
+                line = f'{client_ip(request)} "{request.method} {request.path} {version}" {status} {size} "{agent}"'
+                self.log.info(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
 
     async def _on_shutdown(self, app: web.Application) -> None:
         tasks = [task for task in (self.preloading, self.monitoring, self.hardware) if task]
@@ -5930,6 +6057,14 @@ def reload_on_signal(server: Server) -> None:
     reload_logged(server)
 
 
+# aiohttp's parser limits, set on purpose. A browser on localhost sends the cookies of every
+# other local app (cookies ignore ports), so a header may be far past aiohttp's 8 KiB default;
+# 128 headers of 32 KiB still bound what one connection can make us hold. An idle keep-alive
+# connection is closed after 75 s (nginx's default; aiohttp's would keep it an hour).
+HTTP_LIMITS = {"max_line_size": 16 * 1024, "max_field_size": 32 * 1024, "max_headers": 128,
+               "keepalive_timeout": 75.0}
+
+
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
                 watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
@@ -5956,8 +6091,8 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, server)
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None,
-                           handle_signals=False, shutdown_timeout=SHUTDOWN_BUDGET)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(log), **HTTP_LIMITS)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     try:
