@@ -3231,9 +3231,10 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
             if not response.between_events():
                 request.transport.close()  # a cut stream must look cut to the client, not complete
                 return response
-            await response.write(stream_error_event(request.path, f"the stream from {upstream.label.rstrip(':')} "
-                                                                  f"broke off: {error_text(e)}"))
-            await response.write_eof()
+            message = f"upstream {upstream.label.rstrip(':')} closed the connection in the middle of the stream"
+            with contextlib.suppress(ConnectionError):  # the client may leave meanwhile
+                await response.write(stream_error_event(request.path, message))
+                await response.write_eof()
         return response
 
 

@@ -49,7 +49,10 @@ GET /ws                 a websocket echo ("echo: <text>"; binary as it came)
 GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
                         "requests" counts echo (catch-all) requests only;
                         also "ready_at": time.time() at which /health starts
-                        answering 200 (bind + --healthy-after), null before bind
+                        answering 200 (bind + --healthy-after), null before bind,
+                        and "streamed_bytes": bytes of "responder_bytes" filler
+                        events whose write() returned, summed over the process
+                        lifetime
 anything else           the "echo" reply: an OpenAI-shaped completion (or
                         embeddings list for paths containing "embeddings")
                         with an extra "echo" key describing the request.
@@ -59,6 +62,15 @@ Per-request controls (optional top-level keys of a JSON request body):
 "responder_chunks" (int), "responder_delay" (float s between stream events),
 "responder_status" (int HTTP status), "responder_sleep" (float s to sleep
 before sending the response headers).
+In a streaming request also:
+"responder_crash_after" (int N): send N content events, each flushed, then the
+whole process dies at once (exit status 1, no end of stream), like a server
+that segfaults mid-generation;
+"responder_crash_partial" (bool, with it): after the N events send half of an
+event ('data: {"choi', no blank line) before dying;
+"responder_bytes" (int N): instead of the usual events, stream N bytes of SSE
+(rounded up to whole events of 16 KiB of filler, then [DONE]) as fast as the
+reader takes them; see "streamed_bytes" in /_responder/info.
 """
 
 from __future__ import annotations
@@ -74,13 +86,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs
 
 import aiohttp
-from aiohttp import ClientConnectionResetError, web
+from aiohttp import web
 
 CHUNK_ID = "chatcmpl-resp"
+FILLER_EVENT_BYTES = 16 * 1024
+HALF_EVENT = b'data: {"choi'
 LOADING_TICK = 0.1
 SHUTDOWN_TIMEOUT = 0.5
 MAX_BODY = 1024**3
@@ -147,6 +161,7 @@ class State:
     events: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
     health_checks: int = 0
+    streamed_bytes: int = 0
     sigterm_pending: bool = False
 
     def request_stop(self, code: int) -> None:
@@ -275,6 +290,9 @@ class Controls:
     delay: float
     status: int
     sleep: float
+    crash_after: int | None
+    crash_partial: bool
+    stream_bytes: int
 
 
 def read_controls(args: argparse.Namespace, json_body: dict[str, Any] | None) -> Controls:
@@ -285,6 +303,9 @@ def read_controls(args: argparse.Namespace, json_body: dict[str, Any] | None) ->
         delay=float(data.get("responder_delay", args.chunk_delay)),
         status=int(data.get("responder_status", 200)),
         sleep=float(data.get("responder_sleep", 0.0)),
+        crash_after=None if data.get("responder_crash_after") is None else int(data["responder_crash_after"]),
+        crash_partial=data.get("responder_crash_partial") is True,
+        stream_bytes=int(data.get("responder_bytes", 0)),
     )
 
 
@@ -401,6 +422,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "port": state.args.port,
             "requests": state.requests,
             "health_checks": state.health_checks,
+            "streamed_bytes": state.streamed_bytes,
             # wall-clock moment /health turns 200: the bind moment (monotonic) moved to time.time()
             "ready_at": None if state.listening_since is None
             else time.time() - (time.monotonic() - state.listening_since) + state.args.healthy_after,
@@ -437,10 +459,14 @@ async def send_stream(
     response.enable_chunked_encoding()
     try:
         await response.prepare(request)
-        events = stream_events(state.args.name, echo, controls.chunks)
-        await write_events(response, events, controls.delay)
+        if controls.stream_bytes > 0:
+            await write_filler(response, state, controls.stream_bytes)
+        elif controls.crash_after is not None:
+            await crash_mid_stream(request, response, state, echo, controls)
+        else:
+            await write_events(response, stream_events(state.args.name, echo, controls.chunks), controls.delay)
         await response.write_eof()
-    except (ClientConnectionResetError, ConnectionResetError):
+    except ConnectionError:  # a reset, or aiohttp's "Connection lost" while write() drained
         note_disconnect(state, path)
         return response
     except asyncio.CancelledError:
@@ -455,6 +481,38 @@ async def write_events(response: web.StreamResponse, events: list[str], delay: f
         if index > 0 and delay > 0:
             await asyncio.sleep(delay)
         await response.write(f"data: {data}\n\n".encode())  # write() drains
+
+
+def filler_event() -> bytes:
+    head, tail = b'data: {"filler": "', b'"}\n\n'
+    return head + b"x" * (FILLER_EVENT_BYTES - len(head) - len(tail)) + tail
+
+
+async def write_filler(response: web.StreamResponse, state: State, total: int) -> None:
+    """At least `total` bytes of events, each write() awaited, so a slow reader slows us down."""
+    event = filler_event()
+    sent = 0
+    while sent < total:
+        await response.write(event)
+        sent += len(event)
+        state.streamed_bytes += len(event)
+    await response.write(b"data: [DONE]\n\n")
+
+
+async def crash_mid_stream(
+    request: web.Request, response: web.StreamResponse, state: State, echo: dict[str, Any], controls: Controls
+) -> NoReturn:
+    """Send the first `crash_after` content events (and half of one more), then die at once."""
+    count = controls.crash_after or 0
+    events = stream_events(state.args.name, echo, max(count, controls.chunks))[:count]
+    await write_events(response, events, controls.delay)
+    if controls.crash_partial:
+        await response.write(HALF_EVENT)
+    # write() may leave bytes in the transport's buffer; the crash must not eat what was "sent".
+    while request.transport is not None and request.transport.get_write_buffer_size():
+        await asyncio.sleep(0.01)
+    say(f"crashing mid-stream after {count} events (simulated)")
+    os._exit(1)
 
 
 def note_disconnect(state: State, path: str) -> None:

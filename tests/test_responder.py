@@ -51,6 +51,16 @@ def post_json(port: int, path: str, payload: dict[str, Any]) -> tuple[int, dict[
         return err.code, json.loads(err.read())
 
 
+def wait_for_event(port: int, event: str, timeout: float = 5.0) -> bool:
+    """Poll /_responder/events until `event` is recorded; False once `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while event not in [e["event"] for e in json.loads(get(port, "/_responder/events")[1])]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def wait_until_listening(
     port: int, proc: subprocess.Popen[str], timeout: float = START_TIMEOUT
 ) -> None:
@@ -212,13 +222,7 @@ def test_stream_disconnect_is_recorded(spawn: Spawn) -> None:
     assert resp.readline().startswith(b"data: ")
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    deadline = time.monotonic() + 5
-    while True:
-        kinds = [e["event"] for e in json.loads(get(port, "/_responder/events")[1])]
-        if "client_disconnected" in kinds:
-            break
-        assert time.monotonic() < deadline, kinds
-        time.sleep(0.05)
+    assert wait_for_event(port, "client_disconnected")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0
@@ -269,3 +273,74 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def stream_until_eof(port: int, payload: dict[str, Any]) -> tuple[bytes, bool]:
+    """POST a streaming payload; (the de-chunked body, whether the chunked body ended properly)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"stream": True, **payload}))
+        resp = conn.getresponse()
+        try:
+            return resp.read(), True
+        except http.client.IncompleteRead as cut:
+            return cut.partial, False
+    finally:
+        conn.close()
+
+
+def test_crash_after_sends_whole_events_then_dies(spawn: Spawn) -> None:
+    proc, port = spawn("--name", "c")
+    body, finished = stream_until_eof(port, {"responder_crash_after": 3, "responder_delay": 0})
+    assert not finished, "a crash must not end the chunked body"
+    events = body.split(b"\n\n")
+    assert events[-1] == b"" and len(events) == 4, body
+    assert [json.loads(e[len(b"data: "):])["choices"][0]["delta"]["content"] for e in events[:3]] == [
+        "tok0 ", "tok1 ", "tok2 "]
+    assert proc.wait(timeout=5) == 1
+    assert "crashing mid-stream after 3 events (simulated)" in proc.communicate()[0]
+
+
+def test_crash_partial_leaves_half_an_event(spawn: Spawn) -> None:
+    proc, port = spawn()
+    body, finished = stream_until_eof(port, {"responder_crash_after": 2, "responder_crash_partial": True})
+    assert not finished
+    assert body.count(b"\n\n") == 2
+    assert body.endswith(b'\n\ndata: {"choi'), body[-40:]
+    assert proc.wait(timeout=5) == 1
+
+
+def test_bytes_stream_sends_filler_events_and_counts_them(spawn: Spawn) -> None:
+    _proc, port = spawn()
+    body, finished = stream_until_eof(port, {"responder_bytes": 1024**2})
+    assert finished
+    events = body.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    assert len(events) == 64 + 2  # 1 MiB is 64 events of 16 KiB
+    assert {len(e) + 2 for e in events[:-2]} == {16 * 1024}
+    assert json.loads(events[0][len(b"data: "):])["filler"].strip("x") == ""
+    info = json.loads(get(port, "/_responder/info")[1])
+    assert info["streamed_bytes"] == 1024**2
+
+
+def test_bytes_stream_waits_for_a_reader_that_stops(spawn: Spawn) -> None:
+    _proc, port = spawn()
+    total = 256 * 1024**2
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        body = json.dumps({"stream": True, "responder_bytes": total}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+        def streamed() -> int:
+            return json.loads(get(port, "/_responder/info")[1])["streamed_bytes"]
+
+        # Nobody reads: once the socket buffers are full, write() must stop returning.
+        previous, deadline = -1, time.monotonic() + 10
+        while (current := streamed()) != previous:
+            assert time.monotonic() < deadline, f"still streaming: {current} bytes"
+            previous = current
+            time.sleep(0.5)
+        assert 0 < current < 32 * 1024**2, current
+    # Closed with unread data: a reset that reaches the writer while it waits in write().
+    assert wait_for_event(port, "client_disconnected")
