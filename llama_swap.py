@@ -1708,6 +1708,10 @@ class GroupRecord:
         if not self.path:
             return
         with contextlib.suppress(OSError):  # a read-only home loses the record, not a model
+            if not self.groups:  # nothing of ours runs: no file left behind for this port
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                return
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path + ".tmp", "w") as f:
                 json.dump(self.groups, f)
@@ -2926,7 +2930,7 @@ def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
 # 8. In-flight requests #######################################################
 ###############################################################################
 
-EXCHANGE = "llama_swap.exchange"  # the request's Exchange, where the relay reports what it sent
+EXCHANGE = web.RequestKey("exchange", "Exchange")  # where the relay reports what it sent
 COPY_LIMIT = 64 * 1024 * 1024
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 
@@ -3162,7 +3166,7 @@ def unsent_default_headers(request: web.BaseRequest) -> list[str]:
     return [h for h in ("User-Agent", "Accept-Encoding", "Accept", "Content-Type") if h not in request.headers]
 
 
-STREAMING = "llama_swap.streaming"  # the request's CountedResponse, once its headers are sent
+STREAMING = web.RequestKey("streaming", "CountedResponse")  # the answer, once its headers are sent
 
 
 class CountedResponse(web.StreamResponse):

@@ -3,6 +3,7 @@ with it, and the record of process groups lets the next start stop whatever is l
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -10,6 +11,7 @@ import aiohttp
 import pytest
 
 from conftest import LlamaSwap, chat, pid_alive, wait_until
+from llama_swap import group_record_path
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 
@@ -51,3 +53,4 @@ async def test_the_next_start_stops_what_a_killed_run_left(tmp_path, upstreams):
             assert (await chat(s, second, "m"))[0] == 200  # and the model starts again, on a free port
     finally:
         assert second.stop() == 0
+    assert not os.path.exists(group_record_path(first.port)), "a clean exit must leave no record behind"
