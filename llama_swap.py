@@ -1516,7 +1516,7 @@ class LogMonitor:
             self.listeners.discard(stream.offer)
 
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029\ud800-\udfff]")  # surrogates: undecodable bytes
 
 
 def printable(text: str) -> str:
@@ -1548,7 +1548,7 @@ class ProxyLog:
         if LEVELS[level] < self.level:
             return
         stamp = LOG_TIME_LAYOUTS[self.time_format](datetime.datetime.now().astimezone()) + " " if self.time_format else ""
-        self.proxy.write(f"{stamp}[{level.upper()}] {message}\n".encode())
+        self.proxy.write(f"{stamp}[{level.upper()}] {message}\n".encode(errors="backslashreplace"))
 
     def debug(self, message: str) -> None:
         self.log("debug", message)
@@ -1561,6 +1561,18 @@ class ProxyLog:
 
     def error(self, message: str) -> None:
         self.log("error", message)
+
+
+def malformed_reason(error: BaseException | None) -> str | None:
+    """One printable line saying how a request broke HTTP (framing, limits, a body that does not
+    decode), from aiohttp's error or the error behind it; None for any other error."""
+    while error is not None and not isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
+        error = error.__cause__ or error.__context__
+    if error is None:
+        return None
+    # aiohttp's message may quote the offending line over several lines, with a caret
+    reason = " ".join(line.strip() for line in str(error.message).splitlines() if line.strip(" ^"))
+    return printable(f"{error.code} {reason}")
 
 
 class ProtocolLog(logging.Handler):
@@ -1581,13 +1593,11 @@ class ProtocolLog(logging.Handler):
         return logger
 
     def emit(self, record: logging.LogRecord) -> None:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
+        reason = malformed_reason(record.exc_info[1]) if record.exc_info else None
+        if reason is not None:
             level = "debug" if record.levelno <= logging.DEBUG else "warn"
             client = printable(str(record.args[0])) if record.args else "a client"
-            # aiohttp's message may quote the offending line over several lines, with a caret
-            reason = " ".join(line.strip() for line in str(error.message).splitlines() if line.strip(" ^"))
-            self.proxy_log.log(level, f"refused a malformed request from {client}: {error.code} {printable(reason)}")
+            self.proxy_log.log(level, f"refused a malformed request from {client}: {reason}")
         elif record.levelno > logging.DEBUG:
             trace = "\n" + logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
             self.proxy_log.error(printable(record.getMessage()) + trace)
@@ -2670,7 +2680,7 @@ def json_member_span(text: str, key: str) -> tuple[int, int] | None:
                 value_start = _JSON_WS.match(text, colon + 1).end()
                 try:
                     return value_start, _JSON_DECODER.raw_decode(text, value_start)[1]
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested thousands deep
                     return None
     return None
 
@@ -2865,7 +2875,9 @@ def multipart_field_span(body: bytes, content_type: str, name: str) -> tuple[int
     boundary = content_type_param(content_type, "boundary")
     if not boundary:
         return None
-    delimiter = b"--" + boundary.encode("latin-1")
+    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")  # the header's very bytes
+    if not (body.startswith(delimiter + b"--") or b"\r\n" + delimiter + b"--" in body):
+        return None  # a form cut short: the original's form parser refuses it, so no model
     pos = body.find(delimiter)
     while pos != -1:
         start = pos + len(delimiter)
@@ -2883,10 +2895,14 @@ def multipart_field_span(body: bytes, content_type: str, name: str) -> tuple[int
 
 
 def content_type_param(content_type: str, param: str) -> str:
+    """A parameter of a Content-Type; "" if missing or badly quoted."""
     for part in content_type.split(";")[1:]:
         key, _, value = part.strip().partition("=")
         if key.strip().lower() == param:
-            return value.strip().strip('"')
+            value = value.strip()
+            if value.startswith('"') != (len(value) > 1 and value.endswith('"')):
+                return ""
+            return value.strip('"')
     return ""
 
 
@@ -2949,11 +2965,13 @@ def canonical_header(name: str) -> str:
 
 def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
     """The first value of each header under its canonical name; credentials never shown. Host
-    is not a header to Go, which keeps it apart."""
+    is not a header to Go, which keeps it apart. Bytes that are not UTF-8 show as U+FFFD, as
+    Go's JSON encoder shows them."""
     snapshot: dict[str, str] = {}
     for key, value in headers.items():
         if key.lower() != "host":
-            snapshot.setdefault(canonical_header(key), "[REDACTED]" if key.lower() in SENSITIVE_HEADERS else value)
+            text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            snapshot.setdefault(canonical_header(key), "[REDACTED]" if key.lower() in SENSITIVE_HEADERS else text)
     return snapshot
 
 
@@ -5424,19 +5442,19 @@ class Server:
             web.get("/", self.root), web.get("/health", self.health), web.get("/wol-health", self.health),
             web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
             web.get("/running", self.running), web.get("/unload", self.unload_all_text),
-            web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:.+}", self.unload_one),
-            web.post("/api/models/load/{model:.+}", self.load_one),
-            web.get("/ui", self.ui_index), web.get("/ui/{path:.*}", self.ui), web.get("/favicon.ico", self.favicon),
+            web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:[\\s\\S]+}", self.unload_one),
+            web.post("/api/models/load/{model:[\\s\\S]+}", self.load_one),
+            web.get("/ui", self.ui_index), web.get("/ui/{path:[\\s\\S]*}", self.ui), web.get("/favicon.ico", self.favicon),
             web.get("/api/version", self.version), web.get("/api/inflight", self.list_inflight),
             web.get("/logs", self.logs), web.get("/logs/stream", self.log_stream), web.get("/metrics", self.prometheus),
             web.get("/api/performance", self.performance_samples), web.get("/api/hardware", self.hardware_info),
-            web.get("/logs/stream/{id:.+}", self.log_stream), web.get("/api/events", self.events_stream),
+            web.get("/logs/stream/{id:[\\s\\S]+}", self.log_stream), web.get("/api/events", self.events_stream),
             web.get("/api/metrics/activity", self.activity_rows), web.get("/api/metrics/stats", self.activity_stats),
             web.get("/api/captures/{id}", self.capture),
             web.post("/api/inflight/{id}/cancel", self.cancel_inflight),
             web.get("/api/profiles", self.list_profiles), web.put("/api/profiles/active", self.set_profile), web.post("/api/config/reload", self.reload_config),
-            web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:.*}", self.upstream),
-            web.route("*", "/comfyui", self.comfyui), web.route("*", "/comfyui/{tail:.*}", self.comfyui),
+            web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:[\\s\\S]*}", self.upstream),
+            web.route("*", "/comfyui", self.comfyui), web.route("*", "/comfyui/{tail:[\\s\\S]*}", self.comfyui),
         ]
         app.add_routes(routes)
         app.on_shutdown.append(self._on_shutdown)
@@ -5862,6 +5880,14 @@ class Server:
             return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
+        except web.RequestPayloadError as e:  # e.g. a body that says gzip and is not
+            response = error_response(request, 400, f"cannot read the request body: {malformed_reason(e) or printable(str(e))}")
+            response.force_close()  # the rest of the body is still on the wire
+            return response
+        except ConnectionError:
+            if (response := request.get(STREAMING)) is None:
+                raise
+            return response  # the client left while we wrote to it: a disconnect, not a fault
         except web.HTTPRequestEntityTooLarge:
             limit = self.config.max_request_body_mb
             return error_response(request, 413, f"request body too large: the limit is {limit} MB (maxRequestBodyMB)")
