@@ -1868,6 +1868,57 @@ class Run:
         await self.session.close()
 
 
+LOAD_HISTORY = 10  # load durations kept per model, for its ETA
+
+
+class LoadProgress:
+    """How far a model server's load has got (0..1), from what it prints, where it says so:
+    llama.cpp's progress dots (a line of them after `load_tensors`, one per percent), the state
+    lines llama-server prints as a router's child, and `NN%` on a line about loading (vLLM's
+    checkpoint shards, downloads). None until one of them is seen."""
+
+    MARKERS = (b"load_tensors", b"llama_model_load")  # llm_load_tensors too
+    PERCENT = re.compile(rb"(?i)(?:load|shard)\D*?(\d{1,3}(?:\.\d+)?)\s?%")
+    CHILD_STATE = b"cmd_child_to_router:state:"
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self._armed = False  # a loader line was seen: a line of dots now counts
+        self._line = b""  # the line being printed, up to 4 KiB
+
+    def feed(self, chunk: bytes) -> None:
+        *done, self._line = re.split(rb"[\r\n]", self._line + chunk)
+        for line in done:
+            self._read(line, complete=True)
+        self._line = self._line[-4096:]
+        self._read(self._line, complete=False)
+
+    def _read(self, line: bytes, complete: bool) -> None:
+        if self._armed and line and not line.strip(b"."):
+            self._set(len(line) / 100)
+        elif any(marker in line for marker in self.MARKERS):
+            self._armed = True
+        elif complete and line.startswith(self.CHILD_STATE):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                self._set(float(json.loads(line[len(self.CHILD_STATE):])["payload"]["value"]))
+        elif complete and (match := self.PERCENT.search(line)):
+            self._set(float(match.group(1)) / 100)
+
+    def _set(self, value: float) -> None:
+        self.value = min(max(value, 0.0), 1.0)
+
+
+def load_eta(elapsed: float, progress: float | None, past: Sequence[float]) -> float | None:
+    """Seconds a load has left: from its own progress once it says enough, else from how long
+    its past loads took (their median). None when nothing is known or it runs late."""
+    if progress is not None and progress >= 0.05:
+        return elapsed * (1 - progress) / progress
+    if past:
+        left = sorted(past)[len(past) // 2] - elapsed
+        return left if left > 0 else None
+    return None
+
+
 class ModelProcess:
     """One model's upstream server and its lifecycle: stopped -> starting -> ready -> stopping.
 
@@ -1892,6 +1943,20 @@ class ModelProcess:
         self._loading: asyncio.Task | None = None  # spawn and health check: what an abort cancels
         self._stopping: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self.load_began = 0.0  # monotonic time of the current start
+        self.load_progress = LoadProgress()
+        self.load_times: collections.deque[float] = collections.deque(maxlen=LOAD_HISTORY)  # seconds, past starts
+
+    def load_status(self) -> dict[str, Any] | None:
+        """While starting: seconds so far, progress (0..1, where the server prints it) and the
+        seconds it probably has left (§ load progress); None otherwise."""
+        if self.state != STARTING:
+            return None
+        elapsed = time.monotonic() - self.load_began
+        progress = self.load_progress.value
+        eta = load_eta(elapsed, progress, self.load_times)
+        return {"elapsed_s": round(elapsed, 1), "progress": None if progress is None else round(progress, 3),
+                "eta_s": None if eta is None else round(eta, 1)}
 
     @property
     def upstream(self) -> Upstream | None:
@@ -1912,6 +1977,7 @@ class ModelProcess:
             await asyncio.shield(self._stopping)
         if self.state == STOPPED:
             self.stop_reason = ""
+            self.load_began, self.load_progress = time.monotonic(), LoadProgress()
             self._loading = asyncio.create_task(self._load())
             self._starting = asyncio.create_task(self._run_start(self._loading))
             self._set_state(STARTING)
@@ -1955,6 +2021,7 @@ class ModelProcess:
         except Exception as e:  # whatever went wrong, the client is told and nothing is left behind
             error = StartError(f"{type(e).__name__}: {e}")
         else:
+            self.load_times.append(time.monotonic() - self.load_began)
             self._set_state(READY)
             return
         await self._terminate(ABORTED_START_GRACE)
@@ -2015,6 +2082,8 @@ class ModelProcess:
     async def _read_output(self, reader: asyncio.StreamReader) -> None:
         while chunk := await reader.read(65536):
             self.output.write(chunk)
+            if self.state == STARTING:
+                self.load_progress.feed(chunk)
             self._wake.set()
 
     async def _watch_exit(self, run: Run) -> None:
@@ -4977,7 +5046,7 @@ def capability_fields(caps: Capabilities) -> dict[str, Any]:
 RENDERED_CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
 
 
-def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], loaded: bool, created: int) -> dict[str, Any]:
+def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], status: dict[str, Any], created: int) -> dict[str, Any]:
     """One /v1/models entry for a local model or one of its aliases."""
     record: dict[str, Any] = {"id": record_id, "object": "model", "created": created, "owned_by": "llama-swap"}
     if model.name.strip():
@@ -4994,25 +5063,35 @@ def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], l
     if caps.context > 0:
         meta["n_ctx"] = caps.context
     record["meta"] = meta
-    record["status"] = {"value": "loaded" if loaded else "unloaded"}
+    record["status"] = status
     return record
 
 
-def model_records(config: Config, states: Mapping[str, str], created: int, profile: Profile | None = None) -> list[dict[str, Any]]:
+def model_status(state: str, loading: dict[str, Any] | None) -> dict[str, Any]:
+    """A /v1/models `status`: loaded or unloaded as the original says, and our `loading` with
+    its progress and ETA while the server starts."""
+    if loading is not None:
+        return {"value": "loading", **loading}
+    return {"value": "loaded" if state in (STARTING, READY, STOPPING) else "unloaded"}
+
+
+def model_records(config: Config, states: Mapping[str, str], created: int, profile: Profile | None = None,
+                  loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every /v1/models entry: listed models, their aliases if asked for, peers, selectors and the
-    active profile's pins; by ID."""
+    active profile's pins; by ID. `loading`: the load status of models starting."""
+    loading = loading or {}
     records = []
     for model_id, model in config.models.items():
         if model.unlisted:
             continue
-        loaded = states[model_id] in (STARTING, READY, STOPPING)
+        status = model_status(states[model_id], loading.get(model_id))
         internal: dict[str, Any] = {"type": "model"}
         if model.aliases:
             internal["aliases"] = model.aliases
-        records.append(model_record(model_id, model, internal, loaded, created))
+        records.append(model_record(model_id, model, internal, status, created))
         if config.include_aliases_in_list:
             for alias in (a for a in model.aliases if a.strip()):
-                records.append(model_record(alias, model, {"type": "alias", "modelID": model_id}, loaded, created))
+                records.append(model_record(alias, model, {"type": "alias", "modelID": model_id}, status, created))
     for peer in config.peers.values():
         for model in peer.models:
             records.append({"id": f"{peer.id}/{model}", "object": "model", "created": created, "owned_by": "llama-swap",
@@ -5030,8 +5109,11 @@ def model_records(config: Config, states: Mapping[str, str], created: int, profi
     return sorted(records, key=lambda r: r["id"].encode())
 
 
-def model_statuses(config: Config, states: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The modelStatus event (§5.4): local models by ID, then every peer model."""
+def model_statuses(config: Config, states: Mapping[str, str],
+                   loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The modelStatus event (§5.4): local models by ID, then every peer model. A model starting
+    also has our `loading` (elapsed_s, progress, eta_s)."""
+    loading = loading or {}
     statuses = []
     for model_id in sorted(config.models, key=str.encode):
         model = config.models[model_id]
@@ -5041,6 +5123,8 @@ def model_statuses(config: Config, states: Mapping[str, str]) -> list[dict[str, 
             status["aliases"] = model.aliases
         rendered = capability_fields(model.capabilities)
         status.update({k: rendered[k] for k in ("capabilities", "context_length") if k in rendered})
+        if model_id in loading:
+            status["loading"] = loading[model_id]
         statuses.append(status)
     for peer in config.peers.values():
         statuses += [{"id": f"{peer.id}/{m}", "name": "", "description": "", "state": "", "unlisted": False,
@@ -5184,9 +5268,11 @@ class LoadingStream:
         "Still faster than downloading it again", "Lining up the attention heads", "Untangling the KV cache",
     )
 
-    def __init__(self, request: web.Request, model: str, position: Callable[[], int]):
+    def __init__(self, request: web.Request, model: str, position: Callable[[], int],
+                 status: Callable[[], dict[str, Any] | None]):
         self.request = request
         self.position = position
+        self.status = status  # the model's load status: progress and ETA, once it starts
         self.began = time.monotonic()
         self.response = CountedResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -5220,11 +5306,21 @@ class LoadingStream:
             if position and position != shown:
                 self.pending += f"\nQueue position: #{position} "
             elif now >= next_remark:
-                self.pending += f"\n{random.choice(self.REMARKS)} "
+                self.pending += f"\n{self._remark()} "
                 next_remark = now + random.uniform(5, 9)
             else:
                 self.pending += "."
             shown = position
+
+    def _remark(self) -> str:
+        """How far the load has got when that is known (`Loading 43%, about 12 s left`), else a
+        remark of ours."""
+        status = self.status() or {}
+        progress, eta = status.get("progress"), status.get("eta_s")
+        if progress is None and eta is None:
+            return random.choice(self.REMARKS)
+        text = "Loading" + (f" {progress:.0%}" if progress is not None else "")
+        return text + (f", about {math.ceil(eta)} s left" if eta is not None else "")
 
     async def stop(self) -> None:
         """No more ticks; the text not typed yet goes out at once."""
@@ -5315,6 +5411,7 @@ class Server:
         for source in ("proxy", "upstream"):
             getattr(log, source).listeners.add(functools.partial(self._publish_log, source))
         self.preloading: asyncio.Task | None = None
+        self.load_ticker: asyncio.Task | None = None
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
 
     def start(self) -> None:
@@ -5421,10 +5518,25 @@ class Server:
         self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
         self.scheduler.pump()
         self._publish_statuses()
+        if process.state == STARTING and (self.load_ticker is None or self.load_ticker.done()):
+            self.load_ticker = asyncio.create_task(self._tick_loads())
+
+    def states(self) -> dict[str, str]:
+        return {m: p.state for m, p in self.processes.items()}
+
+    def loading(self) -> dict[str, dict[str, Any]]:
+        """The load status (elapsed, progress, ETA) of every model starting now."""
+        return {m: status for m, p in self.processes.items() if (status := p.load_status()) is not None}
+
+    async def _tick_loads(self) -> None:
+        """Once a second while a model starts: its progress and ETA to /api/events watchers."""
+        while any(p.state == STARTING for p in self.processes.values()):
+            await asyncio.sleep(1.0)
+            self._publish_statuses()
 
     def _publish_statuses(self) -> None:
         if self.events.streams:
-            self.events.publish("modelStatus", model_statuses(self.config, {m: p.state for m, p in self.processes.items()}))
+            self.events.publish("modelStatus", model_statuses(self.config, self.states(), self.loading()))
 
     def _activity_recorded(self, row_id: int, model: str, tokens: Tokens) -> None:
         self.metrics.add_tokens(model, tokens)
@@ -5500,7 +5612,8 @@ class Server:
         stream at once that tells what happens while the model loads, then the answer itself."""
         with self.scheduler.admitted(model):
             ticket = self.scheduler.ticket(model)
-            loading = LoadingStream(request, model, lambda: self.scheduler.position(ticket))
+            loading = LoadingStream(request, model, lambda: self.scheduler.position(ticket),
+                                    lambda: self.processes[model].load_status() if model in self.processes else None)
             response = await loading.open()
             request[EXCHANGE].responding(response)
             try:
@@ -5627,9 +5740,8 @@ class Server:
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The OpenAI model list, with each model's loaded status (§5.1)."""
-        states = {m: p.state for m, p in self.processes.items()}
         profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
-        records = model_records(self.config, states, int(time.time()), profile)
+        records = model_records(self.config, self.states(), int(time.time()), profile, self.loading())
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
         return json_response({"object": "list", "data": records}, headers=headers)
 
@@ -5813,7 +5925,7 @@ class Server:
         first = [
             sse_event("logData", {"source": "proxy", "data": self.log.proxy.history.history().decode("utf-8", "replace")}),
             sse_event("logData", {"source": "upstream", "data": self.log.upstream.history.history().decode("utf-8", "replace")}),
-            sse_event("modelStatus", model_statuses(self.config, {m: p.state for m, p in self.processes.items()})),
+            sse_event("modelStatus", model_statuses(self.config, self.states(), self.loading())),
             sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
             sse_event("profileChanged", {"active": self.virtual.active}),
             sse_event("inflight", self.inflight.snapshot()),
@@ -5973,7 +6085,7 @@ class Server:
                 self.log.info(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        tasks = [task for task in (self.preloading, self.monitoring, self.hardware) if task]
+        tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker) if task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # the GPU source is closed on the way out
