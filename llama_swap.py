@@ -210,6 +210,8 @@ class Routing:
     groups: list[Group] = field(default_factory=list)
     matrix: Matrix | None = None
     priority: dict[str, int] = field(default_factory=dict)
+    max_wait: float = 10.0  # seconds a request may be kept waiting while loaded models serve others
+    min_residency: float = 0.0  # seconds a model just loaded is not swapped out (within max_wait)
 
 
 @dataclass
@@ -996,7 +998,13 @@ def read_routing(top: ConfigReader, config: Config) -> Routing:
     scheduler = routing_node.mapping("scheduler")
     if scheduler.string("use", "fifo") != "fifo":
         raise scheduler.error("use", f'unknown scheduler "{scheduler.string("use")}" (valid: fifo)')
-    priorities = scheduler.mapping("settings").mapping("fifo").mapping("priority")
+    fifo = scheduler.mapping("settings").mapping("fifo")
+    for key in ("maxWaitMs", "minResidencyMs"):
+        if fifo.integer(key) < 0:
+            raise fifo.error(key, "must be >= 0")
+    routing.max_wait = fifo.integer("maxWaitMs", 10000) / 1000
+    routing.min_residency = fifo.integer("minResidencyMs", 0) / 1000
+    priorities = fifo.mapping("priority")
     for name in priorities.data:
         if config.real_model_id(name) is None:
             raise ConfigError(f'routing.scheduler.settings.fifo.priority references unknown model "{name}"')
@@ -1908,15 +1916,18 @@ class LoadProgress:
         self.value = min(max(value, 0.0), 1.0)
 
 
+def median(values: Iterable[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
+
+
 def load_eta(elapsed: float, progress: float | None, past: Sequence[float]) -> float | None:
     """Seconds a load has left: from its own progress once it says enough, else from how long
     its past loads took (their median). None when nothing is known or it runs late."""
     if progress is not None and progress >= 0.05:
         return elapsed * (1 - progress) / progress
-    if past:
-        left = sorted(past)[len(past) // 2] - elapsed
-        return left if left > 0 else None
-    return None
+    usual = median(past)
+    return usual - elapsed if usual is not None and usual > elapsed else None
 
 
 class ModelProcess:
@@ -1946,6 +1957,7 @@ class ModelProcess:
         self.load_began = 0.0  # monotonic time of the current start
         self.load_progress = LoadProgress()
         self.load_times: collections.deque[float] = collections.deque(maxlen=LOAD_HISTORY)  # seconds, past starts
+        self.ready_since = 0.0  # monotonic time it last became ready
 
     def load_status(self) -> dict[str, Any] | None:
         """While starting: seconds so far, progress (0..1, where the server prints it) and the
@@ -2021,7 +2033,8 @@ class ModelProcess:
         except Exception as e:  # whatever went wrong, the client is told and nothing is left behind
             error = StartError(f"{type(e).__name__}: {e}")
         else:
-            self.load_times.append(time.monotonic() - self.load_began)
+            self.ready_since = time.monotonic()
+            self.load_times.append(self.ready_since - self.load_began)
             self._set_state(READY)
             return
         await self._terminate(ABORTED_START_GRACE)
@@ -2318,13 +2331,23 @@ class Scheduler:
     Requests for a ready model go straight through; requests for a model being started join
     that start; anything that would stop a model still serving requests waits in the queue,
     which is re-read in order whenever something changes, so A B A B arriving cold run A A B B.
+
+    Against thrashing (agents alternating two models): a swap waits while a model it would stop
+    was loaded less than `min_residency` ago, or is in steady use (idle for less than both its
+    usual gap between requests and its swap cost, its load time), as it is likely wanted again
+    before its reload would pay off. No request is kept waiting that way past `max_wait`: a
+    request queued that long stops new requests from being given to the models it needs
+    stopped, so they drain and it gets its turn.
     """
 
     def __init__(self, processes: dict[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, log: ProxyLog,
-                 priority: Mapping[str, int] | None = None):
+                 priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0):
         self.processes = processes
         self.policy = policy
         self.priority = dict(priority or {})  # model -> fifo priority; higher is served first
+        self.max_wait, self.min_residency = max_wait, min_residency
+        self.arrivals: dict[str, collections.deque[float]] = {}  # model -> its last requests' arrival times
+        self.wake: asyncio.TimerHandle | None = None  # the pump after a held swap's wait
         self.log = log
         self.reserved: Counter[str] = Counter()  # admitted and not finished: queued, waiting or served
         self.in_flight: Counter[str] = Counter()  # being served: such a model is never stopped
@@ -2358,6 +2381,7 @@ class Scheduler:
             self.on_refuse(model)
             raise ConcurrencyLimited("Too many requests")
         self.reserved[model] += 1
+        self.arrivals.setdefault(model, collections.deque(maxlen=9)).append(time.monotonic())
         try:
             yield
         finally:
@@ -2419,6 +2443,8 @@ class Scheduler:
         if model not in self.processes:  # removed by a reload while this request was read
             ticket.future.set_exception(SchedulerError("model was removed from the config by a reload"))
             return True
+        if self._wanted_gone(model):
+            return False  # an older request has waited max_wait for this model to stop
         if model in self.swaps and not self.swaps[model].abandoned:
             self.swaps[model].waiters.append(ticket)
             return True
@@ -2433,12 +2459,54 @@ class Scheduler:
             return False
         if any(self.in_flight[m] for m in evict):
             return False  # never stop a model that is still serving
+        if hold := self._hold(ticket, evict):
+            self._pump_in(hold)
+            return False
         swap = Swap(model, evict, [ticket])
         self.swaps[model] = swap
         if explanation := self.policy.explain(model, self.running()):
             self.log.info(explanation)
         swap.task = asyncio.create_task(self._run_swap(swap))
         return True
+
+    def _wanted_gone(self, model: str) -> bool:
+        """Whether a request queued for max_wait or longer (ahead of this one) needs `model`
+        stopped: from then on `model` takes no new requests, so it drains."""
+        now, running = time.monotonic(), self.running()
+        return any(t.model != model and t.waiting() and now - t.since >= self.max_wait
+                   and model in self.policy.evictions(t.model, running) for t in self.queue)
+
+    def _hold(self, ticket: Ticket, evict: frozenset[str]) -> float:
+        """Seconds the swap for `ticket` should still wait before stopping `evict`; 0 for none."""
+        now = time.monotonic()
+        until = now
+        for model in evict:
+            process = self.processes[model]
+            if process.state != READY:
+                continue
+            until = max(until, process.ready_since + self.min_residency)
+            gap, cost = self.usual_gap(model), median(process.load_times)
+            if gap is not None and cost is not None:
+                until = max(until, self.last_use.get(model, 0.0) + min(gap, cost))
+        return max(0.0, min(until, ticket.since + self.max_wait) - now)
+
+    def usual_gap(self, model: str) -> float | None:
+        """The median time between the model's recent requests; None before its third."""
+        arrivals = list(self.arrivals.get(model, ()))
+        return median(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) >= 3 else None
+
+    def _pump_in(self, delay: float) -> None:
+        """Re-read the queue in `delay` seconds, when a held swap's wait is over (the earliest
+        of such moments wins)."""
+        loop = asyncio.get_running_loop()
+        if self.wake is None or loop.time() + delay < self.wake.when():
+            if self.wake:
+                self.wake.cancel()
+            self.wake = loop.call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self.wake = None
+        self.pump()
 
     def _grant(self, ticket: Ticket) -> None:
         self.in_flight[ticket.model] += 1
@@ -2600,6 +2668,8 @@ class Scheduler:
         """Refuse new requests and fail every waiting one: the server is shutting down."""
         if self.ttl_task:
             self.ttl_task.cancel()
+        if self.wake:
+            self.wake.cancel()
         self.closed_reason = f"{self.policy.name} is shutting down"
         self._fail_waiting(self.closed_reason, self.processes)
 
@@ -5396,7 +5466,8 @@ class Server:
         self.source = source
         self.groups = groups or GroupRecord(None)
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
-        self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority)
+        self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority,
+                                   config.routing.max_wait, config.routing.min_residency)
         self.metrics = Metrics()
         self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
         self.activity = Activity(config, log, self._activity_recorded)
@@ -5504,6 +5575,7 @@ class Server:
         if (new.performance_disabled, new.performance_every) != (old.performance_disabled, old.performance_every):
             self._monitor(new)
         self.scheduler.priority = dict(new.routing.priority)
+        self.scheduler.max_wait, self.scheduler.min_residency = new.routing.max_wait, new.routing.min_residency
         self.scheduler.retire(retire)
         self._preload()
         for warning in new.warnings:

@@ -201,6 +201,8 @@ class FakeProcess:
         self.events = events
         self.on_change = on_change
         self.state = STOPPED
+        self.load_times: list[float] = []  # what the scheduler weighs a swap by
+        self.ready_since = 0.0
         self.fail_next_start = ""
         self.start_gate = asyncio.Event()
         self.start_gate.set()
@@ -220,6 +222,7 @@ class FakeProcess:
             message, self.fail_next_start = self.fail_next_start, ""
             self._set(STOPPED)
             raise StartError(message)
+        self.ready_since = time.monotonic()
         self._set(READY)
 
     async def stop(self, timeout: float, reason: str = "") -> None:
@@ -234,11 +237,11 @@ def one_at_a_time(names) -> GroupPolicy:
     return GroupPolicy([Group(DEFAULT_GROUP, frozenset(names))])
 
 
-def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100):
+def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100, **settings):
     events: list[str] = []
     holder: dict[str, Scheduler] = {}
     processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit) for n in names}
-    scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority)
+    scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority, **settings)
     holder["s"] = scheduler
     return scheduler, processes, events
 

@@ -144,3 +144,83 @@ def test_group_rules_for_swap_exclusive_and_persistent():
     assert policy.evictions("l1", {"l2", "e1", "p"}) == {"l2", "e1"}  # persistent groups stay
     assert policy.evictions("e1", {"e2", "l1", "p"}) == set()  # non-exclusive, no swap: nothing stops
     assert policy.evictions("p", {"l1", "e1"}) == {"l1", "e1"}
+
+
+# -- against thrashing: holds for models in steady use, a bound on every wait ---------------------
+
+
+async def steady_use(scheduler: Scheduler, processes, model: str, load_time: float = 5.0) -> None:
+    """`model` loaded (as if that took `load_time`) and asked for every ~30 ms three times."""
+    processes[model].load_times = [load_time]
+    for _ in range(3):
+        await serve(scheduler, model, [], hold=0.0)
+        await asyncio.sleep(0.03)
+
+
+async def test_a_swap_waits_while_the_loaded_model_is_in_steady_use_and_it_keeps_serving():
+    scheduler, processes, events = make_scheduler("a", "b")
+    await steady_use(scheduler, processes, "a")
+    served: list[str] = []
+    b = asyncio.create_task(serve(scheduler, "b", served))
+    await asyncio.sleep(0.01)
+    await serve(scheduler, "a", served)  # the agent's next call to a: no swap in between
+    await b
+    assert served == ["a", "b"]
+    assert events == ["start a", "stop a", "start b"]
+
+
+async def test_a_model_used_once_is_swapped_out_at_once():
+    scheduler, processes, events = make_scheduler("a", "b")
+    processes["a"].load_times = [5.0]
+    await serve(scheduler, "a", [])
+    began = asyncio.get_running_loop().time()
+    await serve(scheduler, "b", [])
+    assert asyncio.get_running_loop().time() - began < 0.5  # no usual gap known: nothing to wait for
+    assert events == ["start a", "stop a", "start b"]
+
+
+async def test_a_hold_ends_after_the_usual_gap_without_a_new_request():
+    scheduler, processes, events = make_scheduler("a", "b")
+    await steady_use(scheduler, processes, "a")
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(serve(scheduler, "b", []), 2)  # the pump after the hold ends it
+    waited = asyncio.get_running_loop().time() - began
+    assert 0.0 < waited < 1.0 and events[-2:] == ["stop a", "start b"]
+
+
+async def test_a_request_queued_max_wait_stops_the_ready_model_from_taking_new_ones():
+    scheduler, processes, events = make_scheduler("a", "b", max_wait=0.2)
+    long_a = asyncio.create_task(serve(scheduler, "a", [], hold=0.5))
+    await asyncio.sleep(0.05)
+    served: list[str] = []
+    b = asyncio.create_task(serve(scheduler, "b", served))
+    await asyncio.sleep(0.05)
+    await serve(scheduler, "a", served)  # b has waited less than max_wait: a still takes this one
+    await asyncio.sleep(0.2)
+    late_a = asyncio.create_task(serve(scheduler, "a", served))  # b is overdue now: this one queues
+    await asyncio.gather(long_a, b, late_a)
+    assert served == ["a", "b", "a"]
+    assert events == ["start a", "stop a", "start b", "stop b", "start a"]
+
+
+async def test_max_wait_zero_is_strict_arrival_order():
+    scheduler, _, events = make_scheduler("a", "b", max_wait=0)
+    served: list[str] = []
+    tasks = []
+    for model in "abab":
+        tasks.append(asyncio.create_task(serve(scheduler, model, served)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert served == ["a", "b", "a", "b"]
+    assert events.count("start a") == 2 and events.count("start b") == 2
+
+
+async def test_min_residency_keeps_a_model_just_loaded_within_max_wait():
+    scheduler, _, events = make_scheduler("a", "b", min_residency=0.3, max_wait=5)
+    await serve(scheduler, "a", [])
+    began = asyncio.get_running_loop().time()
+    await serve(scheduler, "b", [])
+    assert asyncio.get_running_loop().time() - began >= 0.25
+    scheduler, _, events = make_scheduler("a", "b", min_residency=5, max_wait=0.2)
+    await serve(scheduler, "a", [])
+    await asyncio.wait_for(serve(scheduler, "b", []), 2)  # max_wait bounds the residency
