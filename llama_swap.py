@@ -178,6 +178,7 @@ class ModelConfig:
     filters: Filters = field(default_factory=Filters)
     timeouts: Timeouts = field(default_factory=Timeouts)
     ignore_websockets: bool = False
+    vram: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes (None: all GPUs, split evenly)
 
 
 @dataclass
@@ -212,6 +213,8 @@ class Routing:
     priority: dict[str, int] = field(default_factory=dict)
     max_wait: float = 10.0  # seconds a request may be kept waiting while loaded models serve others
     min_residency: float = 0.0  # seconds a model just loaded is not swapped out (within max_wait)
+    vram_reserve: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes kept free (None: every GPU)
+    vram_release_wait: float = 30.0  # seconds to wait for evicted models' memory to show free
 
 
 @dataclass
@@ -858,6 +861,7 @@ def read_model(model_id: str, node: ConfigReader, config: Config) -> ModelConfig
         filters=read_filters(node.mapping("filters")),
         timeouts=read_timeouts(node.mapping("timeouts"), Timeouts()),
         ignore_websockets=node.mapping("compat").boolean("ignoreWebsockets"),
+        vram=read_sizes(node, "vram"),
     )
     node.raw("healthCheckTimeout")
     if model.concurrency_limit <= 0:
@@ -881,6 +885,40 @@ def expand_keys(by_id: dict, macros: list[tuple[str, Any]], model_id: str) -> di
             raise ConfigError(f'models.{model_id}.filters.setParamsByID: keys "{first}" and "{key}" resolve to the same value')
         out[expanded] = value
     return out
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+              "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from `20GiB`, `20 GB`, `512M` (a bare K/M/G/T is binary) or a plain number; None if
+    it is none of those."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return int(value) if value >= 0 else None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        return None
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def read_sizes(node: ConfigReader, key: str) -> dict[int | None, int]:
+    """A size for every GPU (`20GiB`: None -> bytes) or per GPU index (`{0: 10GiB, 1: 8GiB}`)."""
+    value = node.raw(key)
+    if value is None:
+        return {}
+    entries = value.items() if isinstance(value, dict) else [(None, value)]
+    sizes: dict[int | None, int] = {}
+    for gpu, size in entries:
+        if gpu is not None and not (isinstance(gpu, int) and gpu >= 0):
+            raise node.error(key, f"GPU index {gpu!r} is not a number >= 0")
+        parsed = parse_size(size)
+        if parsed is None:
+            raise node.error(key, f"{size!r} is not a size (like 20GiB, 512MiB or a number of bytes)")
+        sizes[gpu] = parsed
+    return sizes
 
 
 def read_capabilities(node: ConfigReader) -> Capabilities:
@@ -993,8 +1031,15 @@ def read_routing(top: ConfigReader, config: Config) -> Routing:
         groups_node = top.mapping("groups") if legacy_groups else settings.mapping("groups")
         routing.groups = read_groups(groups_node, config)
         settings.asked.add("matrix")
+    elif use == "vram":
+        routing.router = "vram"
+        vram = settings.mapping("vram")
+        routing.vram_reserve = read_sizes(vram, "reserve")
+        routing.vram_release_wait = vram.integer("releaseWait", 30)
+        if routing.vram_release_wait < 0:
+            raise vram.error("releaseWait", "must be >= 0")
     else:
-        raise router.error("use", f'unknown router "{use}" (valid: group, matrix)')
+        raise router.error("use", f'unknown router "{use}" (valid: group, matrix, vram)')
     scheduler = routing_node.mapping("scheduler")
     if scheduler.string("use", "fifo") != "fifo":
         raise scheduler.error("use", f'unknown scheduler "{scheduler.string("use")}" (valid: fifo)')
@@ -1634,15 +1679,8 @@ def health_poll_interval(elapsed: float) -> float:
     return min(max(0.01, elapsed * 0.005), 0.25)
 
 
-def process_group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is still in the group."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    if not os.path.isdir("/proc/self"):
-        return True
-    # The group exists; on Linux, look closer, since unreaped zombies keep a group alive forever.
+def live_processes() -> Iterator[tuple[int, int]]:
+    """(pid, process group) of every live (non-zombie) process, from /proc (Linux)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -1653,9 +1691,20 @@ def process_group_alive(pgid: int) -> bool:
             continue
         # Fields after the command name (which may hold spaces): state ppid pgrp ...
         fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+        if len(fields) > 2 and fields[0] != b"Z":
+            yield int(entry), int(fields[2])
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is still in the group."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    if not os.path.isdir("/proc/self"):
+        return True
+    # The group exists; look closer, since unreaped zombies keep a group alive forever.
+    return any(group == pgid for _pid, group in live_processes())
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -1906,14 +1955,16 @@ class LoadProgress:
             self._set(len(line) / 100)
         elif any(marker in line for marker in self.MARKERS):
             self._armed = True
-        elif complete and line.startswith(self.CHILD_STATE):
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                self._set(float(json.loads(line[len(self.CHILD_STATE):])["payload"]["value"]))
-        elif complete and (match := self.PERCENT.search(line)):
+        elif line.startswith(self.CHILD_STATE):
+            if complete:  # JSON: only whole
+                with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                    self._set(float(json.loads(line[len(self.CHILD_STATE):])["payload"]["value"]))
+        elif match := self.PERCENT.search(line):  # tqdm's latest update has no line end yet
             self._set(float(match.group(1)) / 100)
 
     def _set(self, value: float) -> None:
-        self.value = min(max(value, 0.0), 1.0)
+        if math.isfinite(value):
+            self.value = min(max(value, 0.0), 1.0)
 
 
 def median(values: Iterable[float]) -> float | None:
@@ -1958,6 +2009,11 @@ class ModelProcess:
         self.load_progress = LoadProgress()
         self.load_times: collections.deque[float] = collections.deque(maxlen=LOAD_HISTORY)  # seconds, past starts
         self.ready_since = 0.0  # monotonic time it last became ready
+
+    @property
+    def group(self) -> int | None:
+        """The process group of the server while one runs."""
+        return self._run.proc.pid if self._run is not None and self.state != STOPPED else None
 
     def load_status(self) -> dict[str, Any] | None:
         """While starting: seconds so far, progress (0..1, where the server prints it) and the
@@ -2209,15 +2265,32 @@ class ModelProcess:
 # 4. Swap policy ##############################################################
 ###############################################################################
 
-class GroupPolicy:
-    """Which running models must stop so that a target may run: a pure function of plain data."""
+class SwapPolicy:
+    """Which running models must stop so that a target may run. `running` lists the models that
+    hold resources, cheapest to stop first (idle before busy, least recently used first)."""
+
+    name = ""
+
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+        raise NotImplementedError
+
+    def explain(self, target: str, running: Sequence[str]) -> str:
+        """A log line about the swap about to happen; "" for none."""
+        return ""
+
+    async def before_start(self, target: str) -> None:
+        """Once the evicted models are stopped, before the target starts."""
+
+
+class GroupPolicy(SwapPolicy):
+    """Groups (§2.12.1): a pure function of plain data."""
 
     name = "group"
 
     def __init__(self, groups: Iterable[Group]):
         self.group_of = {member: group for group in groups for member in group.members}
 
-    def evictions(self, target: str, running: Iterable[str]) -> frozenset[str]:
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
         group = self.group_of[target]
         evict = set()
         for model in running:
@@ -2228,11 +2301,8 @@ class GroupPolicy:
                 evict.add(model)
         return frozenset(evict)
 
-    def explain(self, target: str, running: Iterable[str]) -> str:
-        return ""  # the group router logs nothing per swap
 
-
-class MatrixPolicy:
+class MatrixPolicy(SwapPolicy):
     """The matrix router's rule (§2.12.2): keep the allowed set that is cheapest to reach.
 
     Every set the DSL allows that contains the target is a candidate; its cost is what it would
@@ -2256,14 +2326,14 @@ class MatrixPolicy:
                         best = (name, combo, cost)
         return best
 
-    def evictions(self, target: str, running: Iterable[str]) -> frozenset[str]:
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
         running = frozenset(running)
         if target in running:
             return frozenset()
         choice = self.choose(target, running)
         return running - choice[1] if choice else running
 
-    def explain(self, target: str, running: Iterable[str]) -> str:
+    def explain(self, target: str, running: Sequence[str]) -> str:
         """The one info line per real swap (§2.12.2)."""
         running = frozenset(running) - {target}
         if not running:
@@ -2278,9 +2348,286 @@ class MatrixPolicy:
                 f"evict=[{' '.join(sorted(running - combo))}] target=[{' '.join(sorted(combo))}] cost={cost}")
 
 
-def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
+# -- the vram router: models load while they fit --------------------------------
+
+@dataclass(frozen=True)
+class GpuMemory:
+    index: int
+    total: int  # bytes
+    used: int  # bytes, by anyone
+
+
+class VramSource(Protocol):
+    """Where the vram router reads GPU memory. Calls may block on the driver: make them in a
+    worker thread."""
+
+    def devices(self) -> list[GpuMemory]: ...
+
+    def usage(self) -> dict[int, dict[int, int]]: ...  # pid -> GPU index -> bytes
+
+    def close(self) -> None: ...
+
+
+def init_nvml() -> Any | None:
+    """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
+    driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
+    try:
+        import pynvml  # optional dependency, so the proxy runs on machines without it
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError):
+        return None
+    return pynvml
+
+
+def shutdown_nvml(nvml: Any) -> None:
+    with contextlib.suppress(nvml.NVMLError):
+        nvml.nvmlShutdown()
+
+
+def nvml_read(nvml: Any, query: Callable[..., Any], *args: Any, default: Any = 0) -> Any:
+    """One NVML query, or `default` where the device does not support it (NotSupported: a fan on
+    a passively cooled card) or the driver refuses; one missing value never loses the sample."""
+    try:
+        return query(*args)
+    except nvml.NVMLError:
+        return default
+
+
+class NvmlVram:
+    """GPU memory through NVML: each device's total and used memory, and the memory each
+    process holds on it (compute and graphics processes)."""
+
+    def __init__(self, nvml: Any):
+        self.nvml = nvml
+        count = nvml_read(nvml, nvml.nvmlDeviceGetCount)
+        self.handles = [(i, h) for i in range(count) if (h := nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, i, default=None))]
+
+    def devices(self) -> list[GpuMemory]:
+        memories = [(i, nvml_read(self.nvml, self.nvml.nvmlDeviceGetMemoryInfo, h, default=None)) for i, h in self.handles]
+        return [GpuMemory(i, m.total, m.used) for i, m in memories if m is not None]
+
+    def usage(self) -> dict[int, dict[int, int]]:
+        nvml, held = self.nvml, collections.defaultdict(Counter)
+        for index, handle in self.handles:
+            for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+                for process in nvml_read(nvml, query, handle, default=[]):
+                    held[process.pid][index] += process.usedGpuMemory or 0  # None where the driver hides it
+        return {pid: dict(gpus) for pid, gpus in held.items()}
+
+    def close(self) -> None:
+        shutdown_nvml(self.nvml)
+
+
+class FakeVram:
+    """GPUs described in a JSON file, for tests and for trying the router without a GPU (the
+    `LLAMA_SWAP_FAKE_VRAM` environment variable names it): `{"gpus": [{"total": bytes, "used":
+    bytes others hold}], "processes": {"<pid>": {"<gpu>": bytes, "until": unix time}}}`. A
+    process's memory counts while it lives, and after it died until `until` (a driver that is
+    slow to free it), as NVML would show it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _read(self) -> tuple[list[dict], dict[int, dict[int, int]], dict[int, dict[int, int]]]:
+        """The GPUs, the memory of live processes, and of dead ones not yet freed."""
+        try:
+            with open(self.path) as f:
+                state = json.load(f)
+            gpus, processes = list(state.get("gpus", [])), dict(state.get("processes", {}))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return [], {}, {}
+        live, lingering = {}, {}
+        alive = {pid for pid, _group in live_processes()}
+        for pid, held in processes.items():
+            gpu_bytes = {int(gpu): int(size) for gpu, size in held.items() if gpu != "until"}
+            if int(pid) in alive:
+                live[int(pid)] = gpu_bytes
+            elif held.get("until", 0) > time.time():
+                lingering[int(pid)] = gpu_bytes
+        return gpus, live, lingering
+
+    def devices(self) -> list[GpuMemory]:
+        gpus, live, lingering = self._read()
+        held = Counter()
+        for gpu_bytes in itertools.chain(live.values(), lingering.values()):
+            held.update(gpu_bytes)
+        return [GpuMemory(i, int(g.get("total", 0)), int(g.get("used", 0)) + held[i]) for i, g in enumerate(gpus)]
+
+    def usage(self) -> dict[int, dict[int, int]]:
+        return self._read()[1]
+
+    def close(self) -> None:
+        pass
+
+
+def open_vram_source() -> VramSource | None:
+    """The fake GPUs when LLAMA_SWAP_FAKE_VRAM names a file, else NVML; None without a GPU."""
+    if path := os.environ.get("LLAMA_SWAP_FAKE_VRAM"):
+        return FakeVram(path)
+    nvml = init_nvml()
+    if nvml is None:
+        return None
+    source = NvmlVram(nvml)
+    if not source.handles:
+        source.close()
+        return None
+    return source
+
+
+def spread(sizes: Mapping[int | None, int], gpus: Iterable[int]) -> dict[int, int]:
+    """Per-GPU bytes from a config size: a size for all GPUs (key None) is split evenly."""
+    gpus = list(gpus)
+    per_gpu = {gpu: size for gpu, size in sizes.items() if gpu is not None}
+    if None in sizes and gpus:
+        for gpu in gpus:
+            per_gpu[gpu] = per_gpu.get(gpu, 0) + sizes[None] // len(gpus)
+    return per_gpu
+
+
+def vram_evictions(need: Mapping[int, int] | None, running: Sequence[tuple[str, Mapping[int, int] | None]],
+                   budget: Mapping[int, int]) -> frozenset[str]:
+    """Which running models to stop so that a model needing `need` (bytes per GPU) fits every
+    GPU's budget: the first ones of `running` (cheapest to stop first) until it fits. A footprint
+    not known (None), or no GPU known, fits nowhere: then the model runs alone, as in a group."""
+    if need is None or not budget:
+        return frozenset(name for name, _ in running)
+    kept = [(name, held) for name, held in running if held is not None]
+    evict = {name for name, held in running if held is None}
+
+    def fits() -> bool:
+        return all(need.get(gpu, 0) + sum(held.get(gpu, 0) for _, held in kept) <= free for gpu, free in budget.items())
+
+    while kept and not fits():
+        evict.add(kept.pop(0)[0])
+    return frozenset(evict)
+
+
+def format_bytes(size: float) -> str:
+    return f"{size / 1024**3:.1f}GiB"
+
+
+@dataclass
+class VramReading:
+    """One look at the GPUs: devices, and what each of our running models' groups holds."""
+
+    gpus: dict[int, GpuMemory]
+    held: dict[str, dict[int, int]]  # model -> GPU -> bytes
+
+
+class VramBook:
+    """What the vram router knows: each GPU's size and what others hold of it, and each model's
+    footprint per GPU, measured from the memory its process group holds while it runs (the
+    largest seen in its latest run; kept after it stops), else its `vram` hint."""
+
+    def __init__(self, source: VramSource | None, reserve: Mapping[int | None, int], hints: Mapping[str, Mapping[int | None, int]]):
+        self.source = source
+        self.reserve = dict(reserve)
+        self.hints = dict(hints)
+        self.gpus: dict[int, GpuMemory] = {}
+        self.others: dict[int, int] = {}  # GPU -> bytes held by processes not ours
+        self.measured: dict[str, dict[int, int]] = {}
+        self.runs: dict[str, int] = {}  # model -> the process group its measurement is from
+
+    def need(self, model: str) -> dict[int, int] | None:
+        if model in self.measured:
+            return self.measured[model]
+        return spread(self.hints[model], self.gpus) if self.hints.get(model) else None
+
+    def budget(self) -> dict[int, int]:
+        """Bytes per GPU our models may hold: its size, less the reserve and what others hold."""
+        reserve = spread(self.reserve, self.gpus)
+        return {i: max(0, g.total - reserve.get(i, 0) - self.others.get(i, 0)) for i, g in self.gpus.items()}
+
+    def read(self, groups: Mapping[str, int]) -> VramReading | None:
+        """Blocking: the GPUs now and what each running model's group (model -> pgid) holds."""
+        if self.source is None:
+            return None
+        devices, usage = self.source.devices(), self.source.usage()
+        members = collections.defaultdict(list)
+        for pid, group in live_processes():
+            members[group].append(pid)
+        held = {}
+        for model, pgid in groups.items():
+            total = Counter()
+            for pid in members.get(pgid, ()):
+                total.update(usage.get(pid, {}))
+            held[model] = dict(total)
+        return VramReading({d.index: d for d in devices}, held)
+
+    def apply(self, reading: VramReading, groups: Mapping[str, int]) -> None:
+        """Take a reading in (on the event loop, so decisions never see half of one)."""
+        self.gpus = reading.gpus
+        ours = Counter()
+        for model, held in reading.held.items():
+            ours.update(held)
+            if not held:
+                continue  # nothing measurable (yet): keep what is known
+            if self.runs.get(model) != groups[model]:  # a new run: its own figures replace the old
+                self.measured[model], self.runs[model] = held, groups[model]
+            else:
+                previous = self.measured[model]
+                self.measured[model] = {g: max(b, previous.get(g, 0)) for g, b in {**previous, **held}.items()}
+        self.others = {i: max(0, g.used - ours[i]) for i, g in self.gpus.items()}
+
+    async def refresh(self, groups: Mapping[str, int]) -> None:
+        reading = await asyncio.to_thread(self.read, groups)
+        if reading is not None:
+            self.apply(reading, groups)
+
+    async def wait_free(self, need: Mapping[int, int] | None, timeout: float, groups: Callable[[], Mapping[str, int]]) -> bool:
+        """Until the GPUs show `need` free beyond the reserve (a stopped server's memory can take
+        a while to be released), at most `timeout` seconds; whether it came free."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.refresh(groups())
+            reserve = spread(self.reserve, self.gpus)
+            if all(g.total - g.used - reserve.get(i, 0) >= (need or {}).get(i, 0) for i, g in self.gpus.items()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.25)
+
+
+class VramPolicy(SwapPolicy):
+    """The vram router (ours): a model loads while it fits each GPU's budget; otherwise the
+    idle models least recently used are stopped until it does (a busy one only if that is not
+    enough, and then the scheduler waits for it to finish). Footprints are measured, not
+    guessed; a model never measured and without a `vram` hint runs alone."""
+
+    name = "vram"
+
+    def __init__(self, book: VramBook, release_wait: float, groups: Callable[[], Mapping[str, int]], log: ProxyLog):
+        self.book = book
+        self.release_wait = release_wait
+        self.groups = groups  # model -> process group of every running model
+        self.log = log
+
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+        if target in running:
+            return frozenset()
+        return vram_evictions(self.book.need(target), [(m, self.book.need(m)) for m in running], self.book.budget())
+
+    def explain(self, target: str, running: Sequence[str]) -> str:
+        need = self.book.need(target)
+        needs = " ".join(f"{gpu}:{format_bytes(size)}" for gpu, size in sorted(need.items())) if need else "unknown"
+        evict = self.evictions(target, running)
+        return f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in running if m in evict)}]"
+
+    async def before_start(self, target: str) -> None:
+        if self.book.source is None or not self.book.gpus:
+            return
+        if not await self.book.wait_free(self.book.need(target), self.release_wait, self.groups):
+            self.log.warn(f"vram: memory for {target} still not free after {go_duration(self.release_wait)}; starting it anyway")
+
+
+def swap_policy(config: Config, vram: Callable[[], VramPolicy] | None = None) -> SwapPolicy:
     if config.routing.router == "matrix":
         return MatrixPolicy(config.routing.matrix)
+    if config.routing.router == "vram" and vram is not None:
+        return vram()
     return GroupPolicy(config.routing.groups)
 
 
@@ -2340,7 +2687,7 @@ class Scheduler:
     stopped, so they drain and it gets its turn.
     """
 
-    def __init__(self, processes: dict[str, ModelProcess], policy: GroupPolicy | MatrixPolicy, log: ProxyLog,
+    def __init__(self, processes: dict[str, ModelProcess], policy: SwapPolicy, log: ProxyLog,
                  priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0):
         self.processes = processes
         self.policy = policy
@@ -2433,9 +2780,11 @@ class Scheduler:
         if swap and ticket in swap.waiters:
             swap.waiters.remove(ticket)
 
-    def running(self) -> set[str]:
-        """Models that hold or are about to hold resources: live processes and swap targets."""
-        return {m for m, p in self.processes.items() if p.state != STOPPED} | set(self.swaps)
+    def running(self) -> list[str]:
+        """Models that hold or are about to hold resources (live processes and swap targets),
+        cheapest to stop first: idle before busy, least recently used first."""
+        models = {m for m, p in self.processes.items() if p.state != STOPPED} | set(self.swaps)
+        return sorted(models, key=lambda m: (self.in_flight[m] > 0 or m in self.swaps, self.last_use.get(m, 0.0)))
 
     def _place(self, ticket: Ticket) -> bool:
         """Grant, join a swap or start one; False means it must wait in the queue."""
@@ -2528,6 +2877,8 @@ class Scheduler:
         try:
             await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
                                    for m in swap.evict))
+            if not swap.abandoned:
+                await self.policy.before_start(swap.target)
             if not swap.abandoned:
                 await self.processes[swap.target].start()
         except StartError as e:
@@ -4401,34 +4752,6 @@ class GpuProvider(Protocol):
     def close(self) -> None: ...
 
 
-def init_nvml() -> Any | None:
-    """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
-    driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
-    try:
-        import pynvml  # optional dependency, so the proxy runs on machines without it
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except (pynvml.NVMLError, OSError):
-        return None
-    return pynvml
-
-
-def shutdown_nvml(nvml: Any) -> None:
-    with contextlib.suppress(nvml.NVMLError):
-        nvml.nvmlShutdown()
-
-
-def nvml_read(nvml: Any, query: Callable[..., Any], *args: Any, default: Any = 0) -> Any:
-    """One NVML query, or `default` where the device does not support it (NotSupported: a fan on
-    a passively cooled card) or the driver refuses; one missing value never loses the sample."""
-    try:
-        return query(*args)
-    except nvml.NVMLError:
-        return default
-
-
 @dataclass(frozen=True)
 class NvmlDevice:
     index: int
@@ -4997,6 +5320,18 @@ class Metrics:
         return "".join(families)
 
 
+def vram_families(book: VramBook) -> str:
+    """The vram router's view for /metrics: each model's measured footprint, each GPU's budget."""
+    budget = book.budget()
+    return "".join([
+        metric_family("llamaswap_model_vram_bytes", "GPU memory a model's server held, as measured (largest in its latest run).",
+                      "gauge", [({"model": m, "gpu": str(g)}, size) for m in sorted(book.measured, key=str.encode)
+                                for g, size in sorted(book.measured[m].items())]),
+        metric_family("llamaswap_gpu_vram_budget_bytes", "GPU memory our models may hold: size less reserve and others' use.",
+                      "gauge", [({"gpu": str(g)}, size) for g, size in sorted(budget.items())]),
+    ])
+
+
 ###############################################################################
 # 11. HTTP ####################################################################
 ###############################################################################
@@ -5456,6 +5791,9 @@ def ui_files() -> dict[str, tuple[bytes, str]]:
     return files
 
 
+VRAM_EVERY = 2.0  # seconds between the vram router's readings of the GPUs
+
+
 class Server:
     """The HTTP face of the proxy: routes, handlers and the objects they share."""
 
@@ -5466,7 +5804,9 @@ class Server:
         self.source = source
         self.groups = groups or GroupRecord(None)
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
-        self.scheduler = Scheduler(self.processes, swap_policy(config), log, config.routing.priority,
+        self.vram_book = VramBook(None, config.routing.vram_reserve, {m: c.vram for m, c in config.models.items()})
+        self.vram_watch: asyncio.Task | None = None
+        self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
                                    config.routing.max_wait, config.routing.min_residency)
         self.metrics = Metrics()
         self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
@@ -5489,9 +5829,42 @@ class Server:
         """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
         performance monitor samples, the hardware is looked at once."""
         self.scheduler.start()
+        self._watch_gpus(self.config)
         self._preload()
         self._monitor(self.config)
         self.hardware = asyncio.ensure_future(asyncio.to_thread(hardware_snapshot, __version__))
+
+    def _policy(self, config: Config) -> SwapPolicy:
+        return swap_policy(config, lambda: VramPolicy(self.vram_book, config.routing.vram_release_wait,
+                                                      self.running_groups, self.log))
+
+    def running_groups(self) -> dict[str, int]:
+        """The process group of each model whose server runs."""
+        return {m: p.group for m, p in self.processes.items() if p.group is not None}
+
+    def _watch_gpus(self, config: Config) -> None:
+        """The vram router's eyes, on while it is the router."""
+        if config.routing.router != "vram" and self.vram_watch:
+            self.vram_watch.cancel()
+            self.vram_watch = None
+        elif config.routing.router == "vram" and self.vram_watch is None:
+            self.vram_watch = asyncio.create_task(self._read_gpus())
+
+    async def _read_gpus(self) -> None:
+        """Every VRAM_EVERY seconds: the GPUs and what our models hold of them. NVML is opened and
+        closed in worker threads, never on the event loop."""
+        book = self.vram_book
+        book.source = await asyncio.shield(asyncio.to_thread(open_vram_source))
+        if book.source is None:
+            self.log.warn("vram router: no GPU found through NVML, so every model runs alone")
+            return
+        try:
+            while True:
+                await book.refresh(self.running_groups())
+                await asyncio.sleep(VRAM_EVERY)
+        finally:
+            source, book.source = book.source, None
+            await asyncio.shield(asyncio.to_thread(source.close))
 
     def _monitor(self, config: Config) -> None:
         if self.monitoring:
@@ -5570,7 +5943,10 @@ class Server:
         self.virtual = VirtualModels(new, self.processes)  # no profile is active after a reload
         self.log.level = LEVELS[new.log_level]
         self.log.time_format = new.log_time_format
-        self.scheduler.policy = swap_policy(new)
+        self.vram_book.reserve = dict(new.routing.vram_reserve)
+        self.vram_book.hints = {m: c.vram for m, c in new.models.items()}
+        self.scheduler.policy = self._policy(new)
+        self._watch_gpus(new)
         self.activity.configure(new)
         if (new.performance_disabled, new.performance_every) != (old.performance_disabled, old.performance_every):
             self._monitor(new)
@@ -5814,8 +6190,13 @@ class Server:
         """The OpenAI model list, with each model's loaded status (§5.1)."""
         profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
         records = model_records(self.config, self.states(), int(time.time()), profile, self.loading())
+        if self.config.routing.router == "vram":  # each model's footprint: measured, else its hint
+            for record in records:
+                if record["meta"]["llamaswap"]["type"] in ("model", "alias"):
+                    need = self.vram_book.need(self.config.real_model_id(record["id"]) or "")
+                    record["meta"]["llamaswap"]["vram"] = {str(g): b for g, b in sorted((need or {}).items())}
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
-        return json_response({"object": "list", "data": records}, headers=headers)
+        return json_response({"object": "list", "data": records, **self.gpu_budgets()}, headers=headers)
 
     async def running(self, request: web.Request) -> web.Response:
         """Models whose server is starting, ready or stopping (§5.2)."""
@@ -5829,8 +6210,18 @@ class Server:
             entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
             entry.update(in_flight=self.scheduler.in_flight[model_id], ttl_remaining=self.scheduler.ttl_remaining(model_id),
                          queued=self.scheduler.reserved[model_id] - self.scheduler.in_flight[model_id])
+            if model_id in self.vram_book.measured:
+                entry["vram"] = {str(gpu): size for gpu, size in sorted(self.vram_book.measured[model_id].items())}
             running.append(entry)
-        return json_response({"running": running})
+        return json_response({"running": running, **self.gpu_budgets()})
+
+    def gpu_budgets(self) -> dict[str, Any]:
+        """With the vram router: each GPU's size, use and what our models may hold of it."""
+        if self.config.routing.router != "vram":
+            return {}
+        budget = self.vram_book.budget()
+        return {"gpus": [{"index": i, "total": g.total, "used": g.used, "budget": budget[i]}
+                         for i, g in sorted(self.vram_book.gpus.items())]}
 
     async def _unload(self, models: Iterable[str]) -> None:
         await self.scheduler.unload(list(models))
@@ -5936,7 +6327,8 @@ class Server:
         """Prometheus text (§5.14): the newest system and GPU sample, then our per-model series
         (served even with the performance monitor disabled, where the original answers 503)."""
         system = render_prometheus(*self.performance.latest()) if self.performance else ""
-        return web.Response(text=system + self.metrics.render(self.scheduler),
+        vram = vram_families(self.vram_book) if self.config.routing.router == "vram" else ""
+        return web.Response(text=system + self.metrics.render(self.scheduler) + vram,
                             headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def performance_samples(self, request: web.Request) -> web.Response:
@@ -6157,7 +6549,7 @@ class Server:
                 self.log.info(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker) if task]
+        tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker, self.vram_watch) if task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # the GPU source is closed on the way out

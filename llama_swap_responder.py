@@ -15,6 +15,15 @@ Options
 --name NAME              model name reported in replies (default "responder")
 --startup-delay S        sleep S seconds before binding the port, printing
                          "loading model..." every 0.1 s meanwhile
+--load-progress STYLE    with --startup-delay: print how far the load has got
+                         instead of "loading model...", spread evenly over the
+                         delay and flushed as it goes. "dots": llama.cpp's
+                         line "llm_load_tensors: loading model tensors", then
+                         100 dots (one per percent), then a newline.
+                         "percent": vLLM's tqdm bar, "\rLoading safetensors
+                         checkpoint shards:  43% Completed | 3/7" for shards
+                         0/7 to 7/7 (each update starts with \r), then a
+                         newline
 --healthy-after S        once listening, GET /health answers 503
                          {"status":"loading"} for S more seconds
 --health-status CODE     status of GET /health once "healthy" (default 200;
@@ -96,6 +105,7 @@ CHUNK_ID = "chatcmpl-resp"
 FILLER_EVENT_BYTES = 16 * 1024
 HALF_EVENT = b'data: {"choi'
 LOADING_TICK = 0.1
+SHARDS = 7  # checkpoint shards the "percent" load pretends to read
 SHUTDOWN_TIMEOUT = 0.5
 MAX_BODY = 1024**3
 
@@ -110,6 +120,12 @@ def say(message: str) -> None:
 
 def warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def write_now(text: str) -> None:
+    """Text that does not end a line (progress), on screen at once all the same."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def make_line_buffered() -> None:
@@ -129,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="responder")
     parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--load-progress", choices=("dots", "percent"), default=None)
     parser.add_argument("--healthy-after", type=float, default=0.0)
     parser.add_argument("--health-status", type=int, default=200)
     parser.add_argument("--health-hang", action="store_true")
@@ -587,8 +604,32 @@ async def wait_for_stop(state: State, timeout: float) -> bool:
     return True
 
 
+def load_progress_output(style: str) -> tuple[str, list[tuple[float, str]], str]:
+    """What a loader of `style` prints: a head, then (share of the load done, text) steps, then an end."""
+    if style == "dots":
+        return "llm_load_tensors: loading model tensors\n", [(k / 100, ".") for k in range(1, 101)], "\n"
+    shards = [(n / SHARDS, f"\rLoading safetensors checkpoint shards: {100 * n / SHARDS:3.0f}% Completed | {n}/{SHARDS}")
+              for n in range(SHARDS + 1)]
+    return "", shards, "\n"
+
+
+async def load_with_progress(state: State) -> bool:
+    """A slow load that says how far it has got (--load-progress); False when stopped before it finished."""
+    head, steps, end = load_progress_output(state.args.load_progress)
+    began = time.monotonic()
+    write_now(head)
+    for done, text in steps:
+        if await wait_for_stop(state, max(0.0, began + done * state.args.startup_delay - time.monotonic())):
+            return False
+        write_now(text)
+    write_now(end)
+    return not state.stop.is_set()
+
+
 async def load_model(state: State) -> bool:
     """Simulate a slow model load; False when stopped before it finished."""
+    if state.args.load_progress and state.args.startup_delay > 0:
+        return await load_with_progress(state)
     deadline = time.monotonic() + state.args.startup_delay
     while (remaining := deadline - time.monotonic()) > 0:
         say("loading model...")

@@ -327,7 +327,7 @@ ROUTING_ERRORS = [
     E(THREE + "groups: {g: {members: [a]}}\nrouting: {router: {settings: {matrix: {sets: {s: a}}}}}\n",
       [LEGACY_BOTH], id="legacy-groups-and-settings-matrix"),
     E(THREE + "groups: {g: {members: [a]}}\nmatrix: {sets: {s: a}}\n", ["config cannot use both 'groups' and 'matrix'"], id="legacy-groups-and-legacy-matrix"),
-    E(THREE + "routing: {router: {use: best}}\n", ["routing.router.use", 'unknown router "best" (valid: group, matrix)'], id="unknown-router"),
+    E(THREE + "routing: {router: {use: best}}\n", ["routing.router.use", 'unknown router "best" (valid: group, matrix, vram)'], id="unknown-router"),
     E(THREE + "routing: {scheduler: {use: lifo}}\n", ["routing.scheduler.use", 'unknown scheduler "lifo" (valid: fifo)'], id="unknown-scheduler"),
     E(THREE + "routing: {router: {use: matrix}}\n",
       ["routing.router.use is 'matrix' but routing.router.settings.matrix is not set"], id="matrix-router-without-settings"),

@@ -344,3 +344,35 @@ def test_bytes_stream_waits_for_a_reader_that_stops(spawn: Spawn) -> None:
         assert 0 < current < 32 * 1024**2, current
     # Closed with unread data: a reset that reaches the writer while it waits in write().
     assert wait_for_event(port, "client_disconnected")
+
+
+SHARD_UPDATES = "".join(f"\rLoading safetensors checkpoint shards: {percent}% Completed | {n}/7"
+                        for n, percent in enumerate(["  0", " 14", " 29", " 43", " 57", " 71", " 86", "100"]))
+
+
+@pytest.mark.parametrize("style, expected", [
+    ("dots", "llm_load_tensors: loading model tensors\n" + "." * 100 + "\n"),
+    ("percent", SHARD_UPDATES + "\n"),
+])
+def test_load_progress_is_printed_as_the_load_goes_then_it_listens(spawn: Spawn, style: str, expected: str) -> None:
+    delay = 2.0
+    proc, _port = spawn("--startup-delay", str(delay), "--load-progress", style, wait=False)
+    assert proc.stdout is not None
+    out, arrivals = "", []  # arrivals: (seconds, length of the output by then)
+    while "listening on" not in out:
+        chunk = os.read(proc.stdout.fileno(), 65536).decode()
+        assert chunk, f"the responder ended its output early: {out!r}"
+        out += chunk
+        arrivals.append((time.monotonic(), len(out)))
+    start = out.find(expected)
+    assert start >= 0, out
+    assert "loading model..." not in out
+    assert out.index("listening on") > start + len(expected)
+
+    def arrived(position: int) -> float:
+        return next(t for t, length in arrivals if length > position)
+
+    # Spread over the delay, not held back until a newline: the middle comes well apart from both ends.
+    middle = arrived(start + len(expected) // 2)
+    assert middle - arrived(start) >= delay / 4
+    assert arrived(start + len(expected) - 1) - middle >= delay / 4

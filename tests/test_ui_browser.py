@@ -173,6 +173,25 @@ async def test_load_on_the_models_page_shows_the_start_up_output_then_ready(star
         assert await model_states(s, ls) == {}
 
 
+async def test_a_starting_model_shows_how_far_its_load_has_got_and_what_is_left(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"healthCheckTimeout": 60, "models": {
+        "m": {"cmd": upstreams.cmd("--startup-delay", "6", "--load-progress", "dots", name="m")}}})
+    page = await tabs.open(ls, "/ui/models")
+    state, progress = page.get_by_test_id("model-state-m"), page.get_by_test_id("model-load-m")
+    await expect(state).to_have_text("stopped")
+    await expect(progress).to_be_hidden()
+
+    await page.get_by_test_id("load-m").click()
+    # The responder prints llama.cpp's progress dots over six seconds; the page follows them.
+    await expect(state).to_have_text("starting")
+    await expect(page.get_by_test_id("model-load-text-m")).to_have_text(re.compile(r"^loading \d+% · ~\d+ s left$"))
+    await expect(progress.get_by_role("progressbar")).to_have_attribute("aria-valuenow", re.compile(r"^[1-9]\d*$"))
+    await tabs.shot(page, "loading")
+
+    await expect(state).to_have_text("ready", timeout=MODEL_START_MS)
+    await expect(progress).to_be_hidden()
+
+
 async def test_the_models_page_fits_a_phone(start_llama_swap, upstreams, tabs):
     ls = start_llama_swap({"models": {
         "org/a-model-with-a-rather-long-name-Q4_K_M": {"cmd": upstreams.cmd(name="long"), "aliases": ["long"],

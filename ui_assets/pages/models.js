@@ -1,10 +1,13 @@
 // Models page: every model with its live state, what it is serving and when its TTL unloads
-// it; load / unload / unload all; peers, aliases, selectors and profiles; the last log lines
-// of a model while it starts; and the requests in flight, each with a cancel button.
+// it; load / unload / unload all; peers, aliases, selectors and profiles; how far a starting
+// model has got and the last lines of its output; and the requests in flight, each with a
+// cancel button.
 //
-// States come from modelStatus events. In-flight and queued counts and the TTL come from
-// GET /running, fetched again whenever states or in-flight requests change (and every few
-// seconds as a fallback); the TTL then counts down locally between fetches.
+// States come from modelStatus events; so does a starting model's `loading` (seconds so far,
+// progress 0..1 or null, ETA in seconds or null), sent again every second while it starts.
+// In-flight and queued counts and the TTL come from GET /running, fetched again whenever
+// states or in-flight requests change (and every few seconds as a fallback); the TTL then
+// counts down locally between fetches.
 
 import { getJSON, request, postJSON, on, live, modelPath, streamText, lineSplitter } from '/ui/api.js';
 import { h, replace, field, toast, fmtSeconds, fmtBytes, coalesce } from '/ui/dom.js';
@@ -80,6 +83,7 @@ export function mount(root) {
       modelBody.append(row.tr, row.tailTr);  // (re)appending keeps the server's order
       describe(row, model);
       updateRow(model.id, model.state);
+      showLoad(row, model.state === 'starting' ? model.loading : null);
       followStart(model.id, model.state);
       lastState.set(model.id, model.state);
     }
@@ -102,15 +106,19 @@ export function mount(root) {
     const load = h('button', { type: 'button', class: 'small primary', 'data-testid': `load-${id}`, onclick: () => loadModel(id) }, 'Load');
     const unload = h('button', { type: 'button', class: 'small', 'data-testid': `unload-${id}`, onclick: () => unloadModel(id) }, 'Unload');
     const logs = h('a', { href: `/ui/logs?source=${encodeURIComponent(id)}`, class: 'button small' }, 'Logs');
+    const fill = h('span', { class: 'load-fill' });
+    const bar = h('div', { class: 'load-bar', role: 'progressbar', 'aria-label': `Loading ${id}`, 'aria-valuemin': 0, 'aria-valuemax': 100 }, fill);
+    const text = h('div', { 'data-testid': `model-load-text-${id}` });
+    const progress = { box: h('div', { class: 'load-progress', 'data-testid': `model-load-${id}`, hidden: true }, bar, text), bar, fill, text };
     const tr = h('tr', { 'data-testid': `model-row-${id}` },
       h('td', { 'data-label': '' }, info),
-      h('td', { 'data-label': 'State' }, state),
+      h('td', { 'data-label': 'State' }, h('div', { class: 'state-cell' }, state, progress.box)),
       inFlight, queued, ttl,
       h('td', { 'data-label': '' }, h('div', { class: 'actions' }, load, unload, logs)));
     const tail = h('pre', { class: 'tail', 'data-testid': `model-tail-${id}`, 'aria-live': 'off' });
     const tailTr = h('tr', { class: 'tail-row', hidden: true }, h('td', { colspan: 6, 'data-label': '' },
       h('div', { class: 'muted' }, `Starting ${id}: last lines of its output`), tail));
-    return { tr, tailTr, tail, info, state, inFlight, queued, ttl, load, unload };
+    return { tr, tailTr, tail, info, state, inFlight, queued, ttl, load, unload, progress };
   }
 
   function describe(row, model) {
@@ -142,6 +150,23 @@ export function mount(root) {
     row.ttl.textContent = ttlText(entry, state);
   }
 
+  // A slim bar (sliding while the server does not say how far it is) and `loading 43% · ~12 s
+  // left`, or `loading · 8 s` (time so far) when no end is in sight; hidden unless starting.
+  function showLoad(row, loading) {
+    const { box, bar, fill, text } = row.progress;
+    box.hidden = !loading;
+    if (!loading) { fill.style.width = ''; return; }  // the next start's bar grows from nothing
+    const known = typeof loading.progress === 'number';
+    const percent = known ? Math.round(loading.progress * 100) : null;
+    const time = typeof loading.eta_s === 'number' ? `~${roughSeconds(loading.eta_s)} left` : roughSeconds(loading.elapsed_s || 0);
+    text.textContent = `loading${known ? ` ${percent}%` : ''} · ${time}`;
+    bar.classList.toggle('indeterminate', !known);
+    fill.style.width = known ? `${percent}%` : '';
+    if (known) bar.setAttribute('aria-valuenow', percent);
+    else bar.removeAttribute('aria-valuenow');
+    bar.setAttribute('aria-valuetext', text.textContent);
+  }
+
   // Seconds left before the TTL unloads the model, counted down from the last /running fetch.
   function ttlText(entry, state) {
     if (!entry || state !== 'ready') return '—';
@@ -149,6 +174,11 @@ export function mount(root) {
       return entry.ttl > 0 && entry.in_flight > 0 ? 'busy' : '—';
     }
     return fmtSeconds(entry.ttl_remaining - (Date.now() - entry.fetchedAt) / 1000);
+  }
+
+  // Whole seconds under a minute ("12 s"); longer as fmtSeconds writes it ("2m 05s").
+  function roughSeconds(seconds) {
+    return seconds < 60 ? `${Math.round(seconds)} s` : fmtSeconds(seconds);
   }
 
   function stateOf(id) {
