@@ -2680,9 +2680,9 @@ class Scheduler:
     which is re-read in order whenever something changes, so A B A B arriving cold run A A B B.
 
     Against thrashing (agents alternating two models): a swap waits while a model it would stop
-    was loaded less than `min_residency` ago, or is in steady use (idle for less than both its
-    usual gap between requests and its swap cost, its load time), as it is likely wanted again
-    before its reload would pay off. No request is kept waiting that way past `max_wait`: a
+    was loaded less than `min_residency` ago, or is in steady use: asked for more often than its
+    swap cost (its load time), and idle for less than its usual gap between requests, so it is
+    likely wanted again before a reload would pay off. No request is kept waiting that way past `max_wait`: a
     request queued that long stops new requests from being given to the models it needs
     stopped, so they drain and it gets its turn.
     """
@@ -2835,8 +2835,8 @@ class Scheduler:
                 continue
             until = max(until, process.ready_since + self.min_residency)
             gap, cost = self.usual_gap(model), median(process.load_times)
-            if gap is not None and cost is not None:
-                until = max(until, self.last_use.get(model, 0.0) + min(gap, cost))
+            if gap is not None and cost is not None and gap < cost:  # asked for more often than a reload takes
+                until = max(until, self.last_use.get(model, 0.0) + gap)
         return max(0.0, min(until, ticket.since + self.max_wait) - now)
 
     def usual_gap(self, model: str) -> float | None:

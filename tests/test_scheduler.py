@@ -225,3 +225,12 @@ async def test_min_residency_keeps_a_model_just_loaded_within_max_wait():
     scheduler, _, events = make_scheduler("a", "b", min_residency=5, max_wait=0.2)
     await serve(scheduler, "a", [])
     await asyncio.wait_for(serve(scheduler, "b", []), 2)  # max_wait bounds the residency
+
+
+async def test_a_model_asked_for_less_often_than_it_takes_to_load_is_swapped_out_at_once():
+    scheduler, processes, events = make_scheduler("a", "b")
+    await steady_use(scheduler, processes, "a", load_time=0.05)  # a reload costs less than its gap
+    began = asyncio.get_running_loop().time()
+    await serve(scheduler, "b", [])
+    assert asyncio.get_running_loop().time() - began < 0.25
+    assert events == ["start a", "stop a", "start b"]
