@@ -4210,6 +4210,8 @@ CREATE TABLE IF NOT EXISTS activity (
     error_msg TEXT,
     metadata_json TEXT
 )"""
+# Ours: what the scheduler learnt of each model (load times, measured VRAM), kept across restarts.
+FIGURES_SCHEMA = "CREATE TABLE IF NOT EXISTS model_figures (model_id TEXT PRIMARY KEY, figures_json TEXT NOT NULL)"
 INSERT_COLUMNS = ("ts_created, model_id, req_path, resp_content_type, resp_status_code, "
                   "cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens, "
                   "prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json")
@@ -4312,9 +4314,21 @@ class ActivityStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute(SCHEMA)
+        self._db.execute(FIGURES_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
+
+    def save_figures(self, model: str, figures: Mapping[str, Any]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO model_figures VALUES (?, ?)", (model, json.dumps(figures)))
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """Each model's figures as saved; a row that does not parse is skipped."""
+        found = {}
+        for model, text in self._db.execute("SELECT model_id, figures_json FROM model_figures"):
+            with contextlib.suppress(ValueError):
+                found[model] = json.loads(text)
+        return found
 
     def add(self, *, model: str, req_path: str, resp_content_type: str, resp_status_code: int,
             tokens: Tokens, duration_ms: int, error_msg: str = "",
@@ -4540,6 +4554,12 @@ class Activity:
             self.log.warn(f"activity: a request could not be recorded: {error_text(future.exception())}")
         else:
             self.on_recorded(*future.result())
+
+    def remember(self, model: str, figures: Mapping[str, Any]) -> None:
+        """Save a model's figures (load times, measured VRAM) in the store, in the worker thread."""
+        future = asyncio.get_running_loop().run_in_executor(self.worker, self.store.save_figures, model, dict(figures))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self.log.warn(
+            f"store: figures of {model} could not be saved: {error_text(f.exception())}"))
 
     async def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a store or capture lookup in the worker thread."""
@@ -5823,12 +5843,14 @@ class Server:
             getattr(log, source).listeners.add(functools.partial(self._publish_log, source))
         self.preloading: asyncio.Task | None = None
         self.load_ticker: asyncio.Task | None = None
+        self.recalling: asyncio.Task | None = None
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
 
     def start(self) -> None:
         """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
         performance monitor samples, the hardware is looked at once."""
         self.scheduler.start()
+        self.recalling = asyncio.create_task(self._recall())
         self._watch_gpus(self.config)
         self._preload()
         self._monitor(self.config)
@@ -5837,6 +5859,22 @@ class Server:
     def _policy(self, config: Config) -> SwapPolicy:
         return swap_policy(config, lambda: VramPolicy(self.vram_book, config.routing.vram_release_wait,
                                                       self.running_groups, self.log))
+
+    def figures(self, model: str) -> dict[str, Any]:
+        """What we learnt of a model, as the store keeps it."""
+        vram = self.vram_book.measured.get(model, {})
+        return {"load_times": list(self.processes[model].load_times), "vram": {str(g): b for g, b in vram.items()}}
+
+    async def _recall(self) -> None:
+        """What earlier runs learnt of each model (load times, measured VRAM), from the store."""
+        for model, figures in (await self.activity.call(self.activity.store.figures)).items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
+                load_times = [float(t) for t in figures.get("load_times", [])]
+                vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
+                if model in self.processes and not self.processes[model].load_times:
+                    self.processes[model].load_times.extend(load_times)
+                if vram:
+                    self.vram_book.measured.setdefault(model, vram)
 
     def running_groups(self) -> dict[str, int]:
         """The process group of each model whose server runs."""
@@ -5860,7 +5898,10 @@ class Server:
             return
         try:
             while True:
+                known = dict(book.measured)
                 await book.refresh(self.running_groups())
+                for model in (m for m, vram in book.measured.items() if known.get(m) != vram and m in self.processes):
+                    self.activity.remember(model, self.figures(model))
                 await asyncio.sleep(VRAM_EVERY)
         finally:
             source, book.source = book.source, None
@@ -5966,6 +6007,8 @@ class Server:
         self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
         self.scheduler.pump()
         self._publish_statuses()
+        if process.state == READY:  # one more load time to remember
+            self.activity.remember(process.model.id, self.figures(process.model.id))
         if process.state == STARTING and (self.load_ticker is None or self.load_ticker.done()):
             self.load_ticker = asyncio.create_task(self._tick_loads())
 
@@ -6549,7 +6592,8 @@ class Server:
                 self.log.info(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker, self.vram_watch) if task]
+        tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker, self.vram_watch,
+                                   self.recalling) if task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # the GPU source is closed on the way out
