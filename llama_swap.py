@@ -897,7 +897,7 @@ def parse_size(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return int(value) if value >= 0 else None
+        return int(value) if math.isfinite(value) and value >= 0 else None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in SIZE_UNITS:
         return None
@@ -912,7 +912,7 @@ def read_sizes(node: ConfigReader, key: str) -> dict[int | None, int]:
     entries = value.items() if isinstance(value, dict) else [(None, value)]
     sizes: dict[int | None, int] = {}
     for gpu, size in entries:
-        if gpu is not None and not (isinstance(gpu, int) and gpu >= 0):
+        if gpu is not None and (isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0):
             raise node.error(key, f"GPU index {gpu!r} is not a number >= 0")
         parsed = parse_size(size)
         if parsed is None:
@@ -2278,7 +2278,7 @@ class SwapPolicy:
         """A log line about the swap about to happen; "" for none."""
         return ""
 
-    async def before_start(self, target: str) -> None:
+    async def before_start(self, target: str, evicted: frozenset[str]) -> None:
         """Once the evicted models are stopped, before the target starts."""
 
 
@@ -2490,18 +2490,20 @@ def spread(sizes: Mapping[int | None, int], gpus: Iterable[int]) -> dict[int, in
 def vram_evictions(need: Mapping[int, int] | None, running: Sequence[tuple[str, Mapping[int, int] | None]],
                    budget: Mapping[int, int]) -> frozenset[str]:
     """Which running models to stop so that a model needing `need` (bytes per GPU) fits every
-    GPU's budget: the first ones of `running` (cheapest to stop first) until it fits. A footprint
-    not known (None), or no GPU known, fits nowhere: then the model runs alone, as in a group."""
-    if need is None or not budget:
+    GPU's budget: in the order of `running` (cheapest to stop first), those that hold memory on
+    a GPU still short of room, until it fits. A footprint not known (None), a GPU not there, or
+    no GPU known at all fits nowhere: then the model runs alone, as in a group."""
+    if need is None or not budget or any(size and gpu not in budget for gpu, size in need.items()):
         return frozenset(name for name, _ in running)
     kept = [(name, held) for name, held in running if held is not None]
     evict = {name for name, held in running if held is None}
-
-    def fits() -> bool:
-        return all(need.get(gpu, 0) + sum(held.get(gpu, 0) for _, held in kept) <= free for gpu, free in budget.items())
-
-    while kept and not fits():
-        evict.add(kept.pop(0)[0])
+    while short := {gpu for gpu, free in budget.items()
+                    if need.get(gpu, 0) + sum(held.get(gpu, 0) for _, held in kept) > free}:
+        helping = next((entry for entry in kept if any(entry[1].get(gpu, 0) for gpu in short)), None)
+        if helping is None:  # too big even alone: it gets the GPUs to itself and may fail to load
+            break
+        kept.remove(helping)
+        evict.add(helping[0])
     return frozenset(evict)
 
 
@@ -2517,6 +2519,9 @@ class VramReading:
     held: dict[str, dict[int, int]]  # model -> GPU -> bytes
 
 
+RELEASE_SLACK = 256 * 1024**2  # bytes others' use may drift while we wait for memory to be freed
+
+
 class VramBook:
     """What the vram router knows: each GPU's size and what others hold of it, and each model's
     footprint per GPU, measured from the memory its process group holds while it runs (the
@@ -2530,6 +2535,12 @@ class VramBook:
         self.others: dict[int, int] = {}  # GPU -> bytes held by processes not ours
         self.measured: dict[str, dict[int, int]] = {}
         self.runs: dict[str, int] = {}  # model -> the process group its measurement is from
+        self.last_stop = -math.inf  # when a server of ours last stopped (monotonic)
+        self.linger = 30.0  # seconds a stopped server's memory may take to show free
+
+    def stopped(self) -> None:
+        """A server of ours stopped: for a while, memory it leaves behind is not counted as others'."""
+        self.last_stop = time.monotonic()
 
     def need(self, model: str) -> dict[int, int] | None:
         if model in self.measured:
@@ -2570,7 +2581,10 @@ class VramBook:
             else:
                 previous = self.measured[model]
                 self.measured[model] = {g: max(b, previous.get(g, 0)) for g, b in {**previous, **held}.items()}
-        self.others = {i: max(0, g.used - ours[i]) for i, g in self.gpus.items()}
+        others = {i: max(0, g.used - ours[i]) for i, g in self.gpus.items()}
+        if time.monotonic() - self.last_stop < self.linger:  # a rise may be our stopped server's memory
+            others = {i: min(used, self.others.get(i, used)) for i, used in others.items()}
+        self.others = others
 
     async def refresh(self, groups: Mapping[str, int]) -> None:
         reading = await asyncio.to_thread(self.read, groups)
@@ -2578,13 +2592,23 @@ class VramBook:
             self.apply(reading, groups)
 
     async def wait_free(self, need: Mapping[int, int] | None, timeout: float, groups: Callable[[], Mapping[str, int]]) -> bool:
-        """Until the GPUs show `need` free beyond the reserve (a stopped server's memory can take
-        a while to be released), at most `timeout` seconds; whether it came free."""
+        """Until the GPUs show `need` free beyond the reserve, or (`need` not known) until they
+        hold no more than our running models and what others held before our last stop; at most
+        `timeout` seconds. Whether it came free."""
         deadline = time.monotonic() + timeout
         while True:
-            await self.refresh(groups())
-            reserve = spread(self.reserve, self.gpus)
-            if all(g.total - g.used - reserve.get(i, 0) >= (need or {}).get(i, 0) for i, g in self.gpus.items()):
+            reading = await asyncio.to_thread(self.read, groups())
+            if reading is None:
+                return True
+            reserve = spread(self.reserve, reading.gpus)
+            ours = Counter()
+            for held in reading.held.values():
+                ours.update(held)
+            if need is not None:
+                free = all(g.total - g.used - reserve.get(i, 0) >= need.get(i, 0) for i, g in reading.gpus.items())
+            else:
+                free = all(g.used - ours[i] <= self.others.get(i, 0) + RELEASE_SLACK for i, g in reading.gpus.items())
+            if free:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -2611,12 +2635,16 @@ class VramPolicy(SwapPolicy):
         return vram_evictions(self.book.need(target), [(m, self.book.need(m)) for m in running], self.book.budget())
 
     def explain(self, target: str, running: Sequence[str]) -> str:
+        """Called once the swap is decided, when the target counts as running: left out here."""
+        others = [m for m in running if m != target]
         need = self.book.need(target)
         needs = " ".join(f"{gpu}:{format_bytes(size)}" for gpu, size in sorted(need.items())) if need else "unknown"
-        evict = self.evictions(target, running)
-        return f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in running if m in evict)}]"
+        evict = self.evictions(target, others)
+        return f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in others if m in evict)}]"
 
-    async def before_start(self, target: str) -> None:
+    async def before_start(self, target: str, evicted: frozenset[str]) -> None:
+        """Wait until the GPUs show room for the target, or (its need not known) until the memory
+        of the models just stopped shows free: a driver can take seconds to free it."""
         if self.book.source is None or not self.book.gpus:
             return
         if not await self.book.wait_free(self.book.need(target), self.release_wait, self.groups):
@@ -2878,7 +2906,7 @@ class Scheduler:
             await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
                                    for m in swap.evict))
             if not swap.abandoned:
-                await self.policy.before_start(swap.target)
+                await self.policy.before_start(swap.target, swap.evict)
             if not swap.abandoned:
                 await self.processes[swap.target].start()
         except StartError as e:
@@ -5857,6 +5885,7 @@ class Server:
         self.hardware = asyncio.ensure_future(asyncio.to_thread(hardware_snapshot, __version__))
 
     def _policy(self, config: Config) -> SwapPolicy:
+        self.vram_book.linger = config.routing.vram_release_wait
         return swap_policy(config, lambda: VramPolicy(self.vram_book, config.routing.vram_release_wait,
                                                       self.running_groups, self.log))
 
@@ -6005,6 +6034,8 @@ class Server:
     def _state_changed(self, process: ModelProcess) -> None:
         self.log.debug(f"<{process.model.id}> state is now {process.state}")
         self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
+        if process.state in (STOPPING, STOPPED):
+            self.vram_book.stopped()
         self.scheduler.pump()
         self._publish_statuses()
         if process.state == READY:  # one more load time to remember

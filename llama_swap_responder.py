@@ -42,6 +42,22 @@ Options
 --pid-file PATH          append own pid and a newline to PATH at start
 --chunks N               default number of streamed content chunks (5)
 --chunk-delay S          default delay between streamed events (0.05)
+--fake-vram SPEC         GPU memory this server pretends to hold once it has
+                         loaded: "0:8GiB" or "0:4GiB,1:2GiB" (GPU index, size;
+                         sizes as llama-swap reads them: 8GiB, 20GB, 512M or
+                         bytes). After --startup-delay, before it listens, it
+                         enters its pid with SPEC in --fake-vram-file
+--fake-vram-file PATH    the fake GPU file llama-swap reads through
+                         LLAMA_SWAP_FAKE_VRAM ({"gpus": [...], "processes":
+                         {"<pid>": {"<gpu>": bytes, "until": unix time}}});
+                         changed read-modify-write under an exclusive flock
+                         on PATH.lock, and replaced whole, so neither another
+                         responder nor llama-swap sees half of it
+--fake-vram-release S    on exit (SIGTERM, SIGINT, --exit-after) set the
+                         entry's "until" to now + S: a driver slow to free
+                         the memory (default 0: free at once). A crash
+                         (responder_crash_after) leaves the entry as it was:
+                         a dead pid's memory is free unless "until" says not
 
 Without --ignore-sigterm / --sigterm-delay, SIGTERM prints
 "SIGTERM received, shutting down" and exits 0 promptly.  SIGINT always does
@@ -88,8 +104,10 @@ import argparse
 import asyncio
 import email.parser
 import email.policy
+import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +126,9 @@ LOADING_TICK = 0.1
 SHARDS = 7  # checkpoint shards the "percent" load pretends to read
 SHUTDOWN_TIMEOUT = 0.5
 MAX_BODY = 1024**3
+# Size units as llama-swap's parse_size reads them: a bare K/M/G/T is binary.
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+              "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
 
 
 # --------------------------------------------------------------------------
@@ -139,6 +160,25 @@ def make_line_buffered() -> None:
 # command line
 
 
+def parse_size(text: str) -> int:
+    """Bytes from `8GiB`, `20 GB`, `512M` or a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 8GiB, 512MiB or a number of bytes)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_vram_spec(spec: str) -> dict[str, int]:
+    """`0:4GiB,1:2GiB` -> {"0": bytes, "1": bytes}, keyed as the fake GPU file keys GPUs."""
+    held: dict[str, int] = {}
+    for part in spec.split(","):
+        gpu, colon, size = part.partition(":")
+        if not colon or not gpu.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r} is not GPU:SIZE (like 0:8GiB)")
+        held[str(int(gpu))] = parse_size(size)
+    return held
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="fake inference server for tests")
     parser.add_argument("--port", type=int, required=True)
@@ -156,13 +196,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pid-file", default=None)
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-delay", type=float, default=0.05)
-    return parser.parse_args(argv)
+    parser.add_argument("--fake-vram", type=parse_vram_spec, default=None)
+    parser.add_argument("--fake-vram-file", default=None)
+    parser.add_argument("--fake-vram-release", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if args.fake_vram and not args.fake_vram_file:
+        parser.error("--fake-vram needs --fake-vram-file")
+    return args
 
 
 def append_pid(path: str | None) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"{os.getpid()}\n")
+
+
+def update_fake_vram(path: str, values: dict[str, float]) -> None:
+    """Merge `values` into this process's entry of the fake GPU file. Other responders change
+    the file too, so under an exclusive lock; llama-swap reads it without one, so it is
+    replaced whole."""
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file closes
+        try:
+            with open(path, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except FileNotFoundError:
+            state = {}
+        state.setdefault("processes", {}).setdefault(str(os.getpid()), {}).update(values)
+        scratch = f"{path}.{os.getpid()}.tmp"
+        with open(scratch, "w", encoding="utf-8") as fh:
+            json.dump(state, fh)
+        os.replace(scratch, path)
+
+
+def hold_fake_vram(args: argparse.Namespace) -> None:
+    if args.fake_vram:
+        update_fake_vram(args.fake_vram_file, args.fake_vram)
+
+
+def free_fake_vram(args: argparse.Namespace) -> None:
+    """Our memory shown freed `--fake-vram-release` seconds from now: the entry stays, as a
+    driver keeps showing a dead process's memory until it lets go."""
+    if args.fake_vram:
+        update_fake_vram(args.fake_vram_file, {"until": time.time() + args.fake_vram_release})
 
 
 # --------------------------------------------------------------------------
@@ -645,6 +721,16 @@ async def serve(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().call_later(args.exit_after, simulate_crash, state)
     if not await load_model(state):
         return state.exit_code
+    hold_fake_vram(args)
+    try:
+        return await listen(state)
+    finally:
+        free_fake_vram(args)
+
+
+async def listen(state: State) -> int:
+    """Serve until a stop is requested; the exit status."""
+    args = state.args
     runner = web.AppRunner(make_app(state), shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:

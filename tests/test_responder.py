@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+import llama_swap
+import llama_swap_responder
 
 RESPONDER = Path(__file__).resolve().parent.parent / "llama_swap_responder.py"
 START_TIMEOUT = 10.0
@@ -376,3 +380,75 @@ def test_load_progress_is_printed_as_the_load_goes_then_it_listens(spawn: Spawn,
     middle = arrived(start + len(expected) // 2)
     assert middle - arrived(start) >= delay / 4
     assert arrived(start + len(expected) - 1) - middle >= delay / 4
+
+
+# -- fake GPU memory (--fake-vram), as llama-swap's FakeVram reads it ------------------------
+
+GiB = 1024**3
+FAKE_GPUS = [{"total": 24 * GiB, "used": 0}]
+
+
+def fake_gpu_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gpus.json"
+    path.write_text(json.dumps({"gpus": FAKE_GPUS, "processes": {}}))
+    return path
+
+
+def fake_processes(path: Path) -> dict[str, dict[str, float]]:
+    state = json.loads(path.read_text())
+    assert state["gpus"] == FAKE_GPUS, "a responder lost the GPUs of the file"
+    return state["processes"]
+
+
+def read_until(proc: subprocess.Popen[str], text: str) -> None:
+    assert proc.stdout is not None
+    while text not in (line := proc.stdout.readline()):
+        assert line, f"the responder ended its output before printing {text!r}"
+
+
+def test_fake_vram_is_held_once_loaded_and_shown_freed_later_after_sigterm(spawn: Spawn, tmp_path: Path) -> None:
+    gpus = fake_gpu_file(tmp_path)
+    proc, port = spawn("--startup-delay", "1", "--fake-vram", "0:4GiB,1:512M", "--fake-vram-file", str(gpus),
+                       "--fake-vram-release", "30", wait=False)
+    read_until(proc, "loading model...")
+    assert fake_processes(gpus) == {}, "memory held before the load finished"
+    read_until(proc, "listening on")
+    assert fake_processes(gpus) == {str(proc.pid): {"0": 4 * GiB, "1": 512 * 1024**2}}
+    before = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 0
+    entry = fake_processes(gpus)[str(proc.pid)]
+    assert before + 30 <= entry["until"] <= time.time() + 30
+    assert entry["0"] == 4 * GiB, "the entry must stay until the memory is shown freed"
+
+
+def test_fake_vram_entries_of_responders_loading_together_are_all_kept(spawn: Spawn, tmp_path: Path) -> None:
+    gpus = fake_gpu_file(tmp_path)
+    started = [spawn("--fake-vram", f"0:{n}GiB", "--fake-vram-file", str(gpus), wait=False) for n in (1, 2, 3)]
+    for proc, port in started:
+        wait_until_listening(port, proc)
+    assert fake_processes(gpus) == {str(proc.pid): {"0": n * GiB} for n, (proc, _port) in zip((1, 2, 3), started)}
+
+
+def test_a_crash_leaves_the_fake_vram_entry_as_it_was(spawn: Spawn, tmp_path: Path) -> None:
+    gpus = fake_gpu_file(tmp_path)
+    proc, port = spawn("--fake-vram", "0:8GiB", "--fake-vram-file", str(gpus), "--fake-vram-release", "30")
+    stream_until_eof(port, {"responder_crash_after": 1})
+    assert proc.wait(timeout=5) == 1
+    # No "until": FakeVram counts a dead pid's memory as freed at once.
+    assert fake_processes(gpus) == {str(proc.pid): {"0": 8 * GiB}}
+
+
+@pytest.mark.parametrize("text", ["8GiB", "20 GB", "512M", "1.5g", "7 kb", "2TiB", "1048576"])
+def test_fake_vram_sizes_are_read_as_llama_swap_reads_them(text: str) -> None:
+    assert llama_swap_responder.parse_size(text) == llama_swap.parse_size(text)
+
+
+def test_a_fake_vram_spec_names_a_size_per_gpu() -> None:
+    assert llama_swap_responder.parse_vram_spec("0:4GiB, 1:512M") == {"0": 4 * GiB, "1": 512 * 1024**2}
+
+
+@pytest.mark.parametrize("spec", ["8GiB", "0:lots", "x:1GiB", "0:1GiB,", "-1:1GiB"])
+def test_a_fake_vram_spec_that_is_not_gpu_and_size_is_refused(spec: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        llama_swap_responder.parse_vram_spec(spec)
