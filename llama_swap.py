@@ -58,6 +58,7 @@ import shlex
 import signal
 import socket
 import sqlite3
+import statistics
 import sys
 import threading
 import time
@@ -912,6 +913,8 @@ def read_sizes(node: ConfigReader, key: str) -> dict[int | None, int]:
     entries = value.items() if isinstance(value, dict) else [(None, value)]
     sizes: dict[int | None, int] = {}
     for gpu, size in entries:
+        if isinstance(gpu, str) and gpu.isdigit():  # {"0": 10GiB}, as JSON would write it
+            gpu = int(gpu)
         if gpu is not None and (isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0):
             raise node.error(key, f"GPU index {gpu!r} is not a number >= 0")
         parsed = parse_size(size)
@@ -1679,9 +1682,19 @@ def health_poll_interval(elapsed: float) -> float:
     return min(max(0.01, elapsed * 0.005), 0.25)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's, and alive
+        return True
+    return True
+
+
 def live_processes() -> Iterator[tuple[int, int]]:
-    """(pid, process group) of every live (non-zombie) process, from /proc (Linux)."""
-    for entry in os.listdir("/proc"):
+    """(pid, process group) of every live (non-zombie) process, from /proc (Linux; none elsewhere)."""
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not entry.isdigit():
             continue
         try:
@@ -1967,17 +1980,12 @@ class LoadProgress:
             self.value = min(max(value, 0.0), 1.0)
 
 
-def median(values: Iterable[float]) -> float | None:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else None
-
-
 def load_eta(elapsed: float, progress: float | None, past: Sequence[float]) -> float | None:
     """Seconds a load has left: from its own progress once it says enough, else from how long
     its past loads took (their median). None when nothing is known or it runs late."""
     if progress is not None and progress >= 0.05:
         return elapsed * (1 - progress) / progress
-    usual = median(past)
+    usual = statistics.median_high(past) if past else None
     return usual - elapsed if usual is not None and usual > elapsed else None
 
 
@@ -2278,8 +2286,8 @@ class SwapPolicy:
         """A log line about the swap about to happen; "" for none."""
         return ""
 
-    async def before_start(self, target: str, evicted: frozenset[str]) -> None:
-        """Once the evicted models are stopped, before the target starts."""
+    async def before_start(self, target: str, still_wanted: Callable[[], bool]) -> None:
+        """Once the evicted models are stopped, before the target starts (while still wanted)."""
 
 
 class GroupPolicy(SwapPolicy):
@@ -2440,13 +2448,13 @@ class FakeVram:
         except (OSError, ValueError, AttributeError, TypeError):
             return [], {}, {}
         live, lingering = {}, {}
-        alive = {pid for pid, _group in live_processes()}
         for pid, held in processes.items():
-            gpu_bytes = {int(gpu): int(size) for gpu, size in held.items() if gpu != "until"}
-            if int(pid) in alive:
-                live[int(pid)] = gpu_bytes
-            elif held.get("until", 0) > time.time():
-                lingering[int(pid)] = gpu_bytes
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # an entry we cannot read
+                gpu_bytes = {int(gpu): int(size) for gpu, size in held.items() if gpu != "until"}
+                if pid_alive(int(pid)):
+                    live[int(pid)] = gpu_bytes
+                elif float(held.get("until", 0)) > time.time():
+                    lingering[int(pid)] = gpu_bytes
         return gpus, live, lingering
 
     def devices(self) -> list[GpuMemory]:
@@ -2520,6 +2528,12 @@ class VramReading:
 
 
 RELEASE_SLACK = 256 * 1024**2  # bytes others' use may drift while we wait for memory to be freed
+VRAM_READ_TIMEOUT = 5.0  # seconds a reading of the GPUs may take
+
+
+def largest(a: Mapping[int, int], b: Mapping[int, int]) -> dict[int, int]:
+    """Per GPU, the larger of two footprints."""
+    return {gpu: max(a.get(gpu, 0), b.get(gpu, 0)) for gpu in {*a, *b}}
 
 
 class VramBook:
@@ -2533,8 +2547,10 @@ class VramBook:
         self.hints = dict(hints)
         self.gpus: dict[int, GpuMemory] = {}
         self.others: dict[int, int] = {}  # GPU -> bytes held by processes not ours
-        self.measured: dict[str, dict[int, int]] = {}
-        self.runs: dict[str, int] = {}  # model -> the process group its measurement is from
+        self.measured: dict[str, dict[int, int]] = {}  # settled: the peak of a run once the model was ready
+        self.peaks: dict[str, dict[int, int]] = {}  # the largest reading of each model's latest run
+        self.runs: dict[str, int] = {}  # model -> the process group of its latest run
+        self.starting: set[str] = set()  # models still loading at the latest reading
         self.last_stop = -math.inf  # when a server of ours last stopped (monotonic)
         self.linger = 30.0  # seconds a stopped server's memory may take to show free
 
@@ -2543,9 +2559,16 @@ class VramBook:
         self.last_stop = time.monotonic()
 
     def need(self, model: str) -> dict[int, int] | None:
-        if model in self.measured:
-            return self.measured[model]
-        return spread(self.hints[model], self.gpus) if self.hints.get(model) else None
+        """Bytes per GPU: as measured, else as hinted; while it loads, at least what it holds."""
+        known = self.measured.get(model) or (spread(self.hints[model], self.gpus) if self.hints.get(model) else None)
+        if model in self.starting and model in self.peaks:  # a loading server holds less than it will
+            return largest(known or {}, self.peaks[model]) if known is not None else None
+        return known
+
+    def forget(self, model: str) -> None:
+        """Its launch settings changed (a reload): what was measured no longer holds."""
+        for known in (self.measured, self.peaks, self.runs):
+            known.pop(model, None)
 
     def budget(self) -> dict[int, int]:
         """Bytes per GPU our models may hold: its size, less the reserve and what others hold."""
@@ -2554,65 +2577,75 @@ class VramBook:
 
     def read(self, groups: Mapping[str, int]) -> VramReading | None:
         """Blocking: the GPUs now and what each running model's group (model -> pgid) holds."""
-        if self.source is None:
+        source = self.source  # the event loop may close and drop it meanwhile
+        if source is None:
             return None
-        devices, usage = self.source.devices(), self.source.usage()
-        members = collections.defaultdict(list)
-        for pid, group in live_processes():
-            members[group].append(pid)
-        held = {}
-        for model, pgid in groups.items():
-            total = Counter()
-            for pid in members.get(pgid, ()):
-                total.update(usage.get(pid, {}))
-            held[model] = dict(total)
-        return VramReading({d.index: d for d in devices}, held)
+        devices, usage = source.devices(), source.usage()
+        model_of = {pgid: model for model, pgid in groups.items()}
+        held = {model: Counter() for model in groups}
+        for pid, gpu_bytes in usage.items():
+            with contextlib.suppress(OSError):  # gone since, or not ours to see
+                if (model := model_of.get(os.getpgid(pid))) is not None:
+                    held[model].update(gpu_bytes)
+        return VramReading({d.index: d for d in devices}, {m: dict(c) for m, c in held.items()})
 
-    def apply(self, reading: VramReading, groups: Mapping[str, int]) -> None:
-        """Take a reading in (on the event loop, so decisions never see half of one)."""
-        self.gpus = reading.gpus
+    def apply(self, reading: VramReading, groups: Mapping[str, int], starting: Iterable[str]) -> None:
+        """Take a reading in (on the event loop, so decisions never see half of one). A run's
+        peak becomes the model's measurement once it is ready: a loading server has not yet
+        allocated all it will."""
+        self.gpus, self.starting = reading.gpus, set(starting)
         ours = Counter()
         for model, held in reading.held.items():
             ours.update(held)
             if not held:
                 continue  # nothing measurable (yet): keep what is known
-            if self.runs.get(model) != groups[model]:  # a new run: its own figures replace the old
-                self.measured[model], self.runs[model] = held, groups[model]
-            else:
-                previous = self.measured[model]
-                self.measured[model] = {g: max(b, previous.get(g, 0)) for g, b in {**previous, **held}.items()}
+            if self.runs.get(model) != groups[model]:  # a new run
+                self.peaks[model], self.runs[model] = {}, groups[model]
+            self.peaks[model] = largest(self.peaks[model], held)
+            if model not in self.starting:
+                self.measured[model] = self.peaks[model]
         others = {i: max(0, g.used - ours[i]) for i, g in self.gpus.items()}
         if time.monotonic() - self.last_stop < self.linger:  # a rise may be our stopped server's memory
             others = {i: min(used, self.others.get(i, used)) for i, used in others.items()}
         self.others = others
 
-    async def refresh(self, groups: Mapping[str, int]) -> None:
-        reading = await asyncio.to_thread(self.read, groups)
-        if reading is not None:
-            self.apply(reading, groups)
+    async def reading(self, groups: Mapping[str, int]) -> VramReading | None:
+        """A reading, or None without a source or when the driver does not answer in time (a
+        hung GPU must not hang the swaps)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.read, groups), VRAM_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
 
-    async def wait_free(self, need: Mapping[int, int] | None, timeout: float, groups: Callable[[], Mapping[str, int]]) -> bool:
-        """Until the GPUs show `need` free beyond the reserve, or (`need` not known) until they
-        hold no more than our running models and what others held before our last stop; at most
-        `timeout` seconds. Whether it came free."""
+    async def refresh(self, groups: Mapping[str, int], starting: Iterable[str]) -> None:
+        if (reading := await self.reading(groups)) is not None:
+            self.apply(reading, groups, starting)
+
+    async def wait_free(self, need: Mapping[int, int] | None, timeout: float, groups: Callable[[], Mapping[str, int]],
+                        still_wanted: Callable[[], bool]) -> bool:
+        """Until the GPUs show `need` free beyond the reserve, or (`need` not known, or more than
+        a GPU could ever give) until they hold no more than our running models and what others
+        held before our last stop; at most `timeout` seconds, and only while the start is still
+        wanted. Whether it came free."""
         deadline = time.monotonic() + timeout
-        while True:
-            reading = await asyncio.to_thread(self.read, groups())
+        while still_wanted():
+            reading = await self.reading(groups())
             if reading is None:
                 return True
             reserve = spread(self.reserve, reading.gpus)
-            ours = Counter()
-            for held in reading.held.values():
-                ours.update(held)
-            if need is not None:
+            if need is not None and all(need.get(i, 0) <= g.total - reserve.get(i, 0) for i, g in reading.gpus.items()):
                 free = all(g.total - g.used - reserve.get(i, 0) >= need.get(i, 0) for i, g in reading.gpus.items())
             else:
+                ours = Counter()
+                for held in reading.held.values():
+                    ours.update(held)
                 free = all(g.used - ours[i] <= self.others.get(i, 0) + RELEASE_SLACK for i, g in reading.gpus.items())
             if free:
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.25)
+        return True
 
 
 class VramPolicy(SwapPolicy):
@@ -2642,12 +2675,12 @@ class VramPolicy(SwapPolicy):
         evict = self.evictions(target, others)
         return f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in others if m in evict)}]"
 
-    async def before_start(self, target: str, evicted: frozenset[str]) -> None:
+    async def before_start(self, target: str, still_wanted: Callable[[], bool]) -> None:
         """Wait until the GPUs show room for the target, or (its need not known) until the memory
         of the models just stopped shows free: a driver can take seconds to free it."""
         if self.book.source is None or not self.book.gpus:
             return
-        if not await self.book.wait_free(self.book.need(target), self.release_wait, self.groups):
+        if not await self.book.wait_free(self.book.need(target), self.release_wait, self.groups, still_wanted):
             self.log.warn(f"vram: memory for {target} still not free after {go_duration(self.release_wait)}; starting it anyway")
 
 
@@ -2802,8 +2835,9 @@ class Scheduler:
         """The client went away: forget its ticket; give back a grant it can no longer use."""
         if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
             self._release(ticket.model)
-        with contextlib.suppress(ValueError):
+        if ticket in self.queue:
             self.queue.remove(ticket)
+            self.pump()  # it may have held newer requests back (max_wait)
         swap = self.swaps.get(ticket.model)
         if swap and ticket in swap.waiters:
             swap.waiters.remove(ticket)
@@ -2820,8 +2854,8 @@ class Scheduler:
         if model not in self.processes:  # removed by a reload while this request was read
             ticket.future.set_exception(SchedulerError("model was removed from the config by a reload"))
             return True
-        if self._wanted_gone(model):
-            return False  # an older request has waited max_wait for this model to stop
+        if self._wanted_gone(ticket):  # even a start under way takes no more: the bound is kept
+            return False  # a request ahead has waited max_wait for this model to stop
         if model in self.swaps and not self.swaps[model].abandoned:
             self.swaps[model].waiters.append(ticket)
             return True
@@ -2846,11 +2880,11 @@ class Scheduler:
         swap.task = asyncio.create_task(self._run_swap(swap))
         return True
 
-    def _wanted_gone(self, model: str) -> bool:
-        """Whether a request queued for max_wait or longer (ahead of this one) needs `model`
-        stopped: from then on `model` takes no new requests, so it drains."""
-        now, running = time.monotonic(), self.running()
-        return any(t.model != model and t.waiting() and now - t.since >= self.max_wait
+    def _wanted_gone(self, ticket: Ticket) -> bool:
+        """Whether a request queued ahead of this one (same or higher priority) for max_wait or
+        longer needs its model stopped: from then on the model takes no new requests, so it drains."""
+        now, running, model = time.monotonic(), self.running(), ticket.model
+        return any(t.model != model and t.waiting() and t.priority >= ticket.priority and now - t.since >= self.max_wait
                    and model in self.policy.evictions(t.model, running) for t in self.queue)
 
     def _hold(self, ticket: Ticket, evict: frozenset[str]) -> float:
@@ -2862,7 +2896,8 @@ class Scheduler:
             if process.state != READY:
                 continue
             until = max(until, process.ready_since + self.min_residency)
-            gap, cost = self.usual_gap(model), median(process.load_times)
+            gap = self.usual_gap(model)
+            cost = statistics.median_high(process.load_times) if process.load_times else None
             if gap is not None and cost is not None and gap < cost:  # asked for more often than a reload takes
                 until = max(until, self.last_use.get(model, 0.0) + gap)
         return max(0.0, min(until, ticket.since + self.max_wait) - now)
@@ -2870,7 +2905,7 @@ class Scheduler:
     def usual_gap(self, model: str) -> float | None:
         """The median time between the model's recent requests; None before its third."""
         arrivals = list(self.arrivals.get(model, ()))
-        return median(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) >= 3 else None
+        return statistics.median_high(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) >= 3 else None
 
     def _pump_in(self, delay: float) -> None:
         """Re-read the queue in `delay` seconds, when a held swap's wait is over (the earliest
@@ -2906,7 +2941,7 @@ class Scheduler:
             await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
                                    for m in swap.evict))
             if not swap.abandoned:
-                await self.policy.before_start(swap.target, swap.evict)
+                await self.policy.before_start(swap.target, lambda: not swap.abandoned)
             if not swap.abandoned:
                 await self.processes[swap.target].start()
         except StartError as e:
@@ -3049,6 +3084,7 @@ class Scheduler:
             self.ttl_task.cancel()
         if self.wake:
             self.wake.cancel()
+            self.wake = None
         self.closed_reason = f"{self.policy.name} is shutting down"
         self._fail_waiting(self.closed_reason, self.processes)
 
@@ -3768,10 +3804,11 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
             if request.transport is None or request.transport.is_closing():
                 return response  # the client left; leaving the block closes the upstream request
             log.info(f"{upstream.label} recovered from upstream disconnection during streaming: {error_text(e)}")
-            if not response.between_events():
+            if not response.between_events() or response.content_length is not None:
                 request.transport.close()  # a cut stream must look cut to the client, not complete
                 return response
-            message = f"upstream {upstream.label.rstrip(':')} closed the connection in the middle of the stream"
+            what = "stopped sending" if isinstance(e, asyncio.TimeoutError) else "closed the connection"
+            message = f"upstream {upstream.label.rstrip(':')} {what} in the middle of the stream"
             with contextlib.suppress(ConnectionError):  # the client may leave meanwhile
                 await response.write(stream_error_event(request.path, message))
                 await response.write_eof()
@@ -4585,7 +4622,10 @@ class Activity:
 
     def remember(self, model: str, figures: Mapping[str, Any]) -> None:
         """Save a model's figures (load times, measured VRAM) in the store, in the worker thread."""
-        future = asyncio.get_running_loop().run_in_executor(self.worker, self.store.save_figures, model, dict(figures))
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.worker, self.store.save_figures, model, dict(figures))
+        except RuntimeError:  # closed: a start that ends during shutdown is not worth keeping
+            return
         future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self.log.warn(
             f"store: figures of {model} could not be saved: {error_text(f.exception())}"))
 
@@ -5896,7 +5936,12 @@ class Server:
 
     async def _recall(self) -> None:
         """What earlier runs learnt of each model (load times, measured VRAM), from the store."""
-        for model, figures in (await self.activity.call(self.activity.store.figures)).items():
+        try:
+            saved = await self.activity.call(self.activity.store.figures)
+        except sqlite3.Error as e:
+            self.log.warn(f"store: the models' figures could not be read: {e}")
+            return
+        for model, figures in saved.items():
             with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
                 load_times = [float(t) for t in figures.get("load_times", [])]
                 vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
@@ -5928,7 +5973,11 @@ class Server:
         try:
             while True:
                 known = dict(book.measured)
-                await book.refresh(self.running_groups())
+                starting = {m for m, p in self.processes.items() if p.state == STARTING}
+                try:
+                    await book.refresh(self.running_groups(), starting)
+                except Exception as e:  # a bug or an odd driver: say so, and read again next time
+                    self.log.error(f"vram router: reading the GPUs failed: {type(e).__name__}: {e}")
                 for model in (m for m, vram in book.measured.items() if known.get(m) != vram and m in self.processes):
                     self.activity.remember(model, self.figures(model))
                 await asyncio.sleep(VRAM_EVERY)
@@ -6006,6 +6055,7 @@ class Server:
                 # (a server still being retired by an earlier reload restarts with the newest settings)
                 changes["added" if before is None else "changed"].append(model_id)
                 retire[model_id] = after
+                self.vram_book.forget(model_id)
             else:
                 changes["kept"].append(model_id)
                 self.processes[model_id].model = after
@@ -6284,7 +6334,7 @@ class Server:
             entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
             entry.update(in_flight=self.scheduler.in_flight[model_id], ttl_remaining=self.scheduler.ttl_remaining(model_id),
                          queued=self.scheduler.reserved[model_id] - self.scheduler.in_flight[model_id])
-            if model_id in self.vram_book.measured:
+            if self.config.routing.router == "vram" and model_id in self.vram_book.measured:
                 entry["vram"] = {str(gpu): size for gpu, size in sorted(self.vram_book.measured[model_id].items())}
             running.append(entry)
         return json_response({"running": running, **self.gpu_budgets()})

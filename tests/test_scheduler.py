@@ -234,3 +234,21 @@ async def test_a_model_asked_for_less_often_than_it_takes_to_load_is_swapped_out
     await serve(scheduler, "b", [])
     assert asyncio.get_running_loop().time() - began < 0.25
     assert events == ["start a", "stop a", "start b"]
+
+
+async def test_a_request_held_back_by_an_overdue_one_goes_on_when_that_one_leaves():
+    scheduler, _, events = make_scheduler("a", "b", max_wait=0.1)
+    long_a = asyncio.create_task(serve(scheduler, "a", [], hold=1.5))
+    await asyncio.sleep(0.05)
+    overdue_b = asyncio.create_task(serve(scheduler, "b", []))
+    await asyncio.sleep(0.2)
+    served: list[str] = []
+    held_a = asyncio.create_task(serve(scheduler, "a", served))  # queued behind the overdue b
+    await asyncio.sleep(0.05)
+    assert served == []
+    overdue_b.cancel()  # its client leaves
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(held_a, 1.0)  # at once, not when the long request ends
+    assert asyncio.get_running_loop().time() - began < 0.5
+    await long_a
+    assert events == ["start a"]

@@ -137,39 +137,50 @@ def reading(used: int, held: dict[str, dict[int, int]]) -> VramReading:
 
 def test_a_new_run_replaces_the_old_measurement():
     book = VramBook(None, {}, {})
-    book.apply(reading(8 * GiB, {"a": {0: 8 * GiB}}), {"a": 100})
-    book.apply(reading(4 * GiB, {"a": {0: 4 * GiB}}), {"a": 200})
+    book.apply(reading(8 * GiB, {"a": {0: 8 * GiB}}), {"a": 100}, ())
+    book.apply(reading(4 * GiB, {"a": {0: 4 * GiB}}), {"a": 200}, ())
     assert book.measured == {"a": {0: 4 * GiB}}
 
 
 def test_the_same_run_keeps_the_largest_seen_per_gpu():
     book = VramBook(None, {}, {})
-    book.apply(reading(8 * GiB, {"a": {0: 8 * GiB}}), {"a": 100})
-    book.apply(reading(6 * GiB, {"a": {0: 4 * GiB, 1: 2 * GiB}}), {"a": 100})
+    book.apply(reading(8 * GiB, {"a": {0: 8 * GiB}}), {"a": 100}, ())
+    book.apply(reading(6 * GiB, {"a": {0: 4 * GiB, 1: 2 * GiB}}), {"a": 100}, ())
     assert book.measured == {"a": {0: 8 * GiB, 1: 2 * GiB}}
 
 
 def test_a_run_that_holds_nothing_yet_keeps_what_is_known():
     book = VramBook(None, {}, {})
-    book.apply(reading(8 * GiB, {"a": {0: 8 * GiB}}), {"a": 100})
-    book.apply(reading(0, {"a": {}}), {"a": 200})
+    book.apply(reading(8 * GiB, {"a": {0: 8 * GiB}}), {"a": 100}, ())
+    book.apply(reading(0, {"a": {}}), {"a": 200}, ())
     assert book.measured == {"a": {0: 8 * GiB}}
+
+
+def test_a_loading_model_counts_at_least_its_hint_and_settles_once_ready():
+    # A reading mid-load sees only the CUDA context: that must not shrink what it is known to need.
+    book = VramBook(None, {}, {"a": {None: 20 * GiB}})
+    book.apply(reading(GiB // 2, {"a": {0: GiB // 2}}), {"a": 100}, {"a"})
+    assert book.need("a") == {0: 20 * GiB} and "a" not in book.measured
+    book.apply(reading(18 * GiB, {"a": {0: 18 * GiB}}), {"a": 100}, ())  # ready: what it holds now is its footprint
+    assert book.need("a") == {0: 18 * GiB}
+    book.apply(reading(GiB, {"a": {0: GiB}}), {"a": 300}, {"a"})  # the next run, loading
+    assert book.need("a") == {0: 18 * GiB}
 
 
 def test_others_use_is_what_the_gpu_uses_beyond_our_models_and_shrinks_the_budget():
     book = VramBook(None, {None: GiB}, {})
-    book.apply(reading(20 * GiB, {"a": {0: 8 * GiB}, "b": {0: 8 * GiB}}), {"a": 100, "b": 200})
+    book.apply(reading(20 * GiB, {"a": {0: 8 * GiB}, "b": {0: 8 * GiB}}), {"a": 100, "b": 200}, ())
     assert book.others == {0: 4 * GiB}
     assert book.budget() == {0: 24 * GiB - GiB - 4 * GiB}
     # The driver's total can lag behind the processes' figures: never a negative use by others.
-    book.apply(reading(10 * GiB, {"a": {0: 8 * GiB}, "b": {0: 8 * GiB}}), {"a": 100, "b": 200})
+    book.apply(reading(10 * GiB, {"a": {0: 8 * GiB}, "b": {0: 8 * GiB}}), {"a": 100, "b": 200}, ())
     assert book.others == {0: 0}
 
 
 def test_a_measurement_wins_over_the_hint_which_is_spread_over_the_gpus():
     book = VramBook(None, {}, {"a": {None: 10 * GiB}, "b": {None: 10 * GiB}, "c": {}})
     book.apply(VramReading({0: GpuMemory(0, 24 * GiB, 3 * GiB), 1: GpuMemory(1, 24 * GiB, 0)},
-                           {"a": {0: 3 * GiB}}), {"a": 100})
+                           {"a": {0: 3 * GiB}}), {"a": 100}, ())
     assert book.need("a") == {0: 3 * GiB}
     assert book.need("b") == {0: 5 * GiB, 1: 5 * GiB}
     assert book.need("c") is None
