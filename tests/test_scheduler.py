@@ -20,15 +20,20 @@ async def serve(scheduler: Scheduler, model: str, served: list[str], hold: float
         await asyncio.sleep(hold)
 
 
-async def test_requests_queued_while_cold_are_collated_by_model():
-    scheduler, _, events = make_scheduler("a", "b")
+async def arrive_one_by_one(scheduler: Scheduler, models: str) -> list[str]:
+    """Requests for `models`, each arriving once the one before is queued; the order served."""
     served: list[str] = []
     tasks = []
-    for model in "abab":
+    for model in models:
         tasks.append(asyncio.create_task(serve(scheduler, model, served)))
         await asyncio.sleep(0)
     await asyncio.gather(*tasks)
-    assert served == ["a", "a", "b", "b"]
+    return served
+
+
+async def test_requests_queued_while_cold_are_collated_by_model():
+    scheduler, _, events = make_scheduler("a", "b")
+    assert await arrive_one_by_one(scheduler, "abab") == ["a", "a", "b", "b"]
     assert events == ["start a", "stop a", "start b"]
 
 
@@ -206,13 +211,7 @@ async def test_a_request_queued_max_wait_stops_the_ready_model_from_taking_new_o
 
 async def test_max_wait_zero_is_strict_arrival_order():
     scheduler, _, events = make_scheduler("a", "b", max_wait=0)
-    served: list[str] = []
-    tasks = []
-    for model in "abab":
-        tasks.append(asyncio.create_task(serve(scheduler, model, served)))
-        await asyncio.sleep(0)
-    await asyncio.gather(*tasks)
-    assert served == ["a", "b", "a", "b"]
+    assert await arrive_one_by_one(scheduler, "abab") == ["a", "b", "a", "b"]
     assert events.count("start a") == 2 and events.count("start b") == 2
 
 
