@@ -1957,17 +1957,24 @@ class LoadProgress:
         self._line = b""  # the line being printed, up to 4 KiB
 
     def feed(self, chunk: bytes) -> None:
-        *done, self._line = re.split(rb"[\r\n]", self._line + chunk)
-        for line in done:
-            self._read(line, complete=True)
-        self._line = self._line[-4096:]
+        """Only the newest lines say where the load is: a chatty loader's output (a hundred MB
+        of it, some print) is searched in C, never split into lines here."""
+        text = self._line + chunk
+        if not self._armed and any(marker in text for marker in self.MARKERS):
+            self._armed = True
+        end = max(text.rfind(b"\n"), text.rfind(b"\r"))
+        if end >= 0:
+            first = min(i for i in (text.find(b"\n"), text.find(b"\r")) if i >= 0)
+            self._read(text[:first], complete=True)  # the line that was being printed, finished
+            if (state := text.rfind(self.CHILD_STATE, 0, end)) >= 0:
+                self._read(text[state:text.find(b"\n", state)], complete=True)
+            self._read(text[max(text.rfind(b"\n", 0, end), text.rfind(b"\r", 0, end)) + 1:end], complete=True)
+        self._line = text[end + 1:][-4096:]
         self._read(self._line, complete=False)
 
     def _read(self, line: bytes, complete: bool) -> None:
         if self._armed and line and not line.strip(b"."):
             self._set(len(line) / 100)
-        elif any(marker in line for marker in self.MARKERS):
-            self._armed = True
         elif line.startswith(self.CHILD_STATE):
             if complete:  # JSON: only whole
                 with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
