@@ -1315,6 +1315,8 @@ def check_spillover_targets(path: str, targets: list[str], config: Config) -> No
         if not any(set(local) <= combo for combos in config.routing.matrix.combinations.values() for combo in combos):
             raise ConfigError(f"{path}.targets must all appear together in one expanded matrix set")
         return
+    if config.routing.router == "vram":
+        return  # whether they fit together is known only once they are measured
     group_of = {m: g for g in config.routing.groups for m in g.members}
     named = [group_of[m] for m in local]
     if any(g.name == DEFAULT_GROUP for g in named) and len(config.routing.groups) > 1:

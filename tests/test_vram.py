@@ -95,6 +95,13 @@ def test_vram_settings_are_read_per_gpu_or_for_all_gpus():
     assert config.models["m"].vram == {None: 20 * GiB}
 
 
+def test_a_spillover_selector_over_local_models_is_accepted_by_the_vram_router():
+    # Whether its targets fit together is known only once they are measured, not from the config.
+    config = parse_config(vram_router_yaml().replace("models: {m: {", "models: {n: {" + SERVE + "}, m: {")
+                          + "selectors: {s: {strategy: spillover, targets: [m, n]}}\n")
+    assert config.selectors["s"].targets == ["m", "n"]
+
+
 # -- the eviction decision -------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes, gpus, per_gpu", [
