@@ -2550,10 +2550,12 @@ class VramBook:
     footprint per GPU, measured from the memory its process group holds while it runs (the
     largest seen in its latest run; kept after it stops), else its `vram` hint."""
 
-    def __init__(self, source: VramSource | None, reserve: Mapping[int | None, int], hints: Mapping[str, Mapping[int | None, int]]):
+    def __init__(self, source: VramSource | None, reserve: Mapping[int | None, int],
+                 hints: Mapping[str, Mapping[int | None, int]], release_wait: float = 30.0):
         self.source = source
         self.reserve = dict(reserve)
         self.hints = dict(hints)
+        self.release_wait = release_wait  # seconds a stopped server's memory may take to show free
         self.gpus: dict[int, GpuMemory] = {}
         self.others: dict[int, int] = {}  # GPU -> bytes held by processes not ours
         self.measured: dict[str, dict[int, int]] = {}  # settled: the peak of a run once the model was ready
@@ -2561,7 +2563,18 @@ class VramBook:
         self.runs: dict[str, int] = {}  # model -> the process group of its latest run
         self.starting: set[str] = set()  # models still loading at the latest reading
         self.last_stop = -math.inf  # when a server of ours last stopped (monotonic)
-        self.linger = 30.0  # seconds a stopped server's memory may take to show free
+
+    @classmethod
+    def of(cls, config: Config) -> VramBook:
+        book = cls(None, {}, {})
+        book.configure(config)
+        return book
+
+    def configure(self, config: Config) -> None:
+        """The settings of a (re)loaded config; what was measured is kept."""
+        self.reserve = dict(config.routing.vram_reserve)
+        self.hints = {m: c.vram for m, c in config.models.items()}
+        self.release_wait = config.routing.vram_release_wait
 
     def stopped(self) -> None:
         """A server of ours stopped: for a while, memory it leaves behind is not counted as others'."""
@@ -2614,7 +2627,7 @@ class VramBook:
             if model not in self.starting:
                 self.measured[model] = self.peaks[model]
         others = {i: max(0, g.used - ours[i]) for i, g in self.gpus.items()}
-        if time.monotonic() - self.last_stop < self.linger:  # a rise may be our stopped server's memory
+        if time.monotonic() - self.last_stop < self.release_wait:  # a rise may be our stopped server's memory
             others = {i: min(used, self.others.get(i, used)) for i, used in others.items()}
         self.others = others
 
@@ -2665,9 +2678,8 @@ class VramPolicy(SwapPolicy):
 
     name = "vram"
 
-    def __init__(self, book: VramBook, release_wait: float, groups: Callable[[], Mapping[str, int]], log: ProxyLog):
+    def __init__(self, book: VramBook, groups: Callable[[], Mapping[str, int]], log: ProxyLog):
         self.book = book
-        self.release_wait = release_wait
         self.groups = groups  # model -> process group of every running model
         self.log = log
 
@@ -2689,15 +2701,15 @@ class VramPolicy(SwapPolicy):
         of the models just stopped shows free: a driver can take seconds to free it."""
         if self.book.source is None or not self.book.gpus:
             return
-        if not await self.book.wait_free(self.book.need(target), self.release_wait, self.groups, still_wanted):
-            self.log.warn(f"vram: memory for {target} still not free after {go_duration(self.release_wait)}; starting it anyway")
+        wait = self.book.release_wait
+        if not await self.book.wait_free(self.book.need(target), wait, self.groups, still_wanted):
+            self.log.warn(f"vram: memory for {target} still not free after {go_duration(wait)}; starting it anyway")
 
 
-def swap_policy(config: Config, vram: Callable[[], VramPolicy] | None = None) -> SwapPolicy:
+def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
+    """The rule-based routers; the vram router needs the Server's book of measurements."""
     if config.routing.router == "matrix":
         return MatrixPolicy(config.routing.matrix)
-    if config.routing.router == "vram" and vram is not None:
-        return vram()
     return GroupPolicy(config.routing.groups)
 
 
@@ -5901,7 +5913,7 @@ class Server:
         self.source = source
         self.groups = groups or GroupRecord(None)
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
-        self.vram_book = VramBook(None, config.routing.vram_reserve, {m: c.vram for m, c in config.models.items()})
+        self.vram_book = VramBook.of(config)
         self.vram_watch: asyncio.Task | None = None
         self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
                                    config.routing.max_wait, config.routing.min_residency)
@@ -5934,9 +5946,9 @@ class Server:
         self.hardware = asyncio.ensure_future(asyncio.to_thread(hardware_snapshot, __version__))
 
     def _policy(self, config: Config) -> SwapPolicy:
-        self.vram_book.linger = config.routing.vram_release_wait
-        return swap_policy(config, lambda: VramPolicy(self.vram_book, config.routing.vram_release_wait,
-                                                      self.running_groups, self.log))
+        if config.routing.router == "vram":
+            return VramPolicy(self.vram_book, self.running_groups, self.log)
+        return swap_policy(config)
 
     def figures(self, model: str) -> dict[str, Any]:
         """What we learnt of a model, as the store keeps it."""
@@ -6072,8 +6084,7 @@ class Server:
         self.virtual = VirtualModels(new, self.processes)  # no profile is active after a reload
         self.log.level = LEVELS[new.log_level]
         self.log.time_format = new.log_time_format
-        self.vram_book.reserve = dict(new.routing.vram_reserve)
-        self.vram_book.hints = {m: c.vram for m, c in new.models.items()}
+        self.vram_book.configure(new)
         self.scheduler.policy = self._policy(new)
         self._watch_gpus(new)
         self.activity.configure(new)
