@@ -1769,58 +1769,138 @@ def process_start_time(pid: int) -> str | None:
     return f"{boot}:{stat[stat.rfind(b')') + 2:].split()[19].decode()}"
 
 
+# The watcher: a tiny process of its own (own session, so a terminal's Ctrl-C and a service
+# manager's SIGTERM are ours to handle, not its) that holds the read end of a pipe only we write
+# to. We tell it each process group we start ("+pgid") and stop ("-pgid"); when the pipe breaks,
+# because we died however we died, it SIGKILLs the groups still listed and exits. A wrapper's
+# children (a script, `sh -c` without exec, docker's client), which PR_SET_PDEATHSIG does not
+# reach, go within moments of us instead of at the next start. Stdlib only, run with -S -E.
+WATCHER_SOURCE = """\
+import os, signal, sys
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    try:
+        pgid = int(line)
+    except ValueError:
+        continue
+    if pgid > 0:
+        groups.add(pgid)
+    else:
+        groups.discard(-pgid)
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
 class GroupRecord:
-    """The process groups of the model servers we run, kept in a file, so that when a run of
-    ours is killed before it can stop them, the next one on the same port stops them before it
-    starts anything (children of a server, which die_with_parent does not reach, included)."""
+    """The process groups of the model servers we run, watched two ways so that none outlives
+    us: a watcher process stops them the moment we die, and a file keyed by our listen address
+    lets the next start on that address stop them if the watcher died with us. The file names
+    its owner; only a record whose owner is gone is acted on."""
 
     def __init__(self, path: str | None):
         self.path = path
         self.groups: dict[str, str] = {}  # pgid -> start time of its leader
+        self.owner = f"{os.getpid()}:{process_start_time(os.getpid()) or ''}"
+        self.watcher: asyncio.subprocess.Process | None = None
+        self.settled = asyncio.Event()  # leftovers of a killed run are gone: models may start
+        if path is None:
+            self.settled.set()
 
     def add(self, pgid: int) -> None:
         self.groups[str(pgid)] = process_start_time(pgid) or ""
+        self._tell_watcher(f"+{pgid}\n")
         self._save()
 
     def remove(self, pgid: int) -> None:
         if self.groups.pop(str(pgid), None) is not None:
+            self._tell_watcher(f"-{pgid}\n")
             self._save()
+
+    def _tell_watcher(self, line: str) -> None:
+        if self.watcher is not None and self.watcher.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self.watcher.stdin.write(line.encode())
 
     def _save(self) -> None:
         if not self.path:
             return
         with contextlib.suppress(OSError):  # a read-only home loses the record, not a model
-            if not self.groups:  # nothing of ours runs: no file left behind for this port
+            if not self.groups:  # nothing of ours runs: no file left behind for this address
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
                 return
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path + ".tmp", "w") as f:
-                json.dump(self.groups, f)
+                json.dump({"owner": self.owner, "groups": self.groups}, f)
             os.replace(self.path + ".tmp", self.path)
 
+    async def watch(self, log: ProxyLog) -> None:
+        """Start the watcher (once we own our address, before any model starts)."""
+        if not sys.executable:
+            log.warn("no Python interpreter path known: model servers' children may outlive a killed llama-swap")
+            return
+        try:
+            self.watcher = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-E", "-c", WATCHER_SOURCE, "llama-swap-watcher", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            log.warn(f"cannot start the watcher process ({e.strerror or e}): model servers' children may outlive a killed llama-swap")
+
+    async def close(self) -> None:
+        """After every model has stopped: the watcher finds nothing listed and exits."""
+        if self.watcher is not None:
+            self.watcher.stdin.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.watcher.wait(), 5.0)
+            if self.watcher.returncode is None:
+                self.watcher.kill()
+                await self.watcher.wait()
+
     async def stop_leftovers(self, log: ProxyLog) -> None:
-        """SIGKILL the groups a killed run of ours left behind, wait (a little) until they are
-        gone so their ports and memory are free, and forget them."""
+        """SIGKILL the groups a killed run of ours on this address left behind, wait (a little)
+        until they are gone so their ports and memory are free, and forget them. Called once we
+        listen on the address, so a run that still owns it can only be a dead one."""
+        try:
+            left = await asyncio.to_thread(self._read)
+            owner = left.get("owner") if isinstance(left.get("owner"), str) else ""
+            pid = owner.partition(":")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and owner == f"{pid}:{process_start_time(int(pid)) or ''}":
+                log.warn(f"the process-group record {self.path} belongs to a live llama-swap (pid {pid}); leaving its models alone")
+                self.path = None  # and keeping none of ours there
+                return
+            groups = left.get("groups") if "owner" in left else left  # the format before owners were named
+            for pgid, started in (groups.items() if isinstance(groups, dict) else ()):
+                if str(pgid).isdigit() and isinstance(started, str):
+                    await self._stop_leftover(int(pgid), started, log)
+            self._save()
+        finally:
+            self.settled.set()
+
+    def _read(self) -> dict:
         try:
             with open(self.path) as f:
-                left = json.load(f)
-        except (OSError, ValueError, TypeError):
-            return
-        for pgid, started in left.items():
-            pgid = int(pgid)
-            leader = process_start_time(pgid)
-            # Ours if its leader is the very process we started, or if the leader is gone and the
-            # group lives on (a new group under the same number would have its leader alive).
-            if process_group_alive(pgid) and (leader == started or (leader is None and started)):
-                log.warn(f"stopping process group {pgid}, left running by a llama-swap that was killed")
-                signal_group(pgid, signal.SIGKILL)
-                for _ in range(100):
-                    if not await asyncio.to_thread(process_group_alive, pgid):
-                        break
-                    await asyncio.sleep(0.05)
-        self.groups = {}
-        self._save()
+                found = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    async def _stop_leftover(self, pgid: int, started: str, log: ProxyLog) -> None:
+        leader = process_start_time(pgid)
+        # Ours if its leader is the very process we started, or if the leader is gone and the
+        # group lives on (a new group under the same number would have its leader alive).
+        if await asyncio.to_thread(process_group_alive, pgid) and (leader == started or (leader is None and started)):
+            log.warn(f"stopping process group {pgid}, left running by a llama-swap that was killed")
+            signal_group(pgid, signal.SIGKILL)
+            for _ in range(100):
+                if not await asyncio.to_thread(process_group_alive, pgid):
+                    break
+                await asyncio.sleep(0.05)
 
 
 def read_text(path: str) -> str:
@@ -2115,6 +2195,7 @@ class ModelProcess:
         raise error
 
     async def _load(self) -> None:
+        await self.groups.settled.wait()  # a killed run's servers may still hold our port or memory
         await self._claim_port()
         await self._spawn()
         await self._wait_healthy()
@@ -6820,8 +6901,7 @@ HTTP_LIMITS = {"max_line_size": 16 * 1024, "max_field_size": 32 * 1024, "max_hea
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
                 watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
-    groups = GroupRecord(group_record_path(port))
-    await groups.stop_leftovers(log)  # before any model of ours starts
+    groups = GroupRecord(group_record_path(host, port))
     try:
         server = Server(config, log, source, groups)
     except sqlite3.Error as e:
@@ -6852,7 +6932,9 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     except OSError as e:
         log.error(f"http server error: cannot listen on {host or ''}:{port}: {e.strerror or e}")
         await runner.cleanup()
-        return 1
+        return 1  # and nothing touched: whoever listens there keeps its models
+    await groups.stop_leftovers(log)  # the address is ours now, so a record for it is a dead run's
+    await groups.watch(log)
     server.start()
     scheme = "https" if ssl_context else "http"
     log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {scheme}://{host or ''}:{port}")
@@ -6870,6 +6952,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     began = loop.time()
     await runner.cleanup()  # stop listening, refuse queued requests, give in-flight ones the budget
     await server.scheduler.shutdown(max(SHUTDOWN_BUDGET - (loop.time() - began), 1.0))
+    await groups.close()
     log.info("shutdown complete")
     return 0
 
@@ -6901,10 +6984,11 @@ def demo_config() -> str:
     }, sort_keys=False)
 
 
-def group_record_path(port: int) -> str:
-    """Per listening port, so two instances never stop each other's models."""
+def group_record_path(host: str | None, port: int) -> str:
+    """Per listen address, so two instances never stop each other's models."""
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "llama-swap-py", f"process-groups-{port}.json")
+    address = re.sub(r"[^A-Za-z0-9.-]", "_", host or "all")
+    return os.path.join(base, "llama-swap-py", f"process-groups-{address}-{port}.json")
 
 
 def describe_config(config: Config, source: str) -> str:
