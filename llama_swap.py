@@ -269,6 +269,8 @@ class Config:
     profiles: dict[str, Profile] = field(default_factory=dict)
     selectors: dict[str, Selector] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # unknown keys and ignored values
+    start_port: int = DEFAULT_START_PORT
+    ports: dict[str, int] = field(default_factory=dict)  # model ID -> the port its ${PORT} stands for
 
     def real_model_id(self, name: str) -> str | None:
         """The model ID a requested name means: an ID first, then an alias."""
@@ -434,12 +436,12 @@ def parse_go_duration(text: str) -> float:
 # -- loading files -------------------------------------------------------------
 
 
-def load_config(path: str | None = None, config_dir: str | None = None) -> Config:
+def load_config(path: str | None = None, config_dir: str | None = None, previous: Config | None = None) -> Config:
     """Read, merge, expand and validate the config sources; ConfigError names the file and key."""
     doc = merge_documents(read_sources(path, config_dir))
     where = path or config_dir
     try:
-        return build_config(doc)
+        return build_config(doc, previous)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -656,15 +658,17 @@ TOP_LEVEL_KEYS = (
 )
 
 
-def build_config(doc: dict) -> Config:
+def build_config(doc: dict, previous: Config | None = None) -> Config:
     """The config in the original's three passes (§2.16), so the first error it would report is ours too:
-    macros and ports, then types, then values and cross-references."""
+    macros and ports, then types, then values and cross-references. `previous`: the config a
+    reload replaces, whose models keep their ports."""
     readers: list[ConfigReader] = []
     global_macros = read_macros(ConfigReader(doc.get("macros"), "macros", readers))
     expanded = {k: v if k in ("models", "macros") else expand_macros(v, global_macros) for k, v in doc.items()}
     top = ConfigReader(expanded, "", readers)
     top.asked.add("macros")
-    models = expand_models(top, global_macros, readers)
+    config = Config(models={})
+    models = expand_models(top, global_macros, readers, config, previous)
     # Unknown top-level keys (a block of YAML anchors, say) are not checked for macros, as in the original.
     for key in TOP_LEVEL_KEYS:
         if key not in ("models", "macros"):
@@ -673,7 +677,6 @@ def build_config(doc: dict) -> Config:
         for key, value in data.items():
             check_no_leftover_macros(value, f"models.{model_id}.{key}", in_model=True, allow_pid=key == "cmdStop")
 
-    config = Config(models={})
     read_globals(top, config)
     nodes = {model_id: ConfigReader(data, f"models.{model_id}", readers) for model_id, (data, _) in models.items()}
     config.models = {model_id: read_model(model_id, node, config) for model_id, node in nodes.items()}
@@ -701,15 +704,27 @@ def build_config(doc: dict) -> Config:
     return config
 
 
-def expand_models(top: ConfigReader, global_macros: list, readers: list) -> dict[str, tuple[dict, list]]:
-    """Every model's data with its macros and ${PORT} applied, in model-ID order (§2.6)."""
-    port = top.data.get("startPort")
-    port = port if isinstance(port, int) and not isinstance(port, bool) else DEFAULT_START_PORT  # a bad value is reported later
+def expand_models(top: ConfigReader, global_macros: list, readers: list, config: Config,
+                  previous: Config | None) -> dict[str, tuple[dict, list]]:
+    """Every model's data with its macros and ${PORT} applied, in model-ID order (§2.6).
+
+    On a reload (`previous` given, same startPort) a model keeps the port it had and a new one
+    takes the lowest free port, so adding a model never moves the others (and restarts them)."""
+    start = top.data.get("startPort")
+    start = start if isinstance(start, int) and not isinstance(start, bool) else DEFAULT_START_PORT  # a bad value is reported later
+    raw_models = top.free_mapping("models")
+    kept = {m: port for m, port in previous.ports.items() if m in raw_models} \
+        if previous is not None and previous.start_port == start else {}
+    free = (port for port in itertools.count(start) if port not in kept.values())
+    port = next(free)
     models = {}
-    for model_id, raw in sorted(top.free_mapping("models").items(), key=lambda e: e[0].encode()):
-        data, macros, uses_port = expand_model(model_id, raw, global_macros, port, readers)
-        port += uses_port
+    for model_id, raw in sorted(raw_models.items(), key=lambda e: e[0].encode()):
+        data, macros, uses_port = expand_model(model_id, raw, global_macros, kept.get(model_id, port), readers)
+        if uses_port:
+            config.ports[model_id] = kept.get(model_id, port)
+            port = port if model_id in kept else next(free)
         models[model_id] = (data, macros)
+    config.start_port = start
     return models
 
 
@@ -5786,8 +5801,8 @@ class ConfigSource:
     path: str | None
     directory: str | None
 
-    def load(self) -> Config:
-        return load_config(self.path, self.directory)
+    def load(self, previous: Config | None = None) -> Config:
+        return load_config(self.path, self.directory, previous)
 
     def snapshot(self) -> tuple:
         """Cheap fingerprint of the sources (§8): None for a missing file or a dir with no YAML."""
@@ -6138,7 +6153,7 @@ class Server:
             raise ConfigError("no config file to reload (started with --demo)")
         self.log.info("reloading configuration")
         try:
-            new = self.source.load()
+            new = self.source.load(self.config)
         except ConfigError as e:
             self.log.warn(f"failed to reload config: {e}")
             raise

@@ -177,3 +177,39 @@ async def test_unknown_keys_are_logged_at_start_with_the_key_probably_meant(star
     config["models"]["a"]["ttll"] = 5
     ls = start_llama_swap(config)
     assert "models.a.ttll: unknown key, did you mean 'ttl'?" in ls.output()
+
+
+async def test_a_new_model_that_sorts_first_moves_no_other_models_port(start_llama_swap, upstreams):
+    # Ports are handed out in model-ID order at the first load; a model added later takes a free
+    # port instead of shifting everyone's ${PORT} (which would restart every running model).
+    config = base_config(upstreams, m=(), n=())
+    start = config["startPort"]
+    ls = start_llama_swap(config)
+    async with aiohttp.ClientSession() as s:
+        for model in ("m", "n"):
+            assert (await chat(s, ls, model))[0] == 200
+        pids = {m: await upstream_pid(s, ls, m) for m in ("m", "n")}
+        config["models"]["a"] = {"cmd": upstreams.cmd(name="a")}
+        config["groups"]["all"]["members"].append("a")
+        write(ls, config)
+        status, body = await reload(s, ls)
+        assert status == 200, body
+        assert body["models"] == {"added": ["a"], "removed": [], "changed": [], "kept": ["m", "n"]}
+        assert {m: await upstream_pid(s, ls, m) for m in ("m", "n")} == pids
+        assert (await chat(s, ls, "a"))[0] == 200
+        ports = {}
+        for model in ("a", "m", "n"):
+            async with s.get(f"{ls.url}/upstream/{model}/_responder/info") as r:
+                ports[model] = (await r.json())["port"]
+        assert ports == {"m": start, "n": start + 1, "a": start + 2}
+
+        # A removed model's port is free for the next newcomer; the others stay where they are.
+        del config["models"]["m"]
+        config["models"]["b"] = {"cmd": upstreams.cmd(name="b")}
+        config["groups"]["all"]["members"] = ["a", "n", "b"]
+        write(ls, config)
+        status, body = await reload(s, ls)
+        assert body["models"] == {"added": ["b"], "removed": ["m"], "changed": [], "kept": ["a", "n"]}, body
+        assert (await chat(s, ls, "b"))[0] == 200
+        async with s.get(f"{ls.url}/upstream/b/_responder/info") as r:
+            assert (await r.json())["port"] == start
