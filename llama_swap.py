@@ -55,6 +55,7 @@ import posixpath
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -105,7 +106,37 @@ ANY_MACRO = re.compile(r"\$\{([^}]*)\}")
 
 
 class ConfigError(Exception):
-    """A config problem worded for the user: which key, of which model, is wrong and why."""
+    """Config problems worded for the user, one per line: which key, of which model, is wrong
+    and why."""
+
+    def __init__(self, *messages: str):
+        super().__init__("\n".join(messages))
+        self.messages = list(messages)
+
+    def within(self, where: str) -> ConfigError:
+        """The same errors, each naming the file (or directory) they were found in."""
+        return ConfigError(*(f"{where}: {message}" for message in self.messages))
+
+
+class ConfigErrors:
+    """The errors of one pass over the config, gathered so that a file with several mistakes
+    shows them all at once. A pass runs only on what passed the one before it, so an error is
+    never the echo of another."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    @contextlib.contextmanager
+    def gather(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as e:
+            self.messages += e.messages
+
+    def check(self) -> None:
+        """End of a pass: raise what it found."""
+        if self.messages:
+            raise ConfigError(*self.messages)
 
 
 @dataclass(frozen=True)
@@ -180,6 +211,7 @@ class ModelConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     ignore_websockets: bool = False
     vram: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes (None: all GPUs, split evenly)
+    problem: str = ""  # why it cannot start, where the original would load the file anyway; "" when it can
 
 
 @dataclass
@@ -290,6 +322,12 @@ class Config:
             if len(owners) == 1 and name not in routes:
                 routes[name] = owners[0]
         return routes
+
+    def notes(self) -> list[str]:
+        """What to warn of when this config is taken into use: unknown keys, ignored values, and
+        models that cannot start."""
+        broken = [f"{m.problem} ({m.id} cannot start until this is fixed)" for m in self.models.values() if m.problem]
+        return self.warnings + broken
 
     def resolves(self, name: str) -> bool:
         """Whether a name reaches a model: local ID, alias, peer FQN or unique bare peer name."""
@@ -443,7 +481,7 @@ def load_config(path: str | None = None, config_dir: str | None = None, previous
     try:
         return build_config(doc, previous)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise e.within(where) from None
 
 
 def read_sources(path: str | None, config_dir: str | None) -> list[tuple[str, dict]]:
@@ -470,7 +508,7 @@ def read_sources(path: str | None, config_dir: str | None) -> list[tuple[str, di
         try:
             doc = parse_yaml(text)
         except ConfigError as e:
-            raise ConfigError(f"{name}: {e}") from None
+            raise e.within(name) from None
         if doc is not None:
             documents.append((name, doc))
     return documents
@@ -659,53 +697,88 @@ TOP_LEVEL_KEYS = (
 
 
 def build_config(doc: dict, previous: Config | None = None) -> Config:
-    """The config in the original's three passes (§2.16), so the first error it would report is ours too:
-    macros and ports, then types, then values and cross-references. `previous`: the config a
+    """The config in the original's three passes (§2.16): macros and ports, then types, then values
+    and cross-references. Each pass reports every error it finds, in the order the original
+    checks, so its first line is the error the original would report. `previous`: the config a
     reload replaces, whose models keep their ports."""
     readers: list[ConfigReader] = []
-    global_macros = read_macros(ConfigReader(doc.get("macros"), "macros", readers))
+    errors = ConfigErrors()
+    global_macros = read_macros(ConfigReader(doc.get("macros"), "macros", readers))  # nothing expands without them
     expanded = {k: v if k in ("models", "macros") else expand_macros(v, global_macros) for k, v in doc.items()}
     top = ConfigReader(expanded, "", readers)
     top.asked.add("macros")
     config = Config(models={})
-    models = expand_models(top, global_macros, readers, config, previous)
+    models = expand_models(top, global_macros, readers, config, previous, errors)
     # Unknown top-level keys (a block of YAML anchors, say) are not checked for macros, as in the original.
     for key in TOP_LEVEL_KEYS:
         if key not in ("models", "macros"):
-            check_no_leftover_macros(top.data.get(key), key)
+            with errors.gather():
+                check_no_leftover_macros(top.data.get(key), key)
     for model_id, (data, _macros) in models.items():
         for key, value in data.items():
-            check_no_leftover_macros(value, f"models.{model_id}.{key}", in_model=True, allow_pid=key == "cmdStop")
+            with errors.gather():
+                check_no_leftover_macros(value, f"models.{model_id}.{key}", in_model=True, allow_pid=key == "cmdStop")
+    errors.check()
 
-    read_globals(top, config)
+    with errors.gather():
+        read_globals(top, config)
     nodes = {model_id: ConfigReader(data, f"models.{model_id}", readers) for model_id, (data, _) in models.items()}
-    config.models = {model_id: read_model(model_id, node, config) for model_id, node in nodes.items()}
-    peers = {peer_id: read_peer(peer_id, node) for peer_id, node in top.mapping("peers").children()}
-    check_profiles_are_mappings(top.mapping("profiles").data)
+    for model_id, node in nodes.items():
+        with errors.gather():
+            config.models[model_id] = read_model(model_id, node, config)
+    peers = {}
+    with errors.gather():
+        for peer_id, node in top.mapping("peers").children():
+            with errors.gather():
+                peers[peer_id] = read_peer(peer_id, node)
+    with errors.gather():
+        check_profiles_are_mappings(top.mapping("profiles").data)
+    errors.check()
 
-    check_globals(top, config)
-    config.aliases = collect_aliases(config.models)
-    for model_id, model in config.models.items():
-        check_model(model, nodes[model_id])
-        register_set_params_aliases(model, config)
-    config.routing = read_routing(top, config)
-    config.preload = read_preload(top, config)
-    config.api_keys = read_keys(top, "apiKeys")
-    config.admin_keys = read_keys(top, "adminKeys")
-    config.peers = peers
-    selectors = top.mapping("selectors")
-    profiles = top.data.get("profiles") or {}
-    pin_names = {str(pin) for p in profiles.values() if isinstance(p, dict) for pin in (p.get("pins") or {})}
-    check_peer_namespace(config, set(selectors.data), pin_names)
-    config.selectors = {sid: read_selector(sid, node, config, set(selectors.data)) for sid, node in selectors.children()}
-    config.profiles = read_profiles(top.mapping("profiles"), config)
+    check_values(top, config, nodes, peers, errors)
+    errors.check()
     top.raw("logRequests")  # accepted and unused, as in the original
     config.warnings = top.unknown_key_warnings() + config.warnings
     return config
 
 
+def check_values(top: ConfigReader, config: Config, nodes: Mapping[str, ConfigReader], peers: dict[str, PeerConfig],
+                 errors: ConfigErrors) -> None:
+    """The third pass: values and cross-references, in the original's order. Names that
+    selectors and profiles refer to are checked only once what they name was read cleanly."""
+    check_globals(top, config, errors)
+    with errors.gather():
+        config.aliases = collect_aliases(config.models)
+    for model_id, model in config.models.items():
+        with errors.gather():
+            check_model(model, nodes[model_id])
+            register_set_params_aliases(model, config)
+    names_read = len(errors.messages)
+    with errors.gather():
+        config.routing = read_routing(top, config)
+    with errors.gather():
+        config.preload = read_preload(top, config)
+    for key in ("apiKeys", "adminKeys"):
+        with errors.gather():
+            setattr(config, "api_keys" if key == "apiKeys" else "admin_keys", read_keys(top, key))
+    config.peers = peers
+    selectors = top.mapping("selectors")
+    profiles = top.data.get("profiles") or {}
+    pin_names = {str(pin) for p in profiles.values() if isinstance(p, dict) for pin in (p.get("pins") or {})}
+    with errors.gather():
+        check_peer_namespace(config, set(selectors.data), pin_names)
+    if len(errors.messages) > names_read:
+        return
+    for selector_id, node in selectors.children():
+        with errors.gather():
+            config.selectors[selector_id] = read_selector(selector_id, node, config, set(selectors.data))
+    if len(errors.messages) == names_read:
+        with errors.gather():
+            config.profiles = read_profiles(top.mapping("profiles"), config)
+
+
 def expand_models(top: ConfigReader, global_macros: list, readers: list, config: Config,
-                  previous: Config | None) -> dict[str, tuple[dict, list]]:
+                  previous: Config | None, errors: ConfigErrors) -> dict[str, tuple[dict, list]]:
     """Every model's data with its macros and ${PORT} applied, in model-ID order (§2.6).
 
     On a reload (`previous` given, same startPort) a model keeps the port it had and a new one
@@ -719,11 +792,12 @@ def expand_models(top: ConfigReader, global_macros: list, readers: list, config:
     port = next(free)
     models = {}
     for model_id, raw in sorted(raw_models.items(), key=lambda e: e[0].encode()):
-        data, macros, uses_port = expand_model(model_id, raw, global_macros, kept.get(model_id, port), readers)
-        if uses_port:
-            config.ports[model_id] = kept.get(model_id, port)
-            port = port if model_id in kept else next(free)
-        models[model_id] = (data, macros)
+        with errors.gather():
+            data, macros, uses_port = expand_model(model_id, raw, global_macros, kept.get(model_id, port), readers)
+            if uses_port:
+                config.ports[model_id] = kept.get(model_id, port)
+                port = port if model_id in kept else next(free)
+            models[model_id] = (data, macros)
     config.start_port = start
     return models
 
@@ -767,30 +841,34 @@ def read_globals(top: ConfigReader, config: Config) -> None:
         headers.asked.add("session_id")
 
 
-def check_globals(top: ConfigReader, config: Config) -> None:
-    performance = top.mapping("performance")
+def check_globals(top: ConfigReader, config: Config, errors: ConfigErrors) -> None:
+    """The global values, each on its own, so that every bad one is reported."""
+    with errors.gather():
+        config.performance_every = read_performance_every(top.mapping("performance"))
+    bounds = (("maxRequestBodyMB", config.max_request_body_mb < 1, f"must be at least 1, got {config.max_request_body_mb}"),
+              ("startPort", top.integer("startPort", DEFAULT_START_PORT) < 1, "must be greater than 1"),
+              ("globalTTL", config.global_ttl < 0, "must be >= 0"),
+              ("unloadTimeout", config.unload_timeout < 0, "must be >= 0"))
+    errors.messages += [str(top.error(key, message)) for key, bad, message in bounds if bad]
+    config.unload_timeout = config.unload_timeout or DEFAULT_UNLOAD_TIMEOUT
+    with errors.gather():
+        config.store_path = read_store_path(top)
+    if config.log_to_stdout not in LOG_TO_STDOUT:
+        errors.messages.append(str(top.error("logToStdout", f"must be one of: {', '.join(LOG_TO_STDOUT)}")))
+    for model in config.models.values():  # model defaults that come from globals
+        model.ttl = max(config.global_ttl, 0) if model.ttl == -1 else model.ttl  # a bad globalTTL is reported once
+        model.unload_timeout = model.unload_timeout or config.unload_timeout
+
+
+def read_performance_every(performance: ConfigReader) -> float:
     every = performance.string("every", "5s")
     try:
-        config.performance_every = parse_go_duration(every)
+        seconds = parse_go_duration(every)
     except ValueError as e:
         raise performance.error("every", str(e)) from None
-    if config.performance_every < 5:
-        raise performance.error("every", f"must be at least 5s, got {go_duration(config.performance_every)}")
-    if config.max_request_body_mb < 1:
-        raise top.error("maxRequestBodyMB", f"must be at least 1, got {config.max_request_body_mb}")
-    if top.integer("startPort", DEFAULT_START_PORT) < 1:
-        raise top.error("startPort", "must be greater than 1")
-    if config.global_ttl < 0:
-        raise top.error("globalTTL", "must be >= 0")
-    if config.unload_timeout < 0:
-        raise top.error("unloadTimeout", "must be >= 0")
-    config.unload_timeout = config.unload_timeout or DEFAULT_UNLOAD_TIMEOUT
-    config.store_path = read_store_path(top)
-    if config.log_to_stdout not in LOG_TO_STDOUT:
-        raise top.error("logToStdout", f"must be one of: {', '.join(LOG_TO_STDOUT)}")
-    for model in config.models.values():  # model defaults that come from globals
-        model.ttl = config.global_ttl if model.ttl == -1 else model.ttl
-        model.unload_timeout = model.unload_timeout or config.unload_timeout
+    if seconds < 5:
+        raise performance.error("every", f"must be at least 5s, got {go_duration(seconds)}")
+    return seconds
 
 
 def dedupe_case_insensitive(names: Iterable[str]) -> list[str]:
@@ -966,7 +1044,11 @@ def read_timeouts(node: ConfigReader, defaults: Timeouts) -> Timeouts:
 
 
 def check_model(model: ModelConfig, node: ConfigReader) -> None:
-    """Value checks for one model, in the original's order; each error names models.<id>.<key>."""
+    """Value checks for one model, in the original's order; each error names models.<id>.<key>.
+
+    What the original finds only when it starts the model (a cmd that is only comments, an env
+    entry without `=`, a proxy that is not an http URL) does not refuse the file: the model is
+    loaded broken, a warning says why, and its requests fail with that until it is fixed."""
     if model.ttl < 0:
         raise node.error("ttl", f"invalid TTL value {model.ttl}")
     if model.unload_timeout < 0:
@@ -978,15 +1060,19 @@ def check_model(model: ModelConfig, node: ConfigReader) -> None:
                 raise caps.error(key, f'invalid modality "{value}", must be one of: {", ".join(MODALITIES)}')
     if model.capabilities.context < 0:
         raise caps.error("context", "must be >= 0")
+    model.problem = "; ".join(launch_problems(model, node))
+
+
+def launch_problems(model: ModelConfig, node: ConfigReader) -> Iterator[str]:
     if not valid_http_url(model.proxy):
-        raise node.error("proxy", f"invalid proxy URL {model.proxy!r} (expected http://host:port)")
+        yield str(node.error("proxy", f"invalid proxy URL {model.proxy!r} (expected http://host:port)"))
     try:
         split_command(model.cmd)
     except ValueError:
-        raise node.error("cmd", "is required (the command that starts the model's server)") from None
+        yield str(node.error("cmd", "is required (the command that starts the model's server)"))
     for entry in model.env:
         if "=" not in entry:
-            raise node.error("env", f"entry {entry!r} must look like KEY=VALUE")
+            yield str(node.error("env", f"entry {entry!r} must look like KEY=VALUE"))
 
 
 def valid_http_url(text: str) -> bool:
@@ -1099,7 +1185,7 @@ def read_matrix(node: ConfigReader, config: Config) -> Matrix:
     try:
         return _read_matrix(node, config)
     except ConfigError as e:
-        raise ConfigError(f"{node.path}: {e}") from None
+        raise e.within(node.path) from None
 
 
 def _read_matrix(node: ConfigReader, config: Config) -> Matrix:
@@ -2970,6 +3056,9 @@ class Scheduler:
         model = ticket.model
         if model not in self.processes:  # removed by a reload while this request was read
             ticket.future.set_exception(SchedulerError("model was removed from the config by a reload"))
+            return True
+        if problem := self.processes[model].model.problem:  # nothing is stopped for a start that cannot be
+            ticket.future.set_exception(SchedulerError(f"model {model} cannot start until its config is fixed: {problem}"))
             return True
         if self._wanted_gone(ticket):  # even a start under way takes no more: the bound is kept
             return False  # a request ahead has waited max_wait for this model to stop
@@ -5612,6 +5701,24 @@ def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | No
     return web.Response(status=status, text=go_json(value) + "\n", content_type="application/json", headers=headers)
 
 
+def unknown_model_message(name: str, config: Config) -> str:
+    """The original's words, then the name asked for and the listed names closest to it (or
+    some of them, where none is close): a typo is seen at once."""
+    listed = [m.id for m in config.models.values() if not m.unlisted]
+    listed += [a for m in config.models.values() if not m.unlisted for a in m.aliases]
+    listed += [s.id for s in config.selectors.values() if not s.unlisted] + list(config.peer_routes)
+    by_folded = {n.casefold(): n for n in sorted(listed, reverse=True)}
+    close = []
+    if len(name) <= 64:  # matching costs length squared: no suggestions for a name nobody typed
+        close = [by_folded[c] for c in difflib.get_close_matches(name.casefold(), by_folded, n=3, cutoff=0.5)]
+    shown = json.dumps(name if len(name) <= 100 else name[:100] + "...")
+    if close:
+        return f"no router for requested model {shown}; closest configured: {', '.join(close)}"
+    names = sorted(set(listed), key=str.casefold)
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return f"no router for requested model {shown}; configured: {', '.join(names[:10]) or 'none'}{more}"
+
+
 def error_response(request: web.BaseRequest, status: int, message: str) -> web.Response:
     """The original's error reply, in the form the client's Accept header asks for (§4.11)."""
     accept = request.headers.get("Accept", "")
@@ -6190,8 +6297,8 @@ class Server:
         self.scheduler.max_wait, self.scheduler.min_residency = new.routing.max_wait, new.routing.min_residency
         self.scheduler.retire(retire)
         self._preload()
-        for warning in new.warnings:
-            self.log.warn(f"config: {warning}")
+        for note in new.notes():
+            self.log.warn(f"config: {note}")
         self.log.info("configuration reloaded: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
         self.events.publish("profileChanged", {"active": None})
         self._publish_statuses()
@@ -6326,7 +6433,7 @@ class Server:
         """A model another server has: forwarded at once, no queue, no limit (§4.8)."""
         route = self.config.peer_routes.get(name)
         if route is None:
-            raise ApiError(404, "no router for requested model")
+            raise ApiError(404, unknown_model_message(name, self.config))
         peer = self.config.peers[route[0]]
         path_qs = forwarded_path(request)
         if route[1] != requested:  # the peer knows the model by its own name
@@ -6865,6 +6972,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="path to the YAML config file")
     parser.add_argument("--config-dir", default="", help="directory of *.yml/*.yaml files merged after --config")
     parser.add_argument("--check-config", action="store_true", help="validate the config, print a summary and exit")
+    parser.add_argument("--strict", action="store_true",
+                        help="warnings are errors: --check-config fails on them, and so does a start")
     parser.add_argument("--watch-config", action="store_true", help="reload the config when its files change")
     parser.add_argument("--listen", default="", help="listen address HOST:PORT (default :8080, or :8443 with TLS)")
     parser.add_argument("--tls-cert-file", default="", help="TLS certificate file")
@@ -7006,16 +7115,56 @@ def group_record_path(host: str | None, port: int) -> str:
     return os.path.join(base, "llama-swap-py", f"process-groups-{address}-{port}.json")
 
 
-def describe_config(config: Config, source: str) -> str:
-    """The effective config in a few lines, for --check-config: what would run, and how."""
-    lines = [f"config OK: {source}: {len(config.models)} models, {len(config.peers)} peers, router {config.routing.router}"]
-    lines += [f"warning: {w}" for w in config.warnings]
+def check_config(config: Config, source: str, strict: bool) -> int:
+    """--check-config: the effective config on stdout, each model that cannot start on stderr
+    (named as a start-up error would be), and an exit status that says whether it passed;
+    --strict fails it on warnings too. Piped into `head`, it stops quietly."""
+    warnings = config.warnings + missing_programs(config)
+    errors = [m.problem for m in config.models.values() if m.problem]
+    verdict = ("config has errors" if errors else "config has warnings (--strict)" if strict and warnings
+               else "config OK")
+    try:
+        print(describe_config(config, f"{verdict}: {source}", warnings), flush=True)
+        for error in errors:
+            print(f"llama-swap: {source}: {error}", file=sys.stderr)
+    except BrokenPipeError:  # the reader has seen enough; nothing is left to say at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0 if verdict == "config OK" else 1
+
+
+def missing_programs(config: Config) -> list[str]:
+    """A warning for each model whose program is not found where it would be run from."""
+    warnings = []
+    for model_id in sorted(config.models, key=str.encode):
+        model = config.models[model_id]
+        if model.problem:
+            continue
+        program = split_command(model.cmd)[0]
+        search = next((e.split("=", 1)[1] for e in reversed(model.env) if e.startswith("PATH=")), None)
+        if shutil.which(program, path=search) is None:
+            where = "is not an executable file" if "/" in program else "is not found on PATH"
+            warnings.append(f"models.{model_id}.cmd: program {program!r} {where}")
+    return warnings
+
+
+def quoted_command(command: str) -> str:
+    """A cmd as a shell would need it typed: the words it is split into, quoted where needed."""
+    try:
+        return shlex.join(split_command(command))
+    except ValueError:
+        return "(none)"
+
+
+def describe_config(config: Config, headline: str, warnings: list[str]) -> str:
+    """The effective config in a few lines: what would run, and how."""
+    lines = [f"{headline}: {len(config.models)} models, {len(config.peers)} peers, router {config.routing.router}"]
+    lines += [f"warning: {w}" for w in warnings]
     for model_id in sorted(config.models, key=str.encode):
         model = config.models[model_id]
         extras = [f"aliases {', '.join(model.aliases)}"] if model.aliases else []
         extras += [f"ttl {model.ttl}s"] if model.ttl else []
         lines.append(f"model {model_id}: proxy {model.proxy}" + "".join(f", {e}" for e in extras))
-        lines.append(f"  cmd: {' '.join(split_command(model.cmd))}")
+        lines.append(f"  cmd: {quoted_command(model.cmd)}")
     for group in config.routing.groups:
         if group.members:
             rules = ", ".join(k for k in ("swap", "exclusive", "persistent") if getattr(group, k))
@@ -7047,11 +7196,15 @@ def main(argv: list[str] | None = None) -> int:
         host, port = parse_listen(args.listen or ("localhost:8080" if args.demo else ":8443" if args.tls_cert_file else ":8080"))
         config = parse_config(demo_config()) if args.demo else load_config(args.config, args.config_dir)
     except (ConfigError, ValueError) as e:
-        print(f"llama-swap: {e}", file=sys.stderr)
+        print("\n".join(f"llama-swap: {message}" for message in getattr(e, "messages", [str(e)])), file=sys.stderr)
         return 1
     if args.check_config:
-        print(describe_config(config, args.config or args.config_dir))
-        return 0
+        return check_config(config, args.config or args.config_dir, args.strict)
+    if args.strict and config.notes():
+        where = args.config or args.config_dir or "--demo"
+        print("\n".join(f"llama-swap: {where}: {note}" for note in config.notes()), file=sys.stderr)
+        print("llama-swap: not starting: --strict makes these errors", file=sys.stderr)
+        return 1
     ssl_context = None
     if args.tls_cert_file:
         import ssl
@@ -7064,8 +7217,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     log = ProxyLog(config.log_level, config.log_to_stdout, config.log_time_format)
     log.debug(f"PID: {os.getpid()}")
-    for warning in config.warnings:
-        log.warn(f"config: {warning}")
+    for note in config.notes():
+        log.warn(f"config: {note}")
     if args.demo:
         log.info(f"demo mode: {', '.join(config.models)} are served by the built-in fake upstream; "
                  f"open http://{host or 'localhost'}:{port}/ui/")

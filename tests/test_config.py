@@ -116,11 +116,8 @@ def test_env_macros_are_substituted_before_parsing(monkeypatch):
 @pytest.mark.parametrize("yaml_text, message", [
     ("models:\n  m: {cmd: srv, proxy: 'http://h:1', ttl: abc}\n", "models.m.ttl: expected an integer"),
     ("models:\n  m: {cmd: 'srv --port 1'}\n", "models.m.proxy: uses ${PORT} but cmd does not"),
-    ("models:\n  m: {proxy: 'http://x:1'}\n", "models.m.cmd: is required"),
     ("models:\n  m: {cmd: 'srv ${nope}', proxy: 'http://h:1'}\n", "models.m.cmd: unknown macro '${nope}'"),
     ("models:\n  m: {cmd: 'srv --port ${PORT}', cmdStop: 'kill ${PORT} ${PID} ${x}'}\n", "models.m.cmdStop: unknown macro '${x}'"),
-    ("models:\n  m: {cmd: 'srv --port ${PORT}', proxy: 'not a url'}\n", "models.m.proxy: invalid proxy URL"),
-    ("models:\n  m: {cmd: 'srv --port ${PORT}', env: [NOEQUALS]}\n", "models.m.env: entry 'NOEQUALS' must look like KEY=VALUE"),
     ("models:\n  m: {cmd: 'srv --port ${PORT}', unloadTimeout: -1}\n", "models.m.unloadTimeout: invalid unloadTimeout value -1"),
     ("models:\n  a: {cmd: 'srv --port ${PORT}', aliases: [x]}\n  b: {cmd: 'srv --port ${PORT}', aliases: [x]}\n",
      "models.b.aliases: duplicate alias 'x'"),
@@ -137,6 +134,34 @@ def test_config_errors_name_the_key(yaml_text, message):
         parse_config(yaml_text)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("models:\n  m: {proxy: 'http://x:1'}\n", "models.m.cmd: is required"),
+    ("models:\n  m: {cmd: '# only a comment', proxy: 'http://x:1'}\n", "models.m.cmd: is required"),
+    ("models:\n  m: {cmd: 'srv --port ${PORT}', proxy: 'not a url'}\n", "models.m.proxy: invalid proxy URL"),
+    ("models:\n  m: {cmd: 'srv --port ${PORT}', env: [NOEQUALS]}\n", "models.m.env: entry 'NOEQUALS' must look like KEY=VALUE"),
+])
+def test_what_the_original_finds_only_at_start_leaves_the_model_loaded_but_broken(yaml_text, message):
+    config = parse_config(yaml_text + "  ok: {cmd: 'srv --port ${PORT}'}\n")
+    assert message in config.models["m"].problem and not config.models["ok"].problem
+    assert any(message in note and "m cannot start until this is fixed" in note for note in config.notes())
+
+
+def test_every_error_of_a_pass_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:  # types
+        parse_config("startPort: abc\nmodels:\n  a: {cmd: 'srv --port ${PORT}', ttl: soon}\n"
+                     "  b: {cmd: 'srv --port ${PORT}', unlisted: maybe}\n")
+    assert [m.split(":")[0] for m in error.value.messages] == ["startPort", "models.a.ttl", "models.b.unlisted"]
+    with pytest.raises(ConfigError) as error:  # values and cross-references, in the original's order
+        parse_config("globalTTL: -1\nmodels:\n  a: {cmd: 'srv --port ${PORT}', ttl: -5}\n"
+                     "  b: {cmd: 'srv --port ${PORT}', capabilities: {in: [video]}}\n"
+                     "groups: {g: {members: [a, zz]}}\napiKeys: ['']\n")
+    messages = error.value.messages
+    assert len(messages) == 5, messages
+    for message, needle in zip(messages, ["globalTTL", "invalid TTL value -5", "invalid modality", 'no model config for "zz"',
+                                          "empty api key"]):
+        assert needle in message, messages
 
 
 @pytest.mark.parametrize("seconds, text", [(15, "15s"), (120, "2m0s"), (3600, "1h0m0s"), (1.5, "1.5s"), (0.25, "250ms"), (90, "1m30s")])

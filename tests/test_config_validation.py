@@ -17,9 +17,10 @@ import textwrap
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port
+from conftest import ROOT, ServerProcess, chat, free_port, running
 from llama_swap import ConfigError, load_config, parse_config
 
 PY = sys.executable
@@ -36,12 +37,12 @@ def load(yaml_text: str):
 
 
 def error_of(yaml_text: str) -> str:
+    """The first error reported: the one the original reports (later lines are every other one)."""
     with pytest.raises(ConfigError) as error:
         parse_config(text_of(yaml_text))
-    message = str(error.value)
-    assert "\n" not in message, message
-    assert message.strip(), "empty error message"
-    return message
+    messages = error.value.messages
+    assert messages and all(m.strip() and "\n" not in m for m in messages), messages
+    return messages[0]
 
 
 def assert_error(yaml_text: str, needles: list[str]) -> None:
@@ -1055,6 +1056,100 @@ def test_check_config_with_a_bad_config_dir_prints_one_line(tmp_path, setup, nee
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_reports_every_error_at_once(tmp_path):
+    config = write(tmp_path, "config.yaml", """
+        startPort: abcd
+        models:
+          a: {cmd: "srv --port ${PORT}", ttl: soon}
+          b: {cmd: "srv --port ${PORT}", aliases: just-one}
+        """)
+    result = run_cli("--config", str(config), "--check-config")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[2] for line in lines] == ["startPort", "models.a.ttl", "models.b.aliases"], lines
+    assert all(line.startswith(f"llama-swap: {config}: ") for line in lines)
+
+
+def test_check_config_warns_of_a_program_it_cannot_find_and_strict_fails_on_it(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "my-server").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "my-server").chmod(0o755)
+    config = write(tmp_path, "config.yaml", f"""
+        models:
+          missing: {{cmd: "no-such-server-ls-test --port ${{PORT}}"}}
+          found: {{cmd: "my-server --port ${{PORT}}", env: ["PATH={tmp_path / 'bin'}"]}}
+          absolute: {{cmd: "{tmp_path}/nope/server --port ${{PORT}}"}}
+        """)
+    result = run_cli("--config", str(config), "--check-config")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: models.absolute.cmd: program '{tmp_path}/nope/server' is not an executable file",
+                        "warning: models.missing.cmd: program 'no-such-server-ls-test' is not found on PATH"], result.stdout
+    assert result.stdout.startswith("config OK: ")
+    strict = run_cli("--config", str(config), "--check-config", "--strict")
+    assert strict.returncode == 1 and strict.stdout.startswith("config has warnings (--strict): ")
+    assert "Traceback" not in strict.stdout + strict.stderr
+
+
+def test_check_config_prints_commands_with_their_quoting(tmp_path):
+    config = write(tmp_path, "config.yaml", """
+        models:
+          m:
+            cmd: |
+              srv --port ${PORT}
+                --prompt 'two words' --empty "" --dollar '$HOME'
+        """)
+    result = run_cli("--config", str(config), "--check-config")
+    assert "  cmd: srv --port 5800 --prompt 'two words' --empty '' --dollar '$HOME'" in result.stdout.splitlines(), result.stdout
+
+
+def test_check_config_piped_into_head_stops_quietly(tmp_path):
+    models = "".join(f"  model-{i}: {{cmd: 'srv --port ${{PORT}} --a-long-argument-{i}'}}\n" for i in range(3000))
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n" + models)
+    result = subprocess.run(f"'{PY}' -m llama_swap --config '{config}' --check-config | head -1", shell=True, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("config OK: ") and len(result.stdout.splitlines()) == 1
+    assert result.stderr == "", result.stderr
+
+
+def test_check_config_and_strict_refuse_models_that_cannot_start(tmp_path):
+    config = write(tmp_path, "config.yaml", """
+        models:
+          ok: {cmd: "srv --port ${PORT}"}
+          comment-only: {cmd: "# to be filled in", proxy: "http://127.0.0.1:9"}
+        """)
+    result = run_cli("--config", str(config), "--check-config")
+    assert result.returncode == 1 and result.stdout.startswith("config has errors: ")
+    assert result.stderr.splitlines() == [f"llama-swap: {config}: models.comment-only.cmd: is required "
+                                          "(the command that starts the model's server)"]
+    started = run_cli("--config", str(config), "--strict", "--listen", f"127.0.0.1:{free_port()}")
+    assert started.returncode == 1 and "models.comment-only.cmd" in started.stderr
+    assert "not starting: --strict" in started.stderr and "listening" not in started.stdout
+
+
+async def test_a_config_the_original_runs_starts_and_its_broken_models_answer_why(start_llama_swap, upstreams):
+    # The original loads these and fails only the model, when it is asked for: so do we, without
+    # stopping what runs for a start that cannot happen.
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {
+        "ok": {"cmd": upstreams.cmd(name="ok")},
+        "comment-only": {"cmd": "# llama-server --port ${PORT} -m model.gguf\n", "proxy": "http://127.0.0.1:9"},
+        "no-equals": {"cmd": upstreams.cmd(name="no-equals"), "env": ["CUDA_VISIBLE_DEVICES"]},
+    }})
+    for model, key in (("comment-only", "cmd"), ("no-equals", "env")):
+        assert f"config: models.{model}.{key}: " in ls.output() and f"({model} cannot start until this is fixed)" in ls.output()
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "ok"))[0] == 200
+        pid = (await running(s, ls))[0]
+        for model, key in (("comment-only", "cmd"), ("no-equals", "env")):
+            status, body = await chat(s, ls, model)
+            assert status == 500, body
+            assert body["error"]["message"].startswith(f"unspecific error: model {model} cannot start until its config is "
+                                                       f"fixed: models.{model}.{key}: ")
+        assert await running(s, ls) == [pid], "a start that cannot happen stopped the running model"
+    assert len(upstreams.pids()) == 1
 
 
 def get_json(url: str):

@@ -31,7 +31,7 @@ async def test_profile_pins_route_a_name_to_another_model_while_active(start_lla
             assert await r.json() == {"active": None, "profiles": [
                 {"id": "coding", "description": "code helpers", "pins": {"public": "b", "off": ""}}]}
         status, body = await chat(s, ls, "public")
-        assert status == 404 and body["error"]["message"] == "no router for requested model"
+        assert status == 404 and body["error"]["message"].startswith('no router for requested model "public"')
 
         assert await put_profile(s, ls, {"name": "coding"}) == (200, {"active": "coding"})
         status, body = await chat(s, ls, "public")

@@ -223,7 +223,7 @@ def test_check_config_rejects_a_cmd_that_splits_to_nothing(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output, output
-    lines = [line for line in output.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, output
     assert "models.m.cmd" in lines[0], output
 

@@ -265,6 +265,18 @@ async def test_alias_is_served_by_the_real_model_and_body_keeps_the_alias(start_
 # -- 6. error envelopes and the mux's own 404/405 ----------------------------------------------
 
 
+async def test_an_unknown_model_is_named_with_the_closest_configured_names(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, {"qwen3-8b": {"aliases": ["gpt-4o-mini"]}, "llama3": {},
+                                             "secret": {"unlisted": True}}))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for asked, expected in (("Qwen3-8B", '"Qwen3-8B"; closest configured: qwen3-8b'),
+                                ("gpt4o", '"gpt4o"; closest configured: gpt-4o-mini'),
+                                ("secrets", '"secrets"; configured: gpt-4o-mini, llama3, qwen3-8b')):
+            status, body = await post_json(s, ls.url + "/v1/chat/completions", {"model": asked, "messages": []})
+            assert status == 404 and body["error"]["message"] == f"no router for requested model {expected}", body
+    assert upstreams.pids() == []
+
+
 async def test_error_envelopes_and_plain_404_405(start_llama_swap, upstreams):
     ls = start_llama_swap(config(upstreams, {"a": {}}))
     chat = ls.url + "/v1/chat/completions"
@@ -272,7 +284,7 @@ async def test_error_envelopes_and_plain_404_405(start_llama_swap, upstreams):
         async with s.post(chat, json={"model": "nope", "messages": []}) as r:
             assert r.status == 404
             assert r.headers["Content-Type"].startswith("application/json")
-            assert await r.text() == envelope("no router for requested model")
+            assert await r.text() == envelope('no router for requested model "nope"; configured: a')
 
         async with s.post(chat, json={"messages": []}) as r:
             assert r.status == 404
@@ -286,7 +298,7 @@ async def test_error_envelopes_and_plain_404_405(start_llama_swap, upstreams):
         async with s.post(chat, json={"model": "nope"}, headers={"Accept": "text/plain"}) as r:
             assert r.status == 404
             assert r.headers["Content-Type"].startswith("text/plain")
-            assert await r.text() == "llama-swap: no router for requested model"
+            assert await r.text() == 'llama-swap: no router for requested model "nope"; configured: a'
 
         async with s.post(chat, json={}, headers={"Accept": "text/plain"}) as r:
             assert r.status == 404
