@@ -2179,6 +2179,11 @@ def load_eta(elapsed: float, progress: float | None, past: Sequence[float]) -> f
     return usual - elapsed if usual is not None and usual > elapsed else None
 
 
+# How a stop is announced in the log, by its reason (the metrics' label).
+STOP_REASONS = {"swap": "swapped out to make room", "unload": "unloaded on request",
+                "reload": "changed or removed by a config reload", "shutdown": "llama-swap is shutting down"}
+
+
 class ModelProcess:
     """One model's upstream server and its lifecycle: stopped -> starting -> ready -> stopping.
 
@@ -2256,6 +2261,8 @@ class ModelProcess:
         self.stop_reason = self.stop_reason or reason
         while self.state != STOPPED:
             if self.state == STARTING:
+                if not self._loading.done():
+                    self._say_stop("start aborted")
                 self._loading.cancel()  # too late if loading just finished: then it is READY next time round
                 with contextlib.suppress(StartError):
                     await asyncio.shield(self._starting)
@@ -2268,9 +2275,14 @@ class ModelProcess:
         """Start stopping a ready server now: from this moment it is STOPPING, so no new request
         can be handed to it (the scheduler decides synchronously, before any task runs)."""
         self.stop_reason = self.stop_reason or reason
+        self._say_stop("stopping")
         self._stopping = asyncio.create_task(self._run_stop(timeout))
         self._set_state(STOPPING)
         return self._stopping
+
+    def _say_stop(self, what: str) -> None:
+        if because := STOP_REASONS.get(self.stop_reason):  # a TTL stop has the original's own line
+            self.log.info(f"<{self.model.id}> {what}: {because}")
 
     def kill_now(self) -> None:
         """SIGKILL the whole group at once: for a forced exit, where nothing may be left behind."""
@@ -2289,6 +2301,7 @@ class ModelProcess:
         else:
             self.ready_since = time.monotonic()
             self.load_times.append(self.ready_since - self.load_began)
+            self.log.info(f"<{self.model.id}> ready, loaded in {self.load_times[-1]:.2f}s")
             self._set_state(READY)
             return
         await self._terminate(ABORTED_START_GRACE)
@@ -2351,8 +2364,19 @@ class ModelProcess:
         while chunk := await reader.read(65536):
             self.output.write(chunk)
             if self.state == STARTING:
+                before = self.load_progress.value
                 self.load_progress.feed(chunk)
+                self._say_progress(before)
             self._wake.set()
+
+    def _say_progress(self, before: float | None) -> None:
+        """A line when a load's progress is first known, and at each further quarter."""
+        now = self.load_progress.value
+        if now is None or now >= 1 or (before is not None and int(now * 4) <= int(before * 4)):
+            return
+        status = self.load_status() or {}
+        eta = f", about {math.ceil(status['eta_s'])}s left" if status.get("eta_s") is not None else ""
+        self.log.info(f"<{self.model.id}> loading: {now:.0%}{eta}")
 
     async def _watch_exit(self, run: Run) -> None:
         code = await run.proc.wait()
@@ -2386,7 +2410,8 @@ class ModelProcess:
                 raise StartError(await self._premature_exit_message(proc.returncode))
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise StartError(f"health check timed out after {go_duration(self.model.health_check_timeout)}")
+                raise StartError(f"health check timed out after {go_duration(self.model.health_check_timeout)}"
+                                 f"{self._output_tail()}")
             pause = min(health_poll_interval(loop.time() - began), remaining)
             # A chatty loader wakes us on every line: probe no more often than MIN_PROBE_GAP then.
             await asyncio.sleep(min(MIN_PROBE_GAP, pause))
@@ -2403,9 +2428,12 @@ class ModelProcess:
     async def _premature_exit_message(self, code: int) -> str:
         # The exit can be seen before the last output is read: give the reader a moment to finish.
         await asyncio.wait({self._run.reader}, timeout=1.0)
+        return f"upstream command exited prematurely with exit status {code}{self._output_tail()}"
+
+    def _output_tail(self) -> str:
+        """The last lines this run printed, to end a start error with: usually the reason."""
         lines = self.output.history.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
-        tail = ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
-        return f"upstream command exited prematurely with exit status {code}{tail}"
+        return ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
 
     async def _run_stop(self, timeout: float) -> None:
         try:
@@ -2909,13 +2937,16 @@ class ConcurrencyLimited(SchedulerError):
 
 
 class Ticket:
-    """One request waiting for its model. Its future is resolved by a grant or an error."""
+    """One request waiting for its model. Its future is resolved by a grant or an error. `why`
+    names the request (`POST /v1/chat/completions from 10.0.0.7`, `preload`), for the log line
+    of a start it causes."""
 
-    __slots__ = ("model", "priority", "future", "since")
+    __slots__ = ("model", "priority", "why", "future", "since")
 
-    def __init__(self, model: str, priority: int = 0):
+    def __init__(self, model: str, priority: int = 0, why: str = "a request"):
         self.model = model
         self.priority = priority
+        self.why = why
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
         self.since = time.monotonic()
 
@@ -2976,10 +3007,10 @@ class Scheduler:
         self.on_refuse: Callable[[str], None] = lambda model: None
 
     @contextlib.asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[ModelProcess]:
+    async def lease(self, model: str, why: str = "a request") -> AsyncIterator[ModelProcess]:
         """The model's process, ready and counted as serving until the block ends."""
         with self.admitted(model):
-            async with self.granted(self.ticket(model)) as process:
+            async with self.granted(self.ticket(model, why)) as process:
                 yield process
 
     @contextlib.contextmanager
@@ -2998,8 +3029,8 @@ class Scheduler:
         finally:
             self.reserved[model] -= 1
 
-    def ticket(self, model: str) -> Ticket:
-        return Ticket(model, self.priority.get(model, 0))
+    def ticket(self, model: str, why: str = "a request") -> Ticket:
+        return Ticket(model, self.priority.get(model, 0), why)
 
     @contextlib.asynccontextmanager
     async def granted(self, ticket: Ticket) -> AsyncIterator[ModelProcess]:
@@ -3083,6 +3114,8 @@ class Scheduler:
         self.swaps[model] = swap
         if explanation := self.policy.explain(model, self.running()):
             self.log.info(explanation)
+        making_room = f", stopping {', '.join(sorted(evict))} to make room" if evict else ""
+        self.log.info(f"<{model}> starting for {ticket.why}{making_room}")
         swap.task = asyncio.create_task(self._run_swap(swap))
         return True
 
@@ -3711,6 +3744,11 @@ COPY_LIMIT = 64 * 1024 * 1024
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 
 
+def request_label(request: web.BaseRequest) -> str:
+    """`POST /v1/chat/completions from 10.0.0.7`: a request as a log line names it."""
+    return printable(f"{request.method} {request.path[:200]} from {client_ip(request)[:64]}")
+
+
 def client_ip(request: web.BaseRequest) -> str:
     forwarded = request.headers.get("X-Forwarded-For", "")
     if forwarded:
@@ -3769,6 +3807,7 @@ class Exchange:
     first_byte_after: float | None = None  # seconds from `began` to the first body byte sent
     copy: bytearray | None = None  # the response body, kept while it fits COPY_LIMIT (activity, captures)
     cancelled: bool = False
+    failure: tuple[int, str] | None = None  # (status, message) of an error told inside a stream begun as a 200
     announced_at: float = 0.0  # when watchers last heard of it (byte counts are throttled)
     trailing: asyncio.TimerHandle | None = None
 
@@ -4015,21 +4054,22 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
                 return response
             what = "stopped sending" if isinstance(e, asyncio.TimeoutError) else "closed the connection"
             message = f"upstream {upstream.label.rstrip(':')} {what} in the middle of the stream"
+            if exchange is not None:
+                exchange.failure = (502, message)
             with contextlib.suppress(ConnectionError):  # the client may leave meanwhile
                 await response.write(stream_error_event(request.path, message))
                 await response.write_eof()
         return response
 
 
-def stream_error_event(path: str, message: str) -> bytes:
-    """The last event of a stream whose upstream broke off, as its clients' SDKs understand an
-    error event (Anthropic's for /v1/messages, OpenAI's otherwise), so they raise an error
-    instead of taking a short answer for a whole one."""
+def stream_error_event(path: str, message: str, code: str = "upstream_disconnected") -> bytes:
+    """The last event of a stream that cannot go on (its upstream broke off, its model failed to
+    start), as its clients' SDKs understand an error event (Anthropic's for /v1/messages,
+    OpenAI's otherwise), so they raise an error instead of taking a short answer for a whole one."""
     if path.startswith("/v1/messages"):
         event = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
-    envelope = {"src": "llama-swap", "error": {"message": message, "type": "server_error", "param": None,
-                                                "code": "upstream_disconnected"}}
+    envelope = {"src": "llama-swap", "error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return b"data: " + json.dumps(envelope).encode() + b"\n\n"
 
 
@@ -4809,6 +4849,7 @@ class Activity:
     def _record(self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes,
                 wall_ms: int) -> tuple[int, str, Tokens]:
         tokens, duration_ms, error = measure_response(exchange.path, status, headers, body, wall_ms)
+        error = exchange.failure[1] if exchange.failure else error
         row_id = self.store.add(model=exchange.model, req_path=exchange.path,
                                 resp_content_type=header_value(headers, "Content-Type"), resp_status_code=status,
                                 tokens=tokens, duration_ms=duration_ms, error_msg=error, metadata=exchange.metadata,
@@ -6241,7 +6282,7 @@ class Server:
         for model in models:
             self.log.info(f"preloading model: {model}")
             try:
-                async with self.scheduler.lease(model):
+                async with self.scheduler.lease(model, "preload"):
                     pass
             except SchedulerError as e:
                 self.log.error(f"failed to preload model {model}: {e}")
@@ -6399,14 +6440,14 @@ class Server:
             if settings.send_loading_state and self.processes[model].state != READY and \
                     path_qs.startswith("/v1/chat/completions") and wants_stream(request, body):
                 return await self.stream_while_loading(request, model, path_qs, body)
-            async with self.scheduler.lease(model) as process:
+            async with self.scheduler.lease(model, request_label(request)) as process:
                 return await self.relay_local(request, process, path_qs, body)
 
     async def stream_while_loading(self, request: web.Request, model: str, path_qs: str, body: bytes) -> web.StreamResponse:
         """sendLoadingState (§6.4): admitted first (a 429 is never inside a stream), then an SSE
         stream at once that tells what happens while the model loads, then the answer itself."""
         with self.scheduler.admitted(model):
-            ticket = self.scheduler.ticket(model)
+            ticket = self.scheduler.ticket(model, request_label(request))
             loading = LoadingStream(request, model, lambda: self.scheduler.position(ticket),
                                     lambda: self.processes[model].load_status() if model in self.processes else None)
             response = await loading.open()
@@ -6420,8 +6461,9 @@ class Server:
             except (SchedulerError, UpstreamError) as e:
                 await loading.stop()
                 message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else f"upstream {model} unreachable: {e}"
+                request[EXCHANGE].failure = (500, message)
                 with contextlib.suppress(ConnectionError):  # no one left to tell
-                    await response.write(error_response(request, 500, message).body)
+                    await response.write(stream_error_event(path_qs, message, "internal_error"))
             finally:
                 await loading.stop()
             with contextlib.suppress(ConnectionError):
@@ -6505,7 +6547,7 @@ class Server:
             if process.state != READY:
                 raise ApiError(409, f"model {model} is not loaded; ignored websocket requests cannot start it")
             return await self.relay_local(request, process, path_qs, b"")
-        async with self.scheduler.lease(model) as process:
+        async with self.scheduler.lease(model, request_label(request)) as process:
             return await self.relay_local(request, process, path_qs, body)
 
     async def comfyui(self, request: web.Request) -> web.StreamResponse:
@@ -6586,7 +6628,7 @@ class Server:
         model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
         if model is None:
             raise ApiError(404, "model not found")
-        async with self.scheduler.lease(model):
+        async with self.scheduler.lease(model, f"the load API, from {client_ip(request)}"):
             pass
         return json_response({"msg": "ok"})
 
@@ -6836,6 +6878,7 @@ class Server:
             raise
         finally:
             if (exchange := request.get(EXCHANGE)) is not None:
+                status = exchange.failure[0] if exchange.failure else status
                 self.observe(exchange, response if response is not None else exchange.response, status)
 
     def observe(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:

@@ -208,11 +208,39 @@ async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "broken", "stream": True}) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             text = (await r.read()).decode()
-    said = "".join(json.loads(line[6:])["choices"][0]["delta"]["reasoning_content"]
-                   for line in text.splitlines() if line.startswith("data: {"))
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    said = "".join(event["choices"][0]["delta"]["reasoning_content"] for event in events[:-1])
     assert "llama-swap loading model: broken" in said
     assert "Done!" not in said
-    assert '"message":"unspecific error: upstream command exited prematurely' in text
+    assert events[-1]["error"]["message"].startswith("unspecific error: upstream command exited prematurely")
+    assert text.endswith("\n\n")  # a whole event, the last one
+
+
+async def test_a_start_that_fails_under_loading_state_raises_in_the_sdk_and_is_recorded_as_failed(start_llama_swap, upstreams):
+    import openai
+
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"broken": {
+        "cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken"), "sendLoadingState": True}}})
+    client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0)
+    stream = await client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}], stream=True)
+    reasoning = []
+    with pytest.raises(openai.APIError) as raised:
+        async for chunk in stream:
+            reasoning.append((chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or "")
+    assert "upstream command exited prematurely" in str(raised.value)
+    assert "llama-swap loading model: broken" in "".join(reasoning)  # what was said before the error still came
+    await client.close()
+    async with aiohttp.ClientSession() as s:
+        async def row():
+            async with s.get(ls.url + "/api/metrics/activity") as r:
+                return (await r.json())["data"]
+        for _ in range(100):
+            if rows := await row():
+                break
+            await asyncio.sleep(0.05)
+    [entry] = rows
+    assert entry["resp_status_code"] == 500
+    assert entry["error_msg"].startswith("unspecific error: upstream command exited prematurely"), entry
 
 
 async def test_loading_state_is_not_used_for_ready_models_or_non_streaming_requests(start_llama_swap, upstreams):

@@ -478,3 +478,33 @@ async def test_open_streams_do_not_hold_up_shutdown(start_llama_swap, upstreams)
             for stream in (logs, model_log, events):
                 assert await eventually(lambda: stream.end is not None, 5), stream.text[-300:]
     assert "shutdown complete" in ls.output()
+
+
+async def test_starts_stops_and_swaps_are_told_at_the_default_log_level(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {
+        "a": {"cmd": upstreams.cmd(name="a")},
+        "b": {"cmd": upstreams.cmd("--startup-delay", "1.2", "--load-progress", "dots", name="b")}}})
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "a"))[0] == 200
+        assert (await chat(s, ls, "b"))[0] == 200
+        async with s.post(ls.url + "/api/models/unload/b") as r:
+            assert r.status == 200
+    assert wait_until(lambda: "<b> stopping: unloaded on request" in ls.output(), 10), ls.output()
+    lines = ls.output().splitlines()
+
+    def line_index(text: str) -> int:
+        found = [i for i, line in enumerate(lines) if text in line]
+        assert found, f"{text!r} not logged:\n{ls.output()}"
+        return found[0]
+
+    order = [line_index("<a> starting for POST /v1/chat/completions from 127.0.0.1"),
+             line_index("<a> ready, loaded in "),
+             line_index("<b> starting for POST /v1/chat/completions from 127.0.0.1, stopping a to make room"),
+             line_index("<a> stopping: swapped out to make room"),
+             line_index("<b> loading: "),
+             line_index("<b> ready, loaded in "),
+             line_index("<b> stopping: unloaded on request")]
+    assert order == sorted(order), ls.output()
+    assert not any("[DEBUG]" in line for line in lines)  # all of it at info
+    progress = [line for line in lines if "<b> loading: " in line]
+    assert 1 <= len(progress) <= 4, progress  # when first known, then a line a quarter
