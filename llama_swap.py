@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 import weakref
 import zlib
 from collections import Counter
@@ -2051,15 +2052,28 @@ def port_holder(port: int) -> str:
     return ""
 
 
+def environment_proxy(base_url: str) -> str | None:
+    """The proxy Go's HTTP client would take for base_url: HTTP_PROXY or HTTPS_PROXY unless
+    NO_PROXY lists the host; never for localhost or a loopback address."""
+    host = URL(base_url).host or ""
+    if loopback_address(base_url) is not None or host == "localhost":
+        return None
+    proxies = urllib.request.getproxies_environment()
+    if not proxies or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    return proxies.get(URL(base_url).scheme)
+
+
 def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession:
-    """A pooled session to one upstream, under its `timeouts` (§2.5; 0 means no limit). No
-    connection limit: the scheduler, not the pool, decides how many requests run at once."""
+    """A pooled session to one upstream, under its `timeouts` (§2.5; 0 means no limit), through
+    the proxy the environment names for it. No connection limit: the scheduler, not the pool,
+    decides how many requests run at once."""
     connect = None
     if timeouts.connect:  # aiohttp's connect budget includes the TLS handshake
         connect = timeouts.connect + (timeouts.tls_handshake if base_url.startswith("https:") else 0)
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=timeouts.idle_conn or None,
                                      socket_factory=functools.partial(keepalive_socket, timeouts.keepalive))
-    return aiohttp.ClientSession(connector=connector, auto_decompress=False,
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False, proxy=environment_proxy(base_url),
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect))
 
 

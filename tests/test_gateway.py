@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import subprocess
 
 import aiohttp
 import pytest
 
-from conftest import LlamaSwap, free_port, free_port_block
+from conftest import PY, RESPONDER, LlamaSwap, chat, free_port, free_port_block, wait_until
 from llama_swap import apply_filters, json_delete, json_set, parse_config
 
 
@@ -353,3 +356,83 @@ async def test_an_open_websocket_does_not_hold_up_shutdown(start_llama_swap, ups
             assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
     assert ls.proc.wait(20) == 0
     assert time.monotonic() - began < 15
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class ForwardProxy:
+    """An HTTP proxy as HTTP_PROXY names one: it takes absolute-form requests and sends them on
+    to 127.0.0.1 (so `*.example.test` names resolve only through it), noting each target."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import urllib.parse
+
+        line = await reader.readline()
+        method, target, version = line.split()
+        self.targets.append(target.decode())
+        url = urllib.parse.urlsplit(target.decode())
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", url.port)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        up_writer.write(b" ".join([method, path.encode(), version]) + b"\r\n")
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def test_peers_and_remote_upstreams_go_through_the_proxy_the_environment_names(tmp_path, upstreams, monkeypatch):
+    far_port = free_port()
+    far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far", "--pid-file", str(upstreams.pid_file)])
+    proxy = ForwardProxy()
+    try:
+        assert wait_until(lambda: port_open(far_port), 20), "the far responder did not start"
+        monkeypatch.setenv("HTTP_PROXY", await proxy.start())
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        config = {"healthCheckTimeout": 15, "startPort": free_port_block(), "models": {
+            "local": {"cmd": upstreams.cmd(name="local")},
+            "remote": {"cmd": "sleep 600", "proxy": f"http://remote.example.test:{far_port}"}},
+            "peers": {"p": {"proxy": f"http://far.example.test:{far_port}", "models": ["far-model"]}}}
+        ls = LlamaSwap(tmp_path, config)
+        try:
+            async with aiohttp.ClientSession() as s:
+                for model, answered_by in (("far-model", "far"), ("remote", "far"), ("local", "local")):
+                    status, reply = await chat(s, ls, model)
+                    assert status == 200 and reply["model"] == answered_by, (model, reply)
+        finally:
+            assert ls.stop() == 0
+        hosts = {target.split("/")[2] for target in proxy.targets}
+        assert hosts == {f"far.example.test:{far_port}", f"remote.example.test:{far_port}"}, proxy.targets
+
+        monkeypatch.setenv("NO_PROXY", "far.example.test")  # straight there, where the name does not resolve
+        (tmp_path / "no-proxy").mkdir()
+        ls = LlamaSwap(tmp_path / "no-proxy", config)
+        try:
+            async with aiohttp.ClientSession() as s:
+                status, reply = await chat(s, ls, "far-model")
+            assert status == 502 and "peer proxy error" in reply["error"]["message"], reply
+        finally:
+            assert ls.stop() == 0
+    finally:
+        proxy.close()
+        far.terminate()
+        far.wait(10)
