@@ -32,6 +32,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import decimal
@@ -72,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import aiohttp
+import multidict
 import yaml
 from aiohttp import web
 from yarl import URL
@@ -2074,7 +2076,8 @@ def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=timeouts.idle_conn or None,
                                      socket_factory=functools.partial(keepalive_socket, timeouts.keepalive))
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, proxy=environment_proxy(base_url),
-                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect))
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect),
+                                 raise_for_status=keep_websocket_refusal)
 
 
 def keepalive_socket(period: int, addr_info: tuple) -> socket.socket:
@@ -4097,19 +4100,52 @@ def is_websocket(request: web.BaseRequest) -> bool:
     return "upgrade" in tokens("Connection") and "websocket" in tokens("Upgrade")
 
 
+# An upstream that answers a websocket upgrade with anything but 101 has said what the client
+# must hear (a 401, a 404, a page). aiohttp closes such an answer inside ws_connect before we see
+# it, so the session's response check (which runs there, in our task) keeps it for us: the
+# context variable says which request wants it kept.
+websocket_refusal: contextvars.ContextVar[dict | None] = contextvars.ContextVar("websocket_refusal", default=None)
+REFUSAL_BODY_LIMIT = 1 << 20  # a refusal is a short text; more than this is cut
+REFUSAL_READ_TIMEOUT = 10.0
+
+
+async def keep_websocket_refusal(answer: aiohttp.ClientResponse) -> None:
+    """An upstream session's response check: for every other request, nothing."""
+    kept = websocket_refusal.get()
+    if kept is None or answer.status == 101:
+        return
+    body = bytearray()
+
+    async def read() -> None:
+        async for chunk in answer.content.iter_any():
+            body.extend(chunk)
+            if len(body) >= REFUSAL_BODY_LIMIT:
+                return
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+        await asyncio.wait_for(read(), REFUSAL_READ_TIMEOUT)
+    kept.update(status=answer.status, reason=answer.reason, headers=answer.headers.copy(),
+                body=bytes(body[:REFUSAL_BODY_LIMIT]))
+
+
 async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str,
                           headers: list[tuple[str, str]]) -> web.StreamResponse:
-    """A websocket to the upstream, and every message relayed both ways until one side closes."""
+    """A websocket to the upstream, and every message relayed both ways until one side closes.
+    An upstream that refuses the upgrade is answered for: its status, headers and body."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     headers = [(k, v) for k, v in headers if not k.lower().startswith("sec-websocket-")]
+    refusal: dict[str, Any] = {}
+    marker = websocket_refusal.set(refusal)
     try:
         upstream_ws = await upstream.session.ws_connect(upstream.url(path_qs), headers=headers, protocols=protocols,
                                                         max_msg_size=0)
-    except aiohttp.WSServerHandshakeError as e:  # it answered, but not with an upgrade: its error is the client's
-        raise UpstreamError(f"refused the websocket upgrade: {e.status} {e.message}",
-                            e.status if e.status >= 400 else 502) from None
+    except aiohttp.WSServerHandshakeError as e:
+        if refusal:
+            return refused_upgrade(refusal)
+        raise UpstreamError(f"answered the websocket upgrade wrongly: {e.status} {e.message}") from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise UpstreamError(error_text(e)) from None
+    finally:
+        websocket_refusal.reset(marker)
     client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), max_msg_size=0)
     live_websockets.add(client)
     try:
@@ -4128,6 +4164,11 @@ async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str
         if client.prepared:
             await client.close()
     return client
+
+
+def refused_upgrade(refusal: Mapping[str, Any]) -> web.Response:
+    return web.Response(status=refusal["status"], reason=refusal["reason"], body=refusal["body"],
+                        headers=multidict.CIMultiDict(end_to_end_headers(refusal["headers"])))
 
 
 async def pump_messages(source, sink) -> None:
@@ -6513,6 +6554,8 @@ class Server:
 
     async def relay_peer(self, request: web.Request, peer: PeerConfig, path_qs: str, body: bytes) -> web.StreamResponse:
         try:
+            if is_websocket(request):
+                return await relay_websocket(request, self.peer_upstream(peer), path_qs, peer_headers(request, peer))
             return await relay(request, self.peer_upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
         except UpstreamError as e:
             self.log.warn(f"peer {peer.id}: proxy error: {printable(str(e))}")

@@ -71,6 +71,8 @@ GET /_responder/events  JSON list of recorded events
                         ({"event", "path", "time"}; events are "request",
                         "stream_completed" and "client_disconnected")
 GET /ws                 a websocket echo ("echo: <text>"; binary as it came)
+GET /_responder/refuse  no upgrade, whatever is asked: status ?status= (default
+                        403), header "X-Refused: yes", text "refused with <status>"
 GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
                         "requests" counts echo (catch-all) requests only;
                         also "ready_at": time.time() at which /health starts
@@ -523,6 +525,11 @@ async def handle_info(request: web.Request) -> web.Response:
     )
 
 
+async def handle_refuse(request: web.Request) -> web.Response:
+    status = int(request.query.get("status", "403"))
+    return web.Response(status=status, text=f"refused with {status}", headers={"X-Refused": "yes"})
+
+
 async def handle_echo(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.requests += 1
@@ -633,6 +640,7 @@ def make_app(state: State) -> web.Application:
     app.router.add_get("/_responder/events", handle_events)
     app.router.add_get("/_responder/info", handle_info)
     app.router.add_get("/ws", handle_websocket)
+    app.router.add_get("/_responder/refuse", handle_refuse)
     app.router.add_route("*", "/{tail:.*}", handle_echo)
     return app
 

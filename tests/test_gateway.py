@@ -269,6 +269,47 @@ async def test_a_websocket_is_relayed_both_ways_through_upstream(start_llama_swa
                 assert [e["model"] for e in (await r.json())["running"]] == ["m"]
 
 
+async def raw_upgrade(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A websocket upgrade request sent by hand, and the whole answer (status, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                 "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)).decode()
+    status_line, *header_lines = head.strip().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", 0))), 30)
+    writer.close()
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_a_refused_websocket_upgrade_is_passed_through_as_the_upstream_answered(start_llama_swap, upstreams):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    for status in (403, 200, 426):
+        got, headers, body = await raw_upgrade(ls.port, f"/upstream/m/_responder/refuse?status={status}")
+        assert (got, headers.get("x-refused"), body) == (status, "yes", f"refused with {status}".encode()), headers
+    got, headers, body = await raw_upgrade(ls.port, "/upstream/m/v1/models")  # a route that is no websocket at all
+    assert got == 200 and json.loads(body)["model"] == "m"
+
+
+async def test_a_websocket_to_a_peer_model_is_relayed(start_llama_swap, upstreams):
+    far_port = free_port()
+    far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far", "--pid-file", str(upstreams.pid_file)])
+    try:
+        assert wait_until(lambda: port_open(far_port), 20), "the far responder did not start"
+        ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}},
+                               "peers": {"p": {"proxy": f"http://127.0.0.1:{far_port}", "models": ["far-model"]}}})
+        async with aiohttp.ClientSession() as s:
+            for path in ("/upstream/far-model/ws", "/upstream/p/far-model/ws"):
+                async with s.ws_connect(ls.url + path) as ws:
+                    await ws.send_str("over there")
+                    assert (await ws.receive_str(timeout=10)) == "echo: over there"
+        got, headers, body = await raw_upgrade(ls.port, "/upstream/far-model/_responder/refuse?status=401")
+        assert (got, body) == (401, b"refused with 401")
+    finally:
+        far.terminate()
+        far.wait(10)
+
+
 async def test_ignored_websockets_cannot_start_a_model_but_pass_once_it_runs(start_llama_swap, upstreams):
     ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"), "compat": {"ignoreWebsockets": True}}}})
