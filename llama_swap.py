@@ -4557,25 +4557,48 @@ SORT_COLUMNS = {"id": "id", "time": "ts_created", "model": "model_id", "req_path
 DEFAULT_LIMIT = 25
 MAX_LIMIT = 999
 
+# The original's own schema (its goose migration 00001, text for text) and goose's record of it
+# as applied, so that either program opens a store the other created and reads its rows.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS activity (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts_created INTEGER NOT NULL,
     model_id TEXT NOT NULL,
-    req_path TEXT NOT NULL,
-    resp_content_type TEXT NOT NULL,
-    resp_status_code INTEGER NOT NULL,
-    cache_tokens INTEGER NOT NULL,
-    draft_tokens INTEGER NOT NULL,
-    draft_acc_tokens INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    prompt_per_second REAL NOT NULL,
-    tokens_per_second REAL NOT NULL,
-    duration_ms INTEGER NOT NULL,
-    error_msg TEXT,
-    metadata_json TEXT
-)"""
+    req_path TEXT NOT NULL DEFAULT '',
+    resp_content_type TEXT NOT NULL DEFAULT '',
+    resp_status_code INTEGER NOT NULL DEFAULT 0,
+    cache_tokens INTEGER NOT NULL DEFAULT 0,
+    draft_tokens INTEGER NOT NULL DEFAULT 0,
+    draft_acc_tokens INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    prompt_per_second REAL NOT NULL DEFAULT 0,
+    tokens_per_second REAL NOT NULL DEFAULT 0,
+    duration_ms INTEGER NOT NULL DEFAULT 0,
+    error_msg TEXT NOT NULL DEFAULT '',
+    metadata_json TEXT NOT NULL DEFAULT ''
+);
+
+CREATE INDEX IF NOT EXISTS idx_activity_created_id
+    ON activity (ts_created DESC, id DESC);
+
+CREATE INDEX IF NOT EXISTS idx_activity_model_created_id
+    ON activity (model_id, ts_created DESC, id DESC);
+
+CREATE TABLE IF NOT EXISTS goose_db_version (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		version_id INTEGER NOT NULL,
+		is_applied INTEGER NOT NULL,
+		tstamp TIMESTAMP DEFAULT (datetime('now'))
+	);
+
+INSERT INTO goose_db_version (version_id, is_applied)
+    SELECT version, 1 FROM (SELECT 0 AS version UNION ALL SELECT 1) WHERE NOT EXISTS (SELECT 1 FROM goose_db_version);
+
+-- Rows an earlier llama-swap-py left without an error or metadata: text the original can read.
+UPDATE activity SET error_msg = '' WHERE error_msg IS NULL;
+UPDATE activity SET metadata_json = '' WHERE metadata_json IS NULL;
+"""
 # Ours: what the scheduler learnt of each model (load times, measured VRAM), kept across restarts.
 FIGURES_SCHEMA = "CREATE TABLE IF NOT EXISTS model_figures (model_id TEXT PRIMARY KEY, figures_json TEXT NOT NULL)"
 INSERT_COLUMNS = ("ts_created, model_id, req_path, resp_content_type, resp_status_code, "
@@ -4679,7 +4702,7 @@ class ActivityStore:
         if self.path is not None:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute(SCHEMA)
+        self._db.executescript(SCHEMA)
         self._db.execute(FIGURES_SCHEMA)
 
     def close(self) -> None:
@@ -4708,7 +4731,7 @@ class ActivityStore:
              resp_content_type, resp_status_code, tokens.cache_tokens, tokens.draft_tokens,
              tokens.draft_acc_tokens, tokens.input_tokens, tokens.output_tokens,
              tokens.prompt_per_second, tokens.tokens_per_second, duration_ms, error_msg,
-             json.dumps(dict(metadata)) if metadata else None))
+             json.dumps(dict(metadata)) if metadata else ""))
         row_id = cursor.lastrowid
         if self.path is None:
             self._db.execute("DELETE FROM activity WHERE id <= ?", (row_id - self.max_in_memory,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
@@ -492,3 +493,128 @@ def test_stats_totals_and_histograms(store):
 def test_stats_of_an_empty_store(store):
     assert store.stats() == {"total_requests": 0, "total_input_tokens": 0, "total_output_tokens": 0,
                              "total_cache_tokens": 0, "prompt_histogram": None, "gen_histogram": None}
+
+
+# The store as the Go original (v0.x, goose migration 00001) creates it, byte for byte.
+ORIGINAL_SCHEMA = """
+CREATE TABLE goose_db_version (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		version_id INTEGER NOT NULL,
+		is_applied INTEGER NOT NULL,
+		tstamp TIMESTAMP DEFAULT (datetime('now'))
+	);
+INSERT INTO goose_db_version (version_id, is_applied) VALUES (0, 1), (1, 1);
+CREATE TABLE activity (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_created INTEGER NOT NULL,
+    model_id TEXT NOT NULL,
+    req_path TEXT NOT NULL DEFAULT '',
+    resp_content_type TEXT NOT NULL DEFAULT '',
+    resp_status_code INTEGER NOT NULL DEFAULT 0,
+    cache_tokens INTEGER NOT NULL DEFAULT 0,
+    draft_tokens INTEGER NOT NULL DEFAULT 0,
+    draft_acc_tokens INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    prompt_per_second REAL NOT NULL DEFAULT 0,
+    tokens_per_second REAL NOT NULL DEFAULT 0,
+    duration_ms INTEGER NOT NULL DEFAULT 0,
+    error_msg TEXT NOT NULL DEFAULT '',
+    metadata_json TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX idx_activity_created_id
+    ON activity (ts_created DESC, id DESC);
+CREATE INDEX idx_activity_model_created_id
+    ON activity (model_id, ts_created DESC, id DESC);
+INSERT INTO activity (ts_created, model_id, req_path, resp_content_type, resp_status_code, input_tokens,
+                      output_tokens, duration_ms, metadata_json)
+    VALUES (1796532665, 'm', '/v1/chat/completions', 'application/json', 200, 7, 3, 1257, '{"fifo_priority":"0"}');
+"""
+
+
+def original_store(path) -> str:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.executescript(ORIGINAL_SCHEMA)
+    db.close()
+    return str(path)
+
+
+def test_a_store_the_original_created_takes_our_rows_without_metadata_or_error(tmp_path):
+    path = original_store(tmp_path / "activity.db")
+    store = ActivityStore(path, 1000)
+    try:
+        add(store, model="up", metadata=None, error_msg="")  # an /upstream or peer request
+        add(store, model="bad", error_msg="500 Internal Server Error")
+        rows = store.query({})["data"]
+        assert [(r["id"], r["model"]) for r in rows] == [(3, "bad"), (2, "up"), (1, "m")]
+        assert rows[2]["metadata"] == {"fifo_priority": "0"} and "metadata" not in rows[1]
+    finally:
+        store.close()
+
+
+def test_a_store_we_create_is_one_the_original_opens_as_its_own(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "ours.db")
+    ActivityStore(path, 1000).close()
+    expected = sqlite3.connect(":memory:")
+    expected.executescript(ORIGINAL_SCHEMA.split("INSERT INTO activity")[0])
+    db = sqlite3.connect(path)
+
+    def tables(connection) -> dict:
+        return {name: sql for name, sql in connection.execute("SELECT name, sql FROM sqlite_master")
+                if name in ("activity", "goose_db_version", "idx_activity_created_id", "idx_activity_model_created_id")}
+
+    assert tables(db) == tables(expected)  # so the original's migration finds itself applied and skips
+    assert [row for row in db.execute("SELECT version_id, is_applied FROM goose_db_version")] == [(0, 1), (1, 1)]
+
+
+def test_an_older_store_of_ours_is_mended_for_the_original(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE activity (id INTEGER PRIMARY KEY AUTOINCREMENT, ts_created INTEGER NOT NULL,"
+               " model_id TEXT NOT NULL, req_path TEXT NOT NULL, resp_content_type TEXT NOT NULL,"
+               " resp_status_code INTEGER NOT NULL, cache_tokens INTEGER NOT NULL, draft_tokens INTEGER NOT NULL,"
+               " draft_acc_tokens INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,"
+               " prompt_per_second REAL NOT NULL, tokens_per_second REAL NOT NULL, duration_ms INTEGER NOT NULL,"
+               " error_msg TEXT, metadata_json TEXT)")  # what llama-swap-py 0.1 created
+    db.execute("INSERT INTO activity VALUES (1, 1, 'm', '/v1/x', 'a', 200, 0, 0, 0, 0, 0, 0, 0, 0, NULL, NULL)")
+    db.commit()
+    db.close()
+    ActivityStore(path, 1000).close()
+    db = sqlite3.connect(path)
+    assert list(db.execute("SELECT error_msg, metadata_json FROM activity")) == [("", "")]  # Go cannot read NULL text
+    assert list(db.execute("SELECT version_id FROM goose_db_version")) == [(0,), (1,)]
+
+
+async def test_requests_of_every_kind_are_recorded_in_a_store_the_original_created(tmp_path, start_llama_swap, upstreams):
+    import aiohttp
+
+    from conftest import chat
+
+    path = original_store(tmp_path / "activity.db")
+    far = start_llama_swap({"healthCheckTimeout": 15, "models": {"far": {"cmd": upstreams.cmd(name="far")}}})
+    ls = start_llama_swap({"healthCheckTimeout": 15, "store": {"path": path},
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}},
+                           "peers": {"p": {"proxy": far.url, "models": ["far"]}}})
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "m"))[0] == 200
+        async with s.post(ls.url + "/upstream/m/v1/chat/completions", json={"model": "m", "messages": []}) as r:
+            assert r.status == 200
+        assert (await chat(s, ls, "far"))[0] == 200
+
+        async def rows() -> list:
+            async with s.get(ls.url + "/api/metrics/activity") as r:
+                return (await r.json())["data"]
+        for _ in range(100):
+            if len(found := await rows()) == 4:
+                break
+            await asyncio.sleep(0.05)
+    assert sorted((row["model"], row["req_path"], row["resp_status_code"]) for row in found) == [
+        ("far", "/v1/chat/completions", 200), ("m", "/v1/chat/completions", 200),
+        ("m", "/v1/chat/completions", 200), ("m", "/v1/chat/completions", 200)], found
+    assert "NOT NULL constraint failed" not in ls.output()
