@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import platform
 import posixpath
 import random
@@ -62,6 +63,7 @@ import socket
 import sqlite3
 import statistics
 import sys
+import sysconfig
 import threading
 import time
 import urllib.parse
@@ -684,6 +686,16 @@ def check_no_leftover_macros(value: Any, path: str, in_model: bool = False, allo
         raise ConfigError(f"{where}: unknown macro '${{{name}}}'")
 
 
+@functools.cache
+def responder_command() -> str:
+    """`${RESPONDER}` (ours; a macro of the user's by that name wins): the demo responder shipped
+    with llama-swap-py, as a command for the Python and the files this llama-swap runs from, so
+    a config that uses it starts its models however llama-swap-py was installed (a checkout, a
+    wheel under pipx, the .pyz)."""
+    home = os.path.dirname(os.path.abspath(__file__))  # a directory, or the .pyz itself
+    return shlex.join(["env", f"PYTHONPATH={home}", sys.executable or "python3", "-m", "llama_swap_responder"])
+
+
 def strip_comment_lines(command: str) -> str:
     return "\n".join(line for line in command.split("\n") if not line.strip().startswith("#"))
 
@@ -911,7 +923,8 @@ def expand_model(model_id: str, raw: Any, global_macros: list, port: int, reader
         raise ConfigError(f"{path}: must be a mapping, got {_yaml_kind(raw)}")
     local_macros = read_macros(ConfigReader(raw.get("macros"), f"{path}.macros", readers))
     local = dict(local_macros)
-    macros = [("MODEL_ID", model_id)] + [(n, local.get(n, v)) for n, v in global_macros]
+    macros = [("RESPONDER", responder_command()), ("MODEL_ID", model_id)]
+    macros += [(n, local.get(n, v)) for n, v in global_macros]
     macros += [(n, v) for n, v in local_macros if n not in dict(global_macros)]
     data = {str(k): v for k, v in raw.items() if k != "macros"}
     for key in ("cmd", "cmdStop"):
@@ -7069,6 +7082,13 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
     return host or None, int(port)
 
 
+def browser_url(scheme: str, host: str | None, port: int) -> str:
+    """Where a browser on this machine finds us: `http://:8080` is no address to open."""
+    if host in (None, "", "0.0.0.0", "::"):
+        host = "localhost"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def is_loopback_only(host: str | None) -> bool:
     if not host:
         return False
@@ -7103,6 +7123,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls-key-file", default="", help="TLS key file")
     parser.add_argument("--demo", action="store_true",
                         help="serve three small fake models (no model files needed) instead of a config file")
+    parser.add_argument("--example-config", action="store_true",
+                        help="print config.example.yaml (every key, documented; its two demo models run as they are) and exit")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     argv = ["--help" if a in ("-help", "--help") else a for a in normalize_flags(argv)]
     return parser.parse_args(argv)
@@ -7183,8 +7205,10 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     await groups.stop_leftovers(log)  # the address is ours now, so a record for it is a dead run's
     await groups.watch(log)
     server.start()
-    scheme = "https" if ssl_context else "http"
-    log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {scheme}://{host or ''}:{port}")
+    url = browser_url("https" if ssl_context else "http", host, port)
+    everywhere = " (all interfaces)" if host in (None, "", "0.0.0.0", "::") else ""
+    log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {url}{everywhere}")
+    log.info(f"web UI: {url}/ui/")
     if not is_loopback_only(host):
         log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} to restrict to loopback only")
 
@@ -7206,19 +7230,16 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
 
 def demo_config() -> str:
     """--demo: a chat model that loads fast, one that loads slowly (they swap), and an embedding
-    model that runs beside them, all served by llama_swap_responder, shipped with us."""
-    # Where llama_swap_responder can be imported from: our own directory, or our .pyz.
-    importable = os.path.dirname(os.path.abspath(__file__))
-
+    model that runs beside them, all served by llama_swap_responder, shipped with us, on ports
+    that are free now."""
     def model(name: str, delay: float, description: str) -> dict[str, Any]:
-        command = [sys.executable, "-m", "llama_swap_responder", "--port", "${PORT}", "--name", name,
-                   "--startup-delay", str(delay)]
-        return {"cmd": " ".join(shlex.quote(part) for part in command), "env": [f"PYTHONPATH={importable}"],
+        return {"cmd": f"${{RESPONDER}} --port ${{PORT}} --name {name} --startup-delay {delay}",
                 "description": description, "capabilities": {"in": ["text"], "out": ["text"]}}
 
     return yaml.safe_dump({
         "healthCheckTimeout": 30,
         "sendLoadingState": True,
+        "startPort": free_ports(DEFAULT_START_PORT, 3),
         "models": {
             "chat-small": {**model("chat-small", 0.5, "loads in half a second"), "ttl": 600},
             "chat-large": model("chat-large", 3, "loads in three seconds; swaps with chat-small"),
@@ -7229,6 +7250,19 @@ def demo_config() -> str:
             "embeddings": {"swap": False, "exclusive": False, "members": ["embed"]},
         },
     }, sort_keys=False)
+
+
+def free_ports(first: int, count: int) -> int:
+    """The first of `count` consecutive ports from `first` up that nothing listens on now."""
+    for start in range(first, 65536 - count):
+        try:
+            for port in range(start, start + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return start
+    raise OSError("no free ports for the demo models")
 
 
 def group_record_path(host: str | None, port: int) -> str:
@@ -7246,13 +7280,19 @@ def check_config(config: Config, source: str, strict: bool) -> int:
     errors = [m.problem for m in config.models.values() if m.problem]
     verdict = ("config has errors" if errors else "config has warnings (--strict)" if strict and warnings
                else "config OK")
-    try:
-        print(describe_config(config, f"{verdict}: {source}", warnings), flush=True)
-        for error in errors:
-            print(f"llama-swap: {source}: {error}", file=sys.stderr)
-    except BrokenPipeError:  # the reader has seen enough; nothing is left to say at exit either
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print_for_reader((describe_config(config, f"{verdict}: {source}", warnings) + "\n").encode())
+    for error in errors:
+        print(f"llama-swap: {source}: {error}", file=sys.stderr)
     return 0 if verdict == "config OK" else 1
+
+
+def print_for_reader(text: bytes) -> None:
+    """To stdout; a reader that has seen enough (`| head`) ends it quietly, at exit too."""
+    try:
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def missing_programs(config: Config) -> list[str]:
@@ -7300,11 +7340,28 @@ def describe_config(config: Config, headline: str, warnings: list[str]) -> str:
     return "\n".join(lines)
 
 
+def print_example_config() -> int:
+    """config.example.yaml as shipped: beside this file (a checkout, the .pyz) or where a wheel
+    puts its data (share/llama-swap-py/ under the environment, or the user's base)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    bases = [sysconfig.get_path("data"), sysconfig.get_path("data", f"{os.name}_user"), sys.prefix, "/usr/local"]
+    for path in [os.path.join(here, "config.example.yaml")] + [os.path.join(b, "share", "llama-swap-py", "config.example.yaml")
+                                                                for b in bases]:
+        with contextlib.suppress(OSError):
+            # The loader reads files inside the .pyz as well as beside a plain llama_swap.py.
+            print_for_reader(__loader__.get_data(path) if path.startswith(here) else pathlib.Path(path).read_bytes())
+            return 0
+    print("llama-swap: config.example.yaml is not installed with this copy of llama-swap-py", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
         print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}), built at unknown")
         return 0
+    if args.example_config:
+        return print_example_config()
     if args.demo and (args.config or args.config_dir or args.watch_config):
         print("llama-swap: --demo brings its own config; leave out --config, --config-dir and --watch-config",
               file=sys.stderr)
@@ -7343,8 +7400,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in config.notes():
         log.warn(f"config: {note}")
     if args.demo:
-        log.info(f"demo mode: {', '.join(config.models)} are served by the built-in fake upstream; "
-                 f"open http://{host or 'localhost'}:{port}/ui/")
+        log.info(f"demo mode: {', '.join(config.models)} are served by the built-in fake upstream")
     source = None if args.demo else ConfigSource(args.config or None, args.config_dir or None)
     return asyncio.run(serve(config, source, host, port, ssl_context, log, watch=args.watch_config))
 

@@ -5,6 +5,8 @@ Runs `python -m llama_swap` and, when installed, the `llama-swap` console script
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -191,6 +193,48 @@ def test_non_loopback_listen_address_logs_reachable_warning(listen, warns, tmp_p
     assert http_get(f"http://127.0.0.1:{port}/health") == (200, "OK")
     assert server.stop() == 0
     assert ("reachable by all hosts" in server.output()) == warns, server.output()
+
+
+@pytest.mark.parametrize("listen, shown", [(":{port}", "http://localhost:{port} (all interfaces)"),
+                                           ("[::]:{port}", "http://localhost:{port} (all interfaces)"),
+                                           ("127.0.0.1:{port}", "http://127.0.0.1:{port}"),
+                                           ("[::1]:{port}", "http://[::1]:{port}")])
+def test_the_address_and_the_web_ui_are_printed_as_urls_a_browser_opens(listen, shown, tmp_path, servers):
+    if "::" in listen and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    config = write_config(tmp_path, GOOD_CONFIG)
+    port = free_port()
+    server = start(servers, [PY, "-m", "llama_swap"], tmp_path, "--config", str(config),
+                   "--listen", listen.format(port=port))
+    assert server.wait_for("web UI: "), server.output()
+    url = shown.format(port=port).split(" ")[0]
+    assert f"listening on {shown.format(port=port)}" in server.output()
+    assert f"web UI: {url}/ui/" in server.output()
+    assert server.stop() == 0
+
+
+def test_the_demo_takes_free_ports_for_its_models(tmp_path, servers):
+    with socket.socket() as busy:
+        with contextlib.suppress(OSError):  # the default port made busy (or it is busy already)
+            busy.bind(("127.0.0.1", 5800))
+            busy.listen()
+        port = free_port()
+        server = start(servers, [PY, "-m", "llama_swap"], tmp_path, "--demo", "--listen", f"127.0.0.1:{port}")
+        assert server.wait_for("listening on"), server.output()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                         data=b'{"model":"chat-small","messages":[]}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200
+        [entry] = json.loads(http_get(f"http://127.0.0.1:{port}/running")[1])["running"]
+        assert entry["model"] == "chat-small" and not entry["proxy"].endswith(":5800"), entry
+    assert server.stop() == 0
+
+
+def test_example_config_prints_the_shipped_example_from_anywhere(tmp_path):
+    result = subprocess.run([PY, "-m", "llama_swap", "--example-config"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and result.stdout == (ROOT / "config.example.yaml").read_text()
 
 
 # -- 6. port in use --------------------------------------------------------------------------------
