@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import yaml
 from llama_swap import DEFAULT_GROUP, READY, STARTING, STOPPED, Group, GroupPolicy, ModelConfig, ProxyLog, Scheduler, StartError
 
 ROOT = Path(__file__).resolve().parent.parent
+# The records of process groups that a killed llama-swap leaves (one per listen address) go to
+# a directory of this run's, not the user's; llama-swaps started by the tests inherit it.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="llama-swap-tests-")
 RESPONDER = ROOT / "llama_swap_responder.py"
 PY = sys.executable
 
