@@ -296,6 +296,22 @@ async def test_the_playground_streams_a_reply_and_stop_ends_the_upstream_stream(
     assert "tok1999" not in await answer.text_content()
 
 
+async def test_the_playground_shows_why_a_model_failed_to_load_while_it_streamed_the_loading_text(
+        start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True, "models": {
+        "broken": {"cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken")}}})
+    page = await tabs.open(ls, "/ui/playground?model=broken")
+    await expect(page.get_by_test_id("pg-model")).to_have_value("broken")
+    await page.get_by_test_id("pg-input").fill("hello")
+    await page.get_by_test_id("pg-send").click()
+    error = page.locator(".msg.assistant .error-text").last
+    await expect(error).to_be_visible(timeout=MODEL_START_MS)
+    await expect(error).to_contain_text("upstream command exited prematurely")
+    await expect(error).to_contain_text("out of memory (simulated)")
+    await expect(page.get_by_test_id("pg-send")).to_be_enabled()
+    await tabs.shot(page, "load-failed")
+
+
 async def test_the_playground_markdown_renders_model_text_without_injecting_html(start_llama_swap, upstreams, tabs):
     ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     page = await tabs.open(ls, "/ui/playground")
