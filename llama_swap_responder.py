@@ -683,7 +683,7 @@ async def wait_for_stop(state: State, timeout: float) -> bool:
     """Wait up to `timeout` seconds; True when a stop was requested meanwhile."""
     try:
         await asyncio.wait_for(state.stop.wait(), timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError itself only from 3.11
         return False
     return True
 

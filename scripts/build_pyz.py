@@ -4,46 +4,206 @@
 
 Only pure-Python code goes in, so the file is not tied to the Python version or the machine it
 was built on: aiohttp and its helpers from their pure-Python wheels (they fall back from their
-C speedups by themselves), PyYAML's pure-Python package from its source distribution, and
-nvidia-ml-py. The web UI travels inside, read through importlib.resources.
+C speedups by themselves), PyYAML's pure-Python package (the .py files of one of its wheels,
+the same as in its source distribution, less the C speedup it does without), and nvidia-ml-py.
+The web UI travels inside (read through importlib.resources), and config.example.yaml beside
+llama_swap.py (for --example-config).
+
+Which Python builds it does not matter either. pip decides a wheel's conditional dependencies
+(`async-timeout; python_version < "3.11"`) for the Python that runs pip, whatever
+--python-version says, so the builder reads the Requires-Dist of every wheel it downloaded
+itself, evaluates each marker for every Python in TARGETS (CPython on Linux), and downloads what
+any of them needs, until nothing is missing. The file's own __main__.py is written in syntax
+that every Python parses, so that one older than 3.10 says in one line what is needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.parser
+import functools
+import operator
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipapp
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+try:
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+except ImportError:  # pip, which the build needs anyway, carries its own copy
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.specifiers import SpecifierSet
+    from pip._vendor.packaging.utils import canonicalize_name
+    from pip._vendor.packaging.version import Version
+
 ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ["3.10", "3.11", "3.12", "3.13", "3.14"]  # what the README promises; the oldest first
 PURE_WHEELS = ["aiohttp", "nvidia-ml-py"]  # with their dependencies
 PYYAML = "pyyaml"
+
+# The zipapp's entry point. Every Python must be able to parse it, 2.7 included (no f-strings, no
+# annotations), so that one too old gets a sentence rather than a SyntaxError from llama_swap.py.
+MAIN = """\
+# llama-swap.pyz: check the Python before importing anything that needs a newer one.
+import sys
+
+if sys.version_info < (3, 10):
+    sys.stderr.write("llama-swap needs Python 3.10 or newer; this is Python %d.%d.%d (%s)\\n"
+                     % (sys.version_info[0], sys.version_info[1], sys.version_info[2], sys.executable or "?"))
+    sys.exit(1)
+
+import llama_swap
+
+sys.exit(llama_swap.main())
+"""
 
 
 def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet", *args], check=True)
 
 
+def download_pure_wheels(wheels: Path, python: str, *requirements: str, deps: bool = True) -> None:
+    pip("download", "--only-binary", ":all:", "--platform", "any", "--implementation", "py", "--python-version", python,
+        "--abi", "none", *([] if deps else ["--no-deps"]), "-d", str(wheels), *requirements)
+
+
+def marker_environments() -> list[dict[str, str]]:
+    """The marker variables of CPython on Linux, for each Python in TARGETS (its first release and
+    a late one) and each common machine."""
+    return [{"implementation_name": "cpython", "implementation_version": full, "os_name": "posix",
+             "platform_machine": machine, "platform_python_implementation": "CPython", "platform_release": "",
+             "platform_system": "Linux", "platform_version": "", "python_full_version": full,
+             "python_version": python, "sys_platform": "linux"}
+            for python in TARGETS for full in (f"{python}.0", f"{python}.99") for machine in ("x86_64", "aarch64")]
+
+
+@dataclass
+class Wheel:
+    path: Path
+    name: str  # canonical
+    version: Version
+    requires_python: SpecifierSet
+    requires: list[Requirement]
+
+    @classmethod
+    def read(cls, path: Path) -> Wheel:
+        with zipfile.ZipFile(path) as archive:
+            [metadata] = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+            message = email.parser.HeaderParser().parsestr(archive.read(metadata).decode("utf-8"))
+        return cls(path, canonicalize_name(message["Name"]), Version(message["Version"]),
+                   SpecifierSet(message.get("Requires-Python") or ""),
+                   [Requirement(line) for line in message.get_all("Requires-Dist") or []])
+
+
+@dataclass
+class Need:
+    """What the targets ask of one project: every requirement on it, and which Pythons need it."""
+    name: str
+    specifiers: list[SpecifierSet] = field(default_factory=list)
+    pythons: set[str] = field(default_factory=set)
+
+    def satisfied_by(self, wheel: Wheel | None) -> bool:
+        return wheel is not None and all(s.contains(wheel.version, prereleases=True) for s in self.specifiers)
+
+    def requirement(self) -> str:
+        return self.name + str(functools.reduce(operator.and_, self.specifiers, SpecifierSet()))
+
+    def oldest_python(self) -> str:
+        return min(self.pythons, key=Version)
+
+
+def read_wheels(wheels: Path) -> dict[str, Wheel]:
+    found: dict[str, Wheel] = {}
+    for path in sorted(wheels.glob("*.whl")):
+        wheel = Wheel.read(path)
+        if wheel.name in found:
+            raise SystemExit(f"build_pyz: two versions of {wheel.name} downloaded: "
+                             f"{found[wheel.name].path.name}, {path.name}")
+        found[wheel.name] = wheel
+    return found
+
+
+def needs(wheels: dict[str, Wheel]) -> dict[str, Need]:
+    """Everything reachable from PURE_WHEELS through the downloaded wheels' dependencies, for
+    any of the targets."""
+    needed: dict[str, Need] = {}
+    for environment in marker_environments():
+        todo = [Requirement(root) for root in PURE_WHEELS]
+        seen: set[tuple[str, str]] = set()
+        while todo:
+            requirement = todo.pop()
+            name = canonicalize_name(requirement.name)
+            need = needed.setdefault(name, Need(requirement.name))
+            need.specifiers.append(requirement.specifier)
+            need.pythons.add(environment["python_version"])
+            for extra in ("", *sorted(requirement.extras)):
+                if name not in wheels or (name, extra) in seen:
+                    continue
+                seen.add((name, extra))
+                todo += [dependency for dependency in wheels[name].requires
+                         if (dependency.marker.evaluate({**environment, "extra": extra})
+                             if dependency.marker is not None else not extra)]
+    return needed
+
+
+def download_for_every_target(wheels: Path) -> None:
+    """Complete what pip downloaded with what the other targets' markers ask for."""
+    for _ in range(20):
+        have = read_wheels(wheels)
+        needed = needs(have)
+        missing = {name: need for name, need in needed.items() if not need.satisfied_by(have.get(name))}
+        if not missing:
+            break
+        by_python: dict[str, list[str]] = {}
+        for name, need in missing.items():
+            if name in have:  # a version that some target's requirement rules out
+                have[name].path.unlink()
+            # For the oldest Python that needs it, so that every Python that needs it can use it.
+            by_python.setdefault(need.oldest_python(), []).append(need.requirement())
+        for python, requirements in sorted(by_python.items(), key=lambda item: Version(item[0])):
+            download_pure_wheels(wheels, python, *requirements, deps=False)
+    else:
+        raise SystemExit("build_pyz: the dependencies of the pure wheels did not settle: " +
+                         ", ".join(need.requirement() for need in missing.values()))
+    for name, wheel in have.items():
+        if name not in needed:  # asked for only by the markers of the Python running pip
+            wheel.path.unlink()
+        elif unfit := sorted(python for python in needed[name].pythons
+                             if not wheel.requires_python.contains(f"{python}.0", prereleases=True)):
+            raise SystemExit(f"build_pyz: {wheel.path.name} (Requires-Python {wheel.requires_python}) is needed "
+                             f"on Python {', '.join(unfit)} too")
+
+
 def add_pure_wheels(app: Path, downloads: Path) -> None:
-    pip("download", "--only-binary", ":all:", "--platform", "any", "--implementation", "py",
-        "--python-version", "3.10", "--abi", "none", "-d", str(downloads / "wheels"), *PURE_WHEELS)
-    for wheel in sorted((downloads / "wheels").glob("*.whl")):
+    wheels = downloads / "wheels"
+    download_pure_wheels(wheels, TARGETS[0], *PURE_WHEELS)
+    download_for_every_target(wheels)
+    for wheel in sorted(wheels.glob("*.whl")):
         with zipfile.ZipFile(wheel) as archive:  # a pure wheel is installed by unpacking it
             archive.extractall(app)
 
 
 def add_pure_pyyaml(app: Path, downloads: Path) -> None:
-    pip("download", "--no-deps", "--no-binary", ":all:", "-d", str(downloads / "sdist"), PYYAML)
-    [archive] = (downloads / "sdist").glob("*.tar.gz")
-    with tarfile.open(archive) as tar:
-        tar.extractall(downloads / "sdist", filter="data")
-    [package] = (downloads / "sdist").glob("*/lib/yaml")
-    shutil.copytree(package, app / "yaml")
+    """PyYAML has no pure wheel. Its binary wheels carry, beside the optional C speedup
+    (yaml/_yaml*.so, which yaml/__init__.py does without), the very .py files of its source
+    distribution's lib/yaml: those are taken. The source distribution itself cannot be downloaded
+    without pip preparing its metadata, which installs Cython and, where no Cython wheel fits,
+    compiles it: minutes of a build spent on nothing that goes in."""
+    pip("download", "--no-deps", "--only-binary", ":all:", "--platform", "manylinux2014_x86_64",
+        "--implementation", "cp", "--python-version", TARGETS[0], "--abi", "cp" + TARGETS[0].replace(".", ""),
+        "-d", str(downloads / "pyyaml"), PYYAML)
+    [wheel] = (downloads / "pyyaml").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(app, [n for n in archive.namelist() if n.startswith("yaml/") and n.endswith(".py")])
+    if not (app / "yaml" / "__init__.py").is_file():
+        raise SystemExit(f"build_pyz: no yaml package in {wheel.name}")
 
 
 def build(output: Path) -> Path:
@@ -52,10 +212,12 @@ def build(output: Path) -> Path:
         app.mkdir()
         add_pure_wheels(app, downloads)
         add_pure_pyyaml(app, downloads)
-        for module in ("llama_swap.py", "llama_swap_responder.py"):  # the server, and --demo's fake upstream
-            shutil.copy2(ROOT / module, app)
+        # The server, --demo's fake upstream, and the documented example (--example-config).
+        for name in ("llama_swap.py", "llama_swap_responder.py", "config.example.yaml"):
+            shutil.copy2(ROOT / name, app)
         shutil.copytree(ROOT / "ui_assets", app / "ui_assets", ignore=shutil.ignore_patterns("__pycache__"))
-        zipapp.create_archive(app, output, interpreter="/usr/bin/env python3", main="llama_swap:main", compressed=True)
+        (app / "__main__.py").write_text(MAIN)
+        zipapp.create_archive(app, output, interpreter="/usr/bin/env python3", compressed=True)
     return output
 
 

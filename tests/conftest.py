@@ -76,10 +76,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
 class ServerProcess:
     """A llama-swap started from a command line, its output collected in a file."""
 
-    def __init__(self, argv: list[str], workdir: Path):
+    def __init__(self, argv: list[str], workdir: Path, cwd: Path = ROOT, env: dict[str, str] | None = None):
         self.log_path = workdir / f"llama-swap-{len(list(workdir.glob('llama-swap-*.log')))}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -10,17 +14,58 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import PY, ROOT, ServerProcess, chat, free_port, running
+from conftest import PY, ROOT, ServerProcess, chat, free_port, free_port_block, running
+
+# Building the .pyz or the wheel downloads from the package index: on a loaded machine that takes
+# minutes, far beyond pyproject's 120 s per test, which pytest-timeout also charges for the setup
+# of the module fixtures that build them. The subprocess limit runs out first, with its output.
+BUILD_TIMEOUT = 600
+SLOW = pytest.mark.timeout(BUILD_TIMEOUT + 300)
+
+SUPPORTED = [f"3.{minor}" for minor in range(10, 15)]  # what the README promises the .pyz runs on
+TOO_OLD = ["3.9", "3.8", "3.7", "3.6", "2.7"]
 
 
-def demo_server(workdir: Path, *launcher: str) -> ServerProcess:
+def demo_server(workdir: Path, *launcher: str, outside_checkout: bool = False) -> ServerProcess:
+    return started(workdir, [*launcher, "--demo"], outside_checkout)
+
+
+def started(workdir: Path, argv: list[str], outside_checkout: bool = False, env: dict[str, str] | None = None) -> ServerProcess:
+    """outside_checkout: started in `workdir` rather than the checkout, so that neither llama-swap nor the
+    upstreams it starts (the responder) can import anything from the checkout."""
     port = free_port()
-    server = ServerProcess([*launcher, "--demo", "--listen", f"127.0.0.1:{port}"], workdir)
+    server = ServerProcess([*argv, "--listen", f"127.0.0.1:{port}"], workdir, cwd=workdir if outside_checkout else ROOT,
+                           env=env)
     server.url = f"http://127.0.0.1:{port}"
-    if not server.wait_for("listening on"):
+    # From a .pyz nothing is compiled ahead (zipimport writes no .pyc): a busy machine needs a while.
+    if not server.wait_for("listening on", timeout=60):
         server.kill()
-        raise AssertionError(f"--demo did not start:\n{server.output()}")
+        raise AssertionError(f"{argv} did not start:\n{server.output()}")
     return server
+
+
+async def exercise_example_config(workdir: Path, *launcher: str) -> None:
+    """What a new user does: take the example out of the installed copy and run it as it is (but
+    for its ports, moved where nothing else listens), on a box whose `python3` is not the Python
+    llama-swap-py was installed for (here: one that only says so)."""
+    example = subprocess.run([*launcher, "--example-config"], capture_output=True, text=True, timeout=60, cwd=workdir)
+    assert example.returncode == 0, example.stderr
+    config = workdir / "config.yaml"
+    config.write_text(example.stdout.replace("startPort: 5800", f"startPort: {free_port_block()}"))
+    other = workdir / "other-python"
+    other.mkdir()
+    for name in ("python", "python3"):
+        (other / name).write_text("#!/bin/sh\necho 'a python without aiohttp' >&2\nexit 1\n")
+        (other / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{other}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = started(workdir, [*launcher, "--config", str(config)], outside_checkout=True, env=env)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for model in ("small", "large"):  # they swap
+                status, reply = await chat(s, server, model)
+                assert status == 200 and reply["model"] == model, (model, reply, server.output())
+    finally:
+        stop_cleanly(server)
 
 
 async def exercise_demo(server: ServerProcess) -> None:
@@ -54,58 +99,173 @@ async def test_demo_mode_needs_no_config_and_no_model_files(tmp_path):
 
 def test_demo_mode_refuses_a_config_as_well():
     done = subprocess.run([PY, "-m", "llama_swap", "--demo", "--config", "x.yaml"], capture_output=True, text=True,
-                          timeout=30, cwd=ROOT)
+                          timeout=60, cwd=ROOT)
     assert done.returncode == 1 and "--demo brings its own config" in done.stderr
+
+
+def package_index_reachable() -> bool:
+    """Asked the way the builds ask, through pip and its configuration (index, proxy,
+    certificates), with its cache left out so that only the network can answer."""
+    done = subprocess.run([PY, "-m", "pip", "--no-cache-dir", "--retries", "0", "--timeout", "20", "index", "versions",
+                           "nvidia-ml-py"], capture_output=True, text=True, timeout=120)
+    return done.returncode == 0
+
+
+def build_or_skip(what: str, argv: list[str]) -> None:
+    """Run a build that downloads; skip when the package index cannot be reached, fail otherwise."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        output = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o or "" for o in (e.stdout, e.stderr))
+        failure = f"still running after {BUILD_TIMEOUT} s:\n{output}"
+    else:
+        if done.returncode == 0:
+            return
+        failure = f"exit status {done.returncode}:\n{done.stdout}{done.stderr}"
+    if not package_index_reachable():
+        pytest.skip(f"{what} downloads from the package index, which cannot be reached from here")
+    pytest.fail(f"{what} failed, {failure}")
+
+
+@functools.cache
+def find_python(version: str) -> str | None:
+    """A CPython X.Y: this one, `pythonX.Y` on PATH, or one that pyenv installed (its shims on
+    PATH answer only for the versions pyenv was told to use, so each candidate is asked)."""
+    candidates = [sys.executable] if f"{sys.version_info[0]}.{sys.version_info[1]}" == version else []
+    candidates.append(shutil.which(f"python{version}"))
+    candidates += sorted(map(str, Path("~/.pyenv/versions").expanduser().glob(f"{version}*/bin/python")), reverse=True)
+    ask = ("import platform, sys; "  # in words that every Python since 2.7 understands
+           "sys.stdout.write('%s %d.%d' % ((platform.python_implementation(),) + sys.version_info[:2]))")
+    for python in filter(None, candidates):
+        try:
+            done = subprocess.run([python, "-c", ask], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0 and done.stdout == f"CPython {version}":
+            return python
+    return None
+
+
+def python_or_skip(version: str) -> str:
+    python = find_python(version)
+    if python is None:
+        pytest.skip(f"no CPython {version} here (as python{version} on PATH or under ~/.pyenv/versions)")
+    return python
 
 
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory) -> Path:
     """Built once for the module, the way the README says (it downloads pure-Python wheels)."""
     target = tmp_path_factory.mktemp("pyz") / "llama-swap.pyz"
-    subprocess.run([PY, str(ROOT / "scripts" / "build_pyz.py"), "-o", str(target)], check=True, timeout=300)
+    build_or_skip("building the .pyz", [PY, str(ROOT / "scripts" / "build_pyz.py"), "-o", str(target)])
     return target
 
 
-async def test_the_single_file_runs_with_nothing_installed(pyz, tmp_path):
-    # -S: no site-packages at all, so everything it needs must be inside the one file.
-    server = demo_server(tmp_path, PY, "-S", str(pyz))
+@SLOW
+@pytest.mark.parametrize("version", SUPPORTED)
+async def test_the_single_file_runs_on_every_python_it_promises_with_nothing_installed(version, tmp_path, request):
+    python = python_or_skip(version)
+    pyz = request.getfixturevalue("pyz")  # after the skip: no build for a Python that is not here
+    # -E -S: no PYTHONPATH, no site-packages, so everything it needs must be inside the one file,
+    # whichever Python built it. (The demo upstreams it starts find the file first on their path.)
+    server = demo_server(tmp_path, python, "-E", "-S", str(pyz), outside_checkout=True)
     try:
         await exercise_demo(server)
     finally:
         stop_cleanly(server)
 
 
+@SLOW
+@pytest.mark.parametrize("version", TOO_OLD)
+def test_the_single_file_tells_an_older_python_what_it_needs_in_one_line(version, request):
+    python = python_or_skip(version)
+    pyz = request.getfixturevalue("pyz")
+    done = subprocess.run([python, "-E", "-S", str(pyz), "--demo"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"llama-swap needs Python 3.10 or newer; this is Python {version}."), line
+
+
+@SLOW
+def test_the_single_file_hands_back_the_exit_status(pyz):
+    done = subprocess.run([PY, "-E", "-S", str(pyz), "--demo", "--config", "x.yaml"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 1 and "--demo brings its own config" in done.stderr
+
+
+@SLOW
 def test_the_single_file_carries_only_portable_code(pyz):
     names = zipfile.ZipFile(pyz).namelist()
-    assert {"__main__.py", "llama_swap.py", "llama_swap_responder.py", "ui_assets/index.html", "yaml/__init__.py",
-            "aiohttp/__init__.py", "pynvml.py"} <= set(names)
+    assert {"__main__.py", "llama_swap.py", "llama_swap_responder.py", "config.example.yaml", "ui_assets/index.html",
+            "yaml/__init__.py", "aiohttp/__init__.py", "pynvml.py"} <= set(names)
     assert not [n for n in names if n.endswith((".so", ".pyd"))]  # any Python >= 3.10, any machine
 
 
-def test_the_wheel_carries_the_ui_the_responder_and_the_example_config(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)],
-                   check=True, timeout=300)
-    [wheel] = tmp_path.glob("llama_swap_py-*.whl")
+@SLOW
+def test_the_single_file_prints_the_example_config_it_carries(pyz, tmp_path):
+    done = subprocess.run([PY, "-E", "-S", str(pyz), "--example-config"], capture_output=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (ROOT / "config.example.yaml").read_bytes()
+
+
+@SLOW
+async def test_the_example_config_runs_from_the_single_file(pyz, tmp_path):
+    await exercise_example_config(tmp_path, PY, "-E", "-S", str(pyz))
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once for the module (pip fetches setuptools to build it)."""
+    dist = tmp_path_factory.mktemp("dist")
+    build_or_skip("building the wheel", [PY, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT)])
+    [built] = dist.glob("llama_swap_py-*.whl")
+    return built
+
+
+@SLOW
+def test_the_wheel_carries_the_ui_the_responder_and_the_example_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"llama_swap.py", "llama_swap_responder.py", "ui_assets/index.html", "ui_assets/pages/playground.js",
             "ui_assets/style.css"} <= names
     assert any(n.endswith("share/llama-swap-py/config.example.yaml") for n in names)
 
 
-async def test_an_installed_wheel_serves_its_ui_and_demo_from_anywhere(tmp_path):
-    """What `pipx install` gives: the wheel in a venv of its own (dependencies borrowed from this
-    environment, so the test needs no network), started from a directory without the checkout."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(ROOT)],
-                   check=True, timeout=300)
-    [wheel] = (tmp_path / "dist").glob("*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall",
-                    str(wheel)], check=True, timeout=300)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    server = demo_server(elsewhere, str(venv / "bin" / "llama-swap"))
+def these_site_packages() -> list[str]:
+    """The directories the packages of the environment running the tests come from (a venv's own,
+    or the system's), not those of the interpreter it was made from."""
+    found = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    found += [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    return [p for p in dict.fromkeys(os.path.abspath(p) for p in found) if os.path.isdir(p)]
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """What `pipx install` gives: the wheel in a venv of its own. Its dependencies are borrowed
+    from the environment running the tests, so this needs no network: a .pth file lists that
+    environment's site-packages (the directories only; the .pth files in them, such as an
+    editable install of this checkout, are not read). Returns the venv's bin directory."""
+    venv = tmp_path_factory.mktemp("pipx") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=BUILD_TIMEOUT)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    Path(purelib, "borrowed-from-the-test-environment.pth").write_text("".join(f"{p}\n" for p in these_site_packages()))
+    # --force-reinstall: the borrowed directories may hold this project already (an editable install).
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--no-index",
+                    "--force-reinstall", str(wheel)], check=True, timeout=BUILD_TIMEOUT)
+    return venv / "bin"
+
+
+@SLOW
+async def test_an_installed_wheel_serves_its_ui_and_demo_from_anywhere(installed, tmp_path):
+    server = demo_server(tmp_path, str(installed / "llama-swap"), outside_checkout=True)
     try:
         await exercise_demo(server)
     finally:
         stop_cleanly(server)
+
+
+@SLOW
+async def test_the_example_config_runs_from_an_installed_wheel(installed, tmp_path):
+    await exercise_example_config(tmp_path, str(installed / "llama-swap"))
