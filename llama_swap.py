@@ -773,9 +773,10 @@ def check_values(top: ConfigReader, config: Config, nodes: Mapping[str, ConfigRe
         config.routing = read_routing(top, config)
     with errors.gather():
         config.preload = read_preload(top, config)
-    for key in ("apiKeys", "adminKeys"):
-        with errors.gather():
-            setattr(config, "api_keys" if key == "apiKeys" else "admin_keys", read_keys(top, key))
+    with errors.gather():
+        config.api_keys = read_keys(top, "apiKeys")
+    with errors.gather():
+        config.admin_keys = read_keys(top, "adminKeys")
     config.peers = peers
     selectors = top.mapping("selectors")
     profiles = top.data.get("profiles") or {}
@@ -7202,8 +7203,8 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         log.error(f"http server error: cannot listen on {host or ''}:{port}: {e.strerror or e}")
         await runner.cleanup()
         return 1  # and nothing touched: whoever listens there keeps its models
+    await groups.watch(log)  # before any model can start: every group it must know of is told
     await groups.stop_leftovers(log)  # the address is ours now, so a record for it is a dead run's
-    await groups.watch(log)
     server.start()
     url = browser_url("https" if ssl_context else "http", host, port)
     everywhere = " (all interfaces)" if host in (None, "", "0.0.0.0", "::") else ""
