@@ -31,6 +31,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import codecs
 import contextlib
 import contextvars
 import ctypes
@@ -327,6 +328,11 @@ class Config:
             if len(owners) == 1 and name not in routes:
                 routes[name] = owners[0]
         return routes
+
+    @functools.cached_property
+    def longest_name(self) -> int:
+        """The length of the longest name a request can give: model ID, alias or peer route."""
+        return max(map(len, itertools.chain(self.models, self.aliases, self.peer_routes)), default=0)
 
     def notes(self) -> list[str]:
         """What to warn of when this config is taken into use: unknown keys, ignored values, and
@@ -3474,39 +3480,104 @@ _JSON_WS = re.compile(r"[ \t\n\r]*")
 _JSON_DECODER = json.JSONDecoder()
 _FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
 
+# Reading JSON structure without decoding it. Strings are skipped with find (or, full of escapes,
+# a regex a window at a time), containers nested in a value with a regex that swallows text,
+# whole strings and whole innermost containers in one call, so realistic JSON is walked at C
+# speed. Every C call is bounded (SCAN_WINDOW), so a worker thread reading a body of tens of MB
+# never holds the GIL long, and the event loop keeps its turns.
+SCAN_WINDOW = 1 << 16
+_BRACKETS = re.compile(r'["{}\[\]]')
+_STRUCTURE = re.compile(r'["{}\[\],]')
+_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*')
+_FLAT_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
+_INSIDE = re.compile(  # text, strings and innermost containers: what needs no counting
+    rf'(?:[^"\[\]{{}}]+|{_FLAT_STRING}|\[(?:[^"\[\]{{}}]|{_FLAT_STRING})*\]|\{{(?:[^"\[\]{{}}]|{_FLAT_STRING})*\}})*')
+LONGEST_KEY = 4096  # a key longer than this (as written) names nothing a config can name
 
-# Strings (unrolled: fast on huge ones), brackets and commas: all the JSON structure we ever read.
-_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]')
+
+def as_text(body: bytes) -> str:
+    """A body as text, bytes that are no UTF-8 kept (as surrogates), decoded a window at a time:
+    one decode of tens of MB would hold the GIL long enough to stall the event loop."""
+    if len(body) <= SCAN_WINDOW * 16:
+        return body.decode("utf-8", "surrogateescape")
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    view = memoryview(body)
+    pieces = [decoder.decode(view[at:at + SCAN_WINDOW * 16]) for at in range(0, len(body), SCAN_WINDOW * 16)]
+    return "".join(pieces) + decoder.decode(b"", final=True)
 
 
-def json_member_span(text: str, key: str) -> tuple[int, int] | None:
-    """Where the value of a top-level key sits in a JSON object's text, or None.
+def as_bytes(text: str) -> bytes:
+    """as_text undone, a window at a time."""
+    step = SCAN_WINDOW * 16
+    return b"".join(text[at:at + step].encode("utf-8", "surrogateescape") for at in range(0, len(text), step))
 
-    Only strings and brackets are looked at on the way (so a 20 MB `messages` array before
-    `model` is skipped, not decoded), and a body broken after `model` still yields it, as the
-    original's lenient reader does.
-    """
-    start = _JSON_WS.match(text).end()
-    if not text.startswith("{", start):
-        return None
-    depth = 0
-    for token in _JSON_TOKEN.finditer(text, start):
-        lexeme = token.group()
-        if lexeme in ("{", "["):
-            depth += 1
-        elif lexeme in ("}", "]"):
-            depth -= 1
+
+def _next_of(text: str, pos: int, pattern: re.Pattern) -> int:
+    """Where the next character `pattern` matches is, searched a window at a time; -1 if none."""
+    n = len(text)
+    while pos < n:
+        if match := pattern.search(text, pos, min(n, pos + SCAN_WINDOW)):
+            return match.start()
+        pos += SCAN_WINDOW
+    return -1
+
+
+def _string_end(text: str, start: int) -> int:
+    """Just past the string that opens at `start`; an unterminated one runs to the end."""
+    at, n = start + 1, len(text)
+    quote = text.find('"', at)
+    if quote < 0:
+        return n
+    if text.find("\\", at, quote) < 0:
+        return quote + 1
+    while at < n:
+        end = _STRING_BODY.match(text, at, min(n, at + SCAN_WINDOW)).end()
+        if end < n and text[end] == '"':
+            return end + 1
+        if end == at:  # a backslash with nothing after it
+            return n
+        at = end
+    return n
+
+
+def _container_end(text: str, start: int) -> int:
+    """Just past the object or array that opens at `start` (the end, when it is cut short)."""
+    depth, pos, n = 0, start, len(text)
+    while pos < n:
+        c = text[pos]
+        if c in "[{":
+            depth, pos = depth + 1, pos + 1
+        elif c in "]}":
+            depth, pos = depth - 1, pos + 1
             if depth == 0:
-                return None
-        elif depth == 1 and lexeme != ",":
-            colon = _JSON_WS.match(text, token.end()).end()
-            if text.startswith(":", colon) and _json_string(lexeme) == key:
-                value_start = _JSON_WS.match(text, colon + 1).end()
-                try:
-                    return value_start, _JSON_DECODER.raw_decode(text, value_start)[1]
-                except (ValueError, RecursionError):  # RecursionError: nested thousands deep
-                    return None
-    return None
+                return pos
+        elif c == '"':
+            pos = _string_end(text, pos)
+        pos = _INSIDE.match(text, pos, min(n, pos + SCAN_WINDOW)).end() if pos < n else pos
+    return n
+
+
+def _value_end(text: str, start: int) -> int:
+    """Just past the JSON value at `start`: a string, a container, or a scalar up to the next
+    comma or bracket (its trailing blanks left out)."""
+    if text.startswith('"', start):
+        return _string_end(text, start)
+    if text.startswith(("{", "["), start):
+        return _container_end(text, start)
+    delimiter = _next_of(text, start, _STRUCTURE)
+    return _end_of_value(text, len(text) if delimiter < 0 else delimiter)
+
+
+def _end_of_value(text: str, delimiter: int) -> int:
+    end = delimiter
+    while end > 0 and text[end - 1] in " \t\r\n":
+        end -= 1
+    return end
+
+
+def _key(text: str, start: int, end: int) -> str | None:
+    """The key a string token spells, when it could be one we look for."""
+    return _json_string(text[start:end]) if end - start <= LONGEST_KEY else None
 
 
 def _json_string(lexeme: str) -> str | None:
@@ -3516,13 +3587,46 @@ def _json_string(lexeme: str) -> str | None:
         return None
 
 
+def json_member_span(text: str, key: str, start: int = 0) -> tuple[int, int] | None:
+    """Where the value of a key of the JSON object at `start` sits in the text, or None.
+
+    Values on the way are skipped, never decoded (so a 20 MB `messages` array before `model`
+    costs one scan), and a body broken after `model` still yields it, as the original's lenient
+    reader does.
+    """
+    pos = _JSON_WS.match(text, start).end()
+    if not text.startswith("{", pos):
+        return None
+    pos += 1
+    while (pos := _next_of(text, pos, _BRACKETS)) >= 0:
+        if text[pos] in "}]":
+            return None
+        if text[pos] in "{[":
+            pos = _container_end(text, pos)
+            continue
+        end = _string_end(text, pos)
+        colon = _JSON_WS.match(text, end).end()
+        if text.startswith(":", colon) and _key(text, pos, end) == key:
+            value_start = _JSON_WS.match(text, colon + 1).end()
+            return value_start, _value_end(text, value_start)
+        pos = end
+    return None
+
+
+MAX_MODEL_TEXT = 4096  # a `model` value longer than this names no model
+
+
 def json_model(body: bytes) -> str:
-    text = body.decode("utf-8", "surrogateescape")
+    text = as_text(body)
     span = json_member_span(text, "model")
-    if span is None:
+    if span is None or span[1] - span[0] > MAX_MODEL_TEXT:
         return ""
-    value = json.loads(text[span[0]:span[1]])
-    return value if isinstance(value, str) else "" if value is None else text[span[0]:span[1]]
+    raw = text[span[0]:span[1]]
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return ""
+    return value if isinstance(value, str) else "" if value is None else raw
 
 
 def replace_json_model(body: bytes, model: str) -> bytes:
@@ -3532,60 +3636,60 @@ def replace_json_model(body: bytes, model: str) -> bytes:
 
 def json_edit(body: bytes, edit: Callable[[str], str]) -> bytes:
     """Edit a JSON body as text, so that bytes nobody touches come back exactly as they were."""
-    return edit(body.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+    return as_bytes(edit(as_text(body)))
+
+
+def splice(text: str, edits: Iterable[tuple[int, int, str]]) -> str:
+    """The text with every edit (start, end, replacement) made at once: one copy of the text
+    however many edits there are. Edits may not overlap."""
+    pieces, at = [], 0
+    for start, end, replacement in sorted(edits, key=lambda edit: edit[:2]):
+        pieces += [text[at:start], replacement]
+        at = end
+    pieces.append(text[at:])
+    return "".join(pieces)
 
 
 @dataclass
 class JsonMember:
-    key: str | None  # None for an array element
+    key: str | None  # None for an array element, or a key too long to be one we look for
     start: int  # where the member begins: its key, or the element itself
     value_start: int
     value_end: int
 
 
 def json_container(text: str, start: int) -> tuple[str, list[JsonMember], int] | None:
-    """The object or array at `start`: its opening bracket, members and closing bracket position.
-
-    Values are delimited by the commas and brackets around them, never decoded, so a huge
-    value costs one regex scan and a string the strict decoder would refuse is no obstacle.
-    """
-    i = _JSON_WS.match(text, start).end()
-    opener = text[i:i + 1]
+    """The object or array at `start`: its opening bracket, members and closing bracket position;
+    None when it is none, or broken. Values are delimited, never decoded, so a huge value costs
+    one scan and a string the strict decoder would refuse is no obstacle."""
+    pos = _JSON_WS.match(text, start).end()
+    opener = text[pos:pos + 1]
     if opener not in ("{", "["):
         return None
+    closer = "}" if opener == "{" else "]"
     members: list[JsonMember] = []
-    depth, expect_key = 0, True
-    for token in _JSON_TOKEN.finditer(text, i):
-        lexeme = token.group()
-        if depth == 1 and lexeme in (",", "}", "]") and members and members[-1].value_end < 0:
-            members[-1].value_end = _end_of_value(text, token.start())
-        if lexeme in ("{", "["):
-            depth += 1
-        elif lexeme in ("}", "]"):
-            depth -= 1
-            if depth == 0:
-                return opener, members, token.start()
-        elif lexeme == ",":
-            expect_key = depth == 1 or expect_key
-        elif depth == 1 and expect_key and opener == "{":
-            colon = _JSON_WS.match(text, token.end()).end()
-            key = _json_string(lexeme)
-            if not text.startswith(":", colon) or key is None:
+    pos += 1
+    while True:
+        pos = _JSON_WS.match(text, pos).end()
+        if text.startswith(closer, pos):  # also after a trailing comma, which we let pass
+            return opener, members, pos
+        member_start, key = pos, None
+        if opener == "{":
+            if not text.startswith('"', pos):
                 return None
-            members.append(JsonMember(key, token.start(), _JSON_WS.match(text, colon + 1).end(), -1))
-            expect_key = False
-        if opener == "[" and depth == 1 and (lexeme == "," or token.start() == i):
-            element = _JSON_WS.match(text, token.end()).end()
-            if not text.startswith("]", element):
-                members.append(JsonMember(None, element, element, -1))
-    return None
-
-
-def _end_of_value(text: str, delimiter: int) -> int:
-    end = delimiter
-    while end > 0 and text[end - 1] in " \t\r\n":
-        end -= 1
-    return end
+            end = _string_end(text, pos)
+            key = _key(text, pos, end)
+            colon = _JSON_WS.match(text, end).end()
+            if not text.startswith(":", colon) or (key is None and end - pos <= LONGEST_KEY):
+                return None  # no key here, or one that is no JSON string
+            pos = _JSON_WS.match(text, colon + 1).end()
+        value_end = _value_end(text, pos)
+        members.append(JsonMember(key, member_start, pos, value_end))
+        pos = _JSON_WS.match(text, value_end).end()
+        if text.startswith(",", pos):
+            pos += 1
+        elif not text.startswith(closer, pos):
+            return None
 
 
 def json_path_keys(path: str) -> list[str]:
@@ -3602,17 +3706,20 @@ def json_path_keys(path: str) -> list[str]:
     return keys + [key]
 
 
-def _json_holders(text: str, keys: list[str]) -> list[int]:
-    """Where each object or array that holds the last key of the path starts, through every
-    copy of a duplicated parent (a server may read any copy), in text order."""
-    starts = [0]
+JsonContainer = tuple[str, list[JsonMember], int]  # opening bracket, members, closing bracket position
+
+
+def _json_holders(text: str, keys: list[str]) -> list[JsonContainer]:
+    """Each object or array that holds the last key of the path, through every copy of a
+    duplicated parent (a server may read any copy), in text order. They never overlap."""
+    found = [top] if (top := json_container(text, 0)) else []
     for key in keys[:-1]:
-        found = [f for start in starts if (f := json_container(text, start))]
-        starts = [f[1][i].value_start for f in found for i in _json_matches(f, key)]
-    return [start for start in starts if json_container(text, start)]
+        found = [f for container in found for i in _json_matches(container, key)
+                 if (f := json_container(text, container[1][i].value_start))]
+    return found
 
 
-def _json_matches(found: tuple[str, list[JsonMember], int], key: str) -> list[int]:
+def _json_matches(found: JsonContainer, key: str) -> list[int]:
     """Indexes of the members a key names: every copy of an object key, or one array index
     (`-1` is the last element)."""
     opener, members, _close = found
@@ -3625,55 +3732,55 @@ def _json_matches(found: tuple[str, list[JsonMember], int], key: str) -> list[in
 def json_set(text: str, path: str, value: Any) -> str:
     """Set a path like sjson: replace the value (every copy of a duplicated key: the server may
     read any), or add the member and its missing parents; in an array, an index past the end
-    (or `-1`) appends, padding with nulls."""
+    (or `-1`) appends, padding with nulls. One scan of each container, one copy of the text."""
     encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     keys = json_path_keys(path)
     for depth in range(len(keys), 0, -1):  # the deepest containers that exist
-        holders = _json_holders(text, keys[:depth])
-        for start in reversed(holders):  # from the end, so the earlier ones have not moved
-            text = _set_in(text, start, keys[depth - 1], keys[depth:], encoded)
-        if holders:
-            return text
+        if holders := _json_holders(text, keys[:depth]):
+            return splice(text, [edit for found in holders for edit in _set_edits(found, keys[depth - 1], keys[depth:], encoded)])
     return text
 
 
-def _set_in(text: str, start: int, key: str, missing: list[str], encoded: str) -> str:
-    """Set `key` in the container at `start` to `encoded`, wrapped in objects for `missing` keys."""
-    found = json_container(text, start)
+def _set_edits(found: JsonContainer, key: str, missing: list[str], encoded: str) -> list[tuple[int, int, str]]:
+    """The edits that set `key` in one container to `encoded`, wrapped in objects for `missing` keys."""
     opener, members, close = found
     matches = [] if opener == "[" and key == "-1" else _json_matches(found, key)  # -1 appends
     nested = encoded
     for inner in reversed(missing):
         nested = "{" + json.dumps(inner, ensure_ascii=False) + ":" + nested + "}"
     if matches:  # the value itself, or a parent that is not a container, which sjson replaces
-        for m in reversed(matches):
-            text = text[: members[m].value_start] + nested + text[members[m].value_end:]
-        return text
+        return [(members[m].value_start, members[m].value_end, nested) for m in matches]
     if opener == "{":
         addition = json.dumps(key, ensure_ascii=False) + ":" + nested
     elif key == "-1" or key.isdigit():
         addition = ",".join(["null"] * max(0, int(key) - len(members)) + [nested]) if key.isdigit() else nested
     else:
-        return text  # a name where an array is: nothing to set
-    return text[:close] + ("," if members else "") + addition + text[close:]
+        return []  # a name where an array is: nothing to set
+    return [(close, close, ("," if members else "") + addition)]
 
 
 def json_delete(text: str, path: str) -> str:
-    """Remove a path and one comma next to it, in every copy; the rest of the text stays as it was."""
+    """Remove a path and one comma next to it, in every copy; the rest of the text stays as it
+    was. One scan of each container, one copy of the text."""
     keys = json_path_keys(path)
-    for start in reversed(_json_holders(text, keys)):  # from the end, so the earlier ones have not moved
-        while (found := json_container(text, start)) and (matches := _json_matches(found, keys[-1])):
-            members, index = found[1], matches[-1]  # every copy of a duplicated key, from the last
-            member = members[index]
-            if index + 1 < len(members):
-                text = text[: member.start] + text[members[index + 1].start:]
-            elif index > 0:
-                text = text[: members[index - 1].value_end] + text[member.value_end:]
-            else:
-                text = text[: member.start] + text[member.value_end:]
-            if found[0] == "[":
-                break  # an index names one element; the next one has moved into its place
-    return text
+    return splice(text, [edit for found in _json_holders(text, keys)
+                         for edit in _delete_edits(found[1], _json_matches(found, keys[-1]))])
+
+
+def _delete_edits(members: list[JsonMember], doomed: list[int]) -> list[tuple[int, int, str]]:
+    """The edits that remove the members at these (ascending) indexes, each run of them with
+    one comma beside it: the one after it, or before it at the end."""
+    edits = []
+    for _, run in itertools.groupby(enumerate(doomed), lambda pair: pair[1] - pair[0]):
+        indexes = [index for _, index in run]
+        first, last = indexes[0], indexes[-1]
+        if last + 1 < len(members):
+            edits.append((members[first].start, members[last + 1].start, ""))
+        elif first > 0:
+            edits.append((members[first - 1].value_end, members[last].value_end, ""))
+        else:
+            edits.append((members[first].start, members[last].value_end, ""))
+    return edits
 
 
 def apply_filters(body: bytes, filters: Filters, requested: str) -> bytes:
@@ -3711,11 +3818,38 @@ def multipart_field_span(body: bytes, content_type: str, name: str) -> tuple[int
         end = body.find(b"\r\n" + delimiter, head_end + 4) if head_end != -1 else -1
         if end == -1:
             return None
-        match = _FORM_NAME.search(body, start, head_end)
+        match = _FORM_NAME.search(body, start, min(head_end, start + MAX_PART_HEAD))
         if match and match.group(1).decode("latin-1") == name:
             return head_end + 4, end
         pos = end + 2
     return None
+
+
+MAX_PART_HEAD = 16 * 1024  # a part's headers are read this far for its name
+INLINE_BODY = 64 * 1024  # a body up to this size is read on the event loop: its worst case is a few ms
+BODY_THREADS = 2  # worker threads that read bigger bodies (a queue forms behind them, not on the loop)
+FORM_LIMIT = 10 * 1024 * 1024  # a url-encoded form is read for its model up to this size, as the original does
+
+
+class BodyError(Exception):
+    """A request body we will not read, with the status and words the client gets."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def form_model(body: bytes) -> str:
+    """The first `model` of a url-encoded form, found without splitting the form into pairs."""
+    if len(body) > FORM_LIMIT:
+        raise BodyError(413, f"a url-encoded form body is read for its model up to 10 MB, and this one is "
+                             f"{len(body) / 1024 / 1024:.1f} MB: send JSON or multipart/form-data")
+    at = -1
+    while (at := body.find(b"model=", at + 1)) >= 0:
+        if at == 0 or body[at - 1:at] == b"&":
+            end = body.find(b"&", at)
+            return urllib.parse.unquote_plus(body[at + 6:end if end >= 0 else len(body)].decode("utf-8", "replace"))
+    return ""
 
 
 def content_type_param(content_type: str, param: str) -> str:
@@ -3730,33 +3864,74 @@ def content_type_param(content_type: str, param: str) -> str:
     return ""
 
 
-def request_model(request: web.BaseRequest, body: bytes) -> str:
-    """The requested model name, read where the original reads it (§4.3)."""
-    query_model = request.query.get("model", "")
-    content_type = request.headers.get("Content-Type", "")
-    if request.method in ("GET", "HEAD"):
+DECODED_CODINGS = frozenset({"gzip", "x-gzip", "deflate"})  # request codings we inflate (and forward inflated)
+INFLATE_STEP = 1 << 20  # bytes of output per zlib call: the GIL goes back between them
+INFLATE_RATIO = 100  # past INFLATE_FREE, a body that inflates to more than this many times its size is a bomb
+INFLATE_FREE = 16 << 20  # what any body may inflate to (a repetitive prompt compresses a few hundred times)
+
+
+def inflate(body: bytes, coding: str, limit: int) -> bytes:
+    """A gzip or deflate request body, inflated a MiB at a time and refused (413) as soon as it
+    passes `limit` bytes or INFLATE_RATIO times its own size, before it takes that memory."""
+    cap = min(limit, max(INFLATE_FREE, INFLATE_RATIO * len(body)))
+    if coding == "deflate":  # zlib-wrapped as the RFC says, or the raw stream many clients send
+        wbits = zlib.MAX_WBITS if len(body) > 1 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0 \
+            else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS
+    out, rest = bytearray(), body
+    try:
+        while rest:  # a gzip body may hold several members, one after another
+            inflater, data = zlib.decompressobj(wbits), rest
+            while not inflater.eof:
+                piece = inflater.decompress(data, INFLATE_STEP)
+                if not piece and len(inflater.unconsumed_tail) == len(data):
+                    raise zlib.error("the compressed data ends early")
+                data = inflater.unconsumed_tail
+                out += piece
+                if len(out) > cap:
+                    raise BodyError(413, f"request body too large: inflated it passes the limit of {limit // 1024 // 1024} MB "
+                                         "(maxRequestBodyMB)" if cap == limit else
+                                         f"request body refused: it inflates to more than {INFLATE_RATIO} times its "
+                                         "size (a compression bomb, by its ratio)")
+            rest = inflater.unused_data if wbits > zlib.MAX_WBITS else b""
+    except zlib.error as e:
+        raise BodyError(400, f"cannot read the request body: it says Content-Encoding {coding} but is not ({e})") from None
+    return bytes(out)
+
+
+def request_model(method: str, content_type: str, query_model: str, body: bytes) -> str:
+    """The requested model name, read where the original reads it (§4.3). Plain data in and
+    out, so that a worker thread can read a big body."""
+    if method in ("GET", "HEAD"):
         return query_model
     if "application/json" in content_type:
         return json_model(body)
     if "multipart/form-data" in content_type:
         span = multipart_field_span(body, content_type, "model")
         return query_model or (body[span[0]:span[1]].decode("utf-8", "replace") if span else "")
-    form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
-    return form.get("model", [query_model])[0]
+    return form_model(body) or query_model
 
 
-def with_model(request: web.BaseRequest, body: bytes, path_qs: str, model: str) -> tuple[bytes, str]:
-    """Body and path with the requested model replaced where it was read: query or body (§4.4)."""
-    if request.method not in ("GET", "HEAD"):
-        return rewrite_model(request, body, model), path_qs
+def with_query_model(path_qs: str, model: str) -> str:
+    """A GET's path with its `?model=` replaced (§4.4)."""
     path, _, query = path_qs.partition("?")
     pairs = [(k, model if k == "model" else v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)]
-    return body, f"{path}?{urllib.parse.urlencode(sorted(pairs))}"
+    return f"{path}?{urllib.parse.urlencode(sorted(pairs))}"
 
 
-def rewrite_model(request: web.BaseRequest, body: bytes, model: str) -> bytes:
+def upstream_body(content_type: str, body: bytes, model: str | None, filters: Filters, requested: str) -> bytes:
+    """The body as the upstream gets it: its model set to `model` where it was read (JSON or
+    multipart; None leaves it as sent), then the filters (JSON only; §4.4)."""
+    if model is not None:
+        body = rewrite_model(content_type, body, model)
+    if "application/json" in content_type:
+        body = apply_filters(body, filters, requested)
+    return body
+
+
+def rewrite_model(content_type: str, body: bytes, model: str) -> bytes:
     """The body with its model field set to `model` (JSON and multipart bodies; §4.4)."""
-    content_type = request.headers.get("Content-Type", "")
     if "application/json" in content_type and body.strip():
         return replace_json_model(body, model)
     if "multipart/form-data" in content_type:
@@ -3970,7 +4145,6 @@ class UpstreamError(Exception):
         self.status = status
 
 
-DECODED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})  # the request codings aiohttp undoes
 
 
 def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
@@ -4039,10 +4213,27 @@ class CountedResponse(web.StreamResponse):
         return ended and self.content_type == "text/event-stream"
 
 
+SEND_STEP = 1 << 20
+
+
+class SlicedBody(aiohttp.payload.BytesPayload):
+    """A request body sent upstream a MiB at a time, the transport drained between slices, so
+    that the event loop never copies tens of MB into a socket buffer in one go."""
+
+    async def write_with_length(self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None) -> None:
+        view = memoryview(self._value)[:content_length]
+        for at in range(0, len(view), SEND_STEP):
+            await writer.write(view[at:at + SEND_STEP])
+
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+
 async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
                         headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
     """The upstream's response with its headers read, its body still to come."""
-    pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=body or None,
+    data = SlicedBody(body) if len(body) > SEND_STEP else body or None
+    pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=data,
                                        allow_redirects=False, skip_auto_headers=unsent_default_headers(request))
     try:
         return await asyncio.wait_for(pending, upstream.header_timeout)
@@ -4333,7 +4524,7 @@ def _inflate(body: bytes) -> bytes:
 def error_message(status: int, body: bytes) -> str:
     """What went wrong, for a non-200 row: the upstream's own words when its body says so,
     else the status line."""
-    document = _loads_or_none(body)
+    document = _loads_bounded(body, ERROR_MESSAGE_PATHS)
     for path in ERROR_MESSAGE_PATHS:
         text = _lookup(document, path)
         if isinstance(text, str) and text:
@@ -4402,7 +4593,7 @@ class _Readings:
 
 def _read_json(path: str, body: bytes) -> _Readings | None:
     """A whole JSON answer; None when it is not JSON or says nothing about tokens."""
-    document = _loads_or_none(body)
+    document = _loads_bounded(body, ("usage", "timings", "metrics"))
     if isinstance(document, list) and path.startswith("/infill"):
         # llama-server's /infill answers with an array; the last element carries the timings.
         last = document[-1] if document else None
@@ -4434,7 +4625,7 @@ def _read_stream(body: bytes) -> _Readings | None:
         data = line[len(b"data:"):].strip()
         if not data or data == b"[DONE]":
             continue
-        event = _loads_or_none(data)
+        event = _loads_bounded(data, (*STREAM_USAGE_PATHS, "timings", "metrics"))
         if not isinstance(event, dict):
             continue
         for path in STREAM_USAGE_PATHS:
@@ -4486,6 +4677,34 @@ def _object_at(document: dict, path: str) -> dict | None:
     """The object at a path; `"usage": null`, which OpenAI streams in every chunk, is none."""
     value = _lookup(document, path)
     return value if isinstance(value, dict) else None
+
+
+BIG_JSON = 1 << 20  # past this, json.loads would hold the GIL long enough to stall the event loop
+
+
+def _loads_bounded(data: bytes, paths: Sequence[str]) -> Any:
+    """The JSON document; for a big one, only the values at `paths`, in a document of their own
+    (the rest is skipped, not parsed). None when it is not JSON."""
+    if len(data) <= BIG_JSON:
+        return _loads_or_none(data)
+    text = as_text(data)
+    if not text.lstrip().startswith("{"):
+        return None
+    document: dict[str, Any] = {}
+    for path in paths:
+        keys, start, span = path.split("."), 0, None
+        for key in keys:
+            if (span := json_member_span(text, key, start)) is None:
+                break
+            start = span[0]
+        if span is not None and span[1] - span[0] <= BIG_JSON:
+            value = _loads_or_none(text[span[0]:span[1]].encode("utf-8", "surrogateescape"))
+            holder = document
+            for key in keys[:-1]:
+                holder = holder.setdefault(key, {})
+            if isinstance(holder, dict):
+                holder[keys[-1]] = value
+    return document
 
 
 def _loads_or_none(data: bytes) -> Any:
@@ -4862,6 +5081,11 @@ NO_RESPONSE_BODY = frozenset({"/v1/audio/speech", "/v1/images/generations", "/sd
                               "/v1/images/edits", "/sdapi/v1/img2img"})
 
 
+# A capture is taken only of bodies this small (and within the buffer), so that encoding it,
+# here and when it is read back, never holds the GIL long enough to stall the event loop.
+BIGGEST_CAPTURE = 16 << 20
+
+
 class Captures:
     """Recorded requests and their answers, compressed, the oldest dropped once they pass
     `capacity` bytes; one bigger than the whole buffer is not kept at all."""
@@ -4946,7 +5170,9 @@ class Activity:
                                 resp_content_type=header_value(headers, "Content-Type"), resp_status_code=status,
                                 tokens=tokens, duration_ms=duration_ms, error_msg=error, metadata=exchange.metadata,
                                 ts_created=int(exchange.began))
-        if self.captures.capacity > 0 and (capture := make_capture(row_id, exchange, status, headers, body)):
+        raw = len(exchange.request_body) + len(body)
+        if raw <= min(self.captures.capacity, BIGGEST_CAPTURE) and (capture := make_capture(row_id, exchange, status,
+                                                                                             headers, body)):
             self.captures.add(row_id, capture)
         return row_id, exchange.model, tokens
 
@@ -6087,11 +6313,9 @@ async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
         "Access-Control-Allow-Headers": allowed, "Access-Control-Max-Age": "86400"})
 
 
-def wants_stream(request: web.BaseRequest, body: bytes) -> bool:
-    """Whether the client asked for a stream: `stream` in the JSON body, or ?stream=true."""
-    if request.method in ("GET", "HEAD"):
-        return request.query.get("stream") == "true"
-    text = body.decode("utf-8", "surrogateescape")
+def wants_stream(body: bytes) -> bool:
+    """Whether the client asked for a stream in its JSON body."""
+    text = as_text(body)
     span = json_member_span(text, "stream")
     try:
         value = json.loads(text[span[0]:span[1]]) if span else False
@@ -6270,6 +6494,7 @@ class Server:
         self.load_ticker: asyncio.Task | None = None
         self.recalling: asyncio.Task | None = None
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
+        self.body_threads = concurrent.futures.ThreadPoolExecutor(BODY_THREADS, thread_name_prefix="llama-swap-body")
 
     def start(self) -> None:
         """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
@@ -6505,8 +6730,9 @@ class Server:
 
     async def model_request(self, request: web.Request) -> web.StreamResponse:
         """request -> model (via profile pin or selector) -> scheduler.lease(model) -> relay -> release."""
-        body = await request.read()
-        requested = request_model(request, body)
+        body = await self.read_body(request)
+        requested = await self.off_loop(body, request_model, request.method, request.headers.get("Content-Type", ""),
+                                        request.query.get("model", ""), body)
         name = self.virtual.pinned(requested)
         if not name:
             raise ApiError(404, "no model id could be identified")
@@ -6519,18 +6745,12 @@ class Server:
 
     async def local_request(self, request: web.Request, body: bytes, requested: str, name: str, model: str,
                             metadata: dict[str, str]) -> web.StreamResponse:
-        path_qs = forwarded_path(request)
-        if name != requested:  # a pin or a selector chose: the upstream sees the chosen name
-            body, path_qs = with_model(request, body, path_qs, name)
         settings = self.config.models[model]
-        if settings.use_model_name:
-            body = rewrite_model(request, body, settings.use_model_name)
-        if "application/json" in request.headers.get("Content-Type", ""):
-            body = apply_filters(body, settings.filters, name)
+        path_qs, body = await self.for_upstream(request, body, requested, name, settings.filters, settings.use_model_name)
         metadata = {**metadata, "fifo_priority": str(self.scheduler.priority.get(model, 0))}
         with self.inflight.track(request, model, path_qs, body, metadata):
             if settings.send_loading_state and self.processes[model].state != READY and \
-                    path_qs.startswith("/v1/chat/completions") and wants_stream(request, body):
+                    path_qs.startswith("/v1/chat/completions") and await self.wants_stream(request, body):
                 return await self.stream_while_loading(request, model, path_qs, body)
             async with self.scheduler.lease(model, request_label(request)) as process:
                 return await self.relay_local(request, process, path_qs, body)
@@ -6569,13 +6789,51 @@ class Server:
         if route is None:
             raise ApiError(404, unknown_model_message(name, self.config))
         peer = self.config.peers[route[0]]
-        path_qs = forwarded_path(request)
-        if route[1] != requested:  # the peer knows the model by its own name
-            body, path_qs = with_model(request, body, path_qs, route[1])
-        if "application/json" in request.headers.get("Content-Type", ""):
-            body = apply_filters(body, peer.filters, name)
+        # The peer knows the model by its own name.
+        path_qs, body = await self.for_upstream(request, body, requested, route[1], peer.filters, "", name)
         with self.inflight.track(request, name, path_qs, body, metadata):
             return await self.relay_peer(request, peer, path_qs, body)
+
+    async def for_upstream(self, request: web.Request, body: bytes, requested: str, name: str, filters: Filters,
+                           use_model_name: str, filtered_as: str | None = None) -> tuple[str, bytes]:
+        """Path and body as the upstream gets them: the model the client asked for replaced by
+        `name` where a pin, a selector or a peer chose another (in the query of a GET, else in
+        the body), then by `useModelName`, then the filters (keyed by `filtered_as`, the name)."""
+        path_qs = forwarded_path(request)
+        rename = None
+        if name != requested:
+            if request.method in ("GET", "HEAD"):
+                path_qs = with_query_model(path_qs, name)
+            else:
+                rename = name
+        body = await self.off_loop(body, upstream_body, request.headers.get("Content-Type", ""), body,
+                                   use_model_name or rename, filters, filtered_as or name)
+        return path_qs, body
+
+    async def wants_stream(self, request: web.Request, body: bytes) -> bool:
+        """Whether the client asked for a stream: `stream` in the JSON body, or ?stream=true."""
+        if request.method in ("GET", "HEAD"):
+            return request.query.get("stream") == "true"
+        return await self.off_loop(body, wants_stream, body)
+
+    async def off_loop(self, body: bytes, function: Callable[..., Any], *args: Any) -> Any:
+        """function(*args), in a worker thread when `body` is big enough that reading it could
+        keep the event loop from every other client (a small one costs less than the hand-off)."""
+        if len(body) <= INLINE_BODY:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.body_threads, function, *args)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request body as the client meant it: read whole (aiohttp holds it to
+        maxRequestBodyMB as it arrives), inflated when it came gzip or deflate."""
+        body = await request.read()
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        if coding in ("", "identity"):
+            return body
+        if coding not in DECODED_CODINGS:
+            raise BodyError(415, f"request bodies with Content-Encoding {coding!r} are not read: send gzip, deflate "
+                                 "or none")
+        return await self.off_loop(body, inflate, body, coding, self.config.max_request_body_mb * 1024 * 1024)
 
     async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
         upstream = process.upstream
@@ -6615,14 +6873,14 @@ class Server:
         query = mark + raw_query
         if model not in self.processes and rest:  # not local: a peer's (local always wins)
             peer = self.config.peers[self.config.peer_routes[model][0]]
-            body = await request.read()
+            body = await self.read_body(request)
             with self.tracked_passthrough(request, model, rest, body):
                 return await self.relay_peer(request, peer, rest + query, body)
         if not rest:
             return add_trailing_slash(request, f"/upstream/{raw_tail.rstrip('/')}/{query}")
         if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
-        body = await request.read()
+        body = await self.read_body(request)
         with self.tracked_passthrough(request, model, rest, body):
             return await self.passthrough(request, model, rest + query, body)
 
@@ -6654,18 +6912,24 @@ class Server:
         rest = raw_path[len("/comfyui"):]
         if rest != "/" and self.processes[COMFYUI_MODEL].state != READY:
             raise ApiError(409, f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it")
-        return await self.passthrough(request, COMFYUI_MODEL, rest + mark + raw_query, await request.read())
+        return await self.passthrough(request, COMFYUI_MODEL, rest + mark + raw_query, await self.read_body(request))
 
     def split_upstream_path(self, raw_tail: str) -> tuple[str | None, str]:
-        """(model ID, raw remainder) for the longest leading run of path segments naming a model."""
-        segments = raw_tail.split("/")
-        for count in range(len(segments), 0, -1):
-            name = urllib.parse.unquote("/".join(segments[:count]))
+        """(model ID, raw remainder) for the longest leading run of path segments naming a model.
+        Runs are tried from the shortest up and only while no longer than the longest name, so a
+        path of ten thousand segments costs what a short one does."""
+        found: tuple[str | None, str] = (None, "")
+        end = 0
+        while True:
+            end = raw_tail.find("/", end + 1)
+            name = urllib.parse.unquote(raw_tail if end < 0 else raw_tail[:end])
+            if len(name) > self.config.longest_name:
+                return found
             model = self.config.real_model_id(name) or (name if name in self.config.peer_routes else None)
             if model is not None:
-                rest = "/".join(segments[count:])
-                return model, ("/" + rest) if count < len(segments) else ""
-        return None, ""
+                found = (model, "" if end < 0 else raw_tail[end:])
+            if end < 0:
+                return found
 
     # -- listing and control ---------------------------------------------------
 
@@ -6751,7 +7015,7 @@ class Server:
     async def set_profile(self, request: web.Request) -> web.Response:
         """PUT {"name": "<profile>"} or {"name": null}: pins apply from the next request on (§5.5)."""
         try:
-            body = json.loads(await request.read())
+            body = json.loads(await self.read_body(request))
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -6939,6 +7203,8 @@ class Server:
             return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
+        except BodyError as e:
+            return error_response(request, e.status, str(e))
         except web.RequestPayloadError as e:  # e.g. a body that says gzip and is not
             response = error_response(request, 400, f"cannot read the request body: {malformed_reason(e) or printable(str(e))}")
             response.force_close()  # the rest of the body is still on the wire
@@ -7049,6 +7315,7 @@ class Server:
     async def _on_cleanup(self, app: web.Application) -> None:
         await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
         await self.activity.close()
+        self.body_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def sent_size(response: web.StreamResponse) -> int:
@@ -7193,7 +7460,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, server)
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False,
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False, auto_decompress=False,
                            shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(log), **HTTP_LIMITS)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)

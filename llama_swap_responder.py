@@ -82,7 +82,9 @@ GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
                         lifetime
 anything else           the "echo" reply: an OpenAI-shaped completion (or
                         embeddings list for paths containing "embeddings")
-                        with an extra "echo" key describing the request.
+                        with an extra "echo" key describing the request (a
+                        body over 8 MiB is counted in "body_len", not read or
+                        echoed: its "body" is "")
                         A JSON body with "stream": true gets an SSE stream.
 
 Per-request controls (optional top-level keys of a JSON request body):
@@ -355,18 +357,22 @@ def find_model(
     return urlencoded_model(content_type, body) or query_model(query)
 
 
+BIG_BODY = 8 * 1024 * 1024  # a bigger body is counted (body_len), not read: its echo has body ""
+
+
 def build_echo(
     request: web.Request, body: bytes, json_body: dict[str, Any] | None
 ) -> dict[str, Any]:
     path, query = split_raw_path(request.raw_path)
     content_type = request.headers.get("Content-Type")
-    form_fields, form_model = describe_form(content_type or "", body)
+    readable = len(body) <= BIG_BODY
+    form_fields, form_model = describe_form(content_type or "", body) if readable else (None, None)
     return {
         "method": request.method,
         "path": path,
         "query": query,
         "headers": last_value_headers(request),
-        "body": body.decode("utf-8", errors="replace"),
+        "body": body.decode("utf-8", errors="replace") if readable else "",
         "body_len": len(body),
         "content_type": content_type,
         "model": find_model(json_body, form_model, content_type or "", body, query),
@@ -534,7 +540,7 @@ async def handle_echo(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.requests += 1
     body = await request.read()
-    json_body = parse_json_object(body)
+    json_body = parse_json_object(body) if len(body) <= BIG_BODY else None
     echo = build_echo(request, body, json_body)
     state.record("request", echo["path"])
     say(f"request {request.method} {request.raw_path}")

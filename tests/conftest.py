@@ -251,6 +251,56 @@ def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100, **
     return scheduler, processes, events
 
 
+# Runs in a process of its own, so that nothing the test itself does (building a 64 MB body, say)
+# can delay it: GET /health every 50 ms until stdin closes, then the slowest answer as JSON.
+PROBER = """
+import http.client, json, select, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+worst, count, failures = 0.0, 0, []
+connection = None
+while count < 2 or not select.select([sys.stdin], [], [], 0.05)[0]:
+    began = time.monotonic()
+    try:
+        connection = connection or http.client.HTTPConnection(host, port, timeout=60)
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            failures.append(response.status)
+    except OSError as e:
+        failures.append(repr(e))
+        connection = None
+    worst, count = max(worst, time.monotonic() - began), count + 1
+    if count == 1:
+        print("probing", flush=True)
+print(json.dumps({"worst": worst, "count": count, "failures": failures}))
+"""
+STALL_LIMIT = 0.1  # seconds the proxy's event loop may stand still (a /health round trip included)
+
+
+class LoopProber:
+    """While a test runs: /health asked every 50 ms from another process. The slowest answer is
+    the longest time the proxy's event loop stood still, which must stay under STALL_LIMIT."""
+
+    def __init__(self, ls):
+        self.ls = ls
+        self.worst, self.count = 0.0, 0
+
+    def __enter__(self) -> LoopProber:
+        self.proc = subprocess.Popen([PY, "-c", PROBER, "127.0.0.1", str(self.ls.port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout.readline() == b"probing\n", "the prober did not start"
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        out, _ = self.proc.communicate(b"", timeout=120)
+        result = json.loads(out)
+        self.worst, self.count = result["worst"], result["count"]
+        if exc_info[0] is None:
+            assert not result["failures"], f"/health failed while probed: {result['failures'][:5]}"
+            assert self.worst < STALL_LIMIT, f"the event loop stood still for {self.worst:.3f} s ({self.count} probes)"
+
+
 async def chat(session: aiohttp.ClientSession, ls, model: str, **extra) -> tuple[int, dict]:
     """POST a chat completion for `model` (extra JSON keys as given): status and decoded body."""
     async with session.post(ls.url + "/v1/chat/completions", json={"model": model, **extra}) as r:

@@ -1,0 +1,159 @@
+"""Heavy and hostile input never stalls or bloats the proxy (issue 16).
+
+llama-swap-py serves every client, stream and health check from one event loop, so a request
+that blocks it for a second delays everyone by a second. Each test here sends what an attack
+probe sent (at the size limits) while a LoopProber asks /health every 50 ms from a process of
+its own: no answer may take STALL_LIMIT or longer. Where memory was the problem, the proxy's
+peak RSS (VmHWM) is held to a bound too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import zlib
+
+import aiohttp
+import pytest
+
+from conftest import LoopProber
+
+TIMEOUT = aiohttp.ClientTimeout(total=300)
+MB = 1024 * 1024
+
+
+def config(upstreams, limit_mb: int = 64, **model) -> dict:
+    return {"healthCheckTimeout": 15, "maxRequestBodyMB": limit_mb, "performance": {"disabled": True},
+            "models": {"m": {"cmd": upstreams.cmd(name="m"), **model}}}
+
+
+def peak_rss(ls) -> int:
+    """The proxy's peak resident memory so far, in bytes."""
+    with open(f"/proc/{ls.proc.pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes, content_type: str = "application/json",
+               **headers: str) -> tuple[int, bytes]:
+    async with session.post(url, data=body, headers={"Content-Type": content_type, **headers}) as r:
+        return r.status, await r.read()
+
+
+async def warm(session: aiohttp.ClientSession, ls) -> None:
+    """The model started before the probe: a start is not what is measured."""
+    async with session.post(ls.url + "/v1/chat/completions", json={"model": "m"}) as r:
+        assert r.status == 200
+
+
+# -- 1. JSON edits are linear -----------------------------------------------------------------------
+
+
+async def test_filters_and_use_model_name_on_bodies_full_of_duplicate_keys_do_not_stall(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, useModelName="upstream-name",
+                                 filters={"stripParams": "stop, user", "setParams": {"max_tokens": 64}}))
+    copies = 40_000
+    body = ('{"model":"m",' + '"stop":"x","max_tokens":9999,"model":"m",' * copies + '"user":"u"}').encode()
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await warm(s, ls)
+        with LoopProber(ls):
+            status, raw = await post(s, ls.url + "/v1/chat/completions", body)
+    assert status == 200, raw[:500]
+    sent = json.loads(raw)["echo"]["body"]
+    assert '"stop"' not in sent and '"user"' not in sent
+    assert sent.count('"max_tokens":64') == copies and "9999" not in sent
+    assert sent.count('"model":"upstream-name"') == copies + 1 and '"model":"m"' not in sent
+
+
+# -- 2. finding the model ----------------------------------------------------------------------------
+
+
+async def test_finding_the_model_in_crafted_bodies_at_the_size_limit_does_not_stall(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams))
+    boundary = "B0undary"
+    tiny_part = f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\ny\r\n".encode()
+    bodies = {
+        "commas": (b'{' + b"," * (60 * MB) + b'"model":"m"}', "application/json"),
+        "brackets": (b'{"a":[' + b"[]," * (20 * MB) + b'[]],"model":"m"}', "application/json"),
+        "one long string": (b'{"a":"' + b"x" * (60 * MB) + b'","model":"m"}', "application/json"),
+        "escapes": (b'{"a":"' + b'\\"' * (30 * MB) + b'","model":"m"}', "application/json"),
+        "multipart": (tiny_part * ((60 * MB) // len(tiny_part)) + f"--{boundary}\r\nContent-Disposition: form-data; "
+                      f"name=\"model\"\r\n\r\nm\r\n--{boundary}--\r\n".encode(),
+                      f"multipart/form-data; boundary={boundary}"),
+    }
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await warm(s, ls)
+        with LoopProber(ls):
+            for label, (body, content_type) in bodies.items():
+                status, raw = await post(s, ls.url + "/v1/chat/completions", body, content_type)
+                assert status == 200, (label, status, raw[:300])
+                assert json.loads(raw)["model"] == "m", label
+
+
+async def test_a_url_encoded_form_past_10_mb_is_not_parsed(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await warm(s, ls)
+        before = peak_rss(ls)
+        with LoopProber(ls):
+            status, raw = await post(s, ls.url + "/v1/audio/transcriptions", b"a=b&" * (12 * MB) + b"model=m",
+                                     "application/x-www-form-urlencoded")
+            assert status == 413, raw[:300]
+            assert "10 MB" in json.loads(raw)["error"]["message"]
+            status, raw = await post(s, ls.url + "/v1/chat/completions", b"a=b&" * (2 * MB) + b"model=m",
+                                     "application/x-www-form-urlencoded")
+            assert status == 200 and json.loads(raw)["model"] == "m", raw[:300]
+    assert peak_rss(ls) - before < 400 * MB  # the form's size a few times over, never its pairs as objects
+
+
+# -- 3. compressed bodies ----------------------------------------------------------------------------
+
+
+async def test_gzip_bombs_are_refused_early_without_stalling_or_bloating(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, limit_mb=64))
+    bomb = gzip.compress(b"\0" * (1024 * MB), 9)  # about 1 MB that inflates to 1 GiB
+    deflate_bomb = zlib.compress(b"{" * (512 * MB), 9)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await warm(s, ls)
+        before = peak_rss(ls)
+        with LoopProber(ls):
+            answers = await asyncio.gather(*(post(s, ls.url + "/v1/chat/completions", bomb, **{"Content-Encoding": "gzip"})
+                                             for _ in range(4)),
+                                           post(s, ls.url + "/v1/chat/completions", deflate_bomb,
+                                                **{"Content-Encoding": "deflate"}))
+        for status, raw in answers:
+            assert status == 413, raw[:300]
+            assert "maxRequestBodyMB" in json.loads(raw)["error"]["message"] or "ratio" in raw.decode()
+    assert peak_rss(ls) - before < 300 * MB
+
+
+async def test_a_compressed_body_within_the_limit_still_arrives_whole(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, limit_mb=64))
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hello " * 200_000}]}
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for coding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress),
+                                 ("deflate", lambda data: zlib.compress(data)[2:-4])):  # raw deflate too
+            status, raw = await post(s, ls.url + "/v1/chat/completions", compress(json.dumps(payload).encode()),
+                                     **{"Content-Encoding": coding})
+            assert status == 200, (coding, raw[:300])
+            assert json.loads(json.loads(raw)["echo"]["body"]) == payload
+        status, raw = await post(s, ls.url + "/v1/chat/completions", b"{}", **{"Content-Encoding": "br"})
+        assert status == 415 and "gzip" in json.loads(raw)["error"]["message"], raw
+
+
+# -- 4. /upstream paths ------------------------------------------------------------------------------
+
+
+async def test_a_long_upstream_path_is_looked_up_without_stalling(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams))
+    path = "/upstream/" + "a/" * 7_000 + "x"  # 14 KB, 7,000 segments: the request line's limit is 16 KiB
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        with LoopProber(ls):
+            for _ in range(5):  # four clients at a time, as the probe sent them
+                answers = await asyncio.gather(*(s.get(ls.url + path) for _ in range(4)))
+                for r in answers:
+                    assert r.status == 404
+                    r.release()
+        async with s.get(ls.url + "/upstream/m/_responder/info") as r:  # and a real one still resolves
+            assert r.status == 200
+        assert upstreams.pids(), "the real path started the model"
