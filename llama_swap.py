@@ -1540,6 +1540,7 @@ def split_command(command: str) -> list[str]:
 ###############################################################################
 
 LOG_HISTORY_BYTES = 100 * 1024
+STDOUT_BACKLOG = 4 * 1024 * 1024  # log output held for a stdout that is slow to read; more is dropped
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
 
 
@@ -1707,10 +1708,67 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-def write_stdout(data: bytes) -> None:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+class Stdout:
+    """Our stdout, written by a thread of its own, so that a reader that stops reading (a stuck
+    pipe under systemd or docker) never stops the event loop: what it has not taken waits here,
+    up to `limit` bytes; past that, new output is dropped, and once it reads again it is told
+    how much it missed. The thread is a daemon: a pipe nobody reads never holds up the exit."""
+
+    def __init__(self, fd: int = 1, limit: int = STDOUT_BACKLOG):
+        self.fd, self.limit = fd, limit
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.size = self.dropped = 0
+        self.broken = False
+        self.lock = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            if self.broken:
+                return
+            if self.size + len(data) > self.limit:
+                self.dropped += len(data)
+                return
+            if self.dropped:
+                note = f"[WARN] {self.dropped} bytes of log output were dropped: stdout was not being read\n".encode()
+                self.pending.append(note)
+                self.size, self.dropped = self.size + len(note), 0
+            self.pending.append(data)
+            self.size += len(data)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._drain, name="llama-swap-stdout", daemon=True)
+                self.thread.start()
+            self.lock.notify()
+
+    def _drain(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending:
+                    self.lock.wait()
+                data = self.pending.popleft()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+            except OSError:  # closed or gone: nobody will read it
+                with self.lock:
+                    self.broken = True
+                    self.pending.clear()
+                    self.lock.notify_all()
+                return
+            with self.lock:
+                self.size -= len(data)
+                self.lock.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait (a while) until what was written is out: at exit."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.size and not self.broken and (left := deadline - time.monotonic()) > 0:
+                self.lock.wait(left)
+
+
+STDOUT = Stdout()
 
 
 class ProxyLog:
@@ -1719,7 +1777,7 @@ class ProxyLog:
     stdout prints), wired by logToStdout (§7.1)."""
 
     def __init__(self, level: str = "info", to_stdout: str = "proxy", time_format: str = "",
-                 stdout: Callable[[bytes], None] | None = write_stdout):
+                 stdout: Callable[[bytes], None] | None = STDOUT.write):
         self.level = LEVELS.get(level, LEVELS["info"])
         self.time_format = time_format
         self.mux = LogMonitor(stdout if to_stdout != "none" else None)
@@ -7453,6 +7511,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         if len(signals_seen) > 1:  # a second Ctrl-C: leave nothing running and go now
             log.warn("second signal received, killing every upstream and exiting now")
             server.scheduler.kill_all()
+            STDOUT.flush(timeout=1.0)
             os._exit(1)
         stop.set()
 
@@ -7670,7 +7729,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         log.info(f"demo mode: {', '.join(config.models)} are served by the built-in fake upstream")
     source = None if args.demo else ConfigSource(args.config or None, args.config_dir or None)
-    return asyncio.run(serve(config, source, host, port, ssl_context, log, watch=args.watch_config))
+    try:
+        return asyncio.run(serve(config, source, host, port, ssl_context, log, watch=args.watch_config))
+    finally:
+        STDOUT.flush(timeout=5.0)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import signal
+import subprocess
+import threading
+import types
+import urllib.request
 import zlib
 
 import aiohttp
 import pytest
 
-from conftest import LoopProber
+from conftest import PY, ROOT, LoopProber, free_port, wait_until
 
 TIMEOUT = aiohttp.ClientTimeout(total=300)
 MB = 1024 * 1024
@@ -157,3 +163,49 @@ async def test_a_long_upstream_path_is_looked_up_without_stalling(start_llama_sw
         async with s.get(ls.url + "/upstream/m/_responder/info") as r:  # and a real one still resolves
             assert r.status == 200
         assert upstreams.pids(), "the real path started the model"
+
+
+# -- 5. a stdout nobody reads --------------------------------------------------------------------
+
+
+def health(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+async def test_a_stdout_nobody_reads_never_stops_the_proxy(tmp_path, upstreams):
+    # Under systemd or docker a stuck log pipe is a pipe nobody reads: 64 KiB fill it.
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({**config(upstreams), "startPort": free_port()}))  # JSON is YAML
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "llama_swap", "--config", str(path), "--listen", f"127.0.0.1:{port}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = bytearray()
+    try:
+        assert wait_until(lambda: health(port), 30), "llama-swap did not start"
+        padding = "x" * 8000  # every request is a line of our access log, with its User-Agent
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            with LoopProber(types.SimpleNamespace(port=port)):
+                for _ in range(600):  # 4.8 MB of log: past the 4 MiB held for a stdout that is not read
+                    async with s.get(f"http://127.0.0.1:{port}/health", headers={"User-Agent": padding}) as r:
+                        assert r.status == 200
+                async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "m"}) as r:
+                    assert r.status == 200
+            def read() -> None:
+                while chunk := proc.stdout.read1(65536):
+                    seen.extend(chunk)
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()  # reading again: what was held comes out, then what was dropped is told
+            for _ in range(20):
+                async with s.get(f"http://127.0.0.1:{port}/health", headers={"User-Agent": "after-reading"}) as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.1)
+            assert wait_until(lambda: b'"after-reading"' in seen, 30), bytes(seen[-500:])
+            assert b"bytes of log output were dropped: stdout was not being read" in seen
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    assert wait_until(lambda: b"shutdown complete" in seen, 10)
