@@ -4391,16 +4391,18 @@ async def keep_websocket_refusal(answer: aiohttp.ClientResponse) -> None:
 
 
 async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str,
-                          headers: list[tuple[str, str]]) -> web.StreamResponse:
+                          headers: list[tuple[str, str]], largest: int) -> web.StreamResponse:
     """A websocket to the upstream, and every message relayed both ways until one side closes.
-    An upstream that refuses the upgrade is answered for: its status, headers and body."""
+    A message is relayed once whole, so one past `largest` bytes (either way) closes the
+    socket with 1009 instead of growing without bound. An upstream that refuses the upgrade
+    is answered for: its status, headers and body."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     headers = [(k, v) for k, v in headers if not k.lower().startswith("sec-websocket-")]
     refusal: dict[str, Any] = {}
     marker = websocket_refusal.set(refusal)
     try:
         upstream_ws = await upstream.session.ws_connect(upstream.url(path_qs), headers=headers, protocols=protocols,
-                                                        max_msg_size=0)
+                                                        max_msg_size=largest)
     except aiohttp.WSServerHandshakeError as e:
         if refusal:
             return refused_upgrade(refusal)
@@ -4409,7 +4411,7 @@ async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str
         raise UpstreamError(error_text(e)) from None
     finally:
         websocket_refusal.reset(marker)
-    client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), max_msg_size=0)
+    client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), max_msg_size=largest)
     live_websockets.add(client)
     try:
         await client.prepare(request)
@@ -6874,6 +6876,11 @@ class Server:
             return request.query.get("stream") == "true"
         return await self.off_loop(body, wants_stream, body)
 
+    @property
+    def largest_message(self) -> int:
+        """The biggest websocket message relayed: a request body's limit, maxRequestBodyMB."""
+        return self.config.max_request_body_mb * 1024 * 1024
+
     async def off_loop(self, body: bytes, function: Callable[..., Any], *args: Any) -> Any:
         """function(*args), in a worker thread when `body` is big enough that reading it could
         keep the event loop from every other client (a small one costs less than the hand-off)."""
@@ -6899,7 +6906,7 @@ class Server:
             raise ApiError(503, f"[{process.model.id}] process is not ready")
         try:
             if is_websocket(request):
-                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request))
+                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request), self.largest_message)
             return await relay(request, upstream, path_qs, body, forwarded_headers(request), self.log)
         except UpstreamError as e:
             raise ApiError(e.status, f"upstream {process.model.id} {e}" if e.status != 502 or e.args[0].startswith("refused") else
@@ -6908,7 +6915,8 @@ class Server:
     async def relay_peer(self, request: web.Request, peer: PeerConfig, path_qs: str, body: bytes) -> web.StreamResponse:
         try:
             if is_websocket(request):
-                return await relay_websocket(request, self.peer_upstream(peer), path_qs, peer_headers(request, peer))
+                return await relay_websocket(request, self.peer_upstream(peer), path_qs, peer_headers(request, peer),
+                                             self.largest_message)
             return await relay(request, self.peer_upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
         except UpstreamError as e:
             self.log.warn(f"peer {peer.id}: proxy error: {printable(str(e))}")

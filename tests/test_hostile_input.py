@@ -10,6 +10,7 @@ peak RSS (VmHWM) is held to a bound too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -209,3 +210,25 @@ async def test_a_stdout_nobody_reads_never_stops_the_proxy(tmp_path, upstreams):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
     assert wait_until(lambda: b"shutdown complete" in seen, 10)
+
+
+# -- 6. websocket messages ---------------------------------------------------------------------------
+
+
+async def test_a_websocket_message_past_the_body_limit_closes_the_socket_with_1009(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, limit_mb=1))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.ws_connect(ls.url + "/upstream/m/ws", max_msg_size=0) as ws:
+            await ws.send_str("small")
+            assert await ws.receive_str(timeout=10) == "echo: small"
+            await ws.send_bytes(b"x" * (2 * MB))
+            message = await ws.receive(timeout=30)
+            assert message.type == aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG, message
+        before = peak_rss(ls)
+        async with s.ws_connect(ls.url + "/upstream/m/ws", max_msg_size=0) as ws:
+            with contextlib.suppress(ConnectionError):  # the proxy hangs up in the middle of it
+                await ws.send_bytes(b"x" * (256 * MB))
+        assert peak_rss(ls) - before < 32 * MB  # refused as it came, never held whole
+        async with s.ws_connect(ls.url + "/upstream/m/ws") as ws:  # and the next socket works
+            await ws.send_str("again")
+            assert await ws.receive_str(timeout=10) == "echo: again"
