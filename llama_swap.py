@@ -1541,6 +1541,7 @@ def split_command(command: str) -> list[str]:
 
 LOG_HISTORY_BYTES = 100 * 1024
 STDOUT_BACKLOG = 4 * 1024 * 1024  # log output held for a stdout that is slow to read; more is dropped
+LOG_READER_BACKLOG = 1024 * 1024  # the same for each /logs/stream reader
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
 
 
@@ -1632,31 +1633,39 @@ LOG_TIME_LAYOUTS: dict[str, Callable[[datetime.datetime], str]] = {
 
 class LogStream:
     """One live reader of a log (or of events): chunks wait here until it takes them. It is
-    never waited for: past `limit` chunks, a log reader loses new ones and is told how many
-    bytes it missed before the next chunk it gets; an event watcher (`resync`) is closed
-    instead, because a missed event leaves it wrong: it reconnects and gets the state anew."""
+    never waited for: past `limit` bytes waiting, a log reader loses new chunks and is told how
+    many bytes it missed before the next chunk it gets; an event watcher (`resync`) is dropped
+    instead (`hang_up` ends its connection at once, even while a write to it hangs), because a
+    missed event leaves it wrong: it reconnects and gets the state anew."""
 
     def __init__(self, limit: int, resync: bool = False):
         self.limit = limit
         self.resync = resync
         self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0  # bytes waiting
         self.dropped = 0
         self.closed = False
+        self.hang_up: Callable[[], None] = lambda: None
         self._ready = asyncio.Event()
 
     def offer(self, data: bytes) -> None:
         if self.closed:
             return
-        if len(self.chunks) >= self.limit:
+        if self.size + len(data) > self.limit:
             if self.resync:
                 self.close()
+                self.hang_up()
             self.dropped += len(data)
             return
         if self.dropped:
-            self.chunks.append(f"\n\u2014 {self.dropped} bytes dropped \u2014\n".encode())
+            self._add(f"\n\u2014 {self.dropped} bytes dropped \u2014\n".encode())
         self.dropped = 0
-        self.chunks.append(data)
+        self._add(data)
         self._ready.set()
+
+    def _add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
 
     def close(self) -> None:
         self.closed = True
@@ -1667,7 +1676,9 @@ class LogStream:
             await self._ready.wait()
             self._ready.clear()
             while self.chunks:
-                yield self.chunks.popleft()
+                chunk = self.chunks.popleft()
+                self.size -= len(chunk)
+                yield chunk
             if self.closed:
                 return
 
@@ -1689,7 +1700,7 @@ class LogMonitor:
             self.downstream(data)
 
     @contextlib.contextmanager
-    def reading(self, limit: int = 10) -> Iterator[LogStream]:
+    def reading(self, limit: int = LOG_READER_BACKLOG) -> Iterator[LogStream]:
         """A live reader for as long as the block runs."""
         stream = LogStream(limit)
         self.listeners.add(stream.offer)
@@ -4025,6 +4036,9 @@ def canonical_header(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
+LONGEST_SHOWN_HEADER = 1024  # a value past this is shown cut, with its length: 128 headers of 32 KiB stay small
+
+
 def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
     """The first value of each header under its canonical name; credentials never shown. Host
     is not a header to Go, which keeps it apart. Bytes that are not UTF-8 show as U+FFFD, as
@@ -4032,6 +4046,8 @@ def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
     snapshot: dict[str, str] = {}
     for key, value in headers.items():
         if key.lower() != "host":
+            if len(value) > LONGEST_SHOWN_HEADER:
+                value = f"{value[:LONGEST_SHOWN_HEADER]}... ({len(value)} characters)"
             text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             snapshot.setdefault(canonical_header(key), "[REDACTED]" if key.lower() in SENSITIVE_HEADERS else text)
     return snapshot
@@ -6274,9 +6290,9 @@ def sse_event(kind: str, data: Any) -> bytes:
 
 
 class Events:
-    """The /api/events watchers, each with its own queue of at most LIMIT messages (§5.4)."""
+    """The /api/events watchers, each with its own queue of at most LIMIT bytes (§5.4)."""
 
-    LIMIT = 1024
+    LIMIT = 4 * 1024 * 1024
 
     def __init__(self) -> None:
         self.streams: set[LogStream] = set()
@@ -6288,9 +6304,11 @@ class Events:
                 stream.offer(message)
 
     @contextlib.contextmanager
-    def watching(self, first: Iterable[bytes]) -> Iterator[LogStream]:
-        """A watcher that gets `first`, then every message published while the block runs."""
+    def watching(self, first: Iterable[bytes], hang_up: Callable[[], None]) -> Iterator[LogStream]:
+        """A watcher that gets `first`, then every message published while the block runs;
+        `hang_up` ends its connection when it falls too far behind."""
         stream = LogStream(self.LIMIT, resync=True)
+        stream.hang_up = hang_up
         for message in first:
             stream.offer(message)
         self.streams.add(stream)
@@ -7207,7 +7225,7 @@ class Server:
             sse_event("profileChanged", {"active": self.virtual.active}),
             sse_event("inflight", self.inflight.snapshot()),
         ]
-        with self.events.watching(first) as stream:
+        with self.events.watching(first, hang_up=lambda: request.transport and request.transport.abort()) as stream:
             async for message in stream:
                 await response.write(message)
         return response

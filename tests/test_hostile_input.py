@@ -232,3 +232,38 @@ async def test_a_websocket_message_past_the_body_limit_closes_the_socket_with_10
         async with s.ws_connect(ls.url + "/upstream/m/ws") as ws:  # and the next socket works
             await ws.send_str("again")
             assert await ws.receive_str(timeout=10) == "echo: again"
+
+
+# -- 7. /api/events --------------------------------------------------------------------------------
+
+
+async def test_in_flight_events_stay_small_and_a_watcher_that_stops_reading_is_dropped(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams))
+    big_headers = {f"X-Big-{i}": "v" * 8_000 for i in range(100)}  # 800 KB (the responder takes 8 KB a header)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await warm(s, ls)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ls.port)  # a watcher that never reads
+        writer.write(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with s.get(ls.url + "/api/events") as r:  # one that reads, to make the events happen
+            await r.content.readline()
+            before = peak_rss(ls)
+            for _ in range(100):  # some 30 MB of events, were they all kept for it
+                async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}, headers=big_headers) as answer:
+                    assert answer.status == 200
+            async with s.get(ls.url + "/api/inflight") as inflight:
+                assert inflight.status == 200
+        assert peak_rss(ls) - before < 64 * MB, "events grew with the headers"
+        # The one that stopped reading fell behind and was dropped: its connection ends.
+        received = 0
+        async with asyncio.timeout(30) if hasattr(asyncio, "timeout") else contextlib.nullcontext():
+            while chunk := await reader.read(1 << 20):
+                received += len(chunk)
+        writer.close()
+        # And what a request's entry shows of a long header is its start and length.
+        async with s.post(ls.url + "/v1/chat/completions", headers=big_headers,
+                          json={"model": "m", "stream": True, "responder_chunks": 20, "responder_delay": 0.1}) as answer:
+            await answer.content.readany()
+            async with s.get(ls.url + "/api/inflight") as inflight:
+                [entry] = (await inflight.json())["requests"]
+            await answer.read()
+    assert entry["req_headers"]["X-Big-7"] == "v" * 1024 + "... (8000 characters)"
