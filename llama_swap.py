@@ -88,6 +88,7 @@ from yarl import URL
 
 DEFAULT_START_PORT = 5800
 DEFAULT_MAX_REQUEST_BODY_MB = 256  # base64 images and audio fit; a runaway client does not
+DEFAULT_STALLED_CLIENT_TIMEOUT = 300  # seconds: a reader paused in a debugger or a slow link survive it
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
 DEFAULT_UNLOAD_TIMEOUT = 10
@@ -294,6 +295,7 @@ class Config:
     send_loading_state: bool = False
     metrics_max_in_memory: int = 1000
     max_request_body_mb: int = DEFAULT_MAX_REQUEST_BODY_MB  # ours: bodies past it get a 413
+    stalled_client_timeout: int = DEFAULT_STALLED_CLIENT_TIMEOUT  # ours: seconds a client may take no bytes
     capture_buffer_mb: int = 5
     store_path: str | None = None
     session_headers: list[str] = field(default_factory=lambda: list(DEFAULT_SESSION_HEADERS))
@@ -711,7 +713,7 @@ def strip_comment_lines(command: str) -> str:
 
 TOP_LEVEL_KEYS = (
     "healthCheckTimeout", "logRequests", "logLevel", "logTimeFormat", "logToStdout", "metricsMaxInMemory",
-    "captureBuffer", "maxRequestBodyMB", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
+    "captureBuffer", "maxRequestBodyMB", "stalledClientTimeout", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
     "profiles", "selectors", "routing", "groups", "matrix", "hooks", "sendLoadingState", "includeAliasesInList",
     "apiKeys", "adminKeys", "peers", "upstream",
 )
@@ -854,6 +856,7 @@ def read_globals(top: ConfigReader, config: Config) -> None:
         config.metrics_max_in_memory = 1000
     config.capture_buffer_mb = top.integer("captureBuffer", 5)
     config.max_request_body_mb = top.integer("maxRequestBodyMB", DEFAULT_MAX_REQUEST_BODY_MB)
+    config.stalled_client_timeout = top.integer("stalledClientTimeout", DEFAULT_STALLED_CLIENT_TIMEOUT)
     config.include_aliases_in_list = top.boolean("includeAliasesInList")
     config.send_loading_state = top.boolean("sendLoadingState")
     headers = top.mapping("ui").mapping("activity")
@@ -868,6 +871,7 @@ def check_globals(top: ConfigReader, config: Config, errors: ConfigErrors) -> No
     with errors.gather():
         config.performance_every = read_performance_every(top.mapping("performance"))
     bounds = (("maxRequestBodyMB", config.max_request_body_mb < 1, f"must be at least 1, got {config.max_request_body_mb}"),
+              ("stalledClientTimeout", config.stalled_client_timeout < 0, "must be >= 0 (0: never)"),
               ("startPort", top.integer("startPort", DEFAULT_START_PORT) < 1, "must be greater than 1"),
               ("globalTTL", config.global_ttl < 0, "must be >= 0"),
               ("unloadTimeout", config.unload_timeout < 0, "must be >= 0"))
@@ -4267,17 +4271,27 @@ STREAMING = web.RequestKey("streaming", "CountedResponse")  # the answer, once i
 
 class CountedResponse(web.StreamResponse):
     """A streamed answer that counts the body bytes it wrote, so a stream the client cut short
-    is still logged with its status and size."""
+    is still logged with its status and size. Each one is listed in `live` with the moment a
+    write to its client began to wait (0 while none waits), for the stalled-client watch."""
 
+    live: weakref.WeakSet[CountedResponse] = weakref.WeakSet()
     written = 0
     tail = b""  # the last bytes written: whether a broken-off stream ended between two events
+    waiting_since = 0.0
+    client: web.BaseRequest | None = None
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         request[STREAMING] = self
+        self.client = request
+        self.live.add(self)
         return await super().prepare(request)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        await super().write(data)
+        self.waiting_since = time.monotonic()
+        try:
+            await super().write(data)
+        finally:
+            self.waiting_since = 0.0
         self.written += len(data)
         self.tail = (self.tail + bytes(data[-4:]))[-4:]
 
@@ -6573,6 +6587,7 @@ class Server:
         self.recalling: asyncio.Task | None = None
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
         self.body_threads = concurrent.futures.ThreadPoolExecutor(BODY_THREADS, thread_name_prefix="llama-swap-body")
+        self.stall_watch: asyncio.Task | None = None
 
     def start(self) -> None:
         """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
@@ -6583,6 +6598,20 @@ class Server:
         self._preload()
         self._monitor(self.config)
         self.hardware = asyncio.ensure_future(asyncio.to_thread(hardware_snapshot, __version__))
+        self.stall_watch = asyncio.create_task(self._end_stalled_clients())
+
+    async def _end_stalled_clients(self) -> None:
+        """Every second: a client that has taken no byte of its answer for stalledClientTimeout
+        seconds is hung up on, so that its request ends and frees its model (and the swaps
+        waiting for that model)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if timeout := self.config.stalled_client_timeout:
+                for request in stalled_clients(timeout):
+                    self.log.warn(f"{request_label(request)}: the client took nothing of its answer for "
+                                  f"{go_duration(timeout)}, hanging up (stalledClientTimeout)")
+                    if request.transport is not None:
+                        request.transport.abort()
 
     def _policy(self, config: Config) -> SwapPolicy:
         if config.routing.router == "vram":
@@ -7384,7 +7413,7 @@ class Server:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker, self.vram_watch,
-                                   self.recalling) if task]
+                                   self.recalling, self.stall_watch) if task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # the GPU source is closed on the way out
@@ -7400,6 +7429,14 @@ class Server:
         await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
         await self.activity.close()
         self.body_threads.shutdown(wait=False, cancel_futures=True)
+
+
+def stalled_clients(timeout: float) -> Iterator[web.BaseRequest]:
+    """The requests whose client has taken no byte of its answer for `timeout` seconds."""
+    now = time.monotonic()
+    for response in list(CountedResponse.live):
+        if response.waiting_since and now - response.waiting_since >= timeout and response.client is not None:
+            yield response.client
 
 
 def sent_size(response: web.StreamResponse) -> int:

@@ -267,3 +267,26 @@ async def test_in_flight_events_stay_small_and_a_watcher_that_stops_reading_is_d
                 [entry] = (await inflight.json())["requests"]
             await answer.read()
     assert entry["req_headers"]["X-Big-7"] == "v" * 1024 + "... (8000 characters)"
+
+
+# -- 8. a client that never reads ---------------------------------------------------------------------
+
+
+async def test_a_client_that_stops_reading_is_hung_up_on_and_frees_its_model(start_llama_swap, upstreams):
+    ls = start_llama_swap({**config(upstreams), "stalledClientTimeout": 2, "models": {
+        "a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}})  # one swap group
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "a"}) as r:
+            assert r.status == 200
+        body = json.dumps({"model": "a", "stream": True, "responder_bytes": 512 * MB}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", ls.port)  # asks for 512 MB, reads none of it
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await asyncio.sleep(1)
+        began = asyncio.get_running_loop().time()
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "b"}) as r:  # waits for a to be free
+            assert r.status == 200 and (await r.json())["model"] == "b"
+        waited = asyncio.get_running_loop().time() - began
+        writer.close()
+    assert waited < 20, waited
+    assert "the client took nothing of its answer for 2s, hanging up (stalledClientTimeout)" in ls.output()
