@@ -39,6 +39,7 @@ import dataclasses
 import decimal
 import datetime
 import difflib
+import errno
 import functools
 import gzip
 import hashlib
@@ -7556,6 +7557,42 @@ HTTP_LIMITS = {"max_line_size": 16 * 1024, "max_field_size": 32 * 1024, "max_hea
                "keepalive_timeout": 75.0}
 
 
+def raise_open_file_limit() -> int:
+    """The soft limit on open files raised to the hard one, as the original does: systemd's
+    1024 would let some thousand connections (or half as many streams, each with its upstream)
+    exhaust it. Returns the limit now in force (0 where it cannot be known)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    with contextlib.suppress(ValueError, OSError):  # some systems cap it lower than they say
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    return soft
+
+
+class QuietLoopErrors:
+    """The event loop's error handler: running out of file descriptors while accepting is one
+    warning line (at most every ten seconds), not a traceback per attempt; asyncio retries the
+    accept by itself once a second. Anything else goes to the default handler."""
+
+    def __init__(self, log: ProxyLog, open_files: int):
+        self.log, self.open_files = log, open_files
+        self.last = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if not (isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)):
+            loop.default_exception_handler(context)
+        elif time.monotonic() - self.last >= 10:
+            self.last = time.monotonic()
+            limit = f" (the limit is {self.open_files})" if self.open_files else ""
+            self.log.warn(f"cannot accept new connections: {error.strerror or error}{limit}; "
+                          "they wait until some close")
+
+
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
                 watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
@@ -7566,6 +7603,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         print(f"llama-swap: store.path: cannot open {config.store_path}: {e}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(QuietLoopErrors(log, raise_open_file_limit()))
     stop = asyncio.Event()
     signals_seen: list[int] = []
 

@@ -14,12 +14,14 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
 import types
 import urllib.request
 import zlib
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -290,3 +292,56 @@ async def test_a_client_that_stops_reading_is_hung_up_on_and_frees_its_model(sta
         writer.close()
     assert waited < 20, waited
     assert "the client took nothing of its answer for 2s, hanging up (stalledClientTimeout)" in ls.output()
+
+
+# -- 9. open files ---------------------------------------------------------------------------------
+
+
+def started_with_open_files(tmp_path, upstreams, soft: int, hard: int) -> tuple[subprocess.Popen, int, Path]:
+    import resource
+
+    path, log = tmp_path / "config.yaml", tmp_path / "out.log"
+    path.write_text(json.dumps({**config(upstreams), "startPort": free_port()}))
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "llama_swap", "--config", str(path), "--listen", f"127.0.0.1:{port}"],
+                            cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+    assert wait_until(lambda: health(port), 30), log.read_text()
+    return proc, port, log
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(60)
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path, upstreams):
+    proc, port, log = started_with_open_files(tmp_path, upstreams, 1024, 4096)  # what systemd gives
+    try:
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    finally:
+        stop(proc)
+
+
+async def test_running_out_of_file_descriptors_is_one_warning_and_passes(tmp_path, upstreams):
+    proc, port, log = started_with_open_files(tmp_path, upstreams, 80, 80)
+    held = []
+    try:
+        for _ in range(120):  # more connections than descriptors
+            with contextlib.suppress(OSError):
+                held.append(await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5))
+        assert wait_until(lambda: "cannot accept new connections" in log.read_text(), 10), log.read_text()
+        await asyncio.sleep(2.5)  # asyncio retries every second: still one line
+        for _reader, writer in held:
+            writer.close()
+        held.clear()
+        await asyncio.sleep(1)  # (the loop closes them)
+        assert wait_until(lambda: health(port), 15), "no connection accepted once some closed"
+    finally:
+        for _reader, writer in held:
+            writer.close()
+        stop(proc)
+    output = log.read_text()
+    assert output.count("cannot accept new connections: Too many open files (the limit is 80)") == 1, output
+    assert "Traceback" not in output and "socket.accept() out of system resource" not in output, output
