@@ -3438,14 +3438,16 @@ class Scheduler:
         self.closed_reason = f"{self.policy.name} is shutting down"
         self._fail_waiting(self.closed_reason, self.processes)
 
-    async def shutdown(self, timeout: float) -> None:
-        """Stop every model, starting or running, within `timeout`; wait for swap tasks."""
+    async def shutdown(self) -> None:
+        """Stop every model, starting or running, all at once, each given its own unloadTimeout
+        (the time its cmdStop may take, say); wait for swap tasks."""
         self.close()
-        stops = [p.stop(timeout, "shutdown") for p in self.processes.values()]
+        longest = max((p.model.unload_timeout for p in self.processes.values()), default=0)
+        stops = [p.stop(p.model.unload_timeout, "shutdown") for p in self.processes.values()]
         try:
-            await asyncio.wait_for(asyncio.gather(*stops), timeout + 1)
+            await asyncio.wait_for(asyncio.gather(*stops), longest + 1)
         except asyncio.TimeoutError:
-            # An eviction begun before shutdown may have a longer graceful window than we have left.
+            # An eviction begun before shutdown may have a longer graceful window (healthCheckTimeout).
             self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
             self.kill_all()
             await asyncio.gather(*(p.stop(0, "shutdown") for p in self.processes.values()))
@@ -6589,6 +6591,7 @@ class Server:
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
         self.body_threads = concurrent.futures.ThreadPoolExecutor(BODY_THREADS, thread_name_prefix="llama-swap-body")
         self.stall_watch: asyncio.Task | None = None
+        self.handling: set[asyncio.Task] = set()  # requests being handled: what a shutdown ends
 
     def start(self) -> None:
         """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
@@ -7388,9 +7391,11 @@ class Server:
 
     @web.middleware
     async def access_log(self, request: web.Request, handler) -> web.StreamResponse:
-        """One line per request, written when the response is complete or the client gone (§7.3)."""
+        """One line per request, written when the response is complete or the client gone (§7.3).
+        Outermost, it also lists each request being handled, for a shutdown to end."""
         started = time.monotonic()
         status, size = 499, 0  # what the log shows when the client left before an answer
+        self.handling.add(task := asyncio.current_task())
         try:
             response = await handler(request)
             status, size = response.status, sent_size(response)
@@ -7406,6 +7411,7 @@ class Server:
             status = 500
             raise
         finally:
+            self.handling.discard(task)
             if not request.path.startswith(("/wol-health", "/metrics", "/api/performance")):
                 version = f"HTTP/{request.version.major}.{request.version.minor}"
                 agent = request.headers.get("User-Agent", "")
@@ -7648,9 +7654,15 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     log.info(f"received signal {signal.Signals(signals_seen[0]).name}, shutting down")
     if watcher:
         watcher.cancel()
-    began = loop.time()
-    await runner.cleanup()  # stop listening, refuse queued requests, give in-flight ones the budget
-    await server.scheduler.shutdown(max(SHUTDOWN_BUDGET - (loop.time() - began), 1.0))
+    # Stop listening and refuse queued requests; those in flight get SHUTDOWN_BUDGET between them
+    # (aiohttp would give them that twice over), then are ended; then each model gets its own
+    # unloadTimeout to stop (its cmdStop, say).
+    cleanup = asyncio.create_task(runner.cleanup())
+    if not (await asyncio.wait({cleanup}, timeout=SHUTDOWN_BUDGET))[0]:
+        for task in server.handling:
+            task.cancel()
+    await cleanup
+    await server.scheduler.shutdown()
     await groups.close()
     log.info("shutdown complete")
     return 0

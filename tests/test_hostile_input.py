@@ -345,3 +345,31 @@ async def test_running_out_of_file_descriptors_is_one_warning_and_passes(tmp_pat
     output = log.read_text()
     assert output.count("cannot accept new connections: Too many open files (the limit is 80)") == 1, output
     assert "Traceback" not in output and "socket.accept() out of system resource" not in output, output
+
+
+# -- 10. shutdown ----------------------------------------------------------------------------------
+
+
+async def test_sigterm_during_a_long_stream_ends_it_after_30_s_then_gives_each_model_its_unload_time(
+        start_llama_swap, upstreams, tmp_path):
+    stopped = tmp_path / "cmdstop-finished"
+    ls = start_llama_swap({**config(upstreams), "unloadTimeout": 10, "models": {
+        "slow-to-stop": {"cmd": upstreams.cmd("--sigterm-delay", "3", name="slow-to-stop")},
+        "docker-like": {"cmd": upstreams.cmd(name="docker-like"), "cmdStop": f"sh -c 'sleep 2; kill ${{PID}}; touch {stopped}'"}},
+        "groups": {"all": {"swap": False, "exclusive": False, "members": ["slow-to-stop", "docker-like"]}}})
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "docker-like"}) as r:
+            assert r.status == 200
+        async with s.post(ls.url + "/v1/chat/completions", json={
+                "model": "slow-to-stop", "stream": True, "responder_chunks": 100_000, "responder_delay": 0.05}) as r:
+            await r.content.readline()  # streaming, and far from done
+            began = asyncio.get_running_loop().time()
+            ls.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(aiohttp.ClientError):
+                await r.read()
+        assert await asyncio.to_thread(ls.proc.wait, 60) == 0
+        took = asyncio.get_running_loop().time() - began
+    output = ls.output()
+    assert 29 < took < 45, (took, output[-2000:])  # 30 s for the stream, then 3 s and 2 s side by side
+    assert "SIGKILL" not in output, output[-2000:]
+    assert stopped.exists(), "cmdStop was killed before it finished"

@@ -341,7 +341,7 @@ async def proxy_in_this_loop(config: dict):
         yield server, f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
-        await server.scheduler.shutdown(5)
+        await server.scheduler.shutdown()
 
 
 async def hang_up_at_random(session: aiohttp.ClientSession, url: str, model: str, rng: random.Random,
