@@ -4281,11 +4281,12 @@ class CountedResponse(web.StreamResponse):
     written = 0
     tail = b""  # the last bytes written: whether a broken-off stream ended between two events
     waiting_since = 0.0
-    client: web.BaseRequest | None = None
+    transport: asyncio.Transport | None = None
+    label = ""  # the request, as a log line names it
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         request[STREAMING] = self
-        self.client = request
+        self.transport, self.label = request.transport, request_label(request)
         self.live.add(self)
         return await super().prepare(request)
 
@@ -6611,11 +6612,10 @@ class Server:
         while True:
             await asyncio.sleep(1.0)
             if timeout := self.config.stalled_client_timeout:
-                for request in stalled_clients(timeout):
-                    self.log.warn(f"{request_label(request)}: the client took nothing of its answer for "
+                for response in stalled_clients(timeout):
+                    self.log.warn(f"{response.label}: the client took nothing of its answer for "
                                   f"{go_duration(timeout)}, hanging up (stalledClientTimeout)")
-                    if request.transport is not None:
-                        request.transport.abort()
+                    response.transport.abort()
 
     def _policy(self, config: Config) -> SwapPolicy:
         if config.routing.router == "vram":
@@ -7438,12 +7438,12 @@ class Server:
         self.body_threads.shutdown(wait=False, cancel_futures=True)
 
 
-def stalled_clients(timeout: float) -> Iterator[web.BaseRequest]:
-    """The requests whose client has taken no byte of its answer for `timeout` seconds."""
+def stalled_clients(timeout: float) -> Iterator[CountedResponse]:
+    """The answers whose client has taken none of their bytes for `timeout` seconds."""
     now = time.monotonic()
     for response in list(CountedResponse.live):
-        if response.waiting_since and now - response.waiting_since >= timeout and response.client is not None:
-            yield response.client
+        if response.waiting_since and now - response.waiting_since >= timeout and response.transport is not None:
+            yield response
 
 
 def sent_size(response: web.StreamResponse) -> int:
