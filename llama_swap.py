@@ -89,6 +89,7 @@ from yarl import URL
 
 DEFAULT_START_PORT = 5800
 DEFAULT_MAX_REQUEST_BODY_MB = 256  # base64 images and audio fit; a runaway client does not
+DEFAULT_QUEUE_TIMEOUT_MS = 300_000  # a request waits this long at most for its model: queue, swap and load
 DEFAULT_STALLED_CLIENT_TIMEOUT = 300  # seconds: a reader paused in a debugger or a slow link survive it
 DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
@@ -254,6 +255,7 @@ class Routing:
     priority: dict[str, int] = field(default_factory=dict)
     max_wait: float = 10.0  # seconds a request may be kept waiting while loaded models serve others
     min_residency: float = 0.0  # seconds a model just loaded is not swapped out (within max_wait)
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_MS / 1000  # seconds a request may wait for its model (0: forever)
     vram_reserve: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes kept free (None: every GPU)
     vram_release_wait: float = 30.0  # seconds to wait for evicted models' memory to show free
 
@@ -1176,11 +1178,12 @@ def read_routing(top: ConfigReader, config: Config) -> Routing:
     if scheduler.string("use", "fifo") != "fifo":
         raise scheduler.error("use", f'unknown scheduler "{scheduler.string("use")}" (valid: fifo)')
     fifo = scheduler.mapping("settings").mapping("fifo")
-    for key in ("maxWaitMs", "minResidencyMs"):
+    for key in ("maxWaitMs", "minResidencyMs", "queueTimeoutMs"):
         if fifo.integer(key) < 0:
             raise fifo.error(key, "must be >= 0")
     routing.max_wait = fifo.integer("maxWaitMs", 10000) / 1000
     routing.min_residency = fifo.integer("minResidencyMs", 0) / 1000
+    routing.queue_timeout = fifo.integer("queueTimeoutMs", DEFAULT_QUEUE_TIMEOUT_MS) / 1000
     priorities = fifo.mapping("priority")
     for name in priorities.data:
         if config.real_model_id(name) is None:
@@ -3047,6 +3050,10 @@ class ConcurrencyLimited(SchedulerError):
     """The model already has `concurrencyLimit` requests queued, waiting or being served."""
 
 
+class QueueTimeout(SchedulerError):
+    """A request waited `queueTimeoutMs` for its model without getting it (answered with 503)."""
+
+
 class Ticket:
     """One request waiting for its model. Its future is resolved by a grant or an error. `why`
     names the request (`POST /v1/chat/completions from 10.0.0.7`, `preload`), for the log line
@@ -3094,11 +3101,13 @@ class Scheduler:
     """
 
     def __init__(self, processes: dict[str, ModelProcess], policy: SwapPolicy, log: ProxyLog,
-                 priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0):
+                 priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0,
+                 queue_timeout: float = 0.0):
         self.processes = processes
         self.policy = policy
         self.priority = dict(priority or {})  # model -> fifo priority; higher is served first
         self.max_wait, self.min_residency = max_wait, min_residency
+        self.queue_timeout = queue_timeout  # seconds a request may wait in all (0: forever)
         self.arrivals: dict[str, collections.deque[float]] = {}  # model -> its last requests' arrival times
         self.wake: asyncio.TimerHandle | None = None  # the pump after a held swap's wait
         self.log = log
@@ -3156,7 +3165,14 @@ class Scheduler:
         if not self._place(ticket):
             self._enqueue(ticket)
         try:
-            await ticket.future
+            if ticket.future.done() or not self.queue_timeout:  # granted (or refused) at once: no timer
+                await ticket.future
+            else:
+                await asyncio.wait_for(asyncio.shield(ticket.future), self.queue_timeout)
+        except asyncio.TimeoutError:
+            self._withdraw(ticket)
+            raise QueueTimeout(f"{ticket.model} was not ready for this request within {go_duration(self.queue_timeout)} "
+                               "(queueTimeoutMs); it may still be loading: try again") from None
         except asyncio.CancelledError:
             self._withdraw(ticket)
             raise
@@ -6572,7 +6588,7 @@ class Server:
         self.vram_book = VramBook.of(config)
         self.vram_watch: asyncio.Task | None = None
         self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
-                                   config.routing.max_wait, config.routing.min_residency)
+                                   config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout)
         self.metrics = Metrics()
         self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
         self.activity = Activity(config, log, self._activity_recorded)
@@ -6764,6 +6780,7 @@ class Server:
             self._monitor(new)
         self.scheduler.priority = dict(new.routing.priority)
         self.scheduler.max_wait, self.scheduler.min_residency = new.routing.max_wait, new.routing.min_residency
+        self.scheduler.queue_timeout = new.routing.queue_timeout
         self.scheduler.retire(retire)
         self._preload()
         for note in new.notes():
@@ -6884,7 +6901,7 @@ class Server:
             except (SchedulerError, UpstreamError) as e:
                 await loading.stop()
                 message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else f"upstream {model} unreachable: {e}"
-                request[EXCHANGE].failure = (500, message)
+                request[EXCHANGE].failure = (503 if isinstance(e, QueueTimeout) else 500, message)
                 with contextlib.suppress(ConnectionError):  # no one left to tell
                     await response.write(stream_error_event(path_qs, message, "internal_error"))
             finally:
@@ -7318,6 +7335,8 @@ class Server:
             return response
         except ConcurrencyLimited:
             return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
+        except QueueTimeout as e:
+            return error_response(request, 503, str(e))
         except SchedulerError as e:
             return error_response(request, 500, f"unspecific error: {e}")
         except BodyError as e:

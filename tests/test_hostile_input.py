@@ -373,3 +373,20 @@ async def test_sigterm_during_a_long_stream_ends_it_after_30_s_then_gives_each_m
     assert 29 < took < 45, (took, output[-2000:])  # 30 s for the stream, then 3 s and 2 s side by side
     assert "SIGKILL" not in output, output[-2000:]
     assert stopped.exists(), "cmdStop was killed before it finished"
+
+
+# -- 11. how long a request waits ------------------------------------------------------------------------
+
+
+async def test_a_request_waits_for_its_model_no_longer_than_queue_timeout(start_llama_swap, upstreams):
+    ls = start_llama_swap({**config(upstreams), "routing": {"scheduler": {"settings": {"fifo": {"queueTimeoutMs": 1500}}}},
+                           "models": {"m": {"cmd": upstreams.cmd("--startup-delay", "8", name="m")}}})
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        began = asyncio.get_running_loop().time()
+        status, raw = await post(s, ls.url + "/v1/chat/completions", json.dumps({"model": "m"}).encode())
+        waited = asyncio.get_running_loop().time() - began
+        assert status == 503, raw
+        assert "m was not ready for this request within 1.5s (queueTimeoutMs)" in json.loads(raw)["error"]["message"]
+        assert 1.4 < waited < 6, waited
+        status, raw = await post(s, ls.url + "/v1/chat/completions", json.dumps({"model": "m"}).encode())  # the load went on
+        assert status in (200, 503), raw
