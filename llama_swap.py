@@ -307,6 +307,7 @@ class Config:
     preload: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     admin_keys: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)  # ours: their host[:port], lower-case
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     routing: Routing = field(default_factory=Routing)
     profiles: dict[str, Profile] = field(default_factory=dict)
@@ -718,7 +719,7 @@ TOP_LEVEL_KEYS = (
     "healthCheckTimeout", "logRequests", "logLevel", "logTimeFormat", "logToStdout", "metricsMaxInMemory",
     "captureBuffer", "maxRequestBodyMB", "stalledClientTimeout", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
     "profiles", "selectors", "routing", "groups", "matrix", "hooks", "sendLoadingState", "includeAliasesInList",
-    "apiKeys", "adminKeys", "peers", "upstream",
+    "apiKeys", "adminKeys", "allowedOrigins", "peers", "upstream",
 )
 
 
@@ -788,6 +789,8 @@ def check_values(top: ConfigReader, config: Config, nodes: Mapping[str, ConfigRe
         config.api_keys = read_keys(top, "apiKeys")
     with errors.gather():
         config.admin_keys = read_keys(top, "adminKeys")
+    with errors.gather():
+        config.allowed_origins = read_origins(top)
     config.peers = peers
     selectors = top.mapping("selectors")
     profiles = top.data.get("profiles") or {}
@@ -1352,6 +1355,18 @@ def read_preload(top: ConfigReader, config: Config) -> list[str]:
         elif model not in preload:
             preload.append(model)
     return preload
+
+
+def read_origins(top: ConfigReader) -> list[str]:
+    """allowedOrigins: `scheme://host[:port]` of the web pages that may change things here
+    besides our own, each kept as its `host[:port]`, lower-case."""
+    origins = []
+    for i, origin in enumerate(top.string_list("allowedOrigins")):
+        url = urllib.parse.urlsplit(origin.strip())
+        if url.scheme not in ("http", "https") or not url.netloc or url.path not in ("", "/") or url.query:
+            raise top.error(f"allowedOrigins[{i}]", f"{origin!r} is no web origin (expected like https://llm.example.com)")
+        origins.append(url.netloc.lower())
+    return origins
 
 
 def read_keys(top: ConfigReader, key: str) -> list[str]:
@@ -6125,6 +6140,57 @@ OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ic
 MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
 
 
+# -- other web pages -------------------------------------------------------------
+#
+# A browser lets any page it shows send requests here: a form can POST to /api/models/unload and
+# an image can GET /unload, and a page whose own name an attacker points at 127.0.0.1 (DNS
+# rebinding) reads our answers as its own. Two guards: what changes state (POST and the like
+# under /api/, and GET /unload) is refused from a page of another origin (Origin, or the fetch
+# metadata of a request without it); and, with no keys to ask for, a request must name us by a
+# name that no outsider controls: localhost, an IP address, a name without dots (or under
+# .local), this machine's name, or one given in allowedOrigins (a reverse proxy's, say).
+
+MACHINE_NAME = socket.gethostname().lower()
+
+
+def authority_name(authority: str) -> str:
+    """The host name of a `host[:port]` (an IPv6 address without its brackets)."""
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rpartition(":")[0] if authority.count(":") == 1 else authority
+
+
+def known_host(authority: str, allowed: Sequence[str]) -> bool:
+    """Whether a Host header names us in a way no outsider's DNS can."""
+    authority = authority.strip().lower()
+    name = authority_name(authority)
+    if not authority or authority in allowed or name in {authority_name(a) for a in allowed}:
+        return True
+    if name in ("localhost", MACHINE_NAME) or "." not in name or name.endswith((".localhost", ".local")):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def changes_state(request: web.BaseRequest) -> bool:
+    return request.path == "/unload" or (request.path.startswith("/api/") and request.method not in ("GET", "HEAD", "OPTIONS"))
+
+
+def foreign_origin(request: web.BaseRequest, allowed: Sequence[str]) -> str | None:
+    """Which other site's page sent a request ("another site" when its browser says only that),
+    or None when it came from our own pages, an allowed origin or no browser at all."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return "another site" if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") else None
+    netloc = urllib.parse.urlsplit(origin.strip()).netloc.lower()
+    if netloc and (netloc == request.headers.get("Host", "").strip().lower() or netloc in allowed):
+        return None
+    return printable(origin[:200])
+
+
 def request_api_key(request: web.BaseRequest) -> str:
     """The key a client sent: Basic password, else Bearer token, else x-api-key (§4.9)."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
@@ -6827,7 +6893,8 @@ class Server:
         self.events.publish("logData", {"source": source, "data": data.decode("utf-8", "replace")})
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors, self.auth],
+        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors, self.guard,
+                                           self.auth],
                               client_max_size=self.config.max_request_body_mb * 1024 * 1024)
         routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
         routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
@@ -7387,6 +7454,20 @@ class Server:
         body = exchange.copy if relayed else getattr(response, "body", None)
         headers = response.headers if response is not None else {}
         self.activity.record(exchange, status, headers, body or b"", int(seconds * 1000))
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """The guards against other web pages (see `known_host`, `foreign_origin`)."""
+        config = self.config
+        host = request.headers.get("Host", "")
+        if not (config.api_keys or config.admin_keys) and request.path not in ("/health", "/wol-health") and \
+                not known_host(host, config.allowed_origins):
+            raise ApiError(403, f"refused: {printable(host[:200])!r} is not a name this server answers to without keys "
+                                "(a guard against DNS rebinding); if it is yours, add its origin to allowedOrigins")
+        if changes_state(request) and (origin := foreign_origin(request, config.allowed_origins)):
+            raise ApiError(403, f"refused: a page of {origin} may not change anything here (a guard against other "
+                                "web pages); if it should, add its origin to allowedOrigins")
+        return await handler(request)
 
     @web.middleware
     async def auth(self, request: web.Request, handler) -> web.StreamResponse:

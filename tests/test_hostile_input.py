@@ -390,3 +390,48 @@ async def test_a_request_waits_for_its_model_no_longer_than_queue_timeout(start_
         assert 1.4 < waited < 6, waited
         status, raw = await post(s, ls.url + "/v1/chat/completions", json.dumps({"model": "m"}).encode())  # the load went on
         assert status in (200, 503), raw
+
+
+# -- 12. other web pages ---------------------------------------------------------------------------
+
+
+async def test_another_sites_page_cannot_change_anything_here(start_llama_swap, upstreams):
+    ls = start_llama_swap({**config(upstreams), "allowedOrigins": ["http://dash.lan:3000"]})
+    ours = f"http://127.0.0.1:{ls.port}"
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await warm(s, ls)
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "http://localhost:3000"}, {"Origin": "null"}):
+            for method, path in (("POST", "/api/models/unload"), ("POST", "/api/config/reload"),
+                                 ("POST", "/api/inflight/1/cancel"), ("POST", "/api/models/load/m")):
+                async with s.request(method, ls.url + path, headers=headers) as r:
+                    assert r.status == 403, (method, path, headers)
+                    assert "may not change anything here" in (await r.json())["error"]["message"]
+        async with s.get(ls.url + "/unload", headers={"Sec-Fetch-Site": "cross-site"}) as r:  # an <img src=...>
+            assert r.status == 403
+        assert [e["model"] for e in (await (await s.get(ls.url + "/running")).json())["running"]] == ["m"]
+        # Our own pages, an allowed origin, and anything that is no browser (curl, scripts) may.
+        for headers in ({"Origin": ours}, {"Origin": "http://dash.lan:3000"}, {}):
+            async with s.post(ls.url + "/api/models/unload", headers=headers) as r:
+                assert r.status == 200, headers
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}, headers={"Origin": "http://evil.example"}) as r:
+            assert r.status == 200  # the API itself stays open to browsers, as the original's CORS says
+
+
+async def test_without_keys_a_rebound_name_reads_nothing(start_llama_swap, upstreams):
+    ls = start_llama_swap({**config(upstreams), "allowedOrigins": ["https://llm.example.com"]})
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for host in ("rebind.attacker.example", f"rebind.attacker.example:{ls.port}", "127.0.0.1.nip.io"):
+            for path in ("/api/captures/1", "/running", "/v1/models", "/logs"):
+                async with s.get(ls.url + path, headers={"Host": host}) as r:
+                    assert r.status == 403, (host, path)
+                    assert "DNS rebinding" in (await r.json())["error"]["message"]
+        for host in (f"127.0.0.1:{ls.port}", f"localhost:{ls.port}", f"[::1]:{ls.port}", "gpubox", "gpubox.local",
+                     "llm.example.com", "llm.example.com:443"):
+            async with s.get(ls.url + "/running", headers={"Host": host}) as r:
+                assert r.status == 200, host
+        async with s.get(ls.url + "/health", headers={"Host": "rebind.attacker.example"}) as r:
+            assert r.status == 200  # a monitor's probe, whatever it calls us
+    keyed = start_llama_swap({**config(upstreams), "apiKeys": ["k"]})
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:  # with keys, the key is the guard
+        async with s.get(keyed.url + "/running", headers={"Host": "llm.other.example", "Authorization": "Bearer k"}) as r:
+            assert r.status == 200
