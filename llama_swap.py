@@ -29,9 +29,9 @@ import argparse
 import asyncio
 import base64
 import bisect
+import codecs
 import collections
 import concurrent.futures
-import codecs
 import contextlib
 import contextvars
 import ctypes
@@ -3584,7 +3584,6 @@ class VirtualModels:
 ###############################################################################
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
-_JSON_DECODER = json.JSONDecoder()
 _FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
 
 # Reading JSON structure without decoding it. Strings are skipped with find (or, full of escapes,
@@ -3765,7 +3764,10 @@ class JsonMember:
     value_end: int
 
 
-def json_container(text: str, start: int) -> tuple[str, list[JsonMember], int] | None:
+JsonContainer = tuple[str, list[JsonMember], int]  # opening bracket, members, closing bracket position
+
+
+def json_container(text: str, start: int) -> JsonContainer | None:
     """The object or array at `start`: its opening bracket, members and closing bracket position;
     None when it is none, or broken. Values are delimited, never decoded, so a huge value costs
     one scan and a string the strict decoder would refuse is no obstacle."""
@@ -3811,9 +3813,6 @@ def json_path_keys(path: str) -> list[str]:
             keys.append(key)
             key = ""
     return keys + [key]
-
-
-JsonContainer = tuple[str, list[JsonMember], int]  # opening bracket, members, closing bracket position
 
 
 def _json_holders(text: str, keys: list[str]) -> list[JsonContainer]:
@@ -4257,11 +4256,9 @@ class UpstreamError(Exception):
         self.status = status
 
 
-
-
 def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
-    """The client's end-to-end headers. The body we read is already decoded from a coding
-    aiohttp knows, so its Content-Encoding goes (we forward what we read). An answer we copy
+    """The client's end-to-end headers. A body that came gzip or deflate was inflated as we
+    read it, so its Content-Encoding goes (we forward what we read). An answer we copy
     for its activity row may only come gzip or deflate (which we can read back): other
     encodings leave Accept-Encoding (§6.1)."""
     headers = [(k, v) for k, v in end_to_end_headers(request.headers)
@@ -7408,7 +7405,7 @@ class Server:
             return error_response(request, 500, f"unspecific error: {e}")
         except BodyError as e:
             return error_response(request, e.status, str(e))
-        except web.RequestPayloadError as e:  # e.g. a body that says gzip and is not
+        except web.RequestPayloadError as e:  # e.g. chunked framing that is broken or cut short
             response = error_response(request, 400, f"cannot read the request body: {malformed_reason(e) or printable(str(e))}")
             response.force_close()  # the rest of the body is still on the wire
             return response

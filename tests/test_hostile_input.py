@@ -24,7 +24,6 @@ import zlib
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from conftest import PY, ROOT, LoopProber, free_port, wait_until
 
