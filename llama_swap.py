@@ -1674,7 +1674,9 @@ class LogStream:
     def offer(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.size + len(data) > self.limit:
+        # Once dropping, it drops until the reader has taken half of what waits: what follows a
+        # gap is then news, not a line that happened to fit.
+        if self.size + len(data) > self.limit or (self.dropped and self.size > self.limit // 2):
             if self.resync:
                 self.close()
                 self.hang_up()

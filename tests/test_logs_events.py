@@ -342,8 +342,10 @@ def test_a_full_log_stream_drops_chunks_and_then_says_how_many_bytes_it_missed()
     stream.offer(b"gone too\n")
     assert list(stream.chunks) == [b"one\n", b"two\n", b"three\n"]
     stream.size -= len(stream.chunks.popleft())  # as a reader takes it
+    stream.offer(b"fits\n")  # it would fit, but once dropping, a stream drops until half is read
+    stream.size -= len(stream.chunks.popleft())
     stream.offer(b"four\n")
-    assert list(stream.chunks) == [b"two\n", b"three\n", "\n\u2014 14 bytes dropped \u2014\n".encode(), b"four\n"]
+    assert list(stream.chunks) == [b"three\n", "\n\u2014 19 bytes dropped \u2014\n".encode(), b"four\n"]
     stream.chunks.clear()
     stream.size = 0
     stream.offer(b"five\n")  # the count starts again after it was reported
