@@ -105,7 +105,7 @@ LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 LOG_TIME_FORMATS = ("ansic", "unixdate", "rubydate", "rfc822", "rfc822z", "rfc850", "rfc1123", "rfc1123z",
                     "rfc3339", "rfc3339nano", "kitchen", "stamp", "stampmilli", "stampmicro", "stampnano")
 SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
-# Maps whose children name things: two config files may not both define the same child (§2.2).
+# Maps whose children name things: two config files may not both define the same child.
 IDENTITY_MAPS = ("models", "groups", "profiles", "selectors", "peers", "matrix",
                  "routing.router.settings.groups", "routing.router.settings.matrix")
 
@@ -150,7 +150,7 @@ class ConfigErrors:
 
 @dataclass(frozen=True)
 class Group:
-    """Models that share swap rules (§2.12.1)."""
+    """Models that share swap rules."""
 
     name: str
     members: frozenset[str]
@@ -161,7 +161,7 @@ class Group:
 
 @dataclass
 class Capabilities:
-    """What a model takes and gives, shown in /v1/models (§2.15)."""
+    """What a model takes and gives, shown in /v1/models."""
 
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -175,7 +175,7 @@ class Capabilities:
 
 @dataclass
 class Filters:
-    """Request rewrites for one model or peer (§4.4)."""
+    """Request rewrites for one model or peer."""
 
     strip_params: list[str] = field(default_factory=list)  # sorted, without `model`
     set_params: dict[str, Any] = field(default_factory=dict)
@@ -225,7 +225,7 @@ class ModelConfig:
 
 @dataclass
 class PeerConfig:
-    """Another llama-swap (or any OpenAI-style server) whose models we forward to (§2.9)."""
+    """Another llama-swap (or any OpenAI-style server) whose models we forward to."""
 
     id: str
     proxy: str
@@ -237,7 +237,7 @@ class PeerConfig:
 
 @dataclass
 class Matrix:
-    """The matrix DSL (§2.12.2): named sets of models that may run together."""
+    """The matrix DSL: named sets of models that may run together."""
 
     vars: dict[str, str]
     sets: dict[str, str]  # name -> DSL text, in definition order
@@ -247,7 +247,7 @@ class Matrix:
 
 @dataclass
 class Routing:
-    """Which swap rules apply (groups or matrix) and the scheduler's priorities (§2.12)."""
+    """Which swap rules apply (groups or matrix) and the scheduler's priorities."""
 
     router: str = "group"
     groups: list[Group] = field(default_factory=list)
@@ -269,7 +269,7 @@ class Profile:
 
 @dataclass
 class Selector:
-    """A virtual model ID that picks one of its targets per request (§2.14)."""
+    """A virtual model ID that picks one of its targets per request."""
 
     id: str
     strategy: str
@@ -557,7 +557,7 @@ def parse_yaml(text: str) -> dict | None:
 
 
 def merge_documents(documents: list[tuple[str, dict]]) -> dict:
-    """Later files add to earlier ones (§2.2): maps merge, lists concatenate, scalars must agree."""
+    """Later files add to earlier ones: maps merge, lists concatenate, scalars must agree."""
     merged: dict = {}
     for name, doc in documents:
         merged = _merge(merged, doc, "", name)
@@ -724,7 +724,7 @@ TOP_LEVEL_KEYS = (
 
 
 def build_config(doc: dict, previous: Config | None = None) -> Config:
-    """The config in the original's three passes (§2.16): macros and ports, then types, then values
+    """The config in the original's three passes: macros and ports, then types, then values
     and cross-references. Each pass reports every error it finds, in the order the original
     checks, so its first line is the error the original would report. `previous`: the config a
     reload replaces, whose models keep their ports."""
@@ -809,7 +809,7 @@ def check_values(top: ConfigReader, config: Config, nodes: Mapping[str, ConfigRe
 
 def expand_models(top: ConfigReader, global_macros: list, readers: list, config: Config,
                   previous: Config | None, errors: ConfigErrors) -> dict[str, tuple[dict, list]]:
-    """Every model's data with its macros and ${PORT} applied, in model-ID order (§2.6).
+    """Every model's data with its macros and ${PORT} applied, in model-ID order.
 
     On a reload (`previous` given, same startPort) a model keeps the port it had and a new one
     takes the lowest free port, so adding a model never moves the others (and restarts them)."""
@@ -993,14 +993,14 @@ def read_model(model_id: str, node: ConfigReader, config: Config) -> ModelConfig
     node.raw("healthCheckTimeout")
     if model.concurrency_limit <= 0:
         model.concurrency_limit = DEFAULT_CONCURRENCY_LIMIT
-    if model_id == "comfyui_auto":  # its UI opens many sockets at once (§5.10)
+    if model_id == "comfyui_auto":  # its UI opens many sockets at once
         model.concurrency_limit = max(model.concurrency_limit, 50)
         model.ignore_websockets = True
     return model
 
 
 def expand_keys(by_id: dict, macros: list[tuple[str, Any]], model_id: str) -> dict:
-    """setParamsByID keys name requests, so unlike other keys they take macros (§2.4.3)."""
+    """setParamsByID keys name requests, so unlike other keys they take macros."""
     out: dict[str, Any] = {}
     for key, value in by_id.items():
         expanded = go_format(expand_macros(str(key), macros))
@@ -1117,7 +1117,7 @@ def valid_http_url(text: str) -> bool:
 
 
 def collect_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
-    """alias -> model ID for the explicit aliases (§2.8); an alias may name one model only."""
+    """alias -> model ID for the explicit aliases; an alias may name one model only."""
     aliases: dict[str, str] = {}
     for model in models.values():
         for alias in model.aliases:
@@ -1128,7 +1128,7 @@ def collect_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
 
 
 def register_set_params_aliases(model: ModelConfig, config: Config) -> None:
-    """Each setParamsByID key names a way to request the model, so it becomes an alias (§2.8)."""
+    """Each setParamsByID key names a way to request the model, so it becomes an alias."""
     for key in model.filters.set_params_by_id:
         if key == model.id or config.aliases.get(key) == model.id:
             continue
@@ -1144,7 +1144,7 @@ def register_set_params_aliases(model: ModelConfig, config: Config) -> None:
 
 
 def read_routing(top: ConfigReader, config: Config) -> Routing:
-    """groups or matrix, legacy top-level or under routing.router, and the fifo priorities (§2.12)."""
+    """groups or matrix, legacy top-level or under routing.router, and the fifo priorities."""
     routing_node = top.mapping("routing")
     router = routing_node.mapping("router")
     settings = router.mapping("settings")
@@ -1215,7 +1215,7 @@ def read_groups(node: ConfigReader, config: Config) -> list[Group]:
 
 
 def read_matrix(node: ConfigReader, config: Config) -> Matrix:
-    """vars, sets and evict_costs, with every set parsed and expanded (§2.12.2)."""
+    """vars, sets and evict_costs, with every set parsed and expanded."""
     try:
         return _read_matrix(node, config)
     except ConfigError as e:
@@ -1396,7 +1396,7 @@ def read_peer(peer_id: str, node: ConfigReader) -> PeerConfig:
 
 
 def check_peer_namespace(config: Config, selector_ids: set[str], pin_names: set[str]) -> None:
-    """Peer names may not be ambiguous or shadow local names, selectors or profile pins (§2.9)."""
+    """Peer names may not be ambiguous or shadow local names, selectors or profile pins."""
     owners: dict[str, str] = {}
     for peer in config.peers.values():
         for model in peer.models:
@@ -1505,7 +1505,7 @@ def read_profiles(node: ConfigReader, config: Config) -> dict[str, Profile]:
 
 
 def split_command(command: str) -> list[str]:
-    """argv from a multi-line cmd, POSIX-shell style but without a shell (§2.7).
+    """argv from a multi-line cmd, POSIX-shell style but without a shell.
 
     Comment lines go, a trailing backslash joins lines, quotes group words. Unlike shlex, a
     carriage return is an ordinary character and an unterminated quote runs to the end.
@@ -1634,7 +1634,7 @@ def _zone(text: str) -> datetime.timezone:
     return datetime.timezone(-offset if text[0] == "-" else offset)  # ValueError from 24:00 on
 
 
-# logTimeFormat names -> Go's layouts written with Python (§7.2); `_2` is a space-padded day.
+# logTimeFormat names -> Go's layouts written with Python; `_2` is a space-padded day.
 LOG_TIME_LAYOUTS: dict[str, Callable[[datetime.datetime], str]] = {
     "ansic": lambda t: t.strftime(f"%a %b {t.day:2d} %H:%M:%S %Y"),
     "unixdate": lambda t: t.strftime(f"%a %b {t.day:2d} %H:%M:%S %Z %Y"),
@@ -1709,7 +1709,7 @@ class LogStream:
 
 
 class LogMonitor:
-    """A log source (§7.1): it keeps 100 KiB of history, hands each chunk to its live readers
+    """A log source: it keeps 100 KiB of history, hands each chunk to its live readers
     without waiting for them, and passes it on downstream (another monitor, or stdout)."""
 
     def __init__(self, downstream: Callable[[bytes], None] | None = None):
@@ -1810,7 +1810,7 @@ STDOUT = Stdout()
 class ProxyLog:
     """llama-swap's own log, `[LEVEL] message` lines, and the monitors every log goes through:
     `proxy` (ours), `upstream` (all model servers' output) and `mux` (what /logs shows and
-    stdout prints), wired by logToStdout (§7.1)."""
+    stdout prints), wired by logToStdout."""
 
     def __init__(self, level: str = "info", to_stdout: str = "proxy", time_format: str = "",
                  stdout: Callable[[bytes], None] | None = STDOUT.write):
@@ -2181,7 +2181,7 @@ def environment_proxy(base_url: str) -> str | None:
 
 
 def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession:
-    """A pooled session to one upstream, under its `timeouts` (§2.5; 0 means no limit), through
+    """A pooled session to one upstream, under its `timeouts` (0 means no limit), through
     the proxy the environment names for it. No connection limit: the scheduler, not the pool,
     decides how many requests run at once."""
     connect = None
@@ -2351,7 +2351,7 @@ class ModelProcess:
 
     def load_status(self) -> dict[str, Any] | None:
         """While starting: seconds so far, progress (0..1, where the server prints it) and the
-        seconds it probably has left (§ load progress); None otherwise."""
+        seconds it probably has left; None otherwise."""
         if self.state != STARTING:
             return None
         elapsed = time.monotonic() - self.load_began
@@ -2641,7 +2641,7 @@ class SwapPolicy:
 
 
 class GroupPolicy(SwapPolicy):
-    """Groups (§2.12.1): a pure function of plain data."""
+    """Groups: a pure function of plain data."""
 
     name = "group"
 
@@ -2661,7 +2661,7 @@ class GroupPolicy(SwapPolicy):
 
 
 class MatrixPolicy(SwapPolicy):
-    """The matrix router's rule (§2.12.2): keep the allowed set that is cheapest to reach.
+    """The matrix router's rule: keep the allowed set that is cheapest to reach.
 
     Every set the DSL allows that contains the target is a candidate; its cost is what it would
     evict (evict_costs, default 1 per model). The cheapest wins, the first defined on a tie. A
@@ -2692,7 +2692,7 @@ class MatrixPolicy(SwapPolicy):
         return running - choice[1] if choice else running
 
     def explain(self, target: str, running: Sequence[str]) -> str:
-        """The one info line per real swap (§2.12.2)."""
+        """The one info line per real swap."""
         running = frozenset(running) - {target}
         if not running:
             return f"matrix: model={target} starting (no models running)"
@@ -3101,7 +3101,7 @@ class Swap:
 
 
 class Scheduler:
-    """The one owner of swap state (§4.6).
+    """The one owner of swap state.
 
     Decisions are synchronous methods, so nothing interleaves with them; the slow work (stopping
     and starting servers) runs in owned Swap tasks that report back through `_finish_swap`.
@@ -3195,7 +3195,7 @@ class Scheduler:
             raise
 
     def _enqueue(self, ticket: Ticket) -> None:
-        """Behind every queued request of the same or higher priority (§4.6)."""
+        """Behind every queued request of the same or higher priority."""
         at = next((i for i, t in enumerate(self.queue) if t.priority < ticket.priority), len(self.queue))
         self.queue.insert(at, ticket)
 
@@ -3377,7 +3377,7 @@ class Scheduler:
         await asyncio.shield(task)
 
     async def _stop_models(self, models: list[str]) -> None:
-        # Models sharing a timeout stop together; shorter timeouts go first (§5.3).
+        # Models sharing a timeout stop together; shorter timeouts go first.
         by_timeout: dict[float, list[str]] = {}
         for m in models:
             by_timeout.setdefault(self.processes[m].model.unload_timeout, []).append(m)
@@ -3446,7 +3446,7 @@ class Scheduler:
         return round(max(0.0, process.model.ttl - idle), 1)
 
     def _unload_idle(self) -> None:
-        """Stop each ready model that served nothing for its `ttl` seconds (§3.6): a request in
+        """Stop each ready model that served nothing for its `ttl` seconds: a request in
         flight, however long, keeps it loaded; the idle clock starts when the last one ends."""
         now = time.monotonic()
         for model, process in self.processes.items():
@@ -3503,7 +3503,7 @@ class SelectorError(Exception):
 
 
 class VirtualModels:
-    """Names that stand for other models: the active profile's pins (§2.13) and selectors (§2.14).
+    """Names that stand for other models: the active profile's pins and selectors.
 
     No profile is active at start or after a reload. Spillover selectors count the requests
     each target is serving, to send the next one where there is room.
@@ -3892,7 +3892,7 @@ def _delete_edits(members: list[JsonMember], doomed: list[int]) -> list[tuple[in
 
 
 def apply_filters(body: bytes, filters: Filters, requested: str) -> bytes:
-    """stripParams, then setParams, then setParamsByID[requested] (§4.4); `model` is never touched."""
+    """stripParams, then setParams, then setParamsByID[requested]; `model` is never touched."""
     by_id = filters.set_params_by_id.get(requested, {})
     if not (filters.strip_params or filters.set_params or by_id):
         return body
@@ -4009,7 +4009,7 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
 
 
 def request_model(method: str, content_type: str, query_model: str, body: bytes) -> str:
-    """The requested model name, read where the original reads it (§4.3). Plain data in and
+    """The requested model name, read where the original reads it. Plain data in and
     out, so that a worker thread can read a big body."""
     if method in ("GET", "HEAD"):
         return query_model
@@ -4022,7 +4022,7 @@ def request_model(method: str, content_type: str, query_model: str, body: bytes)
 
 
 def with_query_model(path_qs: str, model: str) -> str:
-    """A GET's path with its `?model=` replaced (§4.4)."""
+    """A GET's path with its `?model=` replaced."""
     path, _, query = path_qs.partition("?")
     pairs = [(k, model if k == "model" else v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)]
     return f"{path}?{urllib.parse.urlencode(sorted(pairs))}"
@@ -4030,7 +4030,7 @@ def with_query_model(path_qs: str, model: str) -> str:
 
 def upstream_body(content_type: str, body: bytes, model: str | None, filters: Filters, requested: str) -> bytes:
     """The body as the upstream gets it: its model set to `model` where it was read (JSON or
-    multipart; None leaves it as sent), then the filters (JSON only; §4.4)."""
+    multipart; None leaves it as sent), then the filters (JSON only)."""
     if model is not None:
         body = rewrite_model(content_type, body, model)
     if "application/json" in content_type:
@@ -4039,7 +4039,7 @@ def upstream_body(content_type: str, body: bytes, model: str | None, filters: Fi
 
 
 def rewrite_model(content_type: str, body: bytes, model: str) -> bytes:
-    """The body with its model field set to `model` (JSON and multipart bodies; §4.4)."""
+    """The body with its model field set to `model` (JSON and multipart bodies)."""
     if "application/json" in content_type and body.strip():
         return replace_json_model(body, model)
     if "multipart/form-data" in content_type:
@@ -4107,7 +4107,7 @@ class RequestCancelled(Exception):
 
 @dataclass
 class Exchange:
-    """One model request on its way through, from the moment its model is known (§5.6)."""
+    """One model request on its way through, from the moment its model is known."""
 
     id: str
     model: str
@@ -4160,7 +4160,7 @@ class Exchange:
 
 class InFlight:
     """Every model request being served or waiting, and the way to cancel one. Watchers hear
-    of each one as it comes, answers and goes (§5.6), of its byte count at most every 0.25 s."""
+    of each one as it comes, answers and goes, of its byte count at most every 0.25 s."""
 
     THROTTLE = 0.25
 
@@ -4175,7 +4175,7 @@ class InFlight:
     def track(self, request: web.Request, model: str, path_qs: str, body: bytes,
               metadata: dict[str, str] | None = None) -> Iterator[Exchange]:
         """Listed while the block runs; a cancel turns into RequestCancelled at its end. The
-        answer to a POST is copied as it is relayed, for its activity row and capture (§6.2)."""
+        answer to a POST is copied as it is relayed, for its activity row and capture."""
         exchange = Exchange(str(next(self._ids)), model, path_qs.partition("?")[0], request.method,
                             header_snapshot(request.headers), client_ip(request), metadata or {}, asyncio.current_task(),
                             self._changed, body, copy=bytearray() if request.method == "POST" else None)
@@ -4262,7 +4262,7 @@ def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
     """The client's end-to-end headers. A body that came gzip or deflate was inflated as we
     read it, so its Content-Encoding goes (we forward what we read). An answer we copy
     for its activity row may only come gzip or deflate (which we can read back): other
-    encodings leave Accept-Encoding (§6.1)."""
+    encodings leave Accept-Encoding."""
     headers = [(k, v) for k, v in end_to_end_headers(request.headers)
                if k.lower() != "content-encoding" or v.lower() not in DECODED_CODINGS]
     exchange = request.get(EXCHANGE)
@@ -4286,7 +4286,7 @@ def forwarded_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
 
 
 def peer_headers(request: web.BaseRequest, peer: PeerConfig) -> list[tuple[str, str]]:
-    """For a peer: Host is the peer's; its apiKey, when set, replaces the client's credentials (§4.8)."""
+    """For a peer: Host is the peer's; its apiKey, when set, replaces the client's credentials."""
     drop = {"host"} | ({"authorization", "x-api-key"} if peer.api_key else set())
     headers = [(k, v) for k, v in request_headers(request) if k.lower() not in drop]
     if peer.api_key:
@@ -4421,7 +4421,7 @@ live_websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # c
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
-    """An upgrade to a websocket (comma lists and any case accepted, §3.9)."""
+    """An upgrade to a websocket (comma lists and any case accepted)."""
     def tokens(header: str) -> set[str]:
         return {t.strip().lower() for t in request.headers.get(header, "").split(",")}
     return "upgrade" in tokens("Connection") and "websocket" in tokens("Upgrade")
@@ -4533,12 +4533,12 @@ def error_text(error: BaseException) -> str:
 # 10. Watching: activity, captures, metrics ###################################
 ###############################################################################
 
-# Messages are stored and shown verbatim; longer ones are cut here (§6.2).
+# Messages are stored and shown verbatim; longer ones are cut here.
 MAX_ERROR_MESSAGE = 500
-# Where an error text may sit in a failed response, first non-empty string wins (§6.2).
+# Where an error text may sit in a failed response, first non-empty string wins.
 ERROR_MESSAGE_PATHS = ("error.message", "error", "message", "detail")
 # Where a usage object may sit in one streamed event: OpenAI chat and completions, the
-# Responses API (`response.completed`), Anthropic's `message_start` (§6.3).
+# Responses API (`response.completed`), Anthropic's `message_start`.
 STREAM_USAGE_PATHS = ("usage", "response.usage", "message.usage")
 INPUT_TOKEN_PATHS = ("prompt_tokens", "input_tokens")
 OUTPUT_TOKEN_PATHS = ("completion_tokens", "output_tokens")
@@ -4553,7 +4553,7 @@ _MISSING = object()
 
 
 
-# -- activity: what a response says about its tokens (§6.2, §6.3) ---------------
+# -- activity: what a response says about its tokens ---------------
 
 @dataclass(frozen=True)
 class Tokens:
@@ -4562,7 +4562,7 @@ class Tokens:
     `Tokens()`, every field 0, is the row written when nothing could be read: a failed
     request, an empty or undecodable body, a body without usage data. A response that was
     read uses -1 for what the upstream did not say (no cache count, no speeds, no
-    speculative decoding), so the UI can tell "unknown" from "zero" (§6.2).
+    speculative decoding), so the UI can tell "unknown" from "zero".
     """
 
     cache_tokens: int = 0
@@ -4587,7 +4587,7 @@ class DecompressionError(Exception):
 
 def measure_response(path: str, status: int, headers: Mapping[str, str], body: bytes,
                      wall_ms: int) -> tuple[Tokens, int, str]:
-    """(tokens, duration_ms, error_msg) of one finished response, as §6.2 records them.
+    """(tokens, duration_ms, error_msg) of one finished response, as the original's activity rows record them.
 
     `path` is the request path as forwarded, `body` the full (possibly compressed) copy of
     what the client got, `wall_ms` the time since the request arrived. The duration is the
@@ -4625,7 +4625,7 @@ def header_value(headers: Mapping[str, str], name: str) -> str:
 
 def decompress(content_encoding: str, body: bytes) -> bytes:
     """The body as the upstream meant it. Only gzip and deflate are inflated: those are the
-    only encodings the metered routes let clients ask for (§6.1); anything else is kept."""
+    only encodings the metered routes let clients ask for; anything else is kept."""
     encoding = content_encoding.strip().lower()
     if not body or encoding not in ("gzip", "deflate"):
         return body
@@ -4678,7 +4678,7 @@ class _Readings:
     metrics: dict | None = None
 
     def tokens(self, wall_ms: int) -> tuple[Tokens, int]:
-        """Tokens and duration (§6.3 `buildMetrics`). llama-server's own timings beat the
+        """Tokens and duration (as the original's `buildMetrics` reads them). llama-server's own timings beat the
         usage counts, and vLLM's metrics beat both for speeds and drafts."""
         input_tokens, output_tokens, cached = self.input_tokens, self.output_tokens, self.cache_tokens
         draft, accepted = -1, -1
@@ -4871,10 +4871,10 @@ def go_float(value: float) -> int | float:
     return int(number) if number.is_integer() else number
 
 
-# -- activity: speed histograms (§5.11) -------------------------------------------
+# -- activity: speed histograms -------------------------------------------
 
 def histogram(values: Sequence[float]) -> dict | None:
-    """Bins and percentiles of speeds for `/api/metrics/stats` (§5.11); None when empty.
+    """Bins and percentiles of speeds for `/api/metrics/stats`; None when empty.
 
     The bin count grows with the number of values (Sturges' rule) within 5..20; the
     largest value falls in the last bin rather than one of its own.
@@ -4903,7 +4903,7 @@ def percentile(ordered: Sequence[float], p: float) -> float:
     return ordered[lower] + (ordered[upper] - ordered[lower]) * (rank - lower)
 
 
-# -- activity: the store (§5.11) ----------------------------------------------------
+# -- activity: the store ----------------------------------------------------
 
 # `sort` parameter -> column. Only these fixed names ever reach the SQL text.
 SORT_COLUMNS = {"id": "id", "time": "ts_created", "model": "model_id", "req_path": "req_path",
@@ -4988,7 +4988,7 @@ class ActivityQuery:
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> ActivityQuery:
-        """Read the query string (§5.11), raising QueryError with the spec's message. An
+        """Read the query string, raising QueryError with the spec's message. An
         empty value counts as absent; of a repeated single-valued parameter the first wins."""
         models = tuple(value for value in _values(params, "model") if value)
         start = _parse_time(_first(params, "start"), "start")
@@ -5044,7 +5044,7 @@ class ActivityQuery:
 
 
 class ActivityStore:
-    """One row per metered request, in SQLite (§5.11).
+    """One row per metered request, in SQLite.
 
     Without a path the rows live in memory and only the newest `max_in_memory` are kept;
     with a path they go to that file (WAL, waiting up to 5 s for a lock), are never pruned
@@ -5197,9 +5197,9 @@ def _parse_int(text: str) -> int | None:
     return value if INT64_MIN <= value <= INT64_MAX else None
 
 
-# -- captures (§5.13) -----------------------------------------------------------
+# -- captures -----------------------------------------------------------
 
-# Paths whose bodies are not kept: audio and images are big and say little (§5.13).
+# Paths whose bodies are not kept: audio and images are big and say little.
 NO_REQUEST_BODY = frozenset({"/v1/audio/voices", "/v1/audio/transcriptions", "/v1/images/edits", "/sdapi/v1/img2img"})
 NO_RESPONSE_BODY = frozenset({"/v1/audio/speech", "/v1/images/generations", "/sdapi/v1/txt2img",
                               "/v1/images/edits", "/sdapi/v1/img2img"})
@@ -5627,7 +5627,7 @@ HISTORY_SECONDS = 3600  # the ring holds one hour of samples, as in Go
 
 
 class PerformanceMonitor:
-    """The last hour of system and GPU samples (§5.14).
+    """The last hour of system and GPU samples.
 
     Two rings of 3600 / every entries: one SysStat per tick, and one tuple of GpuStat per tick
     (all GPUs read at that instant, so the history is one hour however many GPUs there are).
@@ -6113,7 +6113,7 @@ def vram_families(book: VramBook) -> str:
 # 11. HTTP ####################################################################
 ###############################################################################
 
-# Routes whose model is read from the request (§4.1). GET routes read ?model=.
+# Routes whose model is read from the request. GET routes read ?model=.
 MODEL_POST_PATHS = (
     "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
     "/v1/embeddings", "/reranking", "/rerank", "/v1/rerank", "/v1/reranking", "/infill", "/completion",
@@ -6191,7 +6191,7 @@ def foreign_origin(request: web.BaseRequest, allowed: Sequence[str]) -> str | No
 
 
 def request_api_key(request: web.BaseRequest) -> str:
-    """The key a client sent: Basic password, else Bearer token, else x-api-key (§4.9)."""
+    """The key a client sent: Basic password, else Bearer token, else x-api-key."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "basic":
         try:
@@ -6254,7 +6254,7 @@ def unknown_model_message(name: str, config: Config) -> str:
 
 
 def error_response(request: web.BaseRequest, status: int, message: str) -> web.Response:
-    """The original's error reply, in the form the client's Accept header asks for (§4.11)."""
+    """The original's error reply, in the form the client's Accept header asks for."""
     accept = request.headers.get("Accept", "")
     if "text/plain" in accept:
         return web.Response(status=status, text=f"llama-swap: {message}", content_type="text/plain")
@@ -6267,7 +6267,7 @@ def error_response(request: web.BaseRequest, status: int, message: str) -> web.R
 
 
 def capability_fields(caps: Capabilities) -> dict[str, Any]:
-    """architecture / capabilities / supported_parameters / context_length as §5.1 renders them."""
+    """architecture / capabilities / supported_parameters / context_length as the original's /v1/models renders them."""
     fields: dict[str, Any] = {}
     if caps.inputs or caps.outputs:
         arch: dict[str, Any] = {}
@@ -6362,7 +6362,7 @@ def model_records(config: Config, states: Mapping[str, str], created: int, profi
 
 def model_statuses(config: Config, states: Mapping[str, str],
                    loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """The modelStatus event (§5.4): local models by ID, then every peer model. A model starting
+    """The modelStatus event: local models by ID, then every peer model. A model starting
     also has our `loading` (elapsed_s, progress, eta_s)."""
     loading = loading or {}
     statuses = []
@@ -6384,12 +6384,12 @@ def model_statuses(config: Config, states: Mapping[str, str],
 
 
 def sse_event(kind: str, data: Any) -> bytes:
-    """One /api/events message (§5.4): its `data` is JSON inside a JSON string, as the original sends it."""
+    """One /api/events message: its `data` is JSON inside a JSON string, as the original sends it."""
     return f"event:message\ndata:{go_json({'type': kind, 'data': go_json(data)})}\n\n".encode()
 
 
 class Events:
-    """The /api/events watchers, each with its own queue of at most LIMIT bytes (§5.4)."""
+    """The /api/events watchers, each with its own queue of at most LIMIT bytes."""
 
     LIMIT = 4 * 1024 * 1024
 
@@ -6448,7 +6448,7 @@ class ConfigSource:
         return load_config(self.path, self.directory, previous)
 
     def snapshot(self) -> tuple:
-        """Cheap fingerprint of the sources (§8): None for a missing file or a dir with no YAML."""
+        """Cheap fingerprint of the sources: None for a missing file or a dir with no YAML."""
         return (_file_fingerprint(self.path) if self.path else None,
                 _dir_fingerprint(self.directory) if self.directory else None)
 
@@ -6479,7 +6479,7 @@ HTTP_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 
 @web.middleware
 async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
-    """Any OPTIONS request is a CORS preflight, answered here for every path, without a key (§4.10)."""
+    """Any OPTIONS request is a CORS preflight, answered here for every path, without a key."""
     if request.method != "OPTIONS":
         return await handler(request)
     asked = request.headers.get("Access-Control-Request-Headers")
@@ -6502,7 +6502,7 @@ def wants_stream(body: bytes) -> bool:
 
 
 class LoadingStream:
-    """What a user sees in the reasoning field of their chat while the model loads (§6.4): the
+    """What a user sees in the reasoning field of their chat while the model loads: the
     model's name, the queue position when it changes, a dot every 0.75 s and now and then a
     remark, typed out five characters at a time; then how long it took.
 
@@ -6950,7 +6950,7 @@ class Server:
                 return await self.relay_local(request, process, path_qs, body)
 
     async def stream_while_loading(self, request: web.Request, model: str, path_qs: str, body: bytes) -> web.StreamResponse:
-        """sendLoadingState (§6.4): admitted first (a 429 is never inside a stream), then an SSE
+        """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
         stream at once that tells what happens while the model loads, then the answer itself."""
         with self.scheduler.admitted(model):
             ticket = self.scheduler.ticket(model, request_label(request))
@@ -6978,7 +6978,7 @@ class Server:
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,
                            metadata: dict[str, str]) -> web.StreamResponse:
-        """A model another server has: forwarded at once, no queue, no limit (§4.8)."""
+        """A model another server has: forwarded at once, no queue, no limit."""
         route = self.config.peer_routes.get(name)
         if route is None:
             raise ApiError(404, unknown_model_message(name, self.config))
@@ -7064,7 +7064,7 @@ class Server:
         return Upstream(self.peer_sessions[key], peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:")
 
     async def upstream(self, request: web.Request) -> web.StreamResponse:
-        """/upstream/<model>/<path>: straight to the model's own server, body untouched (§5.9)."""
+        """/upstream/<model>/<path>: straight to the model's own server, body untouched."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         raw_tail = raw_path[len("/upstream/"):]
         model, rest = self.split_upstream_path(self.virtual.pinned_path(raw_tail))
@@ -7086,7 +7086,7 @@ class Server:
 
     def tracked_passthrough(self, request: web.Request, model: str, path: str,
                             body: bytes) -> contextlib.AbstractContextManager:
-        """An /upstream request is listed in flight when it calls a model route (§5.6)."""
+        """An /upstream request is listed in flight when it calls a model route."""
         if (request.method == "POST" and path in MODEL_POST_PATHS) or (request.method == "GET" and path in MODEL_GET_PATHS):
             return self.inflight.track(request, model, path, body)
         return contextlib.nullcontext()
@@ -7095,7 +7095,7 @@ class Server:
         """To a local model's own server, body untouched: /upstream and /comfyui."""
         process = self.processes[model]
         if process.model.ignore_websockets and is_websocket(request):
-            # Outside the scheduler (§3.9): it cannot start the model and does not keep it busy.
+            # Outside the scheduler: it cannot start the model and does not keep it busy.
             if process.state != READY:
                 raise ApiError(409, f"model {model} is not loaded; ignored websocket requests cannot start it")
             return await self.relay_local(request, process, path_qs, b"")
@@ -7103,7 +7103,7 @@ class Server:
             return await self.relay_local(request, process, path_qs, body)
 
     async def comfyui(self, request: web.Request) -> web.StreamResponse:
-        """/comfyui/<path> to the model `comfyui_auto`; only the root page may start it (§5.10)."""
+        """/comfyui/<path> to the model `comfyui_auto`; only the root page may start it."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         if raw_path == "/comfyui":
             return add_trailing_slash(request, f"/comfyui/{mark}{raw_query}")
@@ -7134,7 +7134,7 @@ class Server:
     # -- listing and control ---------------------------------------------------
 
     async def list_models(self, request: web.Request) -> web.Response:
-        """The OpenAI model list, with each model's loaded status (§5.1)."""
+        """The OpenAI model list, with each model's loaded status."""
         profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
         records = model_records(self.config, self.states(), int(time.time()), profile, self.loading())
         if self.config.routing.router == "vram":  # each model's footprint: measured, else its hint
@@ -7146,7 +7146,7 @@ class Server:
         return json_response({"object": "list", "data": records, **self.gpu_budgets()}, headers=headers)
 
     async def running(self, request: web.Request) -> web.Response:
-        """Models whose server is starting, ready or stopping (§5.2)."""
+        """Models whose server is starting, ready or stopping."""
         running = []
         for model_id in sorted(self.processes, key=str.encode):
             process = self.processes[model_id]
@@ -7213,7 +7213,7 @@ class Server:
         return json_response({"active": self.virtual.active, "profiles": profiles})
 
     async def set_profile(self, request: web.Request) -> web.Response:
-        """PUT {"name": "<profile>"} or {"name": null}: pins apply from the next request on (§5.5)."""
+        """PUT {"name": "<profile>"} or {"name": null}: pins apply from the next request on."""
         try:
             body = json.loads(await self.read_body(request))
         except ValueError:
@@ -7250,7 +7250,7 @@ class Server:
         return web.Response(text="OK")
 
     async def activity_rows(self, request: web.Request) -> web.Response:
-        """Recorded requests, filtered, sorted and paged (§5.11)."""
+        """Recorded requests, filtered, sorted and paged."""
         try:
             return json_response(await self.activity.call(self.activity.store.query, request.query, self.activity.has_capture))
         except QueryError as e:
@@ -7260,7 +7260,7 @@ class Server:
         return json_response(await self.activity.call(self.activity.store.stats, request.query.get("model") or None))
 
     async def capture(self, request: web.Request) -> web.Response:
-        """One recorded request and its answer (§5.13)."""
+        """One recorded request and its answer."""
         try:
             capture_id = int(request.match_info["id"])
         except ValueError:
@@ -7271,7 +7271,7 @@ class Server:
         return json_response(capture)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        """Prometheus text (§5.14): the newest system and GPU sample, then our per-model series
+        """Prometheus text: the newest system and GPU sample, then our per-model series
         (served even with the performance monitor disabled, where the original answers 503)."""
         system = render_prometheus(*self.performance.latest()) if self.performance else ""
         vram = vram_families(self.vram_book) if self.config.routing.router == "vram" else ""
@@ -7279,7 +7279,7 @@ class Server:
                             headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
     async def performance_samples(self, request: web.Request) -> web.Response:
-        """The last hour of system and GPU samples, or those after `?after=` (§5.14)."""
+        """The last hour of system and GPU samples, or those after `?after=`."""
         if self.performance is None:
             return json_response({"enabled": False}, status=503)
         try:
@@ -7297,7 +7297,7 @@ class Server:
     # -- watching: logs and events ---------------------------------------------
 
     async def logs(self, request: web.Request) -> web.Response:
-        """The combined log's history (§5.7); a browser is sent to the UI."""
+        """The combined log's history; a browser is sent to the UI."""
         if "text/html" in request.headers.get("Accept", ""):
             raise web.HTTPFound("/ui/")
         return web.Response(body=self.log.mux.history.history(), content_type="text/plain")
@@ -7328,7 +7328,7 @@ class Server:
         return self.processes[model].output
 
     async def events_stream(self, request: web.Request) -> web.StreamResponse:
-        """/api/events (§5.4): the state of things first, then every change, as SSE."""
+        """/api/events: the state of things first, then every change, as SSE."""
         response = CountedResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
             "X-Content-Type-Options": "nosniff", "X-Accel-Buffering": "no"})
@@ -7353,7 +7353,7 @@ class Server:
         raise web.HTTPMovedPermanently("/ui/")
 
     async def ui(self, request: web.Request) -> web.Response:
-        """The web UI (§5.12): files as they are, and index.html for the app's own paths."""
+        """The web UI: files as they are, and index.html for the app's own paths."""
         path = request.match_info["path"]
         if "." not in path.rpartition("/")[2]:
             path = "index.html"
@@ -7425,7 +7425,7 @@ class Server:
 
     @web.middleware
     async def watch(self, request: web.Request, handler) -> web.StreamResponse:
-        """Once a model request is answered: its figures (§6.2). Outside `errors`, so an error
+        """Once a model request is answered: its figures. Outside `errors`, so an error
         counts with the status the client got; off the hot path, which only fills the Exchange."""
         status, response = 500, None
         try:
@@ -7444,7 +7444,7 @@ class Server:
                 self.observe(exchange, response if response is not None else exchange.response, status)
 
     def observe(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:
-        """A model request's metrics and, for a POST, its activity row and capture (§6.2)."""
+        """A model request's metrics and, for a POST, its activity row and capture."""
         seconds = time.monotonic() - exchange.clock
         self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds)
         if exchange.method != "POST" or status == 101:
@@ -7470,7 +7470,7 @@ class Server:
 
     @web.middleware
     async def auth(self, request: web.Request, handler) -> web.StreamResponse:
-        """API keys (§4.9). With `adminKeys`, the admin surface takes only those, and keys from
+        """API keys. With `adminKeys`, the admin surface takes only those, and keys from
         `apiKeys` are for model routes alone."""
         config = self.config
         unknown_route = request.match_info.http_exception is not None  # 404/405 answer as they are
@@ -7490,7 +7490,7 @@ class Server:
 
     @web.middleware
     async def access_log(self, request: web.Request, handler) -> web.StreamResponse:
-        """One line per request, written when the response is complete or the client gone (§7.3).
+        """One line per request, written when the response is complete or the client gone.
         Outermost, it also lists each request being handled, for a shutdown to end."""
         started = time.monotonic()
         status, size = 499, 0  # what the log shows when the client left before an answer
@@ -7629,7 +7629,7 @@ WATCH_INTERVAL = 2.0
 
 
 async def watch_config(server: Server) -> None:
-    """Poll the config sources and reload when they change; a file that vanishes is not a change (§8)."""
+    """Poll the config sources and reload when they change; a file that vanishes is not a change."""
     last = server.source.snapshot()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)

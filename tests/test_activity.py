@@ -1,4 +1,4 @@
-"""Activity: token extraction (§6.2, §6.3), speed histograms and the store (§5.11)."""
+"""Activity: token extraction, speed histograms and the store."""
 
 from __future__ import annotations
 

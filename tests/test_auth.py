@@ -1,4 +1,4 @@
-"""API keys (§4.9) and the adminKeys extension, through a real llama-swap.
+"""API keys and the adminKeys extension, through a real llama-swap.
 
 `apiKeys` guards every route marked "key" in §4.1; `/health`, `/wol-health`, `/` and unknown
 paths stay open. The key is the Basic password, else the Bearer token, else `x-api-key`.
@@ -149,7 +149,7 @@ async def test_open_paths_and_unknown_paths_need_no_key(start_llama_swap, upstre
         status, text, headers = await call(s, ls, "OPTIONS", "/v1/chat/completions",
                                            {"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
                                             "Access-Control-Request-Headers": "Valid, Bad Header, X-Ok"})
-        assert status == 204, text  # a CORS preflight: answered for any path, without a key (§4.10)
+        assert status == 204, text  # a CORS preflight: answered for any path, without a key
         assert headers["Access-Control-Allow-Origin"] == "*"
         assert headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, PATCH, DELETE, OPTIONS"
         assert headers["Access-Control-Allow-Headers"] == "Valid, X-Ok"

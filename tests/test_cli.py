@@ -1,4 +1,4 @@
-"""The command line (§1): flags in Go style, clean one-line failures, listen warnings, signals.
+"""The command line: flags in Go style, clean one-line failures, listen warnings, signals.
 
 Runs `python -m llama_swap` and, when installed, the `llama-swap` console script.
 """

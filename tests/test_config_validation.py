@@ -1,4 +1,4 @@
-"""Config validation, macros, defaults, warnings and --config-dir merging, table-driven (§2).
+"""Config validation, macros, defaults, warnings and --config-dir merging, table-driven.
 
 Every error the original's loader names in §2.3–2.16 has a case here. Errors are checked with
 `in`: the key path our message starts with, and the original's wording (the key phrase), so a
@@ -54,7 +54,7 @@ def assert_error(yaml_text: str, needles: list[str]) -> None:
 E = pytest.param  # one error case: (yaml, [key path, key phrase, ...], id=...)
 
 
-# -- 1. macro declarations (§2.4.2) -----------------------------------------------------------
+# -- 1. macro declarations -----------------------------------------------------------
 
 LONG = "a" * 64
 MACRO_DECLARATIONS = [
@@ -98,7 +98,7 @@ def test_a_macro_name_of_63_characters_is_accepted():
     assert config.models["m"].name == "v"
 
 
-# -- 2. unresolved macros (§2.4.4) ----------------------------------------------------------------
+# -- 2. unresolved macros ----------------------------------------------------------------
 
 
 def model_with(field: str) -> str:
@@ -167,7 +167,7 @@ def test_a_macro_holding_PID_is_fine_in_cmdStop():
     assert config.models["m"].cmd_stop == "kill -TERM ${PID}"
 
 
-# -- 3. environment macros (§2.4.1) ---------------------------------------------------------------
+# -- 3. environment macros ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value, yaml_text, needles", [
@@ -206,7 +206,7 @@ def test_env_values_are_escaped_for_double_quoted_yaml(monkeypatch):
     assert config.models["m"].name == 'say "hi" \\o/'
 
 
-# -- 4. setParamsByID keys and aliases (§2.4.3, §2.8) -----------------------------------------------
+# -- 4. setParamsByID keys and aliases -----------------------------------------------
 
 ALIAS_ERRORS = [
     E("models:\n  m:\n    " + SERVE + "\n    filters:\n      setParamsByID:\n        '${MODEL_ID}:x': {a: 1}\n        'm:x': {a: 2}\n",
@@ -248,7 +248,7 @@ def test_setParamsByID_keys_become_aliases():
     assert config.real_model_id("port-5800") == "m"
 
 
-# -- 5. top-level and model value checks (§2.3, §2.5, §2.15) ---------------------------------------
+# -- 5. top-level and model value checks ---------------------------------------
 
 VALUE_ERRORS = [
     E("performance: {every: 4s}\n", ["performance.every", "must be at least 5s, got 4s"], id="performance-every-4s"),
@@ -314,7 +314,7 @@ def test_start_port_accepts_1_and_a_macro(value):
     assert config.models["m"].proxy == "http://localhost:1"
 
 
-# -- 6. routing: style, groups, matrix, scheduler (§2.12) ----------------------------------------
+# -- 6. routing: style, groups, matrix, scheduler ----------------------------------------
 
 THREE = "models: {a: @M, b: @M, c: @M}\n"
 LEGACY_BOTH = "config uses both the legacy top-level 'matrix'/'groups' keys and the new 'routing.router' block"
@@ -410,7 +410,7 @@ def test_fifo_priority_may_name_an_alias():
     assert config.routing.priority["a"] == -1
 
 
-# -- 7. apiKeys, peers, peer namespace (§2.9, §2.10) -----------------------------------------------
+# -- 7. apiKeys, peers, peer namespace -----------------------------------------------
 
 PEER = "{proxy: 'http://127.0.0.1:9', models: [x]}"
 PEER_ERRORS = [
@@ -451,7 +451,7 @@ def test_api_keys_and_peer_defaults():
     assert (q.timeouts.response_header, q.timeouts.connect) == (0, 3)
 
 
-# -- 8. selectors (§2.14) --------------------------------------------------------------------------
+# -- 8. selectors --------------------------------------------------------------------------
 
 SEL_MODELS = ("models:\n  a: {" + SERVE + ", aliases: [aa], filters: {setParamsByID: {'a:hi': {t: 1}}}}\n"
               "  b: @M\n  c: @M\npeers: {p: " + PEER + "}\n")
@@ -509,7 +509,7 @@ def test_valid_selectors(extra, selector):
     assert "s" in config.selectors
 
 
-# -- 9. profiles (§2.13) ---------------------------------------------------------------------------
+# -- 9. profiles ---------------------------------------------------------------------------
 
 PROFILE_ERRORS = [
     E(SEL_MODELS + "profiles: {pr: [a, b]}\n",
@@ -547,7 +547,7 @@ def test_yaml_1_1_words_stay_strings():
     assert config.profiles["pr"].pins == {"on": "off"}
 
 
-# -- 10. validation order (§2.16): the first failing check wins -------------------------------------
+# -- 10. validation order: the first failing check wins -------------------------------------
 
 ORDER = [
     E("macros: {PID: 1}\nmodels: {m: {cmd: 'srv ${env.LS_T_ORDER_UNSET}'}}\n", ["environment variable 'LS_T_ORDER_UNSET' is not set"], id="env-before-macro-declarations"),
@@ -589,7 +589,7 @@ def test_validation_order(monkeypatch, yaml_text, needles):
     assert_error(yaml_text, needles)
 
 
-# -- 11. macros, positively (§2.4.3) -------------------------------------------------------------------
+# -- 11. macros, positively -------------------------------------------------------------------
 
 
 def test_typed_macro_values():
@@ -725,7 +725,7 @@ def test_ui_activity_session_id(value, headers):
     assert load(text).session_headers == headers
 
 
-# -- 12. defaults (§2.3, §2.5) --------------------------------------------------------------------------
+# -- 12. defaults --------------------------------------------------------------------------
 
 
 def test_defaults_of_every_top_level_key():
@@ -856,7 +856,7 @@ def test_user_named_keys_never_warn():
     assert [w for w in config.warnings if "unknown key" in w] == []
 
 
-# -- 14. --config-dir merging (§2.1, §2.2) -----------------------------------------------------------
+# -- 14. --config-dir merging -----------------------------------------------------------
 
 
 def write(directory: Path, name: str, text: str) -> Path:

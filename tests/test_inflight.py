@@ -1,4 +1,4 @@
-"""In-flight requests (§5.6): what GET /api/inflight lists and what a cancel really stops."""
+"""In-flight requests: what GET /api/inflight lists and what a cancel really stops."""
 
 from __future__ import annotations
 

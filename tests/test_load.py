@@ -115,7 +115,7 @@ async def ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool
 
 
 def is_envelope(raw: bytes) -> bool:
-    """llama-swap's own error body (§4.11), as opposed to anything else going wrong."""
+    """llama-swap's own error body, as opposed to anything else going wrong."""
     with contextlib.suppress(ValueError, AttributeError):
         return json.loads(raw).get("src") == "llama-swap"
     return False
@@ -391,7 +391,7 @@ def leftovers(server: Server, baseline: set[asyncio.Task]) -> dict:
 async def test_a_disconnect_storm_during_swaps_leaves_no_reservation_and_no_task(upstreams, caplog):
     caplog.set_level(logging.ERROR)
     config = swap_groups_config(upstreams, "--startup-delay", STORM_STARTUP_DELAY, startPort=free_port_block())
-    # d also sends the loading stream (§6.4): its clients can leave in the middle of that one too.
+    # d also sends the loading stream: its clients can leave in the middle of that one too.
     config["models"]["d"]["sendLoadingState"] = True
     unexpected: list[dict] = []
     loop = asyncio.get_running_loop()

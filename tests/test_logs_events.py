@@ -1,4 +1,4 @@
-"""Watching llama-swap: /logs, /logs/stream[/<id>] (§5.7), /api/events (§5.4), and the log
+"""Watching llama-swap: /logs, /logs/stream[/<id>], /api/events, and the log
 wiring behind them (§7: monitors, logToStdout, logTimeFormat, slow readers).
 
 Streams are read as `curl -N` reads them: by a task that takes each chunk as it arrives.
@@ -270,7 +270,7 @@ async def test_a_log_stream_the_client_leaves_is_logged_with_the_status_and_byte
     assert logged and logged.group(1) == "200" and int(logged.group(2)) >= len(stream.data), logged and logged.group(0)
 
 
-# -- wiring: logToStdout and logTimeFormat (§7.1, §7.2) -------------------------------------------
+# -- wiring: logToStdout and logTimeFormat -------------------------------------------
 
 
 @pytest.mark.parametrize("to_stdout, shows_proxy, shows_upstream", [
@@ -331,7 +331,7 @@ async def test_log_time_format_stamps_proxy_lines_but_never_upstream_output(star
         assert abs(stamp.timestamp() - time.time()) < 300, ours[-1]
 
 
-# -- slow readers (§7.1) --------------------------------------------------------------------------
+# -- slow readers --------------------------------------------------------------------------
 
 
 def test_a_full_log_stream_drops_chunks_and_then_says_how_many_bytes_it_missed():
@@ -393,7 +393,7 @@ async def test_a_reader_that_does_not_read_slows_nobody_and_costs_bounded_memory
     assert "responder m listening on" not in text  # written while it was full: dropped, not delayed
 
 
-# -- /api/events (§5.4) ----------------------------------------------------------------------------
+# -- /api/events ----------------------------------------------------------------------------
 
 
 async def test_events_start_with_the_state_of_things_then_follow_a_request(start_llama_swap, upstreams):

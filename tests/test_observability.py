@@ -1,4 +1,4 @@
-"""Activity rows, captures, the store across restarts and per-model /metrics, end to end (§5.11, §5.13, §5.14)."""
+"""Activity rows, captures, the store across restarts and per-model /metrics, end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The performance monitor, /api/performance, Prometheus text and /api/hardware (§5.14, §5.15)."""
+"""The performance monitor, /api/performance, Prometheus text and /api/hardware."""
 
 from __future__ import annotations
 

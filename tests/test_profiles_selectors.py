@@ -1,4 +1,4 @@
-"""Profiles (§2.13, §5.5) and selectors (§2.14) through a real llama-swap."""
+"""Profiles and selectors through a real llama-swap."""
 
 from __future__ import annotations
 

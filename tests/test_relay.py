@@ -290,7 +290,7 @@ async def test_error_envelopes_and_plain_404_405(start_llama_swap, upstreams):
             assert r.status == 404
             assert await r.text() == envelope("no model id could be identified")
 
-        # No Content-Type: the body is read as a form, so a JSON body yields no model (§4.3).
+        # No Content-Type: the body is read as a form, so a JSON body yields no model.
         async with s.post(chat, data=b'{"model":"a"}', skip_auto_headers=["Content-Type"]) as r:
             assert r.status == 404
             assert await r.text() == envelope("no model id could be identified")
@@ -364,7 +364,7 @@ async def test_multipart_upload_is_routed_by_its_model_field_and_forwarded_intac
         assert echo["body"] == body.decode()
         assert echo["content_type"] == ctype
 
-        # A ?model= query parameter wins over the form field (§4.3).
+        # A ?model= query parameter wins over the form field.
         async with s.post(url + "?model=a", data=multipart(boundary, [("model", None, None, b"w")]),
                           headers={"Content-Type": ctype}) as r:
             assert r.status == 200, await r.text()
@@ -441,7 +441,7 @@ async def test_upstream_passthrough_preserves_method_body_and_encoding(start_lla
             if data:
                 assert echo["body"] == binary.decode("utf-8", "replace")
 
-        # No filters on the passthrough: useModelName does not touch the body (§5.9.7).
+        # No filters on the passthrough: useModelName does not touch the body.
         body = b'{"model":  "whatever", "x": 1}'
         async with s.post(ls.url + "/upstream/a/v1/chat/completions", data=body,
                           headers={"Content-Type": "application/json"}) as r:

@@ -1,4 +1,4 @@
-"""Per-model and per-peer `timeouts` (§2.5, §2.9) and what the upstream connection is spared."""
+"""Per-model and per-peer `timeouts` and what the upstream connection is spared."""
 
 from __future__ import annotations
 

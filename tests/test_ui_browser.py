@@ -1,4 +1,4 @@
-"""The web UI end to end in headless Chromium (§5.12): a real llama-swap with responder upstreams,
+"""The web UI end to end in headless Chromium: a real llama-swap with responder upstreams,
 driven through its pages the way a person uses them.
 
 Needs the playwright package and Debian's Chromium at /usr/bin/chromium (never a browser that

@@ -1,4 +1,4 @@
-"""The web UI's files at /ui/ (§5.12) and the small API additions it lives on."""
+"""The web UI's files at /ui/ and the small API additions it lives on."""
 
 from __future__ import annotations
 
