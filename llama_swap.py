@@ -84,8 +84,148 @@ from yarl import URL
 
 
 ###############################################################################
-# 1. Config ###################################################################
+# 1. Helpers ##################################################################
 ###############################################################################
+
+# Small things used everywhere: Go's ways of writing values, durations and times (the JSON,
+# logs and metrics the original's users parse), sizes, and reading a small file whole.
+
+
+def go_format(value: Any) -> str:
+    """A scalar as Go's %v prints it: true/false lower-case, floats in their shortest form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        return re.sub(r"e([+-]?)(\d+)$", lambda m: f"e{m.group(1) or '+'}{int(m.group(2)):02d}", text)
+    return str(value)
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as Go's time.Duration prints them: 15s, 2m0s, 1h0m0s, 1.5s, 250ms."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.9g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float:
+    """`5s`, `1m30s`, `250ms` -> seconds; ValueError for anything else (a bare number included)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {text!r} (expected a value such as 5s, 1m30s or 250ms)")
+    return sum(float(n) * GO_DURATION_UNITS[u] for n, u in parts)
+
+
+def go_float(value: float) -> int | float:
+    """A float64 as Go's encoder writes it: whole numbers without ".0" (10, not 10.0)."""
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
+def go_json(value: Any) -> str:
+    """Compact JSON as Go's encoder writes it: <, > and & escaped, other text kept as UTF-8."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _go_zone(t: datetime.datetime) -> str:
+    """Go's `Z07:00`: Z for UTC, else the offset with a colon."""
+    offset = t.strftime("%z")
+    return "Z" if offset in ("+0000", "") else f"{offset[:3]}:{offset[3:]}"
+
+
+def _fraction(t: datetime.datetime, digits: int, trim: bool = False) -> str:
+    text = f"{t.microsecond:06d}000"[:digits]
+    return ("." + text.rstrip("0")) if trim and text.rstrip("0") else "" if trim else "." + text
+
+
+def go_time(moment: datetime.datetime, fraction: bool = True) -> str:
+    """RFC 3339 as Go writes a time.Time in JSON: the fraction without trailing zeros, Z for UTC."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (_fraction(moment, 9, trim=True) if fraction else "") + _go_zone(moment)
+
+
+def go_timestamp(seconds: float, fraction: bool = True) -> str:
+    """Unix seconds in local time, as Go writes a time.Time in JSON."""
+    return go_time(datetime.datetime.fromtimestamp(seconds).astimezone(), fraction)
+
+
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})")
+
+
+def parse_rfc3339(text: str) -> datetime.datetime:
+    """An `after=` query value read as Go's time.Parse(time.RFC3339) reads it: upper-case T and
+    Z, an optional fraction of any length, an offset of ±hh:mm. ValueError otherwise (→ 400)."""
+    match = _RFC3339.fullmatch(text)
+    if not match:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    microsecond = int((match[7] or "0")[:6].ljust(6, "0"))  # Go keeps nanoseconds; we can keep micro
+    return datetime.datetime(year, month, day, hour, minute, second, microsecond, _zone(match[8]))
+
+
+def _zone(text: str) -> datetime.timezone:
+    if text == "Z":
+        return datetime.timezone.utc
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    if minutes >= 60:
+        raise ValueError(f"time zone offset out of range: {text}")
+    offset = datetime.timedelta(hours=hours, minutes=minutes)
+    return datetime.timezone(-offset if text[0] == "-" else offset)  # ValueError from 24:00 on
+
+
+def local_now() -> datetime.datetime:
+    """The current time, timezone-aware in the local zone (Go stamps samples with time.Now())."""
+    return datetime.datetime.now().astimezone()
+
+
+# Python's reason phrases where they differ from Go's http.StatusText, which the rows mirror.
+GO_STATUS_TEXT = {413: "Request Entity Too Large", 414: "Request URI Too Long",
+                  416: "Requested Range Not Satisfiable", 418: "I'm a teapot",
+                  422: "Unprocessable Entity"}
+
+
+def status_line(status: int) -> str:
+    """`502 Bad Gateway` with Go's reason phrases; `HTTP 599` for codes without one."""
+    try:
+        phrase = GO_STATUS_TEXT.get(status) or http.HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+    return f"{status} {phrase}"
+
+
+MIB = 1048576  # the spec's "MB": sizes are kept in whole MiB and exported as MiB * 1048576 bytes
+
+
+def format_bytes(size: float) -> str:
+    return f"{size / 1024**3:.1f}GiB"
+
+
+def read_text(path: str) -> str:
+    """A /proc or /sys file's text, or "" where there is none (not Linux) or it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+###############################################################################
+# 2. Config: the shapes #######################################################
+###############################################################################
+
+# What a config file says, as plain data: Config and the classes it is made of, and the
+# errors that name the file, the key and the model. Nothing here reads files or YAML.
 
 DEFAULT_START_PORT = 5800
 DEFAULT_MAX_REQUEST_BODY_MB = 256  # base64 images and audio fit; a runaway client does not
@@ -448,48 +588,20 @@ class ConfigReader:
         return warnings
 
 
+###############################################################################
+# 3. Config: reading the file #################################################
+###############################################################################
+
+# From YAML text to Config in the original's three passes (macros and ports, types, values).
+# Every error of a pass is gathered before it stops, so one run names them all.
+
+
 def _yaml_kind(value: Any) -> str:
     kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
     return "nothing" if value is None else kinds.get(type(value), type(value).__name__)
 
 
-def go_format(value: Any) -> str:
-    """A scalar as Go's %v prints it: true/false lower-case, floats in their shortest form."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        text = repr(value)
-        return re.sub(r"e([+-]?)(\d+)$", lambda m: f"e{m.group(1) or '+'}{int(m.group(2)):02d}", text)
-    return str(value)
-
-
-def go_duration(seconds: float) -> str:
-    """Seconds as Go's time.Duration prints them: 15s, 2m0s, 1h0m0s, 1.5s, 250ms."""
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{secs:.9g}s"
-    if hours or minutes:
-        text = f"{int(minutes)}m{text}"
-    if hours:
-        text = f"{int(hours)}h{text}"
-    return text
-
-
-GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_go_duration(text: str) -> float:
-    """`5s`, `1m30s`, `250ms` -> seconds; ValueError for anything else (a bare number included)."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"invalid duration {text!r} (expected a value such as 5s, 1m30s or 250ms)")
-    return sum(float(n) * GO_DURATION_UNITS[u] for n, u in parts)
-
-
-# -- loading files -------------------------------------------------------------
-
+# -- loading files ------------------------------------------------------------
 
 def load_config(path: str | None = None, config_dir: str | None = None, previous: Config | None = None) -> Config:
     """Read, merge, expand and validate the config sources; ConfigError names the file and key."""
@@ -628,8 +740,7 @@ def env_names_outside_comments(text: str) -> set[str] | None:
     return names
 
 
-# -- macros --------------------------------------------------------------------
-
+# -- macros -------------------------------------------------------------------
 
 def read_macros(node: ConfigReader) -> list[tuple[str, Any]]:
     """An ordered macro list; names and values checked as the original does."""
@@ -712,8 +823,7 @@ def strip_comment_lines(command: str) -> str:
     return "\n".join(line for line in command.split("\n") if not line.strip().startswith("#"))
 
 
-# -- the whole file ------------------------------------------------------------
-
+# -- the whole file -----------------------------------------------------------
 
 TOP_LEVEL_KEYS = (
     "healthCheckTimeout", "logRequests", "logLevel", "logTimeFormat", "logToStdout", "metricsMaxInMemory",
@@ -930,7 +1040,12 @@ def read_store_path(top: ConfigReader) -> str | None:
     return path
 
 
-# -- models --------------------------------------------------------------------
+###############################################################################
+# 4. Config: models, routing, peers ###########################################
+###############################################################################
+
+# Each model's keys, the swap rules (groups or the matrix DSL), and what stands beside the
+# models: peers, selectors and profiles. Each reader checks its own part and names the key.
 
 
 def expand_model(model_id: str, raw: Any, global_macros: list, port: int, readers: list) -> tuple[dict, list, int]:
@@ -1140,8 +1255,7 @@ def register_set_params_aliases(model: ModelConfig, config: Config) -> None:
         model.aliases.append(key)
 
 
-# -- routing -------------------------------------------------------------------
-
+# -- routing ------------------------------------------------------------------
 
 def read_routing(top: ConfigReader, config: Config) -> Routing:
     """groups or matrix, legacy top-level or under routing.router, and the fifo priorities."""
@@ -1379,8 +1493,7 @@ def read_keys(top: ConfigReader, key: str) -> list[str]:
     return keys
 
 
-# -- peers, selectors, profiles ------------------------------------------------
-
+# -- peers, selectors, profiles -----------------------------------------------
 
 def read_peer(peer_id: str, node: ConfigReader) -> PeerConfig:
     proxy = node.string("proxy").strip()
@@ -1559,8 +1672,11 @@ def split_command(command: str) -> list[str]:
 
 
 ###############################################################################
-# 2. Logging ##################################################################
+# 5. Logging ##################################################################
 ###############################################################################
+
+# Two logs (the proxy's and the upstreams' output), each with a ring of recent history and
+# live readers. Readers and stdout are byte-bounded: a slow one loses lines, never stalls us.
 
 LOG_HISTORY_BYTES = 100 * 1024
 STDOUT_BACKLOG = 4 * 1024 * 1024  # log output held for a stdout that is slow to read; more is dropped
@@ -1591,47 +1707,6 @@ class LogRing:
         history = self.history()
         text = history[max(0, len(history) - (self.written - since)):].decode("utf-8", "replace")
         return [line for line in text.splitlines() if line.strip()][-count:]
-
-
-def _go_zone(t: datetime.datetime) -> str:
-    """Go's `Z07:00`: Z for UTC, else the offset with a colon."""
-    offset = t.strftime("%z")
-    return "Z" if offset in ("+0000", "") else f"{offset[:3]}:{offset[3:]}"
-
-
-def _fraction(t: datetime.datetime, digits: int, trim: bool = False) -> str:
-    text = f"{t.microsecond:06d}000"[:digits]
-    return ("." + text.rstrip("0")) if trim and text.rstrip("0") else "" if trim else "." + text
-
-
-def go_time(moment: datetime.datetime, fraction: bool = True) -> str:
-    """RFC 3339 as Go writes a time.Time in JSON: the fraction without trailing zeros, Z for UTC."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (_fraction(moment, 9, trim=True) if fraction else "") + _go_zone(moment)
-
-
-_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
-                      r"(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})")
-
-
-def parse_rfc3339(text: str) -> datetime.datetime:
-    """An `after=` query value read as Go's time.Parse(time.RFC3339) reads it: upper-case T and
-    Z, an optional fraction of any length, an offset of ±hh:mm. ValueError otherwise (→ 400)."""
-    match = _RFC3339.fullmatch(text)
-    if not match:
-        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
-    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
-    microsecond = int((match[7] or "0")[:6].ljust(6, "0"))  # Go keeps nanoseconds; we can keep micro
-    return datetime.datetime(year, month, day, hour, minute, second, microsecond, _zone(match[8]))
-
-
-def _zone(text: str) -> datetime.timezone:
-    if text == "Z":
-        return datetime.timezone.utc
-    hours, minutes = int(text[1:3]), int(text[4:6])
-    if minutes >= 60:
-        raise ValueError(f"time zone offset out of range: {text}")
-    offset = datetime.timedelta(hours=hours, minutes=minutes)
-    return datetime.timezone(-offset if text[0] == "-" else offset)  # ValueError from 24:00 on
 
 
 # logTimeFormat names -> Go's layouts written with Python; `_2` is a space-padded day.
@@ -1880,26 +1955,12 @@ class ProtocolLog(logging.Handler):
 
 
 ###############################################################################
-# 3. Processes ################################################################
+# 6. Process groups ###########################################################
 ###############################################################################
 
-STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
-ABORTED_START_GRACE = 5.0
-MIN_PROBE_GAP = 0.025  # seconds between health probes at the least, however much the upstream prints
-START_ERROR_TAIL_LINES = 8
-
-
-class StartError(Exception):
-    """A model could not be made ready; the message is what the client is told."""
-
-
-def health_poll_interval(elapsed: float) -> float:
-    """Pause between health probes: 10 ms at first, ~0.5% of the wait so far, at most 250 ms.
-
-    Output from the upstream and its exit also wake the poller at once (see ModelProcess), so
-    readiness announced in the log is seen within a probe's round trip.
-    """
-    return min(max(0.01, elapsed * 0.005), 0.25)
+# Every model server runs in a process group of its own, so that a stop reaches whatever its
+# command started. The groups are recorded in a file and told to a watcher process, so that
+# none is left running when we die, however we die.
 
 
 def pid_alive(pid: int) -> bool:
@@ -2121,13 +2182,31 @@ class GroupRecord:
                 await asyncio.sleep(0.05)
 
 
-def read_text(path: str) -> str:
-    """A /proc or /sys file's text, or "" where there is none (not Linux) or it cannot be read."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            return file.read()
-    except OSError:
-        return ""
+###############################################################################
+# 7. Model processes ##########################################################
+###############################################################################
+
+# ModelProcess: one model's server through its states (stopped -> starting -> ready ->
+# stopping -> stopped). It spawns, polls health, reads load progress and stops the group; it
+# decides nothing about which model runs: the scheduler does.
+
+STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
+ABORTED_START_GRACE = 5.0
+MIN_PROBE_GAP = 0.025  # seconds between health probes at the least, however much the upstream prints
+START_ERROR_TAIL_LINES = 8
+
+
+class StartError(Exception):
+    """A model could not be made ready; the message is what the client is told."""
+
+
+def health_poll_interval(elapsed: float) -> float:
+    """Pause between health probes: 10 ms at first, ~0.5% of the wait so far, at most 250 ms.
+
+    Output from the upstream and its exit also wake the poller at once (see ModelProcess), so
+    readiness announced in the log is seen within a probe's round trip.
+    """
+    return min(max(0.01, elapsed * 0.005), 0.25)
 
 
 PORT_RELEASE_WAIT = 2.0  # seconds a port being let go of (a server still exiting) may take
@@ -2620,93 +2699,13 @@ class ModelProcess:
 
 
 ###############################################################################
-# 4. Swap policy ##############################################################
+# 8. GPUs #####################################################################
 ###############################################################################
 
-class SwapPolicy:
-    """Which running models must stop so that a target may run. `running` lists the models that
-    hold resources, cheapest to stop first (idle before busy, least recently used first)."""
+# Everything read through NVML, in one place: memory for the vram router, samples for
+# /api/performance and /metrics, the devices for /api/hardware. NVML is opened and closed in
+# worker threads, never on the event loop; no NVIDIA GPU (or no driver) means no readings.
 
-    name = ""
-
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
-        raise NotImplementedError
-
-    def explain(self, target: str, running: Sequence[str]) -> str:
-        """A log line about the swap about to happen; "" for none."""
-        return ""
-
-    async def before_start(self, target: str, still_wanted: Callable[[], bool]) -> None:
-        """Once the evicted models are stopped, before the target starts (while still wanted)."""
-
-
-class GroupPolicy(SwapPolicy):
-    """Groups: a pure function of plain data."""
-
-    name = "group"
-
-    def __init__(self, groups: Iterable[Group]):
-        self.group_of = {member: group for group in groups for member in group.members}
-
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
-        group = self.group_of[target]
-        evict = set()
-        for model in running:
-            if model == target:
-                continue
-            other = self.group_of.get(model)  # None: removed by a reload and on its way out
-            if other is None or (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
-                evict.add(model)
-        return frozenset(evict)
-
-
-class MatrixPolicy(SwapPolicy):
-    """The matrix router's rule: keep the allowed set that is cheapest to reach.
-
-    Every set the DSL allows that contains the target is a candidate; its cost is what it would
-    evict (evict_costs, default 1 per model). The cheapest wins, the first defined on a tie. A
-    model in no set runs alone.
-    """
-
-    name = "matrix"
-
-    def __init__(self, matrix: Matrix):
-        self.matrix = matrix
-
-    def choose(self, target: str, running: frozenset[str]) -> tuple[str, frozenset[str], int] | None:
-        """(set name, models it allows, eviction cost) of the cheapest allowed set holding the target."""
-        best = None
-        for name, combos in self.matrix.combinations.items():
-            for combo in combos:
-                if target in combo:
-                    cost = sum(self.matrix.evict_costs.get(m, 1) for m in running - combo)
-                    if best is None or cost < best[2]:
-                        best = (name, combo, cost)
-        return best
-
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
-        running = frozenset(running)
-        if target in running:
-            return frozenset()
-        choice = self.choose(target, running)
-        return running - choice[1] if choice else running
-
-    def explain(self, target: str, running: Sequence[str]) -> str:
-        """The one info line per real swap."""
-        running = frozenset(running) - {target}
-        if not running:
-            return f"matrix: model={target} starting (no models running)"
-        choice = self.choose(target, running)
-        if choice is None:
-            return f"matrix: model={target} is in no set, runs alone: evict=[{' '.join(sorted(running))}]"
-        name, combo, cost = choice
-        if not running - combo:
-            return ""  # joins what runs, stops nothing: not a swap worth a line
-        return (f'matrix: model={target} set={name} dsl="{self.matrix.sets[name]}" '
-                f"evict=[{' '.join(sorted(running - combo))}] target=[{' '.join(sorted(combo))}] cost={cost}")
-
-
-# -- the vram router: models load while they fit --------------------------------
 
 @dataclass(frozen=True)
 class GpuMemory:
@@ -2835,6 +2834,257 @@ def open_vram_source() -> VramSource | None:
     return source
 
 
+@dataclass(frozen=True)
+class GpuStat:
+    """One reading of one GPU. A value the device cannot report is 0, as in Go.
+
+    mem_util_pct is VRAM fill (used / total * 100), not NVML's memory-controller activity:
+    that is what Go computes for every source and what the UI shows as "VRAM".
+    """
+
+    timestamp: datetime.datetime
+    id: int
+    name: str
+    uuid: str = ""
+    temp_c: int = 0
+    vram_temp_c: int = 0
+    gpu_util_pct: float = 0.0
+    mem_util_pct: float = 0.0
+    mem_used_mb: int = 0
+    mem_total_mb: int = 0
+    fan_speed_pct: float = 0.0
+    power_draw_w: float = 0.0
+
+
+class GpuProvider(Protocol):
+    """A source of GPU readings. sample() may block on the driver: call it in a worker thread."""
+
+    def sample(self) -> list[GpuStat]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NvmlDevice:
+    index: int
+    handle: Any
+    name: str
+    uuid: str
+
+
+# c_nvmlValue_t's union members, indexed by NVML_VALUE_TYPE_* (0 = double ... 6 = unsigned short).
+NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
+class NvmlProvider:
+    """GPU readings through NVML: one GpuStat per device per sample, all with the same timestamp.
+
+    Device handles, names and UUIDs are read once: they do not change while the driver is
+    loaded. VRAM temperature comes from NVML's memory-temperature field, which only boards with
+    HBM report (A100, H100, ...); GDDR boards answer NotSupported and read 0, as in Go.
+    Takes over an initialised NVML (see init_nvml) and shuts it down on close().
+    """
+
+    def __init__(self, nvml: Any):
+        self._nvml = nvml
+        self._open = True
+        self._lock = threading.Lock()  # close() waits for a sample still reading the devices
+        self.devices: list[NvmlDevice] = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
+            if handle is None:  # e.g. no permission for this one GPU: show the others
+                continue
+            name = nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="")
+            uuid = nvml_read(nvml, nvml.nvmlDeviceGetUUID, handle, default="")
+            self.devices.append(NvmlDevice(index, handle, name, uuid))
+
+    def sample(self) -> list[GpuStat]:
+        timestamp = local_now()
+        with self._lock:
+            return [self._read(device, timestamp) for device in self.devices] if self._open else []
+
+    def _read(self, device: NvmlDevice, timestamp: datetime.datetime) -> GpuStat:
+        nvml, handle = self._nvml, device.handle
+        memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
+        used_mb, total_mb = (memory.used // MIB, memory.total // MIB) if memory else (0, 0)
+        rates = nvml_read(nvml, nvml.nvmlDeviceGetUtilizationRates, handle, default=None)
+        return GpuStat(
+            timestamp=timestamp,
+            id=device.index,
+            name=device.name,
+            uuid=device.uuid,
+            temp_c=int(nvml_read(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)),
+            vram_temp_c=self._memory_temperature(handle),
+            gpu_util_pct=float(rates.gpu) if rates else 0.0,
+            mem_util_pct=used_mb / total_mb * 100 if total_mb else 0.0,
+            mem_used_mb=used_mb,
+            mem_total_mb=total_mb,
+            fan_speed_pct=float(nvml_read(nvml, nvml.nvmlDeviceGetFanSpeed, handle)),
+            power_draw_w=nvml_read(nvml, nvml.nvmlDeviceGetPowerUsage, handle) / 1000,  # mW
+        )
+
+    def _memory_temperature(self, handle: Any) -> int:
+        nvml = self._nvml
+        values = nvml_read(nvml, nvml.nvmlDeviceGetFieldValues, handle, [nvml.NVML_FI_DEV_MEMORY_TEMP], default=None)
+        # A field query succeeds as a whole even when the field itself is unsupported.
+        if not values or values[0].nvmlReturn != nvml.NVML_SUCCESS or values[0].valueType >= len(NVML_VALUE_MEMBERS):
+            return 0
+        return int(getattr(values[0].value, NVML_VALUE_MEMBERS[values[0].valueType]))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._open:
+                self._open = False
+                shutdown_nvml(self._nvml)
+
+
+def open_gpu_provider() -> GpuProvider | None:
+    """NVML when a driver and at least one GPU are there, else None: the GPU series are then
+    simply absent (the caller may log `GPU monitoring not available: ...`). Never raises for a
+    missing package, library, driver or GPU."""
+    nvml = init_nvml()
+    if nvml is None:
+        return None
+    try:
+        provider = NvmlProvider(nvml)
+    except nvml.NVMLError:
+        shutdown_nvml(nvml)
+        return None
+    if not provider.devices:
+        provider.close()
+        return None
+    return provider
+
+
+NVML_ARCHITECTURES = {2: "Kepler", 3: "Maxwell", 4: "Pascal", 5: "Volta", 6: "Turing", 7: "Ampere",
+                      8: "Ada Lovelace", 9: "Hopper", 10: "Blackwell", 13: "Rubin"}
+
+
+def nvml_accelerators() -> list[dict[str, Any]]:
+    """The NVIDIA GPUs NVML lists, in its order; [] without NVML."""
+    nvml = init_nvml()
+    if nvml is None:
+        return []
+    try:
+        driver = nvml_read(nvml, nvml.nvmlSystemGetDriverVersion, default=None)
+        handles = [nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
+                   for index in range(nvml_read(nvml, nvml.nvmlDeviceGetCount))]
+        usable = [handle for handle in handles if handle is not None]
+        return [nvml_accelerator(nvml, index, handle, driver) for index, handle in enumerate(usable)]
+    finally:
+        shutdown_nvml(nvml)
+
+
+def nvml_accelerator(nvml: Any, index: int, handle: Any, driver: str | None) -> dict[str, Any]:
+    memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
+    power_limit_mw = nvml_read(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+    return {
+        "index": index,
+        "kind": "gpu",
+        "vendor": "NVIDIA",
+        "model": nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="") or None,
+        "architecture": NVML_ARCHITECTURES.get(nvml_read(nvml, nvml.nvmlDeviceGetArchitecture, handle, default=None)),
+        # Unified-memory boards (GB10, Jetson) report no framebuffer: size unknown.
+        "memory": {"kind": "dedicated", "capacity_bytes": memory.total if memory and memory.total else None},
+        "driver": {"name": "NVIDIA", "version": driver} if driver else None,
+        "power_limit_watts": go_float(power_limit_mw / 1000) if power_limit_mw else None,
+    }
+
+
+###############################################################################
+# 9. Swap policy ##############################################################
+###############################################################################
+
+# Which running models must stop so that a target may run, as pure functions of plain data:
+# groups, the matrix's cheapest set of evictions, or (the vram router) what must go for the
+# target to fit in the GPUs' free memory.
+
+
+class SwapPolicy:
+    """Which running models must stop so that a target may run. `running` lists the models that
+    hold resources, cheapest to stop first (idle before busy, least recently used first)."""
+
+    name = ""
+
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+        raise NotImplementedError
+
+    def explain(self, target: str, running: Sequence[str]) -> str:
+        """A log line about the swap about to happen; "" for none."""
+        return ""
+
+    async def before_start(self, target: str, still_wanted: Callable[[], bool]) -> None:
+        """Once the evicted models are stopped, before the target starts (while still wanted)."""
+
+
+class GroupPolicy(SwapPolicy):
+    """Groups: a pure function of plain data."""
+
+    name = "group"
+
+    def __init__(self, groups: Iterable[Group]):
+        self.group_of = {member: group for group in groups for member in group.members}
+
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+        group = self.group_of[target]
+        evict = set()
+        for model in running:
+            if model == target:
+                continue
+            other = self.group_of.get(model)  # None: removed by a reload and on its way out
+            if other is None or (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
+                evict.add(model)
+        return frozenset(evict)
+
+
+class MatrixPolicy(SwapPolicy):
+    """The matrix router's rule: keep the allowed set that is cheapest to reach.
+
+    Every set the DSL allows that contains the target is a candidate; its cost is what it would
+    evict (evict_costs, default 1 per model). The cheapest wins, the first defined on a tie. A
+    model in no set runs alone.
+    """
+
+    name = "matrix"
+
+    def __init__(self, matrix: Matrix):
+        self.matrix = matrix
+
+    def choose(self, target: str, running: frozenset[str]) -> tuple[str, frozenset[str], int] | None:
+        """(set name, models it allows, eviction cost) of the cheapest allowed set holding the target."""
+        best = None
+        for name, combos in self.matrix.combinations.items():
+            for combo in combos:
+                if target in combo:
+                    cost = sum(self.matrix.evict_costs.get(m, 1) for m in running - combo)
+                    if best is None or cost < best[2]:
+                        best = (name, combo, cost)
+        return best
+
+    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+        running = frozenset(running)
+        if target in running:
+            return frozenset()
+        choice = self.choose(target, running)
+        return running - choice[1] if choice else running
+
+    def explain(self, target: str, running: Sequence[str]) -> str:
+        """The one info line per real swap."""
+        running = frozenset(running) - {target}
+        if not running:
+            return f"matrix: model={target} starting (no models running)"
+        choice = self.choose(target, running)
+        if choice is None:
+            return f"matrix: model={target} is in no set, runs alone: evict=[{' '.join(sorted(running))}]"
+        name, combo, cost = choice
+        if not running - combo:
+            return ""  # joins what runs, stops nothing: not a swap worth a line
+        return (f'matrix: model={target} set={name} dsl="{self.matrix.sets[name]}" '
+                f"evict=[{' '.join(sorted(running - combo))}] target=[{' '.join(sorted(combo))}] cost={cost}")
+
+
+# -- the vram router: models load while they fit ------------------------------
+
 def spread(sizes: Mapping[int | None, int], gpus: Iterable[int]) -> dict[int, int]:
     """Per-GPU bytes from a config size: a size for all GPUs (key None) is split evenly."""
     gpus = list(gpus)
@@ -2863,10 +3113,6 @@ def vram_evictions(need: Mapping[int, int] | None, running: Sequence[tuple[str, 
         kept.remove(helping)
         evict.add(helping[0])
     return frozenset(evict)
-
-
-def format_bytes(size: float) -> str:
-    return f"{size / 1024**3:.1f}GiB"
 
 
 @dataclass
@@ -3055,8 +3301,13 @@ def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
 
 
 ###############################################################################
-# 5. Scheduler ################################################################
+# 10. Scheduler ###############################################################
 ###############################################################################
+
+# The one owner of swap decisions. Requests ask for a model; the scheduler grants it at once,
+# lets it join a start in progress, or queues it and decides a swap. Decisions are synchronous
+# methods (no await inside one); the slow work (starting, stopping) runs in owned tasks that
+# report back through pump().
 
 
 class SchedulerError(Exception):
@@ -3494,8 +3745,11 @@ class Scheduler:
 
 
 ###############################################################################
-# 6. Virtual models ###########################################################
+# 11. Virtual models ##########################################################
 ###############################################################################
+
+# Names that stand for other models: a profile's pins and selectors that pick a target per
+# request (warm, pin, spillover).
 
 
 class SelectorError(Exception):
@@ -3582,8 +3836,11 @@ class VirtualModels:
 
 
 ###############################################################################
-# 7. Requests: finding and rewriting `model` ##################################
+# 12. Request bodies ##########################################################
 ###############################################################################
+
+# Finding and rewriting `model` in a body without decoding the rest. Every scan is linear and
+# made of bounded C calls; bodies over 64 KiB are read in a worker thread.
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 _FORM_NAME = re.compile(rb'(?im)^content-disposition:[^\r\n]*?;\s*name="?([^";\r\n]*)"?')
@@ -4050,8 +4307,11 @@ def rewrite_model(content_type: str, body: bytes, model: str) -> bytes:
 
 
 ###############################################################################
-# 8. In-flight requests #######################################################
+# 13. In-flight requests ######################################################
 ###############################################################################
+
+# Exchange: one request on its way, from arrival to its last byte, listed by /api/inflight and
+# cancellable from the UI.
 
 EXCHANGE = web.RequestKey("exchange", "Exchange")  # where the relay reports what it sent
 COPY_LIMIT = 64 * 1024 * 1024
@@ -4090,11 +4350,6 @@ def header_snapshot(headers: Mapping[str, str]) -> dict[str, str]:
             text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             snapshot.setdefault(canonical_header(key), "[REDACTED]" if key.lower() in SENSITIVE_HEADERS else text)
     return snapshot
-
-
-def go_timestamp(seconds: float, fraction: bool = True) -> str:
-    """Unix seconds in local time, as Go writes a time.Time in JSON."""
-    return go_time(datetime.datetime.fromtimestamp(seconds).astimezone(), fraction)
 
 
 class RequestCancelled(Exception):
@@ -4230,8 +4485,11 @@ class InFlight:
 
 
 ###############################################################################
-# 9. Relay ####################################################################
+# 14. Relay ###################################################################
 ###############################################################################
+
+# Bytes from upstream to client, chunk by chunk, never parsed: HTTP answers, streams and
+# websockets. Errors of the upstream are told in the OpenAI error format.
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -4530,8 +4788,11 @@ def error_text(error: BaseException) -> str:
 
 
 ###############################################################################
-# 10. Watching: activity, captures, metrics ###################################
+# 15. Activity: what an answer says ###########################################
 ###############################################################################
+
+# Reading a finished answer for its tokens, speeds and error message, as the original's
+# activity rows record them: streamed events, JSON bodies, compressed or not.
 
 # Messages are stored and shown verbatim; longer ones are cut here.
 MAX_ERROR_MESSAGE = 500
@@ -4544,16 +4805,8 @@ INPUT_TOKEN_PATHS = ("prompt_tokens", "input_tokens")
 OUTPUT_TOKEN_PATHS = ("completion_tokens", "output_tokens")
 CACHED_TOKEN_PATHS = ("cache_read_input_tokens", "input_tokens_details.cached_tokens",
                       "prompt_tokens_details.cached_tokens")
-# Python's reason phrases where they differ from Go's http.StatusText, which the rows mirror.
-GO_STATUS_TEXT = {413: "Request Entity Too Large", 414: "Request URI Too Long",
-                  416: "Requested Range Not Satisfiable", 418: "I'm a teapot",
-                  422: "Unprocessable Entity"}
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _MISSING = object()
-
-
-
-# -- activity: what a response says about its tokens ---------------
 
 @dataclass(frozen=True)
 class Tokens:
@@ -4656,15 +4909,6 @@ def error_message(status: int, body: bytes) -> str:
                 return text[:MAX_ERROR_MESSAGE] + "..."
             return text
     return status_line(status)
-
-
-def status_line(status: int) -> str:
-    """`502 Bad Gateway` with Go's reason phrases; `HTTP 599` for codes without one."""
-    try:
-        phrase = GO_STATUS_TEXT.get(status) or http.HTTPStatus(status).phrase
-    except ValueError:
-        return f"HTTP {status}"
-    return f"{status} {phrase}"
 
 
 @dataclass
@@ -4865,13 +5109,7 @@ def _finite(speed: float, fallback: float) -> float:
     return speed if math.isfinite(speed) else fallback
 
 
-def go_float(value: float) -> int | float:
-    """A float64 as Go's encoder writes it: whole numbers without ".0" (10, not 10.0)."""
-    number = float(value)
-    return int(number) if number.is_integer() else number
-
-
-# -- activity: speed histograms -------------------------------------------
+# -- speed histograms ---------------------------------------------------------
 
 def histogram(values: Sequence[float]) -> dict | None:
     """Bins and percentiles of speeds for `/api/metrics/stats`; None when empty.
@@ -4903,7 +5141,12 @@ def percentile(ordered: Sequence[float], p: float) -> float:
     return ordered[lower] + (ordered[upper] - ordered[lower]) * (rank - lower)
 
 
-# -- activity: the store ----------------------------------------------------
+###############################################################################
+# 16. Activity: the store and captures ########################################
+###############################################################################
+
+# The activity rows in SQLite (the original's own schema, so its database can be read),
+# what we learnt of each model across restarts, and captured request/response bodies.
 
 # `sort` parameter -> column. Only these fixed names ever reach the SQL text.
 SORT_COLUMNS = {"id": "id", "time": "ts_created", "model": "model_id", "req_path": "req_path",
@@ -5197,7 +5440,7 @@ def _parse_int(text: str) -> int | None:
     return value if INT64_MIN <= value <= INT64_MAX else None
 
 
-# -- captures -----------------------------------------------------------
+# -- captures -----------------------------------------------------------------
 
 # Paths whose bodies are not kept: audio and images are big and say little.
 NO_REQUEST_BODY = frozenset({"/v1/audio/voices", "/v1/audio/transcriptions", "/v1/images/edits", "/sdapi/v1/img2img"})
@@ -5253,6 +5496,8 @@ def make_capture(capture_id: int, exchange: Exchange, status: int, headers: Mapp
     return {"id": capture_id, "req_path": exchange.path, "req_headers": exchange.request_headers,
             "req_body": request_body, "resp_headers": response_headers, "resp_body": response_body}
 
+
+# -- the activity log ---------------------------------------------------------
 
 class Activity:
     """Activity rows and captures, made from each finished model request in one worker thread,
@@ -5331,12 +5576,12 @@ class Activity:
         self.worker.shutdown(wait=False)
 
 
-MIB = 1048576  # the spec's "MB": sizes are kept in whole MiB and exported as MiB * 1048576 bytes
+###############################################################################
+# 17. Performance and hardware ################################################
+###############################################################################
 
-
-def local_now() -> datetime.datetime:
-    """The current time, timezone-aware in the local zone (Go stamps samples with time.Now())."""
-    return datetime.datetime.now().astimezone()
+# /api/performance: system samples from /proc and GPU samples, kept for HISTORY_SECONDS;
+# /api/hardware: what this machine is, looked at once at start.
 
 
 def sample_json(sample: Any) -> dict[str, Any]:
@@ -5381,30 +5626,6 @@ class SysStat:
     load_avg_15: float = 0.0
     net_io: tuple[NetIOStat, ...] = ()
 
-
-@dataclass(frozen=True)
-class GpuStat:
-    """One reading of one GPU. A value the device cannot report is 0, as in Go.
-
-    mem_util_pct is VRAM fill (used / total * 100), not NVML's memory-controller activity:
-    that is what Go computes for every source and what the UI shows as "VRAM".
-    """
-
-    timestamp: datetime.datetime
-    id: int
-    name: str
-    uuid: str = ""
-    temp_c: int = 0
-    vram_temp_c: int = 0
-    gpu_util_pct: float = 0.0
-    mem_util_pct: float = 0.0
-    mem_used_mb: int = 0
-    mem_total_mb: int = 0
-    fan_speed_pct: float = 0.0
-    power_draw_w: float = 0.0
-
-
-# -- performance: the system, from /proc ----------------------------------------
 
 # Per core ("cpu0", "cpu1", ...): (busy, total) jiffies since boot. Keyed by name so a core
 # going offline between two samples does not shift the others.
@@ -5519,109 +5740,7 @@ def read_system_stats(previous_cpu_times: CpuTimes | None = None) -> tuple[SysSt
     return stat, cpu_times
 
 
-# -- performance: GPUs, through NVML --------------------------------------------
-
-class GpuProvider(Protocol):
-    """A source of GPU readings. sample() may block on the driver: call it in a worker thread."""
-
-    def sample(self) -> list[GpuStat]: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class NvmlDevice:
-    index: int
-    handle: Any
-    name: str
-    uuid: str
-
-
-# c_nvmlValue_t's union members, indexed by NVML_VALUE_TYPE_* (0 = double ... 6 = unsigned short).
-NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-
-
-class NvmlProvider:
-    """GPU readings through NVML: one GpuStat per device per sample, all with the same timestamp.
-
-    Device handles, names and UUIDs are read once: they do not change while the driver is
-    loaded. VRAM temperature comes from NVML's memory-temperature field, which only boards with
-    HBM report (A100, H100, ...); GDDR boards answer NotSupported and read 0, as in Go.
-    Takes over an initialised NVML (see init_nvml) and shuts it down on close().
-    """
-
-    def __init__(self, nvml: Any):
-        self._nvml = nvml
-        self._open = True
-        self._lock = threading.Lock()  # close() waits for a sample still reading the devices
-        self.devices: list[NvmlDevice] = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
-            if handle is None:  # e.g. no permission for this one GPU: show the others
-                continue
-            name = nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="")
-            uuid = nvml_read(nvml, nvml.nvmlDeviceGetUUID, handle, default="")
-            self.devices.append(NvmlDevice(index, handle, name, uuid))
-
-    def sample(self) -> list[GpuStat]:
-        timestamp = local_now()
-        with self._lock:
-            return [self._read(device, timestamp) for device in self.devices] if self._open else []
-
-    def _read(self, device: NvmlDevice, timestamp: datetime.datetime) -> GpuStat:
-        nvml, handle = self._nvml, device.handle
-        memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
-        used_mb, total_mb = (memory.used // MIB, memory.total // MIB) if memory else (0, 0)
-        rates = nvml_read(nvml, nvml.nvmlDeviceGetUtilizationRates, handle, default=None)
-        return GpuStat(
-            timestamp=timestamp,
-            id=device.index,
-            name=device.name,
-            uuid=device.uuid,
-            temp_c=int(nvml_read(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)),
-            vram_temp_c=self._memory_temperature(handle),
-            gpu_util_pct=float(rates.gpu) if rates else 0.0,
-            mem_util_pct=used_mb / total_mb * 100 if total_mb else 0.0,
-            mem_used_mb=used_mb,
-            mem_total_mb=total_mb,
-            fan_speed_pct=float(nvml_read(nvml, nvml.nvmlDeviceGetFanSpeed, handle)),
-            power_draw_w=nvml_read(nvml, nvml.nvmlDeviceGetPowerUsage, handle) / 1000,  # mW
-        )
-
-    def _memory_temperature(self, handle: Any) -> int:
-        nvml = self._nvml
-        values = nvml_read(nvml, nvml.nvmlDeviceGetFieldValues, handle, [nvml.NVML_FI_DEV_MEMORY_TEMP], default=None)
-        # A field query succeeds as a whole even when the field itself is unsupported.
-        if not values or values[0].nvmlReturn != nvml.NVML_SUCCESS or values[0].valueType >= len(NVML_VALUE_MEMBERS):
-            return 0
-        return int(getattr(values[0].value, NVML_VALUE_MEMBERS[values[0].valueType]))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._open:
-                self._open = False
-                shutdown_nvml(self._nvml)
-
-
-def open_gpu_provider() -> GpuProvider | None:
-    """NVML when a driver and at least one GPU are there, else None: the GPU series are then
-    simply absent (the caller may log `GPU monitoring not available: ...`). Never raises for a
-    missing package, library, driver or GPU."""
-    nvml = init_nvml()
-    if nvml is None:
-        return None
-    try:
-        provider = NvmlProvider(nvml)
-    except nvml.NVMLError:
-        shutdown_nvml(nvml)
-        return None
-    if not provider.devices:
-        provider.close()
-        return None
-    return provider
-
-
-# -- performance: the monitor ---------------------------------------------------
+# -- the monitor --------------------------------------------------------------
 
 HISTORY_SECONDS = 3600  # the ring holds one hour of samples, as in Go
 
@@ -5691,7 +5810,140 @@ def latest_per_gpu(stats: Iterable[GpuStat]) -> list[GpuStat]:
     return [latest[gpu_id] for gpu_id in sorted(latest)]
 
 
-# -- Prometheus text ------------------------------------------------------------
+# -- /api/hardware ------------------------------------------------------------
+
+class HardwareUnavailable(Exception):
+    """Detection failed (the memory size is unknown); /api/hardware answers
+    Envelope(503, `hardware detection unavailable`)."""
+
+
+# platform.machine() spellings (Linux, macOS, Windows) -> schema v1 names.
+ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64",
+                 "armv7l": "armv7", "armv7": "armv7", "ppc64le": "ppc64le", "riscv64": "riscv64", "s390x": "s390x"}
+OS_FAMILIES = {"linux": "linux", "darwin": "macos", "windows": "windows", "freebsd": "freebsd"}
+
+
+def hardware_snapshot(detector_version: str) -> dict[str, Any]:
+    """The /api/hardware body (schema v1), best effort: what cannot be found out is null.
+
+    Reads /proc, /etc/os-release and, where present, NVML (the only accelerator source: AMD and
+    Intel GPUs are not listed). Meant to be taken once at startup; NVML start-up can take a
+    moment on a many-GPU host, so call it in a worker thread. Raises HardwareUnavailable when
+    not even the memory size is known.
+    """
+    capacity = memory_capacity()
+    if not capacity:
+        raise HardwareUnavailable("system memory size unknown")
+    cpuinfo = parse_cpuinfo(read_text("/proc/cpuinfo"))
+    return {
+        "schema_version": 1,
+        "captured_at": go_time(datetime.datetime.now(datetime.timezone.utc)),
+        "capture": {"scope": "inference_host", "method": "detected",
+                    "detector": {"name": "llama-swap", "version": detector_version}},
+        "architecture": describe_architecture(platform.machine()),
+        "operating_system": describe_operating_system(platform.system(), platform.release(),
+                                                      read_text("/etc/os-release")),
+        "environment": describe_environment(platform.release(), cpuinfo),
+        "cpu": describe_cpu(cpuinfo, os.cpu_count()),
+        "memory": {"capacity_bytes": capacity},
+        "accelerators": nvml_accelerators(),
+    }
+
+
+def describe_architecture(machine: str) -> dict[str, Any]:
+    name = ARCHITECTURES.get(machine.lower(), "other")
+    return {"name": name, "raw_name": machine if machine != name else None}
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        if equals and not key.startswith("#"):
+            values[key.strip()] = value.strip().strip("\"'")
+    return values
+
+
+def describe_operating_system(system: str, kernel: str, os_release: str) -> dict[str, Any]:
+    """Family, name and version (os-release ID and VERSION_ID on Linux, as gopsutil gives Go)."""
+    family = OS_FAMILIES.get(system.lower(), "other")
+    if family == "linux":
+        release = parse_os_release(os_release)
+        name, version = release.get("ID"), release.get("VERSION_ID")
+    elif family == "macos":
+        name, version = "macOS", platform.mac_ver()[0]
+    elif family == "windows":
+        name, version = "Windows", platform.version()
+    else:  # the BSDs and the rest: the kernel release is the OS version
+        name, version = system, kernel
+    described = {"family": family, "name": name or None, "version": version or None, "kernel": kernel or None}
+    if family == "other":
+        described["raw_family"] = system  # the schema asks for the raw value behind "other"
+    return described
+
+
+def parse_cpuinfo(text: str) -> list[dict[str, str]]:
+    """/proc/cpuinfo as one {field: value} per processor block."""
+    blocks = [{}]
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            blocks[-1][key.strip()] = value.strip()
+        elif blocks[-1]:
+            blocks.append({})
+    return [block for block in blocks if block]
+
+
+def describe_environment(kernel: str, cpuinfo: list[dict[str, str]]) -> dict[str, Any]:
+    """WSL, a container, a virtual machine, or unknown. We do not claim "native": without
+    systemd-detect-virt a bare-metal host cannot be told reliably from some containers."""
+    kind, name = "unknown", None
+    if "microsoft" in kernel.lower() or "wsl" in kernel.lower():
+        kind, name = "wsl", "WSL"
+    elif os.path.exists("/.dockerenv"):
+        kind, name = "container", "Docker"
+    elif os.path.exists("/run/.containerenv"):
+        kind, name = "container", "Podman"
+    elif any("hypervisor" in block.get("flags", "").split() for block in cpuinfo):
+        kind = "virtual_machine"  # x86 CPUs set this flag for every guest
+    return {"kind": kind, "name": name, "version": None}
+
+
+def describe_cpu(cpuinfo: list[dict[str, str]], logical_threads: int | None) -> dict[str, Any]:
+    def first(key: str) -> str | None:
+        return next((block[key] for block in cpuinfo if block.get(key)), None)
+
+    sockets = {block["physical id"] for block in cpuinfo if "physical id" in block}
+    cores = {(block.get("physical id"), block["core id"]) for block in cpuinfo if "core id" in block}
+    # More cores than threads would be a misread: the schema forbids it, so leave it unknown.
+    physical_cores = len(cores) if cores and (not logical_threads or len(cores) <= logical_threads) else None
+    return {
+        "vendor": first("vendor_id"),
+        "model": first("model name") or first("Model"),  # "Model" is how ARM boards name it
+        "socket_count": len(sockets) or None,
+        "physical_core_count": physical_cores,
+        "logical_thread_count": logical_threads or None,
+    }
+
+
+def memory_capacity() -> int:
+    """Bytes of memory this process may use: physical memory, or a smaller cgroup limit."""
+    physical = parse_meminfo(read_text("/proc/meminfo")).get("MemTotal", 0) * 1024
+    if not physical:
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no sysconf on Windows
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [int(text) for text in (read_text("/sys/fs/cgroup/memory.max").strip(),
+                                     read_text("/sys/fs/cgroup/memory/memory.limit_in_bytes").strip())
+              if text.isdigit() and int(text) > 0]
+    return min([physical, *limits]) if physical else 0
+
+
+###############################################################################
+# 18. Metrics #################################################################
+###############################################################################
+
+# /metrics in Prometheus text: the proxy's own counters and histograms, the system and GPU
+# samples, byte-identical to the original where it has the same family.
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -5831,169 +6083,7 @@ def gpu_labels(g: GpuStat) -> dict[str, str]:
     return {"id": str(g.id), "name": g.name, **({"uuid": g.uuid} if g.uuid else {})}
 
 
-# -- performance: /api/hardware -------------------------------------------------
-
-class HardwareUnavailable(Exception):
-    """Detection failed (the memory size is unknown); /api/hardware answers
-    Envelope(503, `hardware detection unavailable`)."""
-
-
-# platform.machine() spellings (Linux, macOS, Windows) -> schema v1 names.
-ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64",
-                 "armv7l": "armv7", "armv7": "armv7", "ppc64le": "ppc64le", "riscv64": "riscv64", "s390x": "s390x"}
-OS_FAMILIES = {"linux": "linux", "darwin": "macos", "windows": "windows", "freebsd": "freebsd"}
-NVML_ARCHITECTURES = {2: "Kepler", 3: "Maxwell", 4: "Pascal", 5: "Volta", 6: "Turing", 7: "Ampere",
-                      8: "Ada Lovelace", 9: "Hopper", 10: "Blackwell", 13: "Rubin"}
-
-
-def hardware_snapshot(detector_version: str) -> dict[str, Any]:
-    """The /api/hardware body (schema v1), best effort: what cannot be found out is null.
-
-    Reads /proc, /etc/os-release and, where present, NVML (the only accelerator source: AMD and
-    Intel GPUs are not listed). Meant to be taken once at startup; NVML start-up can take a
-    moment on a many-GPU host, so call it in a worker thread. Raises HardwareUnavailable when
-    not even the memory size is known.
-    """
-    capacity = memory_capacity()
-    if not capacity:
-        raise HardwareUnavailable("system memory size unknown")
-    cpuinfo = parse_cpuinfo(read_text("/proc/cpuinfo"))
-    return {
-        "schema_version": 1,
-        "captured_at": go_time(datetime.datetime.now(datetime.timezone.utc)),
-        "capture": {"scope": "inference_host", "method": "detected",
-                    "detector": {"name": "llama-swap", "version": detector_version}},
-        "architecture": describe_architecture(platform.machine()),
-        "operating_system": describe_operating_system(platform.system(), platform.release(),
-                                                      read_text("/etc/os-release")),
-        "environment": describe_environment(platform.release(), cpuinfo),
-        "cpu": describe_cpu(cpuinfo, os.cpu_count()),
-        "memory": {"capacity_bytes": capacity},
-        "accelerators": nvml_accelerators(),
-    }
-
-
-def describe_architecture(machine: str) -> dict[str, Any]:
-    name = ARCHITECTURES.get(machine.lower(), "other")
-    return {"name": name, "raw_name": machine if machine != name else None}
-
-
-def parse_os_release(text: str) -> dict[str, str]:
-    values = {}
-    for line in text.splitlines():
-        key, equals, value = line.partition("=")
-        if equals and not key.startswith("#"):
-            values[key.strip()] = value.strip().strip("\"'")
-    return values
-
-
-def describe_operating_system(system: str, kernel: str, os_release: str) -> dict[str, Any]:
-    """Family, name and version (os-release ID and VERSION_ID on Linux, as gopsutil gives Go)."""
-    family = OS_FAMILIES.get(system.lower(), "other")
-    if family == "linux":
-        release = parse_os_release(os_release)
-        name, version = release.get("ID"), release.get("VERSION_ID")
-    elif family == "macos":
-        name, version = "macOS", platform.mac_ver()[0]
-    elif family == "windows":
-        name, version = "Windows", platform.version()
-    else:  # the BSDs and the rest: the kernel release is the OS version
-        name, version = system, kernel
-    described = {"family": family, "name": name or None, "version": version or None, "kernel": kernel or None}
-    if family == "other":
-        described["raw_family"] = system  # the schema asks for the raw value behind "other"
-    return described
-
-
-def parse_cpuinfo(text: str) -> list[dict[str, str]]:
-    """/proc/cpuinfo as one {field: value} per processor block."""
-    blocks = [{}]
-    for line in text.splitlines():
-        key, colon, value = line.partition(":")
-        if colon:
-            blocks[-1][key.strip()] = value.strip()
-        elif blocks[-1]:
-            blocks.append({})
-    return [block for block in blocks if block]
-
-
-def describe_environment(kernel: str, cpuinfo: list[dict[str, str]]) -> dict[str, Any]:
-    """WSL, a container, a virtual machine, or unknown. We do not claim "native": without
-    systemd-detect-virt a bare-metal host cannot be told reliably from some containers."""
-    kind, name = "unknown", None
-    if "microsoft" in kernel.lower() or "wsl" in kernel.lower():
-        kind, name = "wsl", "WSL"
-    elif os.path.exists("/.dockerenv"):
-        kind, name = "container", "Docker"
-    elif os.path.exists("/run/.containerenv"):
-        kind, name = "container", "Podman"
-    elif any("hypervisor" in block.get("flags", "").split() for block in cpuinfo):
-        kind = "virtual_machine"  # x86 CPUs set this flag for every guest
-    return {"kind": kind, "name": name, "version": None}
-
-
-def describe_cpu(cpuinfo: list[dict[str, str]], logical_threads: int | None) -> dict[str, Any]:
-    def first(key: str) -> str | None:
-        return next((block[key] for block in cpuinfo if block.get(key)), None)
-
-    sockets = {block["physical id"] for block in cpuinfo if "physical id" in block}
-    cores = {(block.get("physical id"), block["core id"]) for block in cpuinfo if "core id" in block}
-    # More cores than threads would be a misread: the schema forbids it, so leave it unknown.
-    physical_cores = len(cores) if cores and (not logical_threads or len(cores) <= logical_threads) else None
-    return {
-        "vendor": first("vendor_id"),
-        "model": first("model name") or first("Model"),  # "Model" is how ARM boards name it
-        "socket_count": len(sockets) or None,
-        "physical_core_count": physical_cores,
-        "logical_thread_count": logical_threads or None,
-    }
-
-
-def memory_capacity() -> int:
-    """Bytes of memory this process may use: physical memory, or a smaller cgroup limit."""
-    physical = parse_meminfo(read_text("/proc/meminfo")).get("MemTotal", 0) * 1024
-    if not physical:
-        with contextlib.suppress(AttributeError, ValueError, OSError):  # no sysconf on Windows
-            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limits = [int(text) for text in (read_text("/sys/fs/cgroup/memory.max").strip(),
-                                     read_text("/sys/fs/cgroup/memory/memory.limit_in_bytes").strip())
-              if text.isdigit() and int(text) > 0]
-    return min([physical, *limits]) if physical else 0
-
-
-def nvml_accelerators() -> list[dict[str, Any]]:
-    """The NVIDIA GPUs NVML lists, in its order; [] without NVML."""
-    nvml = init_nvml()
-    if nvml is None:
-        return []
-    try:
-        driver = nvml_read(nvml, nvml.nvmlSystemGetDriverVersion, default=None)
-        handles = [nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
-                   for index in range(nvml_read(nvml, nvml.nvmlDeviceGetCount))]
-        usable = [handle for handle in handles if handle is not None]
-        return [nvml_accelerator(nvml, index, handle, driver) for index, handle in enumerate(usable)]
-    finally:
-        shutdown_nvml(nvml)
-
-
-def nvml_accelerator(nvml: Any, index: int, handle: Any, driver: str | None) -> dict[str, Any]:
-    memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
-    power_limit_mw = nvml_read(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
-    return {
-        "index": index,
-        "kind": "gpu",
-        "vendor": "NVIDIA",
-        "model": nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="") or None,
-        "architecture": NVML_ARCHITECTURES.get(nvml_read(nvml, nvml.nvmlDeviceGetArchitecture, handle, default=None)),
-        # Unified-memory boards (GB10, Jetson) report no framebuffer: size unknown.
-        "memory": {"kind": "dedicated", "capacity_bytes": memory.total if memory and memory.total else None},
-        "driver": {"name": "NVIDIA", "version": driver} if driver else None,
-        "power_limit_watts": go_float(power_limit_mw / 1000) if power_limit_mw else None,
-    }
-
-
-# -- metrics ---------------------------------------------------------------------
-
+# -- the proxy's own metrics --------------------------------------------------
 
 # Seconds; requests span a cache hit to a long generation, starts a tiny model to a 100 GB one.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -6110,8 +6200,11 @@ def vram_families(book: VramBook) -> str:
 
 
 ###############################################################################
-# 11. HTTP ####################################################################
+# 19. API answers #############################################################
 ###############################################################################
+
+# What the API speaks: OpenAI-format errors, model records for /v1/models and /running, and
+# the checks that keep other web pages and other hosts out (keys, origins, hosts).
 
 # Routes whose model is read from the request. GET routes read ?model=.
 MODEL_POST_PATHS = (
@@ -6138,8 +6231,6 @@ CONCURRENCY_LIMIT_BODY = b'{"src":"llama-swap","error":{"message":"Too many requ
 OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ico"})
 MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
 
-
-# -- other web pages -------------------------------------------------------------
 #
 # A browser lets any page it shows send requests here: a form can POST to /api/models/unload and
 # an image can GET /unload, and a page whose own name an attacker points at 127.0.0.1 (DNS
@@ -6223,12 +6314,6 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.headers = headers
-
-
-def go_json(value: Any) -> str:
-    """Compact JSON as Go's encoder writes it: <, > and & escaped, other text kept as UTF-8."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -6383,6 +6468,30 @@ def model_statuses(config: Config, states: Mapping[str, str],
     return statuses
 
 
+def selector_record(selector: Selector, config: Config, states: Mapping[str, str], created: int) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": selector.id, "object": "model", "created": created, "owned_by": "llama-swap"}
+    if selector.name.strip():
+        record["name"] = selector.name.strip()
+    if selector.description.strip():
+        record["description"] = selector.description.strip()
+    internal: dict[str, Any] = {"type": "selector", "strategy": selector.strategy, "targets": selector.targets}
+    if selector.strategy == "spillover":
+        internal["spillover"] = selector.spillover
+    record["meta"] = {"llamaswap": {**selector.metadata, **internal}}
+    watched = selector.targets[:1] if selector.strategy == "pin" else selector.targets
+    warm = any(states.get(config.real_model_id(t) or "") in (STARTING, READY) for t in watched)
+    record["status"] = {"value": "loaded" if warm else "unloaded"}
+    return record
+
+
+###############################################################################
+# 20. Events and loading streams ##############################################
+###############################################################################
+
+# /api/events fan-out (model status, logs, activity, in-flight) and the SSE stream that a
+# sendLoadingState model sends while it loads.
+
+
 def sse_event(kind: str, data: Any) -> bytes:
     """One /api/events message: its `data` is JSON inside a JSON string, as the original sends it."""
     return f"event:message\ndata:{go_json({'type': kind, 'data': go_json(data)})}\n\n".encode()
@@ -6419,75 +6528,6 @@ class Events:
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
-
-
-def selector_record(selector: Selector, config: Config, states: Mapping[str, str], created: int) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": selector.id, "object": "model", "created": created, "owned_by": "llama-swap"}
-    if selector.name.strip():
-        record["name"] = selector.name.strip()
-    if selector.description.strip():
-        record["description"] = selector.description.strip()
-    internal: dict[str, Any] = {"type": "selector", "strategy": selector.strategy, "targets": selector.targets}
-    if selector.strategy == "spillover":
-        internal["spillover"] = selector.spillover
-    record["meta"] = {"llamaswap": {**selector.metadata, **internal}}
-    watched = selector.targets[:1] if selector.strategy == "pin" else selector.targets
-    warm = any(states.get(config.real_model_id(t) or "") in (STARTING, READY) for t in watched)
-    record["status"] = {"value": "loaded" if warm else "unloaded"}
-    return record
-
-
-@dataclass(frozen=True)
-class ConfigSource:
-    """Where the config comes from: what a reload reads again and what --watch-config polls."""
-
-    path: str | None
-    directory: str | None
-
-    def load(self, previous: Config | None = None) -> Config:
-        return load_config(self.path, self.directory, previous)
-
-    def snapshot(self) -> tuple:
-        """Cheap fingerprint of the sources: None for a missing file or a dir with no YAML."""
-        return (_file_fingerprint(self.path) if self.path else None,
-                _dir_fingerprint(self.directory) if self.directory else None)
-
-
-def _file_fingerprint(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-def _dir_fingerprint(directory: str) -> tuple | None:
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith((".yml", ".yaml")))
-    except OSError:
-        return None
-    return tuple((n, _file_fingerprint(os.path.join(directory, n))) for n in names) or None
-
-
-def launch_settings(model: ModelConfig) -> tuple:
-    """What a server was started with: while this is unchanged, a reload keeps it running."""
-    return model.cmd, tuple(model.env), model.proxy, model.check_endpoint, model.cmd_stop
-
-
-HTTP_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
-
-
-@web.middleware
-async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
-    """Any OPTIONS request is a CORS preflight, answered here for every path, without a key."""
-    if request.method != "OPTIONS":
-        return await handler(request)
-    asked = request.headers.get("Access-Control-Request-Headers")
-    allowed = ", ".join(h.strip() for h in asked.split(",") if HTTP_TOKEN.match(h.strip())) if asked is not None else \
-        "Content-Type, Authorization, Accept, X-Requested-With"
-    return web.Response(status=204, headers={
-        "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-        "Access-Control-Allow-Headers": allowed, "Access-Control-Max-Age": "86400"})
 
 
 def wants_stream(body: bytes) -> bool:
@@ -6589,6 +6629,103 @@ class LoadingStream:
         await self.stop()
         with contextlib.suppress(ConnectionError):  # the client may be gone; the relay notices next
             await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
+
+
+###############################################################################
+# 21. Reload ##################################################################
+###############################################################################
+
+# A changed config file, SIGHUP or /api/config/reload: the file is read and checked first (a
+# bad one changes nothing), then models whose launch settings did not change keep running.
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the config comes from: what a reload reads again and what --watch-config polls."""
+
+    path: str | None
+    directory: str | None
+
+    def load(self, previous: Config | None = None) -> Config:
+        return load_config(self.path, self.directory, previous)
+
+    def snapshot(self) -> tuple:
+        """Cheap fingerprint of the sources: None for a missing file or a dir with no YAML."""
+        return (_file_fingerprint(self.path) if self.path else None,
+                _dir_fingerprint(self.directory) if self.directory else None)
+
+
+def _file_fingerprint(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _dir_fingerprint(directory: str) -> tuple | None:
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith((".yml", ".yaml")))
+    except OSError:
+        return None
+    return tuple((n, _file_fingerprint(os.path.join(directory, n))) for n in names) or None
+
+
+def launch_settings(model: ModelConfig) -> tuple:
+    """What a server was started with: while this is unchanged, a reload keeps it running."""
+    return model.cmd, tuple(model.env), model.proxy, model.check_endpoint, model.cmd_stop
+
+
+WATCH_INTERVAL = 2.0
+
+
+async def watch_config(server: Server) -> None:
+    """Poll the config sources and reload when they change; a file that vanishes is not a change."""
+    last = server.source.snapshot()
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        now = server.source.snapshot()
+        if any(new is not None and new != old for old, new in zip(last, now)):
+            reload_logged(server)
+        last = now
+
+
+def reload_logged(server: Server) -> None:
+    """A reload whose failure is logged, never raised: the running config simply stays."""
+    try:
+        server.reload()
+    except ConfigError:
+        pass  # reload() has logged it
+    except Exception as e:
+        server.log.error(f"failed to reload config: {type(e).__name__}: {e}")
+
+
+def reload_on_signal(server: Server) -> None:
+    server.log.info("received SIGHUP, reloading config")
+    reload_logged(server)
+
+
+###############################################################################
+# 22. HTTP ####################################################################
+###############################################################################
+
+# The application: middlewares, the route table and its handlers. The hot path:
+# request -> model lookup -> scheduler.lease(model) -> relay -> release.
+
+HTTP_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+
+
+@web.middleware
+async def cors_preflight(request: web.Request, handler) -> web.StreamResponse:
+    """Any OPTIONS request is a CORS preflight, answered here for every path, without a key."""
+    if request.method != "OPTIONS":
+        return await handler(request)
+    asked = request.headers.get("Access-Control-Request-Headers")
+    allowed = ", ".join(h.strip() for h in asked.split(",") if HTTP_TOKEN.match(h.strip())) if asked is not None else \
+        "Content-Type, Authorization, Accept, X-Requested-With"
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": allowed, "Access-Control-Max-Age": "86400"})
 
 
 def add_trailing_slash(request: web.BaseRequest, location: str) -> web.Response:
@@ -7562,8 +7699,10 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 12. CLI #####################################################################
+# 23. CLI #####################################################################
 ###############################################################################
+
+# Flags, serve() (bind, start, wait, shut down) and main().
 
 SHUTDOWN_BUDGET = 30.0
 
@@ -7623,35 +7762,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     argv = ["--help" if a in ("-help", "--help") else a for a in normalize_flags(argv)]
     return parser.parse_args(argv)
-
-
-WATCH_INTERVAL = 2.0
-
-
-async def watch_config(server: Server) -> None:
-    """Poll the config sources and reload when they change; a file that vanishes is not a change."""
-    last = server.source.snapshot()
-    while True:
-        await asyncio.sleep(WATCH_INTERVAL)
-        now = server.source.snapshot()
-        if any(new is not None and new != old for old, new in zip(last, now)):
-            reload_logged(server)
-        last = now
-
-
-def reload_logged(server: Server) -> None:
-    """A reload whose failure is logged, never raised: the running config simply stays."""
-    try:
-        server.reload()
-    except ConfigError:
-        pass  # reload() has logged it
-    except Exception as e:
-        server.log.error(f"failed to reload config: {type(e).__name__}: {e}")
-
-
-def reload_on_signal(server: Server) -> None:
-    server.log.info("received SIGHUP, reloading config")
-    reload_logged(server)
 
 
 # aiohttp's parser limits, set on purpose. A browser on localhost sends the cookies of every
