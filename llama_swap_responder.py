@@ -8,6 +8,15 @@ It mimics just enough of llama-server / an OpenAI-compatible server for the
 proxy to start it, health-check it, relay requests to it and stop it.  Only
 the standard library and aiohttp are used.
 
+Contents, in order:
+    1. Output        say(), warn(): lines flushed at once
+    2. Command line  flags, sizes, the pid file and the fake GPU file
+    3. State         what one server counts and records
+    4. Echo          a request described for the "echo" key of a reply
+    5. Replies       per-request controls, completions, embeddings, stream events
+    6. HTTP          the handlers (health, info, echo, streams, websocket), the app
+    7. Lifecycle     signals, the simulated load and crash, serving, main()
+
 Options
 -------
 --port PORT              port to listen on (required)
@@ -135,8 +144,11 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "
               "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
 
 
-# --------------------------------------------------------------------------
-# output helpers
+###############################################################################
+# 1. Output ###################################################################
+###############################################################################
+
+# Lines flushed as they are written: llama-swap reads them while we run.
 
 
 def say(message: str) -> None:
@@ -160,8 +172,12 @@ def make_line_buffered() -> None:
             reconfigure(line_buffering=True)
 
 
-# --------------------------------------------------------------------------
-# command line
+###############################################################################
+# 2. Command line #############################################################
+###############################################################################
+
+# The flags (see the module docstring), and the files they name: the pid file the tests
+# read, and the fake GPU file llama-swap reads through LLAMA_SWAP_FAKE_VRAM.
 
 
 def parse_size(text: str) -> int:
@@ -209,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# -- what others read: the pid file and the fake GPU file ---------------------
+
 def append_pid(path: str | None) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as fh:
@@ -245,8 +263,12 @@ def free_fake_vram(args: argparse.Namespace) -> None:
         update_fake_vram(args.fake_vram_file, {"until": time.time() + args.fake_vram_release})
 
 
-# --------------------------------------------------------------------------
-# shared state
+###############################################################################
+# 3. State ####################################################################
+###############################################################################
+
+# One server's state, shared by its handlers: what it counts (/_responder/info) and
+# records (/_responder/events), and the stop that ends it.
 
 
 @dataclass
@@ -273,8 +295,11 @@ class State:
 STATE = web.AppKey("state", State)
 
 
-# --------------------------------------------------------------------------
-# request inspection ("echo")
+###############################################################################
+# 4. Echo #####################################################################
+###############################################################################
+
+# What a request looked like, as the "echo" key of the reply describes it.
 
 
 def split_raw_path(raw_path: str) -> tuple[str, str]:
@@ -380,8 +405,11 @@ def build_echo(
     }
 
 
-# --------------------------------------------------------------------------
-# reply shapes
+###############################################################################
+# 5. Replies ##################################################################
+###############################################################################
+
+# Per-request controls and the OpenAI-shaped bodies and stream events we answer with.
 
 
 @dataclass
@@ -487,8 +515,12 @@ def stream_events(name: str, echo: dict[str, Any], chunks: int) -> list[str]:
     return [json.dumps(payload) for payload in payloads] + ["[DONE]"]
 
 
-# --------------------------------------------------------------------------
-# handlers
+###############################################################################
+# 6. HTTP #####################################################################
+###############################################################################
+
+# The endpoints of the module docstring; every other path gets the echo reply, streamed
+# when the body asks for it.
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -553,6 +585,8 @@ async def handle_echo(request: web.Request) -> web.StreamResponse:
     reply = embeddings(name, echo) if "embeddings" in echo["path"] else chat_completion(name, echo)
     return web.json_response(reply, status=controls.status)
 
+
+# -- streams ------------------------------------------------------------------
 
 async def send_stream(
     request: web.Request, state: State, echo: dict[str, Any], controls: Controls
@@ -626,6 +660,8 @@ def note_disconnect(state: State, path: str) -> None:
     say(f"client disconnected during stream on {path}")
 
 
+# -- websocket and the application --------------------------------------------
+
 async def handle_websocket(request: web.Request) -> web.WebSocketResponse:
     """GET /ws: a websocket that echoes text as "echo: <text>" and binary as it came."""
     ws = web.WebSocketResponse(protocols=("echo-protocol",))
@@ -651,8 +687,11 @@ def make_app(state: State) -> web.Application:
     return app
 
 
-# --------------------------------------------------------------------------
-# lifecycle
+###############################################################################
+# 7. Lifecycle ################################################################
+###############################################################################
+
+# Signals, the simulated load and crash, serving, --fork-grandchild and main().
 
 
 def install_signal_handlers(state: State) -> None:
@@ -684,6 +723,8 @@ def simulate_crash(state: State) -> None:
     warn(f"error: failed to load model '{state.args.name}': out of memory (simulated)")
     state.request_stop(1)
 
+
+# -- loading ------------------------------------------------------------------
 
 async def wait_for_stop(state: State, timeout: float) -> bool:
     """Wait up to `timeout` seconds; True when a stop was requested meanwhile."""
@@ -728,6 +769,8 @@ async def load_model(state: State) -> bool:
     return not state.stop.is_set()
 
 
+# -- serving ------------------------------------------------------------------
+
 async def serve(args: argparse.Namespace) -> int:
     state = State(args)
     install_signal_handlers(state)
@@ -761,6 +804,8 @@ async def listen(state: State) -> int:
     return state.exit_code
 
 
+# -- --fork-grandchild --------------------------------------------------------
+
 def grandchild_argv(argv: list[str]) -> list[str]:
     rest = [arg for arg in argv if arg != "--fork-grandchild"]
     return [sys.executable, os.path.abspath(__file__), *rest]
@@ -780,6 +825,8 @@ def run_fork_parent(argv: list[str]) -> int:
     code = child.wait()
     return code if code >= 0 else 128 - code
 
+
+# -- main ---------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     make_line_buffered()

@@ -15,7 +15,7 @@ serving. One markdown table row per configuration: upstream starts (from the res
 file), makespan, each request's wait (p50 / p95 / max) and the longest wait for a swap; the
 note printed under the table says what each column means.
 
-llama-swap and the responders are started by the tests' harness (tests/conftest.py), so this
+llama-swap and the responders are started by the tests' harness (tests/helpers.py), so this
 needs the test dependencies (`pip install -e '.[test]'`).
 """
 
@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 from bench_swap import CHAT, TIMEOUT, chat_body, percentile, spawned_at, table, timed_first_byte  # noqa: E402
-from conftest import LlamaSwap, Upstreams  # noqa: E402
+from helpers import LlamaSwap, Upstreams  # noqa: E402
 from soak import stop  # noqa: E402
 from test_load import ProcessWatcher  # noqa: E402
 

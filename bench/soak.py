@@ -6,7 +6,7 @@ Run by hand from anywhere (not part of the pytest suite)::
     python bench/soak.py [--minutes 10] [--clients 50] [--every 10]
 
 The workload is tests/test_load.py's, imported from there (and llama-swap is started by the
-tests' harness, tests/conftest.py): four responder models in two swap groups, g1 {a, b} and
+tests' harness, tests/helpers.py): four responder models in two swap groups, g1 {a, b} and
 g2 {c, d}; each client sends its next chat completion (a random model, about half of them
 streamed, 16 KiB of random text that the answer echoes) as soon as its last one is answered
 and checked. Every --every seconds one line: requests done, errors by kind, swaps (upstream
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import LlamaSwap, Upstreams, wait_until  # noqa: E402
+from helpers import LlamaSwap, Upstreams, wait_until  # noqa: E402
 from test_load import ProcessWatcher, RunningWatcher, Tally, drive, request_plan, rss_kib, swap_groups_config  # noqa: E402
 
 WARM_UP = 120  # as in the test: RSS is compared with what it is after these

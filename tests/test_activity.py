@@ -36,7 +36,7 @@ def parsed(**fields) -> Tokens:
     return Tokens(**{**defaults, **fields})
 
 
-# §6.3 test vectors ###########################################################
+# Token counts and speeds read from answers #######################################
 
 def test_openai_usage_with_cached_prompt_tokens():
     tokens, duration, error = measure_json(
@@ -594,7 +594,7 @@ def test_an_older_store_of_ours_is_mended_for_the_original(tmp_path):
 async def test_requests_of_every_kind_are_recorded_in_a_store_the_original_created(tmp_path, start_llama_swap, upstreams):
     import aiohttp
 
-    from conftest import chat
+    from helpers import chat
 
     path = original_store(tmp_path / "activity.db")
     far = start_llama_swap({"healthCheckTimeout": 15, "models": {"far": {"cmd": upstreams.cmd(name="far")}}})

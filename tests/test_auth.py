@@ -1,7 +1,8 @@
 """API keys and the adminKeys extension, through a real llama-swap.
 
-`apiKeys` guards every route marked "key" in §4.1; `/health`, `/wol-health`, `/` and unknown
-paths stay open. The key is the Basic password, else the Bearer token, else `x-api-key`.
+`apiKeys` guards the model routes and the admin API; `/health`, `/wol-health`, `/`, the
+`/upstream` list and unknown paths stay open. The key is the Basic password, else the Bearer
+token, else `x-api-key`.
 With `adminKeys` (llama-swap-py extension), the admin surface (/running, unload, reload, ...)
 takes only admin keys, while keys from `apiKeys` are for the model routes alone; an admin
 key works everywhere.

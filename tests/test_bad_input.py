@@ -5,9 +5,9 @@ server goes on serving.
 Covered: bodies no model can be read from (malformed, truncated and non-object JSON, non-UTF-8,
 NUL bytes, undecodable gzip), broken multipart forms, model names with control characters or
 path separators, forged log lines through anything a client sends, header values that are not
-UTF-8, a client leaving the event stream, chunked uploads past maxRequestBodyMB, gzip-encoded
-request bodies, path traversal and open redirects under /ui/ and /upstream/, oversized request
-lines and headers, and HTTP/1.1 request smuggling.
+UTF-8, a client leaving the event stream, bodies past maxRequestBodyMB (chunked or not),
+gzip-encoded request bodies, path traversal and open redirects under /ui/ and /upstream/,
+oversized request lines and headers, and HTTP/1.1 request smuggling.
 
 Every test runs a real llama-swap in front of a real `llama_swap_responder.py` upstream; the
 framing tests write exact bytes to a raw socket, so no client library tidies them first.
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from conftest import ROOT, chat, eventually, running
+from helpers import ROOT, chat, eventually, running
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 NO_MODEL = "no model id could be identified"
@@ -421,6 +421,20 @@ async def test_chunked_uploads_past_max_request_body_get_a_413_envelope(start_ll
             assert r.status == 200, await r.text()  # a chunked body under the limit goes through
             assert (await r.json())["echo"]["body_len"] == len(CHUNKED_HEAD) + 8 * PIECE + len(CHUNKED_TAIL)
         assert_no_traceback(await settled_output(s, ls))
+
+
+async def test_a_body_past_max_request_body_gets_a_413_envelope_and_nothing_starts(start_llama_swap, upstreams):
+    ls = start_llama_swap({"maxRequestBodyMB": 1, "healthCheckTimeout": 15,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    huge = b'{"model":"m","prompt":"' + b"x" * (2 * 1024 * 1024) + b'"}'
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/completions", data=huge, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413
+            body = await r.json()
+        assert body["error"]["message"] == "request body too large: the limit is 1 MB (maxRequestBodyMB)"
+        assert upstreams.alive() == []  # refused before any model was started
+        async with s.post(ls.url + "/v1/completions", json={"model": "m", "prompt": "small"}) as r:
+            assert r.status == 200  # and the server goes on
 
 
 # -- path traversal and redirects -----------------------------------------------------------------

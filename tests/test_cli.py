@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ServerProcess, free_port
+from helpers import ROOT, ServerProcess, free_port
 
 PY = sys.executable
 SCRIPT = shutil.which("llama-swap")
@@ -275,7 +275,7 @@ def test_sigint_shuts_down_cleanly_with_exit_0(launcher, tmp_path, servers):
 
 def test_sigint_stops_a_loaded_upstream(start_llama_swap, upstreams):
     """Ctrl-C with a model running: the upstream is stopped before llama-swap exits 0."""
-    from conftest import pid_alive
+    from helpers import pid_alive
 
     ls = start_llama_swap({"healthCheckTimeout": 30, "startPort": free_port(),
                            "models": {"m": {"cmd": upstreams.cmd(name="m")}}})

@@ -1,11 +1,11 @@
 """Config validation, macros, defaults, warnings and --config-dir merging, table-driven.
 
-Every error the original's loader names in §2.3–2.16 has a case here. Errors are checked with
+Every error the original's (Go llama-swap's) config loader reports has a case here. Errors are checked with
 `in`: the key path our message starts with, and the original's wording (the key phrase), so a
 clearer message is fine as long as it still says what the original says. Positive cases pin
 down macro expansion, ${PORT} assignment, aliases, preload cleanup and the defaults of every
 top-level key. The last sections run the CLI (`--check-config`, `--config-dir`) and a real
-llama-swap to see typed macro values and §5.1 rendering in `/v1/models`.
+llama-swap to see typed macro values and the model records that `/v1/models` renders.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
-from conftest import ROOT, ServerProcess, chat, free_port, running
+from helpers import ROOT, ServerProcess, chat, free_port, running
 from llama_swap import ConfigError, load_config, parse_config
 
 PY = sys.executable
@@ -1130,6 +1131,19 @@ def test_check_config_and_strict_refuse_models_that_cannot_start(tmp_path):
     assert "not starting: --strict" in started.stderr and "listening" not in started.stdout
 
 
+def test_check_config_rejects_a_cmd_that_splits_to_nothing(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": {"cmd": "\\", "proxy": "http://127.0.0.1:9"}}}))
+    result = subprocess.run([PY, "-m", "llama_swap", "--config", str(path), "--check-config"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "models.m.cmd" in lines[0], output
+
+
 async def test_a_config_the_original_runs_starts_and_its_broken_models_answer_why(start_llama_swap, upstreams):
     # The original loads these and fails only the model, when it is asked for: so do we, without
     # stopping what runs for a start that cannot happen.
@@ -1171,7 +1185,7 @@ def test_config_dir_alone_starts_the_server(tmp_path):
         server.kill()
 
 
-# -- 16. typed macros and §5.1 rendering in /v1/models ---------------------------------------------------
+# -- 16. typed macros and the model records of /v1/models --------------------------------------------------
 
 
 RECORD_FIELDS = ["id", "object", "created", "owned_by", "name", "description", "architecture", "capabilities",

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import PY, ROOT, ServerProcess, chat, free_port, free_port_block, running
+from helpers import PY, ROOT, ServerProcess, chat, free_port, free_port_block, running
 
 # Building the .pyz or the wheel downloads from the package index: on a loaded machine that takes
 # minutes, far beyond pyproject's 120 s per test, which pytest-timeout also charges for the setup

@@ -23,7 +23,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from conftest import assert_envelope, chat, eventually, free_port_block, pid_alive, running
+from helpers import assert_envelope, chat, eventually, free_port_block, pid_alive, running
 
 HEALTH_TIMEOUT = 15
 START_BOUND = 20.0  # seconds a cold responder may take to become ready on a slow machine

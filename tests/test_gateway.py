@@ -1,4 +1,5 @@
-"""Gateway features (§4.4 filters, §4.8 peers), checked on what the upstream really received."""
+"""Gateway features (`filters` that edit request bodies, `peers` that serve models from other
+servers), checked on what the upstream really received."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import aiohttp
 import pytest
 
-from conftest import PY, RESPONDER, LlamaSwap, chat, free_port, free_port_block, wait_until
+from helpers import PY, RESPONDER, LlamaSwap, chat, free_port, free_port_block, wait_until
 from llama_swap import apply_filters, json_delete, json_set, parse_config
 
 

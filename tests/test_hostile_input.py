@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from conftest import PY, ROOT, LoopProber, free_port, wait_until
+from helpers import PY, ROOT, LoopProber, free_port, wait_until
 
 TIMEOUT = aiohttp.ClientTimeout(total=300)
 MB = 1024 * 1024

@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from conftest import eventually, free_port
+from helpers import eventually, free_port
 
 
 async def inflight(session: aiohttp.ClientSession, ls) -> list[dict]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import re
 import signal
 import time
 
@@ -19,11 +21,12 @@ import aiohttp
 import openai
 import pytest
 
-from conftest import assert_envelope, chat, eventually, pid_alive, running
+from helpers import assert_envelope, chat, eventually, pid_alive, running
 
 HEALTH_TIMEOUT = 15  # the minimum healthCheckTimeout; every config uses it
 START_BOUND = 20.0  # seconds a cold responder may take to become ready on a slow machine
 STOP_BOUND = 10.0  # a loose upper bound for stops that should be prompt
+TIMEOUT = aiohttp.ClientTimeout(total=90)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -81,6 +84,42 @@ def openai_client(ls) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+async def upstream_pid(session: aiohttp.ClientSession, ls, model: str) -> int:
+    async with session.get(f"{ls.url}/upstream/{model}/_responder/info") as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["pid"]
+
+
+def pids_running(*argv: str) -> list[int]:
+    """Live processes whose command line is exactly `argv` (zombies excluded)."""
+    want = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if cmdline == want and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def unique_sleep() -> str:
+    """A `sleep` duration no other test (or parallel run) uses, so its process can be found."""
+    return str(random.randrange(3000, 9000))
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 # --------------------------------------------------------------------------- swapping
 
 
@@ -134,7 +173,7 @@ async def test_cold_requests_a_b_a_b_are_collated_into_one_start_per_model(start
 
 
 async def test_concurrent_requests_for_a_cold_model_share_one_start(start_llama_swap, upstreams):
-    # concurrencyLimit is raised so that the default admission limit of 10 (spec §4.6) does not apply.
+    # concurrencyLimit is raised so that the default admission limit of 10 requests per model does not apply.
     ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"), "concurrencyLimit": 50}}))
     client = openai_client(ls)
     try:
@@ -265,6 +304,62 @@ async def test_unload_during_start_fails_the_waiting_request_and_kills_the_proce
         assert await running(s, ls) == []
 
 
+async def test_unloading_the_target_of_a_swap_while_it_evicts_then_asking_again_starts_it(start_llama_swap, upstreams):
+    ls = start_llama_swap(config({
+        "a": {"cmd": upstreams.cmd("--sigterm-delay", "1.5", name="a")},
+        "b": {"cmd": upstreams.cmd(name="b")},
+    }))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        status, reply = await chat(s, ls, "a")
+        assert status == 200 and reply["model"] == "a", reply
+        a_pid = await upstream_pid(s, ls, "a")
+
+        waiting = asyncio.create_task(chat(s, ls, "b"))  # evicts a, which takes 1.5 s to stop
+
+        async def a_stopping() -> bool:
+            return (await running_models(s, ls)).get("a") == "stopping"
+
+        assert await eventually(a_stopping, 10), await running_models(s, ls)
+        async with s.post(ls.url + "/api/models/unload/b") as r:
+            assert r.status == 200, await r.text()
+
+        status, body = await asyncio.wait_for(waiting, 30)
+        assert_envelope(status, body, "unspecific error: group: model unloaded")
+
+        status, reply = await asyncio.wait_for(chat(s, ls, "b"), 30)
+        assert status == 200, reply
+        assert reply["model"] == "b"
+        assert not pid_alive(a_pid)
+        assert await running_models(s, ls) == {"b": "ready"}
+
+
+@pytest.mark.parametrize("cmd, program", [
+    ("/nonexistent/binary --port ${PORT}", "/nonexistent/binary"),  # exec fails: OSError
+    ("/bin/echo a\x00b --port ${PORT}", "/bin/echo"),  # an argument with a NUL byte: ValueError
+], ids=["missing-binary", "nul-byte"])
+async def test_a_command_that_cannot_be_started_is_a_clear_error_every_time(start_llama_swap, upstreams, cmd, program):
+    ls = start_llama_swap(config({"m": {"cmd": cmd}}))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for attempt in range(2):
+            status, body = await asyncio.wait_for(chat(s, ls, "m"), 30)
+            message = assert_envelope(status, body, "unspecific error: failed to start command")
+            assert program in message, (attempt, message)
+        assert await running(s, ls) == []
+
+
+async def test_a_failed_start_quotes_only_the_output_of_that_run(start_llama_swap, upstreams):
+    ls = start_llama_swap(config({"m": {"cmd": "sh -c 'echo RUN-$$-MARK; exit 1'", "proxy": "http://127.0.0.1:9"}}))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        runs = []
+        for _ in range(2):
+            status, body = await asyncio.wait_for(chat(s, ls, "m"), 30)
+            message = assert_envelope(status, body, "unspecific error: upstream command exited prematurely")
+            marks = re.findall(r"RUN-\d+-MARK", message)
+            assert len(marks) == 1, message
+            runs.append(marks[0])
+        assert runs[0] != runs[1], runs
+
+
 # --------------------------------------------------------------------------- stopping
 
 
@@ -317,6 +412,57 @@ async def test_unload_reaps_a_grandchild_left_behind_by_its_parent(start_llama_s
     assert "SIGKILL" not in ls.output()
 
 
+async def test_a_child_that_ignores_sigterm_while_the_leader_exits_is_killed_after_unload_timeout(
+        start_llama_swap, upstreams):
+    duration = unique_sleep()
+    # `trap "" TERM` is inherited by the background sleep; the responder installs its own handler.
+    cmd = f"sh -c 'trap \"\" TERM; sleep {duration} & exec {upstreams.cmd(name='m')}'"
+    ls = start_llama_swap(config({"m": {"cmd": cmd, "unloadTimeout": 1}}))
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            status, reply = await chat(s, ls, "m")
+            assert status == 200, reply
+            pid = await upstream_pid(s, ls, "m")
+            assert len(pids_running("sleep", duration)) == 1
+            began = time.monotonic()
+            async with s.post(ls.url + "/api/models/unload/m") as r:
+                assert r.status == 200, await r.text()
+            elapsed = time.monotonic() - began
+            assert elapsed >= 0.9, f"the stubborn child must get its 1 s graceful window ({elapsed:.2f}s)"
+            assert elapsed < 8, f"unload took {elapsed:.2f}s with unloadTimeout 1"
+            assert not pid_alive(pid)
+            assert not pids_running("sleep", duration), "the child that ignored SIGTERM must be SIGKILLed"
+            assert await running(s, ls) == []
+    finally:
+        kill_all(pids_running("sleep", duration))
+
+
+async def test_a_hanging_cmd_stop_shares_one_deadline_with_the_stop_and_is_killed_too(
+        start_llama_swap, upstreams, tmp_path):
+    duration = unique_sleep()
+    marker = tmp_path / "stop-env"
+    stop = f"sh -c 'echo $STOP_MARK > {marker}; sleep {duration}'"
+    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "cmdStop": stop, "unloadTimeout": 2,
+                                        "env": ["STOP_MARK=from-model-env"]}}))
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            status, reply = await chat(s, ls, "m")
+            assert status == 200, reply
+            pid = await upstream_pid(s, ls, "m")
+            began = time.monotonic()
+            async with s.post(ls.url + "/api/models/unload/m") as r:
+                assert r.status == 200, await r.text()
+            elapsed = time.monotonic() - began
+            assert elapsed >= 1.9, f"the graceful window is unloadTimeout (2 s), got {elapsed:.2f}s"
+            assert elapsed < 10, f"unload took {elapsed:.2f}s with unloadTimeout 2"
+            assert not pid_alive(pid), "the server must be SIGKILLed once the window is over"
+            assert await eventually(lambda: not pids_running("sleep", duration), 3), \
+                "the stop command must not outlive the stop"
+            assert marker.read_text().strip() == "from-model-env", "cmdStop runs with the model's env"
+    finally:
+        kill_all(pids_running("sleep", duration))
+
+
 async def test_a_crashed_model_is_started_again_by_the_next_request(start_llama_swap, upstreams):
     ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}}))
     client = openai_client(ls)
@@ -338,6 +484,36 @@ async def test_a_crashed_model_is_started_again_by_the_next_request(start_llama_
     pids = upstreams.pids()
     assert len(pids) == 2 and pids[0] == first, pids
     assert pid_alive(pids[1])
+
+
+async def test_a_crash_is_noticed_while_a_grandchild_keeps_the_output_open(start_llama_swap, upstreams):
+    duration = unique_sleep()
+    cmd = f"sh -c 'sleep {duration} & exec {upstreams.cmd(name='m')}'"
+    ls = start_llama_swap(config({"m": {"cmd": cmd}}))
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            status, reply = await chat(s, ls, "m")
+            assert status == 200 and reply["model"] == "m", reply
+            pid = await upstream_pid(s, ls, "m")
+            first_sleeps = pids_running("sleep", duration)
+            assert len(first_sleeps) == 1, first_sleeps
+
+            os.kill(pid, signal.SIGKILL)
+
+            async def nothing_running() -> bool:
+                return await running(s, ls) == []
+
+            assert await eventually(nothing_running, 10), f"crash not noticed: {await running(s, ls)}"
+            status, reply = await asyncio.wait_for(chat(s, ls, "m"), 30)
+            assert status == 200 and reply["model"] == "m", reply
+            new_pid = await upstream_pid(s, ls, "m")
+            assert new_pid != pid
+            assert await running_models(s, ls) == {"m": "ready"}
+        assert ls.stop() == 0
+        assert await eventually(lambda: not pids_running("sleep", duration), 5), \
+            f"sleep {duration} left running: {pids_running('sleep', duration)}"
+    finally:
+        kill_all(pids_running("sleep", duration))
 
 
 # --------------------------------------------------------------------------- shutdown

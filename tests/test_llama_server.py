@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from conftest import eventually, running
+from helpers import eventually, running
 from llama_server import binary, tiny_model
 
 pytestmark = pytest.mark.skipif(binary() is None, reason="llama-server is not built: python tests/llama_server.py --build")

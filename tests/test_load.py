@@ -41,7 +41,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from conftest import eventually, free_port, free_port_block, pid_alive
+from helpers import eventually, free_port, free_port_block, pid_alive
 from llama_swap import STOPPED, ProxyLog, Server, parse_config
 
 MODELS = {"a": "g1", "b": "g1", "c": "g2", "d": "g2"}

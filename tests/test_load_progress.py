@@ -18,7 +18,7 @@ import re
 import aiohttp
 import pytest
 
-from conftest import eventually
+from helpers import eventually
 from llama_swap import LoadProgress, load_eta
 from test_logs_events import watching_events
 

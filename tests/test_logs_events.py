@@ -1,5 +1,5 @@
 """Watching llama-swap: /logs, /logs/stream[/<id>], /api/events, and the log
-wiring behind them (§7: monitors, logToStdout, logTimeFormat, slow readers).
+wiring behind them (log monitors, logToStdout, logTimeFormat, slow readers).
 
 Streams are read as `curl -N` reads them: by a task that takes each chunk as it arrives.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-import conftest
-from conftest import LlamaSwap, chat, eventually, wait_until
+import helpers
+from helpers import LlamaSwap, chat, eventually, wait_until
 from llama_swap import LogStream
 
 TEXT_PLAIN = "text/plain"
@@ -51,7 +51,7 @@ class QuietLlamaSwap(LlamaSwap):
 @pytest.fixture
 def start_quiet_llama_swap(start_llama_swap, monkeypatch):
     """start_llama_swap (same teardown checks) for configs that print nothing to stdout."""
-    monkeypatch.setattr(conftest, "LlamaSwap", QuietLlamaSwap)
+    monkeypatch.setattr(helpers, "LlamaSwap", QuietLlamaSwap)
     return start_llama_swap
 
 

@@ -12,7 +12,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LlamaSwap, chat, eventually, free_port
+from helpers import LlamaSwap, chat, eventually, free_port
 
 
 async def activity(session: aiohttp.ClientSession, ls, query: str = "") -> dict:

@@ -13,7 +13,7 @@ import sys
 import aiohttp
 import pytest
 
-from conftest import PY, LlamaSwap, chat, pid_alive, wait_until
+from helpers import PY, LlamaSwap, chat, pid_alive, wait_until
 from llama_swap import group_record_path
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

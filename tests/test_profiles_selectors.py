@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 
-from conftest import chat
+from helpers import chat
 
 
 async def put_profile(session: aiohttp.ClientSession, ls, body) -> tuple[int, dict]:

@@ -1,7 +1,8 @@
 """Relaying requests and answers through llama-swap, and its own small endpoints.
 
-Spec: §4.1 endpoints, §4.3 model extraction, §4.4 rewriting, §4.11 errors, §5.1 /v1/models,
-§5.2 /running, §5.3 unload, §5.9 /upstream passthrough, §6.1 relaying.
+Covered: the endpoints, finding the model a request names, rewriting the body (useModelName,
+aliases), error envelopes, /v1/models, /running, unload, /upstream passthrough, and relaying
+answers (streamed or not) byte for byte.
 
 Every test runs a real llama-swap subprocess in front of real `llama_swap_responder.py` upstreams;
 the responder echoes what it received under an `echo` key, so the tests can compare the bytes
@@ -20,7 +21,7 @@ import aiohttp
 import openai
 from yarl import URL
 
-from conftest import free_port_block, pid_alive, wait_until
+from helpers import free_port_block, pid_alive, wait_until
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
@@ -514,6 +515,23 @@ async def test_upstream_root_page_loads_the_model(start_llama_swap, upstreams):
         assert [(e["model"], e["state"]) for e in await running(s, ls.url)] == [("a", "ready")]
 
 
+async def test_head_through_upstream_keeps_the_upstream_content_length(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, {"a": {}}))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.get(ls.url + "/upstream/a/") as r:
+            assert r.status == 200
+            page = await r.read()
+        port = await upstream_port(s, ls.url, "a")
+        async with s.head(f"http://127.0.0.1:{port}/", allow_redirects=False) as direct:
+            assert direct.status == 200
+            expected = direct.headers.get("Content-Length")
+        assert expected == str(len(page))
+        async with s.head(ls.url + "/upstream/a/", allow_redirects=False) as proxied:
+            assert proxied.status == 200
+            assert proxied.headers.get("Content-Length") == expected, dict(proxied.headers)
+            assert await proxied.read() == b""
+
+
 # -- 11. /v1/models, /running, /health, /, unload ----------------------------------------------
 
 
@@ -660,3 +678,27 @@ async def test_hop_by_hop_headers_are_dropped_and_forwarded_for_is_set(start_lla
     assert status == 200, raw
     seen = {k.lower(): v for k, v in json.loads(raw)["echo"]["headers"].items()}
     assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+
+
+# -- 14. the model after a big messages array ------------------------------------------------------
+
+
+async def test_model_after_a_12_mb_messages_array_is_found_quickly(start_llama_swap, upstreams):
+    ls = start_llama_swap(config(upstreams, {"a": {}, "b": {}}))
+    blob = (b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0MTIzNDU2Nzg5K/=" * 250_000)[:12 * 1024 * 1024].decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + blob}}]},
+                {"role": "assistant", "content": "a \"quoted\" {brace} [bracket] \\ model"}]
+    body = json.dumps({"messages": messages, "model": "b", "max_tokens": 5}).encode()
+    assert len(body) > 12 * 1024 * 1024
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        began = time.monotonic()
+        async with s.post(ls.url + "/v1/chat/completions", data=body,
+                          headers={"Content-Type": "application/json"}) as r:
+            status = r.status
+            reply = json.loads(await r.read())
+        elapsed = time.monotonic() - began
+    assert status == 200, str(reply)[:1000]
+    assert reply["model"] == "b"
+    assert reply["echo"]["body_len"] == len(body)
+    assert elapsed < 20, f"a 12 MB request took {elapsed:.1f}s"

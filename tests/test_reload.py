@@ -1,4 +1,5 @@
-"""Config reload (§8, done better): validate first, keep what did not change, drain what did.
+"""Config reload, done better than the original (which stops every model): validate first, keep
+what did not change, drain what did.
 
 Each test runs a real llama-swap, edits its config file and reloads it through
 POST /api/config/reload, SIGHUP or --watch-config, then checks pids and answers.
@@ -13,7 +14,15 @@ import signal
 import aiohttp
 import yaml
 
-from conftest import chat, eventually, free_port_block, pid_alive
+from helpers import chat, eventually, free_port_block, pid_alive, running
+
+HEALTH_TIMEOUT = 15  # the minimum healthCheckTimeout: the graceful window of an eviction
+TIMEOUT = aiohttp.ClientTimeout(total=90)
+
+
+def config(models: dict[str, dict], **top) -> dict:
+    """No `groups` key: every model is in the default group (exclusive, swap: one at a time)."""
+    return {"healthCheckTimeout": HEALTH_TIMEOUT, **top, "models": models}
 
 
 def write(ls, config: dict) -> None:
@@ -28,6 +37,10 @@ async def reload(session: aiohttp.ClientSession, ls) -> tuple[int, dict]:
 async def upstream_pid(session: aiohttp.ClientSession, ls, model: str) -> int:
     async with session.get(f"{ls.url}/upstream/{model}/_responder/info") as r:
         return (await r.json())["pid"]
+
+
+async def running_models(session: aiohttp.ClientSession, ls) -> dict[str, str]:
+    return {entry["model"]: entry["state"] for entry in await running(session, ls)}
 
 
 def base_config(upstreams, **models) -> dict:
@@ -138,6 +151,69 @@ async def test_a_removed_model_finishes_its_requests_then_stops(start_llama_swap
 
         assert await eventually(b_gone, 15)
         assert await eventually(nothing_running, 5)  # the stop is done once its output is read too
+
+
+async def test_reload_removing_a_streaming_model_in_the_default_group_drains_it_then_serves_the_next(
+        start_llama_swap, upstreams):
+    cfg = config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}})
+    ls = start_llama_swap(cfg)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        body = {"model": "b", "stream": True, "responder_chunks": 30, "responder_delay": 0.1}
+        async with s.post(ls.url + "/v1/chat/completions", json=body) as stream:
+            assert stream.status == 200
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+            b_pid = upstreams.pids()[0]
+            # Sent before the reload: it waits for b's stream, since a would evict b.
+            queued = asyncio.create_task(chat(s, ls, "a"))
+            await asyncio.sleep(0.3)
+            assert not queued.done(), "a must wait while b is serving a stream"
+
+            del cfg["models"]["b"]
+            write(ls, cfg)
+            status, changes = await reload(s, ls)
+            assert status == 200, changes
+            assert changes["models"]["removed"] == ["b"], changes
+
+            later = asyncio.create_task(chat(s, ls, "a"))  # sent after the reload, while b still streams
+            rest = await stream.read()
+        assert rest.rstrip().endswith(b"data: [DONE]"), rest[-300:]
+        assert rest.count(b'"content": "tok') == 29, "every remaining chunk of b's stream must arrive"
+
+        status, reply = await asyncio.wait_for(queued, 30)
+        assert status == 200 and reply["model"] == "a", reply
+        status, reply = await asyncio.wait_for(later, 30)
+        assert status == 200 and reply["model"] == "a", reply
+
+        assert not pid_alive(b_pid), "b must be stopped before a is started (one model at a time)"
+        assert await running_models(s, ls) == {"a": "ready"}
+
+
+async def test_unload_all_while_a_removed_model_is_still_draining_returns_200(start_llama_swap, upstreams):
+    cfg = config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}})
+    ls = start_llama_swap(cfg)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        body = {"model": "b", "stream": True, "responder_chunks": 40, "responder_delay": 0.1}
+        async with s.post(ls.url + "/v1/chat/completions", json=body) as stream:
+            assert (await stream.content.readline()).startswith(b"data: ")
+            b_pid = upstreams.pids()[0]
+            del cfg["models"]["b"]
+            write(ls, cfg)
+            status, changes = await reload(s, ls)
+            assert status == 200 and changes["models"]["removed"] == ["b"], changes
+
+            async with s.post(ls.url + "/api/models/unload") as r:
+                text = await r.text()
+                assert r.status == 200, text
+                assert json.loads(text) == {"msg": "ok"}
+            try:  # the unload stops b at once: its stream is cut (or had just finished)
+                await stream.read()
+            except aiohttp.ClientError:
+                pass
+        assert await eventually(lambda: not pid_alive(b_pid), 10)
+        assert await running(s, ls) == []
+        status, reply = await chat(s, ls, "a")
+        assert status == 200 and reply["model"] == "a", reply
 
 
 async def test_sighup_reloads_the_config(start_llama_swap, upstreams):

@@ -1,5 +1,5 @@
 """Routing: the matrix DSL and its solver, group eviction rules, the fifo scheduler, the
-concurrency limit, TTL unloads and startup preloading (spec §2.11, §2.12, §3.6, §4.6).
+concurrency limit, TTL unloads and startup preloading.
 
 The first half is pure: configs are parsed with `parse_config` and the swap policies are asked
 directly. The scheduler is driven with in-memory processes (the FakeProcess pattern of
@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import chat, eventually, make_scheduler, pid_alive
+from helpers import chat, eventually, make_scheduler, pid_alive
 from llama_swap import (READY, STARTING, STOPPED, ConcurrencyLimited, Group, GroupPolicy, MatrixPolicy, Scheduler,
                         SchedulerError, Ticket, parse_config)
 
@@ -268,7 +268,7 @@ BOOLS = (True, False)
 @pytest.mark.parametrize("g_swap, g_exclusive, g_persistent", list(itertools.product(BOOLS, BOOLS, BOOLS)))
 @pytest.mark.parametrize("h_swap, h_exclusive, h_persistent", list(itertools.product(BOOLS, BOOLS, BOOLS)))
 def test_group_eviction_for_every_flag_combination(g_swap, g_exclusive, g_persistent, h_swap, h_exclusive, h_persistent):
-    """§2.12.1: a same-group member goes iff the target's group swaps; another group's member
+    """The group eviction rule: a same-group member goes iff the target's group swaps; another group's member
     goes iff the target's group is exclusive and the other group is not persistent. Nothing else
     (the other group's swap/exclusive, the target group's persistent) matters."""
     policy = GroupPolicy([

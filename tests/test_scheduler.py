@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from conftest import make_scheduler, one_at_a_time
+from helpers import make_scheduler, one_at_a_time
 from llama_swap import READY, Group, GroupPolicy, Scheduler, SchedulerError
 
 

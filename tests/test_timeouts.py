@@ -7,7 +7,7 @@ import socket
 import aiohttp
 import pytest
 
-from conftest import eventually, free_port
+from helpers import eventually, free_port
 from llama_swap import Timeouts, keepalive_socket
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
-from conftest import chat, eventually, running
+from helpers import chat, eventually, running
 
 UI = Path(__file__).resolve().parent.parent / "ui_assets"
 

@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PY, RESPONDER, chat, eventually, running
+from helpers import PY, RESPONDER, chat, eventually, running
 from llama_swap import (ConfigError, GpuMemory, VramBook, VramReading, init_nvml, parse_config, parse_rfc3339,
                         parse_size, shutdown_nvml, spread, vram_evictions)
 
