@@ -5,19 +5,40 @@ upstream server configured for it (llama-server, vLLM, whisper, ...), stop whate
 make room, wait until it is healthy and relay the request and its streamed answer
 untouched. A drop-in for the Go llama-swap: same config file, same endpoints, same JSON.
 
-Contents, in dependency order:
-    1. Config        the YAML file -> Config / ModelConfig, errors that name file and key
-    2. Logging       ProxyLog and LogMonitors: history rings, live readers, logToStdout
-    3. Processes     ModelProcess: spawn in its own process group, health, stop the group
-    4. Swap policy   GroupPolicy: which running models must stop so a target may run
-    5. Scheduler     the one owner of swap decisions: grant, join, queue, swap
-    6. Virtual models profiles' pins and selectors: names that stand for other models
-    7. Requests      finding and rewriting `model` in a body without re-encoding it
-    8. In-flight     Exchange: one request on its way, listed and cancellable
-    9. Relay         bytes from upstream to client, chunk by chunk
-   10. Watching      activity rows (tokens, speeds), captures, per-model metrics
-   11. HTTP          error envelopes, handlers, the application
-   12. CLI           flags, serve(), signals, main()
+Contents, in dependency order (each section opens with its concept and rules):
+    1. Helpers            Go's formats of values, durations and times; sizes; Named enums
+    2. Config: shapes     Config, ModelConfig, Routing, ...: plain data; ConfigError
+    3. Config: the file   YAML -> Config in three passes: files, macros, values
+    4. Config: parts      models, routing (groups, matrix DSL, vram), peers, selectors, profiles
+    5. Logging            ProxyLog: history rings, live readers, stdout that never blocks us
+    6. Process groups     GroupRecord and its watcher: no model server outlives us
+    7. Model processes    ModelProcess: spawn, health, load progress, stop; launch_settings
+    8. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
+    9. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
+   10. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
+   11. Virtual models     profiles' pins and selectors: names that stand for other models
+   12. Request bodies     finding and rewriting `model` without decoding the rest
+   13. In-flight          Exchange and InFlight: one request on its way, cancellable
+   14. Relay              bytes from upstream to client, chunk by chunk; websockets
+   15. Activity: answers  tokens, speeds and errors read from a finished answer
+   16. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
+   17. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
+   18. Metrics            /metrics in Prometheus text
+   19. API answers        OpenAI error envelopes, model records, key/origin/host checks
+   20. Events             /api/events fan-out; the stream sent while a model loads
+   21. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
+   22. Reload             ConfigSource, reload(), --watch-config and SIGHUP
+   23. HTTP               Server: route table, middlewares, handlers, the hot path
+   24. CLI                flags, serve() (bind, start, wait, shut down), main()
+
+How a request travels: the middlewares (access log, CORS, clean path, watch, errors, guard,
+keys) hand it to Server.handle_model, which reads the body (Server.read_body), finds its model
+(request_model, off the event loop for big bodies), resolves pins and selectors
+(VirtualModels), rewrites the body for the upstream (Server.for_upstream), and asks the
+Scheduler for the model (Scheduler.lease: granted at once, joined to a start, or queued for a
+swap decided by the SwapPolicy). Once granted, Server.relay_local relays it (relay: bytes as
+they come) and the lease's end releases the model. After the answer, the `watch` middleware
+hands the Exchange to Metrics and Activity, which writes its row off the event loop.
 """
 
 from __future__ import annotations
@@ -39,6 +60,7 @@ import dataclasses
 import decimal
 import datetime
 import difflib
+import enum
 import errno
 import functools
 import gzip
@@ -74,7 +96,7 @@ import weakref
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
 
 import aiohttp
 import multidict
@@ -89,6 +111,16 @@ from yarl import URL
 
 # Small things used everywhere: Go's ways of writing values, durations and times (the JSON,
 # logs and metrics the original's users parse), sizes, and reading a small file whole.
+
+
+class Named(str, enum.Enum):
+    """An enum whose members are plain strings wherever they go: JSON, logs, f-strings, dict keys."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 def go_format(value: Any) -> str:
@@ -385,11 +417,19 @@ class Matrix:
     combinations: dict[str, list[frozenset[str]]]  # set name -> its model sets, in solver order
 
 
+class Router(Named):
+    """routing.router.use: which rules decide what stops so that a model may run."""
+
+    GROUP = "group"
+    MATRIX = "matrix"
+    VRAM = "vram"
+
+
 @dataclass
 class Routing:
     """Which swap rules apply (groups or matrix) and the scheduler's priorities."""
 
-    router: str = "group"
+    router: Router = Router.GROUP
     groups: list[Group] = field(default_factory=list)
     matrix: Matrix | None = None
     priority: dict[str, int] = field(default_factory=dict)
@@ -1273,17 +1313,17 @@ def read_routing(top: ConfigReader, config: Config) -> Routing:
         raise ConfigError("config cannot use both 'groups' and 'matrix'")
     routing = Routing()
     if legacy_matrix is not None:
-        routing.router, routing.matrix = "matrix", read_matrix(top.mapping("matrix"), config)
+        routing.router, routing.matrix = Router.MATRIX, read_matrix(top.mapping("matrix"), config)
     elif use == "matrix":
         if "matrix" not in settings.data:
             raise ConfigError("routing.router.use is 'matrix' but routing.router.settings.matrix is not set")
-        routing.router, routing.matrix = "matrix", read_matrix(settings.mapping("matrix"), config)
+        routing.router, routing.matrix = Router.MATRIX, read_matrix(settings.mapping("matrix"), config)
     elif use in ("", "group"):
         groups_node = top.mapping("groups") if legacy_groups else settings.mapping("groups")
         routing.groups = read_groups(groups_node, config)
         settings.asked.add("matrix")
     elif use == "vram":
-        routing.router = "vram"
+        routing.router = Router.VRAM
         vram = settings.mapping("vram")
         routing.vram_reserve = read_sizes(vram, "reserve")
         routing.vram_release_wait = vram.integer("releaseWait", 30)
@@ -1571,11 +1611,11 @@ def check_spillover_targets(path: str, targets: list[str], config: Config) -> No
     local = [m for m in resolved if m in config.models]
     if len(local) < 2:
         return
-    if config.routing.router == "matrix":
+    if config.routing.router is Router.MATRIX:
         if not any(set(local) <= combo for combos in config.routing.matrix.combinations.values() for combo in combos):
             raise ConfigError(f"{path}.targets must all appear together in one expanded matrix set")
         return
-    if config.routing.router == "vram":
+    if config.routing.router is Router.VRAM:
         return  # whether they fit together is known only once they are measured
     group_of = {m: g for g in config.routing.groups for m in g.members}
     named = [group_of[m] for m in local]
@@ -1895,6 +1935,10 @@ class ProxyLog:
         self.proxy = LogMonitor(self.mux.write if to_stdout in ("proxy", "both") else None)
         self.upstream = LogMonitor(self.mux.write if to_stdout in ("upstream", "both") else None)
 
+    def configure(self, config: Config) -> None:
+        self.level = LEVELS[config.log_level]
+        self.time_format = config.log_time_format
+
     def log(self, level: str, message: str) -> None:
         if LEVELS[level] < self.level:
             return
@@ -2190,7 +2234,16 @@ class GroupRecord:
 # stopping -> stopped). It spawns, polls health, reads load progress and stops the group; it
 # decides nothing about which model runs: the scheduler does.
 
-STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
+class State(Named):
+    """Where a model's server is in its life; /running and the UI show these words."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+STOPPED, STARTING, READY, STOPPING = State
 ABORTED_START_GRACE = 5.0
 MIN_PROBE_GAP = 0.025  # seconds between health probes at the least, however much the upstream prints
 START_ERROR_TAIL_LINES = 8
@@ -2410,7 +2463,7 @@ class ModelProcess:
         self.log = log
         self.on_change = on_change
         self.groups = groups or GroupRecord(None)
-        self.state = STOPPED
+        self.state: State = STOPPED
         self.stop_reason = ""  # why the current run is ending: the first stop request names it
         self.output = LogMonitor(log.upstream.write)  # kept across restarts, as the original does
         self._run: Run | None = None
@@ -2447,7 +2500,7 @@ class ModelProcess:
         header_timeout = self.model.timeouts.response_header or None
         return Upstream(self._run.session, self.model.proxy, header_timeout, f"<{self.model.id}>")
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: State) -> None:
         if state != self.state:
             self.state = state
             self.on_change(self)
@@ -2698,6 +2751,12 @@ class ModelProcess:
             pause = min(pause * 2, 0.25)
 
 
+def launch_settings(model: ModelConfig) -> tuple:
+    """What a server was started with: while this is unchanged, a reload keeps it running."""
+    return model.cmd, tuple(model.env), model.proxy, model.check_endpoint, model.cmd_stop
+
+
+
 ###############################################################################
 # 8. GPUs #####################################################################
 ###############################################################################
@@ -2718,120 +2777,11 @@ class VramSource(Protocol):
     """Where the vram router reads GPU memory. Calls may block on the driver: make them in a
     worker thread."""
 
-    def devices(self) -> list[GpuMemory]: ...
+    def memory(self) -> list[GpuMemory]: ...
 
     def usage(self) -> dict[int, dict[int, int]]: ...  # pid -> GPU index -> bytes
 
     def close(self) -> None: ...
-
-
-def init_nvml() -> Any | None:
-    """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
-    driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
-    try:
-        import pynvml  # optional dependency, so the proxy runs on machines without it
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except (pynvml.NVMLError, OSError):
-        return None
-    return pynvml
-
-
-def shutdown_nvml(nvml: Any) -> None:
-    with contextlib.suppress(nvml.NVMLError):
-        nvml.nvmlShutdown()
-
-
-def nvml_read(nvml: Any, query: Callable[..., Any], *args: Any, default: Any = 0) -> Any:
-    """One NVML query, or `default` where the device does not support it (NotSupported: a fan on
-    a passively cooled card) or the driver refuses; one missing value never loses the sample."""
-    try:
-        return query(*args)
-    except nvml.NVMLError:
-        return default
-
-
-class NvmlVram:
-    """GPU memory through NVML: each device's total and used memory, and the memory each
-    process holds on it (compute and graphics processes)."""
-
-    def __init__(self, nvml: Any):
-        self.nvml = nvml
-        count = nvml_read(nvml, nvml.nvmlDeviceGetCount)
-        self.handles = [(i, h) for i in range(count) if (h := nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, i, default=None))]
-
-    def devices(self) -> list[GpuMemory]:
-        memories = [(i, nvml_read(self.nvml, self.nvml.nvmlDeviceGetMemoryInfo, h, default=None)) for i, h in self.handles]
-        return [GpuMemory(i, m.total, m.used) for i, m in memories if m is not None]
-
-    def usage(self) -> dict[int, dict[int, int]]:
-        nvml, held = self.nvml, collections.defaultdict(Counter)
-        for index, handle in self.handles:
-            for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-                for process in nvml_read(nvml, query, handle, default=[]):
-                    held[process.pid][index] += process.usedGpuMemory or 0  # None where the driver hides it
-        return {pid: dict(gpus) for pid, gpus in held.items()}
-
-    def close(self) -> None:
-        shutdown_nvml(self.nvml)
-
-
-class FakeVram:
-    """GPUs described in a JSON file, for tests and for trying the router without a GPU (the
-    `LLAMA_SWAP_FAKE_VRAM` environment variable names it): `{"gpus": [{"total": bytes, "used":
-    bytes others hold}], "processes": {"<pid>": {"<gpu>": bytes, "until": unix time}}}`. A
-    process's memory counts while it lives, and after it died until `until` (a driver that is
-    slow to free it), as NVML would show it."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def _read(self) -> tuple[list[dict], dict[int, dict[int, int]], dict[int, dict[int, int]]]:
-        """The GPUs, the memory of live processes, and of dead ones not yet freed."""
-        try:
-            with open(self.path) as f:
-                state = json.load(f)
-            gpus, processes = list(state.get("gpus", [])), dict(state.get("processes", {}))
-        except (OSError, ValueError, AttributeError, TypeError):
-            return [], {}, {}
-        live, lingering = {}, {}
-        for pid, held in processes.items():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):  # an entry we cannot read
-                gpu_bytes = {int(gpu): int(size) for gpu, size in held.items() if gpu != "until"}
-                if pid_alive(int(pid)):
-                    live[int(pid)] = gpu_bytes
-                elif float(held.get("until", 0)) > time.time():
-                    lingering[int(pid)] = gpu_bytes
-        return gpus, live, lingering
-
-    def devices(self) -> list[GpuMemory]:
-        gpus, live, lingering = self._read()
-        held = Counter()
-        for gpu_bytes in itertools.chain(live.values(), lingering.values()):
-            held.update(gpu_bytes)
-        return [GpuMemory(i, int(g.get("total", 0)), int(g.get("used", 0)) + held[i]) for i, g in enumerate(gpus)]
-
-    def usage(self) -> dict[int, dict[int, int]]:
-        return self._read()[1]
-
-    def close(self) -> None:
-        pass
-
-
-def open_vram_source() -> VramSource | None:
-    """The fake GPUs when LLAMA_SWAP_FAKE_VRAM names a file, else NVML; None without a GPU."""
-    if path := os.environ.get("LLAMA_SWAP_FAKE_VRAM"):
-        return FakeVram(path)
-    nvml = init_nvml()
-    if nvml is None:
-        return None
-    source = NvmlVram(nvml)
-    if not source.handles:
-        source.close()
-        return None
-    return source
 
 
 @dataclass(frozen=True)
@@ -2864,6 +2814,34 @@ class GpuProvider(Protocol):
     def close(self) -> None: ...
 
 
+def init_nvml() -> Any | None:
+    """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
+    driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
+    try:
+        import pynvml  # optional dependency, so the proxy runs on machines without it
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError):
+        return None
+    return pynvml
+
+
+def shutdown_nvml(nvml: Any) -> None:
+    with contextlib.suppress(nvml.NVMLError):
+        nvml.nvmlShutdown()
+
+
+def nvml_read(nvml: Any, query: Callable[..., Any], *args: Any, default: Any = 0) -> Any:
+    """One NVML query, or `default` where the device does not support it (NotSupported: a fan on
+    a passively cooled card) or the driver refuses; one missing value never loses the sample."""
+    try:
+        return query(*args)
+    except nvml.NVMLError:
+        return default
+
+
 @dataclass(frozen=True)
 class NvmlDevice:
     index: int
@@ -2875,20 +2853,24 @@ class NvmlDevice:
 # c_nvmlValue_t's union members, indexed by NVML_VALUE_TYPE_* (0 = double ... 6 = unsigned short).
 NVML_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
+NVML_ARCHITECTURES = {2: "Kepler", 3: "Maxwell", 4: "Pascal", 5: "Volta", 6: "Turing", 7: "Ampere",
+                      8: "Ada Lovelace", 9: "Hopper", 10: "Blackwell", 13: "Rubin"}
 
-class NvmlProvider:
-    """GPU readings through NVML: one GpuStat per device per sample, all with the same timestamp.
 
-    Device handles, names and UUIDs are read once: they do not change while the driver is
-    loaded. VRAM temperature comes from NVML's memory-temperature field, which only boards with
-    HBM report (A100, H100, ...); GDDR boards answer NotSupported and read 0, as in Go.
-    Takes over an initialised NVML (see init_nvml) and shuts it down on close().
+class Nvml:
+    """The one NVML reader: the vram router's memory and usage (a VramSource), the samples of
+    /api/performance and /metrics (a GpuProvider), the devices of /api/hardware.
+
+    Devices are listed once (handles, names and UUIDs do not change while the driver is
+    loaded), each under NVML's own index: a GPU we may not read is skipped and the others keep
+    their numbers, so GPU 1 is the same GPU everywhere. Takes over an initialised NVML (see
+    init_nvml) and shuts it down on close(), which waits for a read still under way.
     """
 
     def __init__(self, nvml: Any):
-        self._nvml = nvml
+        self.nvml = nvml
         self._open = True
-        self._lock = threading.Lock()  # close() waits for a sample still reading the devices
+        self._lock = threading.Lock()
         self.devices: list[NvmlDevice] = []
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
@@ -2898,97 +2880,172 @@ class NvmlProvider:
             uuid = nvml_read(nvml, nvml.nvmlDeviceGetUUID, handle, default="")
             self.devices.append(NvmlDevice(index, handle, name, uuid))
 
+    def _read(self, query: Callable[..., Any], *args: Any, default: Any = 0) -> Any:
+        return nvml_read(self.nvml, query, *args, default=default)
+
+    # -- the vram router's view
+
+    def memory(self) -> list[GpuMemory]:
+        with self._lock:
+            if not self._open:
+                return []
+            memories = [(d.index, self._read(self.nvml.nvmlDeviceGetMemoryInfo, d.handle, default=None))
+                        for d in self.devices]
+        return [GpuMemory(i, m.total, m.used) for i, m in memories if m is not None]
+
+    def usage(self) -> dict[int, dict[int, int]]:
+        nvml, held = self.nvml, collections.defaultdict(Counter)
+        with self._lock:
+            for device in self.devices if self._open else ():
+                for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+                    for process in self._read(query, device.handle, default=[]):
+                        held[process.pid][device.index] += process.usedGpuMemory or 0  # None where the driver hides it
+        return {pid: dict(gpus) for pid, gpus in held.items()}
+
+    # -- samples for /api/performance and /metrics
+
     def sample(self) -> list[GpuStat]:
         timestamp = local_now()
         with self._lock:
-            return [self._read(device, timestamp) for device in self.devices] if self._open else []
+            return [self._stat(device, timestamp) for device in self.devices] if self._open else []
 
-    def _read(self, device: NvmlDevice, timestamp: datetime.datetime) -> GpuStat:
-        nvml, handle = self._nvml, device.handle
-        memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
+    def _stat(self, device: NvmlDevice, timestamp: datetime.datetime) -> GpuStat:
+        nvml, handle = self.nvml, device.handle
+        memory = self._read(nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
         used_mb, total_mb = (memory.used // MIB, memory.total // MIB) if memory else (0, 0)
-        rates = nvml_read(nvml, nvml.nvmlDeviceGetUtilizationRates, handle, default=None)
+        rates = self._read(nvml.nvmlDeviceGetUtilizationRates, handle, default=None)
         return GpuStat(
             timestamp=timestamp,
             id=device.index,
             name=device.name,
             uuid=device.uuid,
-            temp_c=int(nvml_read(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)),
+            temp_c=int(self._read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)),
             vram_temp_c=self._memory_temperature(handle),
             gpu_util_pct=float(rates.gpu) if rates else 0.0,
             mem_util_pct=used_mb / total_mb * 100 if total_mb else 0.0,
             mem_used_mb=used_mb,
             mem_total_mb=total_mb,
-            fan_speed_pct=float(nvml_read(nvml, nvml.nvmlDeviceGetFanSpeed, handle)),
-            power_draw_w=nvml_read(nvml, nvml.nvmlDeviceGetPowerUsage, handle) / 1000,  # mW
+            fan_speed_pct=float(self._read(nvml.nvmlDeviceGetFanSpeed, handle)),
+            power_draw_w=self._read(nvml.nvmlDeviceGetPowerUsage, handle) / 1000,  # mW
         )
 
     def _memory_temperature(self, handle: Any) -> int:
-        nvml = self._nvml
-        values = nvml_read(nvml, nvml.nvmlDeviceGetFieldValues, handle, [nvml.NVML_FI_DEV_MEMORY_TEMP], default=None)
+        """NVML's memory-temperature field, which only boards with HBM report (A100, H100, ...);
+        GDDR boards answer NotSupported and read 0, as in Go."""
+        nvml = self.nvml
+        values = self._read(nvml.nvmlDeviceGetFieldValues, handle, [nvml.NVML_FI_DEV_MEMORY_TEMP], default=None)
         # A field query succeeds as a whole even when the field itself is unsupported.
         if not values or values[0].nvmlReturn != nvml.NVML_SUCCESS or values[0].valueType >= len(NVML_VALUE_MEMBERS):
             return 0
         return int(getattr(values[0].value, NVML_VALUE_MEMBERS[values[0].valueType]))
 
+    # -- the devices for /api/hardware
+
+    def accelerators(self) -> list[dict[str, Any]]:
+        with self._lock:
+            if not self._open:
+                return []
+            driver = self._read(self.nvml.nvmlSystemGetDriverVersion, default=None)
+            return [self._accelerator(device, driver) for device in self.devices]
+
+    def _accelerator(self, device: NvmlDevice, driver: str | None) -> dict[str, Any]:
+        nvml, handle = self.nvml, device.handle
+        memory = self._read(nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
+        power_limit_mw = self._read(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        return {
+            "index": device.index,
+            "kind": "gpu",
+            "vendor": "NVIDIA",
+            "model": device.name or None,
+            "architecture": NVML_ARCHITECTURES.get(self._read(nvml.nvmlDeviceGetArchitecture, handle, default=None)),
+            # Unified-memory boards (GB10, Jetson) report no framebuffer: size unknown.
+            "memory": {"kind": "dedicated", "capacity_bytes": memory.total if memory and memory.total else None},
+            "driver": {"name": "NVIDIA", "version": driver} if driver else None,
+            "power_limit_watts": go_float(power_limit_mw / 1000) if power_limit_mw else None,
+        }
+
     def close(self) -> None:
         with self._lock:
             if self._open:
                 self._open = False
-                shutdown_nvml(self._nvml)
+                shutdown_nvml(self.nvml)
 
 
-def open_gpu_provider() -> GpuProvider | None:
-    """NVML when a driver and at least one GPU are there, else None: the GPU series are then
-    simply absent (the caller may log `GPU monitoring not available: ...`). Never raises for a
-    missing package, library, driver or GPU."""
+def open_nvml() -> Nvml | None:
+    """NVML when a driver and at least one GPU are there, else None (the GPU readings are then
+    simply absent). Never raises for a missing package, library, driver or GPU."""
     nvml = init_nvml()
     if nvml is None:
         return None
     try:
-        provider = NvmlProvider(nvml)
+        reader = Nvml(nvml)
     except nvml.NVMLError:
         shutdown_nvml(nvml)
         return None
-    if not provider.devices:
-        provider.close()
+    if not reader.devices:
+        reader.close()
         return None
-    return provider
-
-
-NVML_ARCHITECTURES = {2: "Kepler", 3: "Maxwell", 4: "Pascal", 5: "Volta", 6: "Turing", 7: "Ampere",
-                      8: "Ada Lovelace", 9: "Hopper", 10: "Blackwell", 13: "Rubin"}
+    return reader
 
 
 def nvml_accelerators() -> list[dict[str, Any]]:
-    """The NVIDIA GPUs NVML lists, in its order; [] without NVML."""
-    nvml = init_nvml()
-    if nvml is None:
+    """The NVIDIA GPUs NVML lists, for a look at the hardware; [] without NVML."""
+    reader = open_nvml()
+    if reader is None:
         return []
     try:
-        driver = nvml_read(nvml, nvml.nvmlSystemGetDriverVersion, default=None)
-        handles = [nvml_read(nvml, nvml.nvmlDeviceGetHandleByIndex, index, default=None)
-                   for index in range(nvml_read(nvml, nvml.nvmlDeviceGetCount))]
-        usable = [handle for handle in handles if handle is not None]
-        return [nvml_accelerator(nvml, index, handle, driver) for index, handle in enumerate(usable)]
+        return reader.accelerators()
     finally:
-        shutdown_nvml(nvml)
+        reader.close()
 
 
-def nvml_accelerator(nvml: Any, index: int, handle: Any, driver: str | None) -> dict[str, Any]:
-    memory = nvml_read(nvml, nvml.nvmlDeviceGetMemoryInfo, handle, default=None)
-    power_limit_mw = nvml_read(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
-    return {
-        "index": index,
-        "kind": "gpu",
-        "vendor": "NVIDIA",
-        "model": nvml_read(nvml, nvml.nvmlDeviceGetName, handle, default="") or None,
-        "architecture": NVML_ARCHITECTURES.get(nvml_read(nvml, nvml.nvmlDeviceGetArchitecture, handle, default=None)),
-        # Unified-memory boards (GB10, Jetson) report no framebuffer: size unknown.
-        "memory": {"kind": "dedicated", "capacity_bytes": memory.total if memory and memory.total else None},
-        "driver": {"name": "NVIDIA", "version": driver} if driver else None,
-        "power_limit_watts": go_float(power_limit_mw / 1000) if power_limit_mw else None,
-    }
+class FakeVram:
+    """GPUs described in a JSON file, for tests and for trying the router without a GPU (the
+    `LLAMA_SWAP_FAKE_VRAM` environment variable names it): `{"gpus": [{"total": bytes, "used":
+    bytes others hold}], "processes": {"<pid>": {"<gpu>": bytes, "until": unix time}}}`. A
+    process's memory counts while it lives, and after it died until `until` (a driver that is
+    slow to free it), as NVML would show it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _read(self) -> tuple[list[dict], dict[int, dict[int, int]], dict[int, dict[int, int]]]:
+        """The GPUs, the memory of live processes, and of dead ones not yet freed."""
+        try:
+            with open(self.path) as f:
+                state = json.load(f)
+            gpus, processes = list(state.get("gpus", [])), dict(state.get("processes", {}))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return [], {}, {}
+        live, lingering = {}, {}
+        for pid, held in processes.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # an entry we cannot read
+                gpu_bytes = {int(gpu): int(size) for gpu, size in held.items() if gpu != "until"}
+                if pid_alive(int(pid)):
+                    live[int(pid)] = gpu_bytes
+                elif float(held.get("until", 0)) > time.time():
+                    lingering[int(pid)] = gpu_bytes
+        return gpus, live, lingering
+
+    def memory(self) -> list[GpuMemory]:
+        gpus, live, lingering = self._read()
+        held = Counter()
+        for gpu_bytes in itertools.chain(live.values(), lingering.values()):
+            held.update(gpu_bytes)
+        return [GpuMemory(i, int(g.get("total", 0)), int(g.get("used", 0)) + held[i]) for i, g in enumerate(gpus)]
+
+    def usage(self) -> dict[int, dict[int, int]]:
+        return self._read()[1]
+
+    def close(self) -> None:
+        pass
+
+
+def open_vram_source() -> VramSource | None:
+    """The fake GPUs when LLAMA_SWAP_FAKE_VRAM names a file, else NVML; None without a GPU."""
+    if path := os.environ.get("LLAMA_SWAP_FAKE_VRAM"):
+        return FakeVram(path)
+    return open_nvml()
 
 
 ###############################################################################
@@ -3189,7 +3246,7 @@ class VramBook:
         source = self.source  # the event loop may close and drop it meanwhile
         if source is None:
             return None
-        devices, usage = source.devices(), source.usage()
+        devices, usage = source.memory(), source.usage()
         model_of = {pgid: model for model, pgid in groups.items()}
         held = {model: Counter() for model in groups}
         for pid, gpu_bytes in usage.items():
@@ -3295,7 +3352,7 @@ class VramPolicy(SwapPolicy):
 
 def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
     """The rule-based routers; the vram router needs the Server's book of measurements."""
-    if config.routing.router == "matrix":
+    if config.routing.router is Router.MATRIX:
         return MatrixPolicy(config.routing.matrix)
     return GroupPolicy(config.routing.groups)
 
@@ -3370,8 +3427,12 @@ class Scheduler:
 
     def __init__(self, processes: dict[str, ModelProcess], policy: SwapPolicy, log: ProxyLog,
                  priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0,
-                 queue_timeout: float = 0.0):
-        self.processes = processes
+                 queue_timeout: float = 0.0, on_grant: Callable[[str, float], None] = lambda model, waited: None,
+                 on_refuse: Callable[[str], None] = lambda model: None,
+                 new_process: Callable[[ModelConfig], ModelProcess] | None = None):
+        self.processes = processes  # changed here alone: models come with configure(), go when retired
+        self.models = {m: p.model for m, p in processes.items()}  # the config's models, retiring ones not among them
+        self.new_process = new_process
         self.policy = policy
         self.priority = dict(priority or {})  # model -> fifo priority; higher is served first
         self.max_wait, self.min_residency = max_wait, min_residency
@@ -3391,8 +3452,9 @@ class Scheduler:
         self.unloads: set[asyncio.Task] = set()
         self.ttl_task: asyncio.Task | None = None
         # What the metrics hear of: a grant with its wait in seconds, a request refused with 429.
-        self.on_grant: Callable[[str, float], None] = lambda model, waited: None
-        self.on_refuse: Callable[[str], None] = lambda model: None
+        self.on_grant, self.on_refuse = on_grant, on_refuse
+
+    # -- a request's way in: admitted, a ticket, granted (it awaits only its ticket) ----------
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str, why: str = "a request") -> AsyncIterator[ModelProcess]:
@@ -3445,6 +3507,8 @@ class Scheduler:
             self._withdraw(ticket)
             raise
 
+    # -- decisions: synchronous, so nothing interleaves with one --------------
+
     def _enqueue(self, ticket: Ticket) -> None:
         """Behind every queued request of the same or higher priority."""
         at = next((i for i, t in enumerate(self.queue) if t.priority < ticket.priority), len(self.queue))
@@ -3476,6 +3540,24 @@ class Scheduler:
         cheapest to stop first: idle before busy, least recently used first."""
         models = {m for m, p in self.processes.items() if p.state != STOPPED} | set(self.swaps)
         return sorted(models, key=lambda m: (self.in_flight[m] > 0 or m in self.swaps, self.last_use.get(m, 0.0)))
+
+    def pump(self) -> None:
+        """Re-read the queue front to back after anything changed."""
+        self._retire_idle()
+        queue, self.queue = self.queue, []
+        for ticket in queue:
+            if ticket.waiting() and not self._place(ticket):
+                self.queue.append(ticket)
+        self.queue = [t for t in self.queue if t.waiting()]
+
+    def _pump_in(self, delay: float) -> None:
+        """Re-read the queue in `delay` seconds, when a held swap's wait is over (the earliest
+        of such moments wins)."""
+        loop = asyncio.get_running_loop()
+        if self.wake is None or loop.time() + delay < self.wake.when():
+            if self.wake:
+                self.wake.cancel()
+            self.wake = loop.call_later(delay, self._woken)
 
     def _place(self, ticket: Ticket) -> bool:
         """Grant, join a swap or start one; False means it must wait in the queue."""
@@ -3541,15 +3623,6 @@ class Scheduler:
         arrivals = list(self.arrivals.get(model, ()))
         return statistics.median_high(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) >= 3 else None
 
-    def _pump_in(self, delay: float) -> None:
-        """Re-read the queue in `delay` seconds, when a held swap's wait is over (the earliest
-        of such moments wins)."""
-        loop = asyncio.get_running_loop()
-        if self.wake is None or loop.time() + delay < self.wake.when():
-            if self.wake:
-                self.wake.cancel()
-            self.wake = loop.call_later(delay, self._woken)
-
     def _woken(self) -> None:
         self.wake = None
         self.pump()
@@ -3559,36 +3632,6 @@ class Scheduler:
         self.last_use[ticket.model] = now = time.monotonic()
         ticket.future.set_result(None)
         self.on_grant(ticket.model, now - ticket.since)
-
-    def pump(self) -> None:
-        """Re-read the queue front to back after anything changed."""
-        self._retire_idle()
-        queue, self.queue = self.queue, []
-        for ticket in queue:
-            if ticket.waiting() and not self._place(ticket):
-                self.queue.append(ticket)
-        self.queue = [t for t in self.queue if t.waiting()]
-
-    async def _run_swap(self, swap: Swap) -> None:
-        error = ""
-        try:
-            await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
-                                   for m in swap.evict))
-            if not swap.abandoned:
-                await self.policy.before_start(swap.target, lambda: not swap.abandoned)
-            if not swap.abandoned:
-                await self.processes[swap.target].start()
-        except StartError as e:
-            error = str(e)
-            self.log.warn(f"{self.policy.name}: starting {swap.target} failed: {e}")
-        except asyncio.CancelledError:
-            error = "aborted"
-            raise
-        except Exception as e:  # a bug must fail the waiting requests, not grant them
-            error = f"{type(e).__name__}: {e}"
-            self.log.error(f"{self.policy.name}: starting {swap.target} failed unexpectedly: {error}")
-        finally:
-            self._finish_swap(swap, error)
 
     def _finish_swap(self, swap: Swap, error: str) -> None:
         del self.swaps[swap.target]
@@ -3617,26 +3660,34 @@ class Scheduler:
                 ticket.future.set_exception(SchedulerError(message))
         self.queue = [t for t in self.queue if t.waiting()]
 
-    async def unload(self, models: Iterable[str]) -> None:
-        """Stop these models now; requests waiting for them are told it was unloaded. The work
-        runs in its own task, so a client that hangs up does not leave it half done."""
-        models = [m for m in models if m in self.processes]
-        self._fail_waiting(f"{self.policy.name}: model unloaded", models)
-        task = asyncio.create_task(self._stop_models(models))
-        self.unloads.add(task)
-        task.add_done_callback(self.unloads.discard)
-        await asyncio.shield(task)
-
-    async def _stop_models(self, models: list[str]) -> None:
-        # Models sharing a timeout stop together; shorter timeouts go first.
-        by_timeout: dict[float, list[str]] = {}
-        for m in models:
-            by_timeout.setdefault(self.processes[m].model.unload_timeout, []).append(m)
-        try:
-            for timeout in sorted(by_timeout):
-                await asyncio.gather(*(self.processes[m].stop(timeout, "unload") for m in by_timeout[timeout]))
-        finally:
-            self.pump()
+    def configure(self, config: Config, policy: SwapPolicy) -> tuple[dict[str, list[str]], list[str]]:
+        """A reload's config: its rules and its models. A model whose launch settings did not
+        change keeps its server; changed and removed ones are retired; new ones get a process.
+        Returns the models added, removed, changed and kept, and those that will start anew."""
+        self.policy = policy
+        self.priority = dict(config.routing.priority)
+        self.max_wait, self.min_residency = config.routing.max_wait, config.routing.min_residency
+        self.queue_timeout = config.routing.queue_timeout
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
+        retire: dict[str, ModelConfig | None] = {}
+        for model_id in sorted(set(self.models) | set(config.models), key=str.encode):
+            before, after = self.models.get(model_id), config.models.get(model_id)
+            if after is None:
+                changes["removed"].append(model_id)
+                retire[model_id] = None
+            elif model_id not in self.processes:
+                changes["added"].append(model_id)
+                self.processes[model_id] = self.new_process(after)
+            elif before is None or model_id in self.draining or launch_settings(before) != launch_settings(after):
+                # (a server still being retired by an earlier reload restarts with the newest settings)
+                changes["added" if before is None else "changed"].append(model_id)
+                retire[model_id] = after
+            else:
+                changes["kept"].append(model_id)
+                self.processes[model_id].model = after
+        self.models = dict(config.models)
+        self.retire(retire)
+        return changes, [m for m, c in retire.items() if c is not None]
 
     def retire(self, changes: Mapping[str, ModelConfig | None]) -> None:
         """After a reload: these models changed how they launch (or left the config). Their
@@ -3658,19 +3709,6 @@ class Scheduler:
             if not self.in_flight[model] and model not in self.retiring:
                 self.retiring[model] = asyncio.create_task(self._retire(model))
 
-    async def _retire(self, model: str) -> None:
-        process = self.processes[model]
-        try:
-            await process.stop(process.model.unload_timeout, "reload")
-        finally:
-            next_config = self.draining.pop(model)
-            del self.retiring[model]
-            if next_config is None:
-                del self.processes[model]
-            else:
-                process.model = next_config
-            self.pump()
-
     def _port_still_held(self, model: str) -> bool:
         """A model that moved to the port of a server being retired must wait for that server."""
         if not self.draining:
@@ -3678,15 +3716,6 @@ class Scheduler:
         address = URL(self.processes[model].model.proxy).origin()
         return any(self.processes[m].state != STOPPED and URL(self.processes[m].model.proxy).origin() == address
                    for m in self.draining if m != model)
-
-    def start(self) -> None:
-        """Begin unloading models whose TTL has run out."""
-        self.ttl_task = asyncio.create_task(self._unload_idle_every_second())
-
-    async def _unload_idle_every_second(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self._unload_idle()
 
     def ttl_remaining(self, model: str) -> float | None:
         """Seconds until an idle ready model is unloaded for its TTL; None without TTL or while busy."""
@@ -3711,6 +3740,72 @@ class Scheduler:
                 task = process.begin_stop(process.model.unload_timeout, "ttl")
                 self.stops.add(task)
                 task.add_done_callback(self.stops.discard)
+
+    # -- slow work and lifecycle: owned tasks that report back through pump() --------------
+
+    async def _run_swap(self, swap: Swap) -> None:
+        error = ""
+        try:
+            await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
+                                   for m in swap.evict))
+            if not swap.abandoned:
+                await self.policy.before_start(swap.target, lambda: not swap.abandoned)
+            if not swap.abandoned:
+                await self.processes[swap.target].start()
+        except StartError as e:
+            error = str(e)
+            self.log.warn(f"{self.policy.name}: starting {swap.target} failed: {e}")
+        except asyncio.CancelledError:
+            error = "aborted"
+            raise
+        except Exception as e:  # a bug must fail the waiting requests, not grant them
+            error = f"{type(e).__name__}: {e}"
+            self.log.error(f"{self.policy.name}: starting {swap.target} failed unexpectedly: {error}")
+        finally:
+            self._finish_swap(swap, error)
+
+    async def unload(self, models: Iterable[str]) -> None:
+        """Stop these models now; requests waiting for them are told it was unloaded. The work
+        runs in its own task, so a client that hangs up does not leave it half done."""
+        models = [m for m in models if m in self.processes]
+        self._fail_waiting(f"{self.policy.name}: model unloaded", models)
+        task = asyncio.create_task(self._stop_models(models))
+        self.unloads.add(task)
+        task.add_done_callback(self.unloads.discard)
+        await asyncio.shield(task)
+
+    async def _stop_models(self, models: list[str]) -> None:
+        # Models sharing a timeout stop together; shorter timeouts go first.
+        by_timeout: dict[float, list[str]] = {}
+        for m in models:
+            by_timeout.setdefault(self.processes[m].model.unload_timeout, []).append(m)
+        try:
+            for timeout in sorted(by_timeout):
+                await asyncio.gather(*(self.processes[m].stop(timeout, "unload") for m in by_timeout[timeout]))
+        finally:
+            self.pump()
+
+    async def _retire(self, model: str) -> None:
+        process = self.processes[model]
+        try:
+            await process.stop(process.model.unload_timeout, "reload")
+        finally:
+            next_config = self.draining.pop(model)
+            del self.retiring[model]
+            if next_config is None:
+                del self.processes[model]
+            else:
+                process.model = next_config
+            self.pump()
+
+    def start(self) -> None:
+        """Begin unloading models whose TTL has run out."""
+        self.ttl_task = asyncio.create_task(self._unload_idle_every_second())
+
+    async def _unload_idle_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._unload_idle()
 
     def close(self) -> None:
         """Refuse new requests and fail every waiting one: the server is shutting down."""
@@ -4508,12 +4603,24 @@ def end_to_end_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 
-class UpstreamError(Exception):
-    """The upstream could not be reached or gave no usable answer; nothing went to the client yet."""
+class Failure(Named):
+    """What went wrong with an upstream."""
 
-    def __init__(self, message: str, status: int = 502):
+    UNREACHABLE = "unreachable"  # no connection, or it broke before the answer's headers
+    TIMED_OUT = "timed out"  # no answer's headers within timeouts.responseHeader
+    BAD_UPGRADE = "bad upgrade"  # a websocket upgrade answered neither with 101 nor with a refusal
+    CUT_SHORT = "cut short"  # the answer broke off while it was relayed into a stream already sent
+    NOT_READY = "not ready"  # its server stopped between the grant and the request
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or gave no usable answer; `kind` says which."""
+
+    status = 502
+
+    def __init__(self, kind: Failure, message: str):
         super().__init__(message)
-        self.status = status
+        self.kind = kind
 
 
 def request_headers(request: web.BaseRequest) -> list[tuple[str, str]]:
@@ -4619,10 +4726,11 @@ async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, 
         return await asyncio.wait_for(pending, upstream.header_timeout)
     except asyncio.TimeoutError as e:
         if isinstance(e, aiohttp.ClientError):  # the connect timeout
-            raise UpstreamError(error_text(e)) from None
-        raise UpstreamError(f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") from None
+            raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
+        raise UpstreamError(Failure.TIMED_OUT,
+                            f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") from None
     except aiohttp.ClientError as e:
-        raise UpstreamError(error_text(e)) from None
+        raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
 
 
 async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
@@ -4675,7 +4783,6 @@ def stream_error_event(path: str, message: str, code: str = "upstream_disconnect
     return b"data: " + json.dumps(envelope).encode() + b"\n\n"
 
 
-live_websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -4713,11 +4820,12 @@ async def keep_websocket_refusal(answer: aiohttp.ClientResponse) -> None:
 
 
 async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str,
-                          headers: list[tuple[str, str]], largest: int) -> web.StreamResponse:
+                          headers: list[tuple[str, str]], largest: int, live: weakref.WeakSet) -> web.StreamResponse:
     """A websocket to the upstream, and every message relayed both ways until one side closes.
     A message is relayed once whole, so one past `largest` bytes (either way) closes the
     socket with 1009 instead of growing without bound. An upstream that refuses the upgrade
-    is answered for: its status, headers and body."""
+    is answered for: its status, headers and body. `live` lists the sockets open, for a
+    shutdown to close."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     headers = [(k, v) for k, v in headers if not k.lower().startswith("sec-websocket-")]
     refusal: dict[str, Any] = {}
@@ -4728,13 +4836,13 @@ async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str
     except aiohttp.WSServerHandshakeError as e:
         if refusal:
             return refused_upgrade(refusal)
-        raise UpstreamError(f"answered the websocket upgrade wrongly: {e.status} {e.message}") from None
+        raise UpstreamError(Failure.BAD_UPGRADE, f"answered the websocket upgrade wrongly: {e.status} {e.message}") from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise UpstreamError(error_text(e)) from None
+        raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
     finally:
         websocket_refusal.reset(marker)
     client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), max_msg_size=largest)
-    live_websockets.add(client)
+    live.add(client)
     try:
         await client.prepare(request)
         pumps = [asyncio.create_task(pump_messages(client, upstream_ws)),
@@ -4746,7 +4854,7 @@ async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
     finally:
-        live_websockets.discard(client)
+        live.discard(client)
         await upstream_ws.close()
         if client.prepared:
             await client.close()
@@ -4780,7 +4888,7 @@ async def relay_into(response: web.StreamResponse, request: web.Request, upstrea
         try:
             await copy_body(answer, response, request.get(EXCHANGE))
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise UpstreamError(error_text(e)) from None
+            raise UpstreamError(Failure.CUT_SHORT, error_text(e)) from None
 
 
 def error_text(error: BaseException) -> str:
@@ -6130,7 +6238,7 @@ class Metrics:
         self.start_duration = Histogram(START_BUCKETS)
         self._states: dict[str, tuple[str, float]] = {}  # model -> (state, since)
 
-    def state_changed(self, model: str, state: str, stop_reason: str) -> None:
+    def state_changed(self, model: str, state: State, stop_reason: str) -> None:
         previous, since = self._states.get(model, (STOPPED, 0.0))
         now = time.monotonic()
         self._states[model] = (state, now)
@@ -6403,7 +6511,7 @@ def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], s
     return record
 
 
-def model_status(state: str, loading: dict[str, Any] | None) -> dict[str, Any]:
+def model_status(state: State, loading: dict[str, Any] | None) -> dict[str, Any]:
     """A /v1/models `status`: loaded or unloaded as the original says, and our `loading` with
     its progress and ETA while the server starts."""
     if loading is not None:
@@ -6411,7 +6519,7 @@ def model_status(state: str, loading: dict[str, Any] | None) -> dict[str, Any]:
     return {"value": "loaded" if state in (STARTING, READY, STOPPING) else "unloaded"}
 
 
-def model_records(config: Config, states: Mapping[str, str], created: int, profile: Profile | None = None,
+def model_records(config: Config, states: Mapping[str, State], created: int, profile: Profile | None = None,
                   loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every /v1/models entry: listed models, their aliases if asked for, peers, selectors and the
     active profile's pins; by ID. `loading`: the load status of models starting."""
@@ -6445,7 +6553,7 @@ def model_records(config: Config, states: Mapping[str, str], created: int, profi
     return sorted(records, key=lambda r: r["id"].encode())
 
 
-def model_statuses(config: Config, states: Mapping[str, str],
+def model_statuses(config: Config, states: Mapping[str, State],
                    loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The modelStatus event: local models by ID, then every peer model. A model starting
     also has our `loading` (elapsed_s, progress, eta_s)."""
@@ -6632,7 +6740,275 @@ class LoadingStream:
 
 
 ###############################################################################
-# 21. Reload ##################################################################
+# 21. Runtime #################################################################
+###############################################################################
+
+# What runs behind the HTTP face, wired once: the processes and their scheduler, logs,
+# activity, metrics, events, GPU watching and every background task, each owned here and
+# cancelled together at shutdown.
+
+VRAM_EVERY = 2.0  # seconds between the vram router's readings of the GPUs
+
+
+class Tasks:
+    """Background work with one owner, each task by name: starting one under a name in use
+    replaces it, and close() cancels them all together and waits for them, so what they hold
+    (a GPU handle, a thread's result) is let go on the way out."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, asyncio.Future] = {}
+
+    def start(self, name: str, work: Awaitable[Any]) -> asyncio.Future:
+        self.stop(name)
+        task = self.running[name] = asyncio.ensure_future(work)
+        return task
+
+    def stop(self, name: str) -> None:
+        if (task := self.running.pop(name, None)) is not None:
+            task.cancel()
+
+    def alive(self, name: str) -> bool:
+        return name in self.running and not self.running[name].done()
+
+    async def close(self) -> None:
+        tasks = list(self.running.values())
+        self.running.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Runtime:
+    """Everything behind the HTTP face, wired once: the model processes and their scheduler, the
+    logs, activity, metrics, event fan-out, GPU watching, and every background task (in one
+    Tasks). Reload is a short list of configure() calls on the objects that hold config."""
+
+    def __init__(self, config: Config, log: ProxyLog, source: ConfigSource | None = None,
+                 groups: GroupRecord | None = None):
+        self.config = config
+        self.log = log
+        self.source = source
+        self.groups = groups or GroupRecord(None)
+        self.tasks = Tasks()
+        self.events = Events()
+        self.metrics = Metrics()
+        self.vram_book = VramBook.of(config)
+        self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}  # the scheduler's from now on
+        self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
+                                   config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout,
+                                   on_grant=self.metrics.waited, on_refuse=self.metrics.refuse, new_process=self._process)
+        self.activity = Activity(config, log, self._activity_recorded)
+        self.virtual = VirtualModels(config, self.processes)
+        self.inflight = InFlight(lambda event: self.events.publish("inflight", event), lambda: bool(self.events.streams))
+        self.performance: PerformanceMonitor | None = None
+        self.hardware: asyncio.Future | None = None
+        for source in ("proxy", "upstream"):
+            getattr(log, source).listeners.add(functools.partial(self._publish_log, source))
+
+    def start(self, watch_config_file: bool = False) -> None:
+        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
+        performance monitor samples, the hardware is looked at once."""
+        self.scheduler.start()
+        self.tasks.start("recall", self._recall())
+        self._watch_gpus(self.config)
+        self._preload()
+        self._monitor(self.config)
+        self.hardware = self.tasks.start("hardware", asyncio.to_thread(hardware_snapshot, __version__))
+        self.tasks.start("stalled clients", self._end_stalled_clients())
+        if watch_config_file:
+            self.tasks.start("config watch", watch_config(self))
+
+    async def _end_stalled_clients(self) -> None:
+        """Every second: a client that has taken no byte of its answer for stalledClientTimeout
+        seconds is hung up on, so that its request ends and frees its model (and the swaps
+        waiting for that model)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if timeout := self.config.stalled_client_timeout:
+                for response in stalled_clients(timeout):
+                    self.log.warn(f"{response.label}: the client took nothing of its answer for "
+                                  f"{go_duration(timeout)}, hanging up (stalledClientTimeout)")
+                    response.transport.abort()
+
+    def _process(self, model: ModelConfig) -> ModelProcess:
+        return ModelProcess(model, self.log, self._state_changed, self.groups)
+
+    def _policy(self, config: Config) -> SwapPolicy:
+        if config.routing.router is Router.VRAM:
+            return VramPolicy(self.vram_book, self.running_groups, self.log)
+        return swap_policy(config)
+
+    def running_groups(self) -> dict[str, int]:
+        """The process group of each model whose server runs."""
+        return {m: p.group for m, p in self.processes.items() if p.group is not None}
+
+    def states(self) -> dict[str, State]:
+        return {m: p.state for m, p in self.processes.items()}
+
+    def loading(self) -> dict[str, dict[str, Any]]:
+        """The load status (elapsed, progress, ETA) of every model starting now."""
+        return {m: status for m, p in self.processes.items() if (status := p.load_status()) is not None}
+
+    def _state_changed(self, process: ModelProcess) -> None:
+        self.log.debug(f"<{process.model.id}> state is now {process.state}")
+        self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
+        if process.state in (STOPPING, STOPPED):
+            self.vram_book.stopped()
+        self.scheduler.pump()
+        self._publish_statuses()
+        if process.state == READY:  # one more load time to remember
+            self.activity.remember(process.model.id, self.figures(process.model.id))
+        if process.state == STARTING and not self.tasks.alive("load ticker"):
+            self.tasks.start("load ticker", self._tick_loads())
+
+    async def _tick_loads(self) -> None:
+        """Once a second while a model starts: its progress and ETA to /api/events watchers."""
+        while any(p.state == STARTING for p in self.processes.values()):
+            await asyncio.sleep(1.0)
+            self._publish_statuses()
+
+    def _publish_statuses(self) -> None:
+        if self.events.streams:
+            self.events.publish("modelStatus", model_statuses(self.config, self.states(), self.loading()))
+
+    def _activity_recorded(self, row_id: int, model: str, tokens: Tokens) -> None:
+        self.metrics.add_tokens(model, tokens)
+        self.events.publish("activity", {"id": row_id})
+
+    def _publish_log(self, source: str, data: bytes) -> None:
+        self.events.publish("logData", {"source": source, "data": data.decode("utf-8", "replace")})
+
+    def figures(self, model: str) -> dict[str, Any]:
+        """What we learnt of a model, as the store keeps it."""
+        vram = self.vram_book.measured.get(model, {})
+        return {"load_times": list(self.processes[model].load_times), "vram": {str(g): b for g, b in vram.items()}}
+
+    async def _recall(self) -> None:
+        """What earlier runs learnt of each model (load times, measured VRAM), from the store."""
+        try:
+            saved = await self.activity.call(self.activity.store.figures)
+        except sqlite3.Error as e:
+            self.log.warn(f"store: the models' figures could not be read: {e}")
+            return
+        for model, figures in saved.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
+                load_times = [float(t) for t in figures.get("load_times", [])]
+                vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
+                if model in self.processes and not self.processes[model].load_times:
+                    self.processes[model].load_times.extend(load_times)
+                if vram:
+                    self.vram_book.measured.setdefault(model, vram)
+
+    def _preload(self) -> None:
+        self.tasks.stop("preload")
+        if self.config.preload:
+            self.tasks.start("preload", self._preload_models(list(self.config.preload)))
+
+    async def _preload_models(self, models: list[str]) -> None:
+        """One after another, through the scheduler like any request, so the routing rules hold
+        and a request arriving meanwhile shares the start instead of causing a second one."""
+        for model in models:
+            self.log.info(f"preloading model: {model}")
+            try:
+                async with self.scheduler.lease(model, "preload"):
+                    pass
+            except SchedulerError as e:
+                self.log.error(f"failed to preload model {model}: {e}")
+
+    def _watch_gpus(self, config: Config) -> None:
+        """The vram router's eyes, on while it is the router."""
+        if config.routing.router is not Router.VRAM:
+            self.tasks.stop("vram watch")
+        elif "vram watch" not in self.tasks.running:  # (one that found no GPU is not started again)
+            self.tasks.start("vram watch", self._read_gpus())
+
+    async def _read_gpus(self) -> None:
+        """Every VRAM_EVERY seconds: the GPUs and what our models hold of them. NVML is opened and
+        closed in worker threads, never on the event loop."""
+        book = self.vram_book
+        book.source = await asyncio.shield(asyncio.to_thread(open_vram_source))
+        if book.source is None:
+            self.log.warn("vram router: no GPU found through NVML, so every model runs alone")
+            return
+        try:
+            while True:
+                known = dict(book.measured)
+                starting = {m for m, p in self.processes.items() if p.state == STARTING}
+                try:
+                    await book.refresh(self.running_groups(), starting)
+                except Exception as e:  # a bug or an odd driver: say so, and read again next time
+                    self.log.error(f"vram router: reading the GPUs failed: {type(e).__name__}: {e}")
+                for model in (m for m, vram in book.measured.items() if known.get(m) != vram and m in self.processes):
+                    self.activity.remember(model, self.figures(model))
+                await asyncio.sleep(VRAM_EVERY)
+        finally:
+            source, book.source = book.source, None
+            await asyncio.shield(asyncio.to_thread(source.close))
+
+    def gpu_budgets(self) -> dict[str, Any]:
+        """With the vram router: each GPU's size, use and what our models may hold of it."""
+        if self.config.routing.router is not Router.VRAM:
+            return {}
+        budget = self.vram_book.budget()
+        return {"gpus": [{"index": i, "total": g.total, "used": g.used, "budget": budget[i]}
+                         for i, g in sorted(self.vram_book.gpus.items())]}
+
+    def _monitor(self, config: Config) -> None:
+        self.tasks.stop("performance")
+        self.performance = None if config.performance_disabled else PerformanceMonitor(config.performance_every)
+        if self.performance:
+            self.tasks.start("performance", self._sample(self.performance))
+
+    async def _sample(self, monitor: PerformanceMonitor) -> None:
+        """System and GPU samples until cancelled. NVML is opened and closed in worker threads
+        (the close waits for a sample still reading it), never on the event loop."""
+        monitor.gpu = await asyncio.shield(asyncio.to_thread(open_nvml))
+        if monitor.gpu is None:
+            self.log.info("GPU monitoring not available: no NVIDIA GPU found through NVML")
+        try:
+            await monitor.run()
+        except Exception as e:  # a bug: say so, and the rest of the server goes on without samples
+            self.log.error(f"performance monitor stopped: {type(e).__name__}: {e}")
+        finally:
+            if monitor.gpu:
+                await asyncio.shield(asyncio.to_thread(monitor.gpu.close))
+
+    def configure(self, new: Config) -> dict[str, list[str]]:
+        """Switch to a new config (a reload's): each holder of config is told, the models
+        added, removed, changed and kept are returned. No profile is active afterwards."""
+        old, self.config = self.config, new
+        self.log.configure(new)
+        self.vram_book.configure(new)
+        changes, relaunched = self.scheduler.configure(new, self._policy(new))
+        for model in relaunched:
+            self.vram_book.forget(model)
+        self.virtual = VirtualModels(new, self.processes)
+        self._watch_gpus(new)
+        self.activity.configure(new)
+        if (new.performance_disabled, new.performance_every) != (old.performance_disabled, old.performance_every):
+            self._monitor(new)
+        self._preload()
+        self.events.publish("profileChanged", {"active": None})
+        self._publish_statuses()
+        return changes
+
+    def activate_profile(self, name: str | None) -> None:
+        """Pins of profile `name` (None: none) apply from the next request on."""
+        if name != self.virtual.active:
+            self.virtual.active = name
+            self.log.info(f'active profile changed to "{name or ""}"')
+            self.events.publish("profileChanged", {"active": name})
+            self._publish_statuses()
+
+    async def wind_down(self) -> None:
+        """Shutdown begins: background work ends, event streams end, queued requests are refused."""
+        await self.tasks.close()  # the GPU sources are closed on the way out
+        self.events.close()
+        self.scheduler.close()
+
+
+###############################################################################
+# 22. Reload ##################################################################
 ###############################################################################
 
 # A changed config file, SIGHUP or /api/config/reload: the file is read and checked first (a
@@ -6671,42 +7047,59 @@ def _dir_fingerprint(directory: str) -> tuple | None:
     return tuple((n, _file_fingerprint(os.path.join(directory, n))) for n in names) or None
 
 
-def launch_settings(model: ModelConfig) -> tuple:
-    """What a server was started with: while this is unchanged, a reload keeps it running."""
-    return model.cmd, tuple(model.env), model.proxy, model.check_endpoint, model.cmd_stop
+def reload(runtime: Runtime) -> dict[str, list[str]]:
+    """Read the config again and switch to it; ConfigError leaves everything as it was.
+
+    Models whose launch settings did not change keep their running server; changed and
+    removed ones finish their requests on the old server and are then stopped.
+    """
+    if runtime.source is None:
+        runtime.log.warn("nothing to reload: --demo has no config file")
+        raise ConfigError("no config file to reload (started with --demo)")
+    runtime.log.info("reloading configuration")
+    try:
+        new = runtime.source.load(runtime.config)
+    except ConfigError as e:
+        runtime.log.warn(f"failed to reload config: {e}")
+        raise
+    changes = runtime.configure(new)
+    for note in new.notes():
+        runtime.log.warn(f"config: {note}")
+    runtime.log.info("configuration reloaded: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
+    return changes
 
 
 WATCH_INTERVAL = 2.0
 
 
-async def watch_config(server: Server) -> None:
+async def watch_config(runtime: Runtime) -> None:
     """Poll the config sources and reload when they change; a file that vanishes is not a change."""
-    last = server.source.snapshot()
+    last = runtime.source.snapshot()
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
-        now = server.source.snapshot()
+        now = runtime.source.snapshot()
         if any(new is not None and new != old for old, new in zip(last, now)):
-            reload_logged(server)
+            reload_logged(runtime)
         last = now
 
 
-def reload_logged(server: Server) -> None:
+def reload_logged(runtime: Runtime) -> None:
     """A reload whose failure is logged, never raised: the running config simply stays."""
     try:
-        server.reload()
+        reload(runtime)
     except ConfigError:
         pass  # reload() has logged it
     except Exception as e:
-        server.log.error(f"failed to reload config: {type(e).__name__}: {e}")
+        runtime.log.error(f"failed to reload config: {type(e).__name__}: {e}")
 
 
-def reload_on_signal(server: Server) -> None:
-    server.log.info("received SIGHUP, reloading config")
-    reload_logged(server)
+def reload_on_signal(runtime: Runtime) -> None:
+    runtime.log.info("received SIGHUP, reloading config")
+    reload_logged(runtime)
 
 
 ###############################################################################
-# 22. HTTP ####################################################################
+# 23. HTTP ####################################################################
 ###############################################################################
 
 # The application: middlewares, the route table and its handlers. The hot path:
@@ -6774,292 +7167,84 @@ def ui_files() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-VRAM_EVERY = 2.0  # seconds between the vram router's readings of the GPUs
-
-
 class Server:
-    """The HTTP face of the proxy: routes, handlers and the objects they share."""
+    """The HTTP face of the proxy: the route table, its handlers, the middlewares and the steps
+    of the hot path. What they act on is the Runtime's."""
 
-    def __init__(self, config: Config, log: ProxyLog, source: ConfigSource | None = None,
-                 groups: GroupRecord | None = None):
-        self.config = config
-        self.log = log
-        self.source = source
-        self.groups = groups or GroupRecord(None)
-        self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}
-        self.vram_book = VramBook.of(config)
-        self.vram_watch: asyncio.Task | None = None
-        self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
-                                   config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout)
-        self.metrics = Metrics()
-        self.scheduler.on_grant, self.scheduler.on_refuse = self.metrics.waited, self.metrics.refuse
-        self.activity = Activity(config, log, self._activity_recorded)
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.log, self.processes, self.scheduler = runtime.log, runtime.processes, runtime.scheduler
+        self.activity, self.metrics, self.events, self.inflight = runtime.activity, runtime.metrics, runtime.events, runtime.inflight
+        self.vram_book = runtime.vram_book
         self.ui_files = ui_files()
-        self.performance: PerformanceMonitor | None = None
-        self.monitoring: asyncio.Task | None = None
-        self.hardware: asyncio.Future | None = None
-        self.virtual = VirtualModels(config, self.processes)
-        self.events = Events()
-        self.inflight = InFlight(lambda event: self.events.publish("inflight", event), lambda: bool(self.events.streams))
         self.log_streams: set[LogStream] = set()  # live /logs/stream readers, ended at shutdown
-        for source in ("proxy", "upstream"):
-            getattr(log, source).listeners.add(functools.partial(self._publish_log, source))
-        self.preloading: asyncio.Task | None = None
-        self.load_ticker: asyncio.Task | None = None
-        self.recalling: asyncio.Task | None = None
+        self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
         self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
         self.body_threads = concurrent.futures.ThreadPoolExecutor(BODY_THREADS, thread_name_prefix="llama-swap-body")
-        self.stall_watch: asyncio.Task | None = None
         self.handling: set[asyncio.Task] = set()  # requests being handled: what a shutdown ends
 
-    def start(self) -> None:
-        """Once listening: TTL unloads begin, `hooks.on_startup.preload` models load, the
-        performance monitor samples, the hardware is looked at once."""
-        self.scheduler.start()
-        self.recalling = asyncio.create_task(self._recall())
-        self._watch_gpus(self.config)
-        self._preload()
-        self._monitor(self.config)
-        self.hardware = asyncio.ensure_future(asyncio.to_thread(hardware_snapshot, __version__))
-        self.stall_watch = asyncio.create_task(self._end_stalled_clients())
+    @property
+    def config(self) -> Config:  # replaced by a reload
+        return self.runtime.config
 
-    async def _end_stalled_clients(self) -> None:
-        """Every second: a client that has taken no byte of its answer for stalledClientTimeout
-        seconds is hung up on, so that its request ends and frees its model (and the swaps
-        waiting for that model)."""
-        while True:
-            await asyncio.sleep(1.0)
-            if timeout := self.config.stalled_client_timeout:
-                for response in stalled_clients(timeout):
-                    self.log.warn(f"{response.label}: the client took nothing of its answer for "
-                                  f"{go_duration(timeout)}, hanging up (stalledClientTimeout)")
-                    response.transport.abort()
-
-    def _policy(self, config: Config) -> SwapPolicy:
-        if config.routing.router == "vram":
-            return VramPolicy(self.vram_book, self.running_groups, self.log)
-        return swap_policy(config)
-
-    def figures(self, model: str) -> dict[str, Any]:
-        """What we learnt of a model, as the store keeps it."""
-        vram = self.vram_book.measured.get(model, {})
-        return {"load_times": list(self.processes[model].load_times), "vram": {str(g): b for g, b in vram.items()}}
-
-    async def _recall(self) -> None:
-        """What earlier runs learnt of each model (load times, measured VRAM), from the store."""
-        try:
-            saved = await self.activity.call(self.activity.store.figures)
-        except sqlite3.Error as e:
-            self.log.warn(f"store: the models' figures could not be read: {e}")
-            return
-        for model, figures in saved.items():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
-                load_times = [float(t) for t in figures.get("load_times", [])]
-                vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
-                if model in self.processes and not self.processes[model].load_times:
-                    self.processes[model].load_times.extend(load_times)
-                if vram:
-                    self.vram_book.measured.setdefault(model, vram)
-
-    def running_groups(self) -> dict[str, int]:
-        """The process group of each model whose server runs."""
-        return {m: p.group for m, p in self.processes.items() if p.group is not None}
-
-    def _watch_gpus(self, config: Config) -> None:
-        """The vram router's eyes, on while it is the router."""
-        if config.routing.router != "vram" and self.vram_watch:
-            self.vram_watch.cancel()
-            self.vram_watch = None
-        elif config.routing.router == "vram" and self.vram_watch is None:
-            self.vram_watch = asyncio.create_task(self._read_gpus())
-
-    async def _read_gpus(self) -> None:
-        """Every VRAM_EVERY seconds: the GPUs and what our models hold of them. NVML is opened and
-        closed in worker threads, never on the event loop."""
-        book = self.vram_book
-        book.source = await asyncio.shield(asyncio.to_thread(open_vram_source))
-        if book.source is None:
-            self.log.warn("vram router: no GPU found through NVML, so every model runs alone")
-            return
-        try:
-            while True:
-                known = dict(book.measured)
-                starting = {m for m, p in self.processes.items() if p.state == STARTING}
-                try:
-                    await book.refresh(self.running_groups(), starting)
-                except Exception as e:  # a bug or an odd driver: say so, and read again next time
-                    self.log.error(f"vram router: reading the GPUs failed: {type(e).__name__}: {e}")
-                for model in (m for m, vram in book.measured.items() if known.get(m) != vram and m in self.processes):
-                    self.activity.remember(model, self.figures(model))
-                await asyncio.sleep(VRAM_EVERY)
-        finally:
-            source, book.source = book.source, None
-            await asyncio.shield(asyncio.to_thread(source.close))
-
-    def _monitor(self, config: Config) -> None:
-        if self.monitoring:
-            self.monitoring.cancel()
-        self.performance = None if config.performance_disabled else PerformanceMonitor(config.performance_every)
-        self.monitoring = asyncio.create_task(self._sample(self.performance)) if self.performance else None
-
-    async def _sample(self, monitor: PerformanceMonitor) -> None:
-        """System and GPU samples until cancelled. NVML is opened and closed in worker threads
-        (the close waits for a sample still reading it), never on the event loop."""
-        monitor.gpu = await asyncio.shield(asyncio.to_thread(open_gpu_provider))
-        if monitor.gpu is None:
-            self.log.info("GPU monitoring not available: no NVIDIA GPU found through NVML")
-        try:
-            await monitor.run()
-        except Exception as e:  # a bug: say so, and the rest of the server goes on without samples
-            self.log.error(f"performance monitor stopped: {type(e).__name__}: {e}")
-        finally:
-            if monitor.gpu:
-                await asyncio.shield(asyncio.to_thread(monitor.gpu.close))
-
-    def _preload(self) -> None:
-        if self.preloading:
-            self.preloading.cancel()
-        if self.config.preload:
-            self.preloading = asyncio.create_task(self._preload_models(list(self.config.preload)))
-
-    async def _preload_models(self, models: list[str]) -> None:
-        """One after another, through the scheduler like any request, so the routing rules hold
-        and a request arriving meanwhile shares the start instead of causing a second one."""
-        for model in models:
-            self.log.info(f"preloading model: {model}")
-            try:
-                async with self.scheduler.lease(model, "preload"):
-                    pass
-            except SchedulerError as e:
-                self.log.error(f"failed to preload model {model}: {e}")
-
-    def _process(self, model: ModelConfig) -> ModelProcess:
-        return ModelProcess(model, self.log, self._state_changed, self.groups)
-
-    def reload(self) -> dict[str, list[str]]:
-        """Read the config again and switch to it; ConfigError leaves everything as it was.
-
-        Models whose launch settings did not change keep their running server; changed and
-        removed ones finish their requests on the old server and are then stopped.
-        """
-        if self.source is None:
-            self.log.warn("nothing to reload: --demo has no config file")
-            raise ConfigError("no config file to reload (started with --demo)")
-        self.log.info("reloading configuration")
-        try:
-            new = self.source.load(self.config)
-        except ConfigError as e:
-            self.log.warn(f"failed to reload config: {e}")
-            raise
-        old = self.config
-        changes = {"added": [], "removed": [], "changed": [], "kept": []}
-        retire: dict[str, ModelConfig | None] = {}
-        for model_id in sorted(set(old.models) | set(new.models), key=str.encode):
-            before, after = old.models.get(model_id), new.models.get(model_id)
-            if after is None:
-                changes["removed"].append(model_id)
-                retire[model_id] = None
-            elif model_id not in self.processes:
-                changes["added"].append(model_id)
-                self.processes[model_id] = self._process(after)
-            elif before is None or model_id in self.scheduler.draining or launch_settings(before) != launch_settings(after):
-                # (a server still being retired by an earlier reload restarts with the newest settings)
-                changes["added" if before is None else "changed"].append(model_id)
-                retire[model_id] = after
-                self.vram_book.forget(model_id)
-            else:
-                changes["kept"].append(model_id)
-                self.processes[model_id].model = after
-        self.config = new
-        self.virtual = VirtualModels(new, self.processes)  # no profile is active after a reload
-        self.log.level = LEVELS[new.log_level]
-        self.log.time_format = new.log_time_format
-        self.vram_book.configure(new)
-        self.scheduler.policy = self._policy(new)
-        self._watch_gpus(new)
-        self.activity.configure(new)
-        if (new.performance_disabled, new.performance_every) != (old.performance_disabled, old.performance_every):
-            self._monitor(new)
-        self.scheduler.priority = dict(new.routing.priority)
-        self.scheduler.max_wait, self.scheduler.min_residency = new.routing.max_wait, new.routing.min_residency
-        self.scheduler.queue_timeout = new.routing.queue_timeout
-        self.scheduler.retire(retire)
-        self._preload()
-        for note in new.notes():
-            self.log.warn(f"config: {note}")
-        self.log.info("configuration reloaded: " + ", ".join(f"{k} {v}" for k, v in changes.items() if v))
-        self.events.publish("profileChanged", {"active": None})
-        self._publish_statuses()
-        return changes
-
-    def _state_changed(self, process: ModelProcess) -> None:
-        self.log.debug(f"<{process.model.id}> state is now {process.state}")
-        self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
-        if process.state in (STOPPING, STOPPED):
-            self.vram_book.stopped()
-        self.scheduler.pump()
-        self._publish_statuses()
-        if process.state == READY:  # one more load time to remember
-            self.activity.remember(process.model.id, self.figures(process.model.id))
-        if process.state == STARTING and (self.load_ticker is None or self.load_ticker.done()):
-            self.load_ticker = asyncio.create_task(self._tick_loads())
-
-    def states(self) -> dict[str, str]:
-        return {m: p.state for m, p in self.processes.items()}
-
-    def loading(self) -> dict[str, dict[str, Any]]:
-        """The load status (elapsed, progress, ETA) of every model starting now."""
-        return {m: status for m, p in self.processes.items() if (status := p.load_status()) is not None}
-
-    async def _tick_loads(self) -> None:
-        """Once a second while a model starts: its progress and ETA to /api/events watchers."""
-        while any(p.state == STARTING for p in self.processes.values()):
-            await asyncio.sleep(1.0)
-            self._publish_statuses()
-
-    def _publish_statuses(self) -> None:
-        if self.events.streams:
-            self.events.publish("modelStatus", model_statuses(self.config, self.states(), self.loading()))
-
-    def _activity_recorded(self, row_id: int, model: str, tokens: Tokens) -> None:
-        self.metrics.add_tokens(model, tokens)
-        self.events.publish("activity", {"id": row_id})
-
-    def _publish_log(self, source: str, data: bytes) -> None:
-        self.events.publish("logData", {"source": source, "data": data.decode("utf-8", "replace")})
+    @property
+    def virtual(self) -> VirtualModels:  # replaced by a reload
+        return self.runtime.virtual
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors, self.guard,
                                            self.auth],
                               client_max_size=self.config.max_request_body_mb * 1024 * 1024)
-        routes = [web.post(p, self.model_request) for p in MODEL_POST_PATHS]
-        routes += [web.get(p, self.model_request) for p in MODEL_GET_PATHS]
-        routes += [
-            web.get("/", self.root), web.get("/health", self.health), web.get("/wol-health", self.health),
-            web.get("/v1/models", self.list_models), web.get("/models", self.list_models),
-            web.get("/running", self.running), web.get("/unload", self.unload_all_text),
-            web.post("/api/models/unload", self.unload_all), web.post("/api/models/unload/{model:[\\s\\S]+}", self.unload_one),
-            web.post("/api/models/load/{model:[\\s\\S]+}", self.load_one),
-            web.get("/ui", self.ui_index), web.get("/ui/{path:[\\s\\S]*}", self.ui), web.get("/favicon.ico", self.favicon),
-            web.get("/api/version", self.version), web.get("/api/inflight", self.list_inflight),
-            web.get("/logs", self.logs), web.get("/logs/stream", self.log_stream), web.get("/metrics", self.prometheus),
-            web.get("/api/performance", self.performance_samples), web.get("/api/hardware", self.hardware_info),
-            web.get("/logs/stream/{id:[\\s\\S]+}", self.log_stream), web.get("/api/events", self.events_stream),
-            web.get("/api/metrics/activity", self.activity_rows), web.get("/api/metrics/stats", self.activity_stats),
-            web.get("/api/captures/{id}", self.capture),
-            web.post("/api/inflight/{id}/cancel", self.cancel_inflight),
-            web.get("/api/profiles", self.list_profiles), web.put("/api/profiles/active", self.set_profile), web.post("/api/config/reload", self.reload_config),
-            web.get("/upstream", self.upstream_index), web.route("*", "/upstream/{tail:[\\s\\S]*}", self.upstream),
-            web.route("*", "/comfyui", self.comfyui), web.route("*", "/comfyui/{tail:[\\s\\S]*}", self.comfyui),
-        ]
-        app.add_routes(routes)
+        any_path = "{tail:[\\s\\S]*}"
+        app.add_routes([
+            # the model routes: a model is read from the request, started if need be, relayed to
+            *(web.post(path, self.handle_model) for path in MODEL_POST_PATHS),
+            *(web.get(path, self.handle_model) for path in MODEL_GET_PATHS),
+            web.get("/upstream", self.handle_upstream_index),
+            web.route("*", "/upstream/" + any_path, self.handle_upstream),
+            web.route("*", "/comfyui", self.handle_comfyui),
+            web.route("*", "/comfyui/" + any_path, self.handle_comfyui),
+            # models: listing and control
+            web.get("/v1/models", self.handle_models),
+            web.get("/models", self.handle_models),
+            web.get("/running", self.handle_running),
+            web.get("/unload", self.handle_unload_text),
+            web.post("/api/models/unload", self.handle_unload_all),
+            web.post("/api/models/unload/{model:[\\s\\S]+}", self.handle_unload_one),
+            web.post("/api/models/load/{model:[\\s\\S]+}", self.handle_load_one),
+            web.get("/api/profiles", self.handle_profiles),
+            web.put("/api/profiles/active", self.handle_set_profile),
+            web.post("/api/config/reload", self.handle_reload),
+            web.get("/api/inflight", self.handle_inflight),
+            web.post("/api/inflight/{id}/cancel", self.handle_cancel_inflight),
+            # watching
+            web.get("/health", self.handle_health),
+            web.get("/wol-health", self.handle_health),
+            web.get("/logs", self.handle_logs),
+            web.get("/logs/stream", self.handle_log_stream),
+            web.get("/logs/stream/{id:[\\s\\S]+}", self.handle_log_stream),
+            web.get("/api/events", self.handle_events),
+            web.get("/metrics", self.handle_metrics),
+            web.get("/api/performance", self.handle_performance),
+            web.get("/api/hardware", self.handle_hardware),
+            web.get("/api/metrics/activity", self.handle_activity),
+            web.get("/api/metrics/stats", self.handle_activity_stats),
+            web.get("/api/captures/{id}", self.handle_capture),
+            # the web UI
+            web.get("/", self.handle_root),
+            web.get("/ui", self.handle_ui_index),
+            web.get("/ui/{path:[\\s\\S]*}", self.handle_ui),
+            web.get("/favicon.ico", self.handle_favicon),
+            web.get("/api/version", self.handle_version),
+        ])
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
-    # -- the hot path ---------------------------------------------------------
 
-    async def model_request(self, request: web.Request) -> web.StreamResponse:
+    # -- the hot path -------------------------------------------------------------
+
+    async def handle_model(self, request: web.Request) -> web.StreamResponse:
         """request -> model (via profile pin or selector) -> scheduler.lease(model) -> relay -> release."""
         body = await self.read_body(request)
         requested = await self.off_loop(body, request_model, request.method, request.headers.get("Content-Type", ""),
@@ -7099,7 +7284,7 @@ class Server:
                 async with self.scheduler.granted(ticket) as process:
                     await loading.finish()
                     if process.upstream is None:
-                        raise UpstreamError(f"[{model}] process is not ready")
+                        raise UpstreamError(Failure.NOT_READY, f"[{model}] process is not ready")
                     await relay_into(response, request, process.upstream, path_qs, body, forwarded_headers(request))
             except (SchedulerError, UpstreamError) as e:
                 await loading.stop()
@@ -7177,17 +7362,16 @@ class Server:
             raise ApiError(503, f"[{process.model.id}] process is not ready")
         try:
             if is_websocket(request):
-                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request), self.largest_message)
+                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request), self.largest_message, self.websockets)
             return await relay(request, upstream, path_qs, body, forwarded_headers(request), self.log)
         except UpstreamError as e:
-            raise ApiError(e.status, f"upstream {process.model.id} {e}" if e.status != 502 or e.args[0].startswith("refused") else
-                           f"upstream {process.model.id} unreachable: {e}") from None
+            raise ApiError(e.status, f"upstream {process.model.id} unreachable: {e}") from None
 
     async def relay_peer(self, request: web.Request, peer: PeerConfig, path_qs: str, body: bytes) -> web.StreamResponse:
         try:
             if is_websocket(request):
                 return await relay_websocket(request, self.peer_upstream(peer), path_qs, peer_headers(request, peer),
-                                             self.largest_message)
+                                             self.largest_message, self.websockets)
             return await relay(request, self.peer_upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
         except UpstreamError as e:
             self.log.warn(f"peer {peer.id}: proxy error: {printable(str(e))}")
@@ -7200,7 +7384,9 @@ class Server:
             self.peer_sessions[key] = upstream_session(peer.timeouts, peer.proxy)
         return Upstream(self.peer_sessions[key], peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:")
 
-    async def upstream(self, request: web.Request) -> web.StreamResponse:
+    # -- /upstream and /comfyui ---------------------------------------------------
+
+    async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
         """/upstream/<model>/<path>: straight to the model's own server, body untouched."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         raw_tail = raw_path[len("/upstream/"):]
@@ -7239,7 +7425,7 @@ class Server:
         async with self.scheduler.lease(model, request_label(request)) as process:
             return await self.relay_local(request, process, path_qs, body)
 
-    async def comfyui(self, request: web.Request) -> web.StreamResponse:
+    async def handle_comfyui(self, request: web.Request) -> web.StreamResponse:
         """/comfyui/<path> to the model `comfyui_auto`; only the root page may start it."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         if raw_path == "/comfyui":
@@ -7268,21 +7454,21 @@ class Server:
             if end < 0:
                 return found
 
-    # -- listing and control ---------------------------------------------------
+    # -- listing and control ------------------------------------------------------
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    async def handle_models(self, request: web.Request) -> web.Response:
         """The OpenAI model list, with each model's loaded status."""
         profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
-        records = model_records(self.config, self.states(), int(time.time()), profile, self.loading())
-        if self.config.routing.router == "vram":  # each model's footprint: measured, else its hint
+        records = model_records(self.config, self.runtime.states(), int(time.time()), profile, self.runtime.loading())
+        if self.config.routing.router is Router.VRAM:  # each model's footprint: measured, else its hint
             for record in records:
                 if record["meta"]["llamaswap"]["type"] in ("model", "alias"):
                     need = self.vram_book.need(self.config.real_model_id(record["id"]) or "")
                     record["meta"]["llamaswap"]["vram"] = {str(g): b for g, b in sorted((need or {}).items())}
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
-        return json_response({"object": "list", "data": records, **self.gpu_budgets()}, headers=headers)
+        return json_response({"object": "list", "data": records, **self.runtime.gpu_budgets()}, headers=headers)
 
-    async def running(self, request: web.Request) -> web.Response:
+    async def handle_running(self, request: web.Request) -> web.Response:
         """Models whose server is starting, ready or stopping."""
         running = []
         for model_id in sorted(self.processes, key=str.encode):
@@ -7294,31 +7480,20 @@ class Server:
             entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
             entry.update(in_flight=self.scheduler.in_flight[model_id], ttl_remaining=self.scheduler.ttl_remaining(model_id),
                          queued=self.scheduler.reserved[model_id] - self.scheduler.in_flight[model_id])
-            if self.config.routing.router == "vram" and model_id in self.vram_book.measured:
+            if self.config.routing.router is Router.VRAM and model_id in self.vram_book.measured:
                 entry["vram"] = {str(gpu): size for gpu, size in sorted(self.vram_book.measured[model_id].items())}
             running.append(entry)
-        return json_response({"running": running, **self.gpu_budgets()})
+        return json_response({"running": running, **self.runtime.gpu_budgets()})
 
-    def gpu_budgets(self) -> dict[str, Any]:
-        """With the vram router: each GPU's size, use and what our models may hold of it."""
-        if self.config.routing.router != "vram":
-            return {}
-        budget = self.vram_book.budget()
-        return {"gpus": [{"index": i, "total": g.total, "used": g.used, "budget": budget[i]}
-                         for i, g in sorted(self.vram_book.gpus.items())]}
-
-    async def _unload(self, models: Iterable[str]) -> None:
-        await self.scheduler.unload(list(models))
-
-    async def unload_all(self, request: web.Request) -> web.Response:
-        await self._unload(self.processes)
+    async def handle_unload_all(self, request: web.Request) -> web.Response:
+        await self.scheduler.unload(list(self.processes))
         return json_response({"msg": "ok"})
 
-    async def unload_all_text(self, request: web.Request) -> web.Response:
-        await self._unload(self.processes)
+    async def handle_unload_text(self, request: web.Request) -> web.Response:
+        await self.scheduler.unload(list(self.processes))
         return web.Response(text="OK")
 
-    async def load_one(self, request: web.Request) -> web.Response:
+    async def handle_load_one(self, request: web.Request) -> web.Response:
         """Our addition, for the UI's Load button: start a model as a request would, answer once it is ready."""
         model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
         if model is None:
@@ -7327,29 +7502,29 @@ class Server:
             pass
         return json_response({"msg": "ok"})
 
-    async def unload_one(self, request: web.Request) -> web.Response:
+    async def handle_unload_one(self, request: web.Request) -> web.Response:
         model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
         if model is None:
             raise ApiError(404, "model not found")
-        await self._unload([model])
+        await self.scheduler.unload([model])
         return web.Response(text="OK")
 
-    async def reload_config(self, request: web.Request) -> web.Response:
+    async def handle_reload(self, request: web.Request) -> web.Response:
         """Reload now: 200 with what changed, or 400 saying why the running config was kept."""
-        if self.source is None:
+        if self.runtime.source is None:
             raise ApiError(400, "config reload is not available: no config file to read")
         try:
-            changes = self.reload()
+            changes = reload(self.runtime)
         except ConfigError as e:
             raise ApiError(400, f"config reload failed, the running config is kept: {e}") from None
         return json_response({"msg": "ok", "models": changes})
 
-    async def list_profiles(self, request: web.Request) -> web.Response:
+    async def handle_profiles(self, request: web.Request) -> web.Response:
         profiles = [{"id": p.id, "description": p.description, "pins": p.pins}
                     for _, p in sorted(self.config.profiles.items(), key=lambda e: e[0].encode())]
         return json_response({"active": self.virtual.active, "profiles": profiles})
 
-    async def set_profile(self, request: web.Request) -> web.Response:
+    async def handle_set_profile(self, request: web.Request) -> web.Response:
         """PUT {"name": "<profile>"} or {"name": null}: pins apply from the next request on."""
         try:
             body = json.loads(await self.read_body(request))
@@ -7364,18 +7539,14 @@ class Server:
             raise ApiError(400, "profile name must be a string or null")
         if name and name not in self.config.profiles:
             raise ApiError(404, f'profile "{name}" not found')
-        if (name or None) != self.virtual.active:
-            self.virtual.active = name or None
-            self.log.info(f'active profile changed to "{name or ""}"')
-            self.events.publish("profileChanged", {"active": self.virtual.active})
-            self._publish_statuses()
+        self.runtime.activate_profile(name or None)
         return json_response({"active": self.virtual.active})
 
-    async def list_inflight(self, request: web.Request) -> web.Response:
+    async def handle_inflight(self, request: web.Request) -> web.Response:
         """Our addition: the requests in flight now, as the `inflight` events carry them."""
         return json_response({"requests": self.inflight.records()})
 
-    async def cancel_inflight(self, request: web.Request) -> web.Response:
+    async def handle_cancel_inflight(self, request: web.Request) -> web.Response:
         exchange = self.inflight.cancel(request.match_info["id"])
         if exchange is None:
             raise ApiError(404, "inflight request not found")
@@ -7383,20 +7554,22 @@ class Server:
                       f"({printable(f'{exchange.model} {exchange.method} {exchange.path}')})")
         return json_response({"msg": "ok"})
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def handle_health(self, request: web.Request) -> web.Response:
         return web.Response(text="OK")
 
-    async def activity_rows(self, request: web.Request) -> web.Response:
+    # -- activity, metrics, performance -------------------------------------------
+
+    async def handle_activity(self, request: web.Request) -> web.Response:
         """Recorded requests, filtered, sorted and paged."""
         try:
             return json_response(await self.activity.call(self.activity.store.query, request.query, self.activity.has_capture))
         except QueryError as e:
             raise ApiError(400, str(e)) from None
 
-    async def activity_stats(self, request: web.Request) -> web.Response:
+    async def handle_activity_stats(self, request: web.Request) -> web.Response:
         return json_response(await self.activity.call(self.activity.store.stats, request.query.get("model") or None))
 
-    async def capture(self, request: web.Request) -> web.Response:
+    async def handle_capture(self, request: web.Request) -> web.Response:
         """One recorded request and its answer."""
         try:
             capture_id = int(request.match_info["id"])
@@ -7407,39 +7580,39 @@ class Server:
             raise ApiError(404, "capture not found")
         return json_response(capture)
 
-    async def prometheus(self, request: web.Request) -> web.Response:
+    async def handle_metrics(self, request: web.Request) -> web.Response:
         """Prometheus text: the newest system and GPU sample, then our per-model series
         (served even with the performance monitor disabled, where the original answers 503)."""
-        system = render_prometheus(*self.performance.latest()) if self.performance else ""
-        vram = vram_families(self.vram_book) if self.config.routing.router == "vram" else ""
+        system = render_prometheus(*self.runtime.performance.latest()) if self.runtime.performance else ""
+        vram = vram_families(self.vram_book) if self.config.routing.router is Router.VRAM else ""
         return web.Response(text=system + self.metrics.render(self.scheduler) + vram,
                             headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
 
-    async def performance_samples(self, request: web.Request) -> web.Response:
+    async def handle_performance(self, request: web.Request) -> web.Response:
         """The last hour of system and GPU samples, or those after `?after=`."""
-        if self.performance is None:
+        if self.runtime.performance is None:
             return json_response({"enabled": False}, status=503)
         try:
             after = parse_rfc3339(request.query["after"]) if "after" in request.query else None
         except ValueError:
             raise ApiError(400, "invalid 'after' timestamp, use RFC3339 format") from None
-        return json_response(self.performance.snapshot(after))
+        return json_response(self.runtime.performance.snapshot(after))
 
-    async def hardware_info(self, request: web.Request) -> web.Response:
+    async def handle_hardware(self, request: web.Request) -> web.Response:
         try:
-            return json_response(await asyncio.shield(self.hardware))
+            return json_response(await asyncio.shield(self.runtime.hardware))
         except HardwareUnavailable:
             raise ApiError(503, "hardware detection unavailable") from None
 
-    # -- watching: logs and events ---------------------------------------------
+    # -- logs and events ----------------------------------------------------------
 
-    async def logs(self, request: web.Request) -> web.Response:
+    async def handle_logs(self, request: web.Request) -> web.Response:
         """The combined log's history; a browser is sent to the UI."""
         if "text/html" in request.headers.get("Accept", ""):
             raise web.HTTPFound("/ui/")
         return web.Response(body=self.log.mux.history.history(), content_type="text/plain")
 
-    async def log_stream(self, request: web.Request) -> web.StreamResponse:
+    async def handle_log_stream(self, request: web.Request) -> web.StreamResponse:
         """History, then each new chunk as it is written, until the client or the server goes."""
         monitor = self.log_monitor(request.match_info.get("id", ""))
         response = CountedResponse(headers={"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff",
@@ -7464,7 +7637,7 @@ class Server:
             raise ApiError(400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
         return self.processes[model].output
 
-    async def events_stream(self, request: web.Request) -> web.StreamResponse:
+    async def handle_events(self, request: web.Request) -> web.StreamResponse:
         """/api/events: the state of things first, then every change, as SSE."""
         response = CountedResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
@@ -7473,7 +7646,7 @@ class Server:
         first = [
             sse_event("logData", {"source": "proxy", "data": self.log.proxy.history.history().decode("utf-8", "replace")}),
             sse_event("logData", {"source": "upstream", "data": self.log.upstream.history.history().decode("utf-8", "replace")}),
-            sse_event("modelStatus", model_statuses(self.config, self.states(), self.loading())),
+            sse_event("modelStatus", model_statuses(self.config, self.runtime.states(), self.runtime.loading())),
             sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
             sse_event("profileChanged", {"active": self.virtual.active}),
             sse_event("inflight", self.inflight.snapshot()),
@@ -7483,20 +7656,22 @@ class Server:
                 await response.write(message)
         return response
 
-    async def root(self, request: web.Request) -> web.Response:
+    # -- the web UI ---------------------------------------------------------------
+
+    async def handle_root(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui")
 
-    async def ui_index(self, request: web.Request) -> web.Response:
+    async def handle_ui_index(self, request: web.Request) -> web.Response:
         raise web.HTTPMovedPermanently("/ui/")
 
-    async def ui(self, request: web.Request) -> web.Response:
+    async def handle_ui(self, request: web.Request) -> web.Response:
         """The web UI: files as they are, and index.html for the app's own paths."""
         path = request.match_info["path"]
         if "." not in path.rpartition("/")[2]:
             path = "index.html"
         return self.ui_file(request, path)
 
-    async def favicon(self, request: web.Request) -> web.Response:
+    async def handle_favicon(self, request: web.Request) -> web.Response:
         return self.ui_file(request, "favicon.svg")
 
     def ui_file(self, request: web.Request, path: str) -> web.Response:
@@ -7510,13 +7685,13 @@ class Server:
         content_type = UI_TYPES.get(path.rpartition(".")[2], "application/octet-stream")
         return web.Response(body=body, content_type=content_type, headers=headers)
 
-    async def upstream_index(self, request: web.Request) -> web.Response:
+    async def handle_upstream_index(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui/models")
 
-    async def version(self, request: web.Request) -> web.Response:
+    async def handle_version(self, request: web.Request) -> web.Response:
         return json_response({"version": __version__, "commit": "python", "build_date": "unknown"})
 
-    # -- middlewares -----------------------------------------------------------
+    # -- middlewares --------------------------------------------------------------
 
     @web.middleware
     async def errors(self, request: web.Request, handler) -> web.StreamResponse:
@@ -7654,25 +7829,20 @@ class Server:
                 line = f'{client_ip(request)} "{request.method} {request.path} {version}" {status} {size} "{agent}"'
                 self.log.info(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
 
+    # -- shutdown -----------------------------------------------------------------
+
     async def _on_shutdown(self, app: web.Application) -> None:
-        tasks = [task for task in (self.preloading, self.monitoring, self.hardware, self.load_ticker, self.vram_watch,
-                                   self.recalling, self.stall_watch) if task]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # the GPU source is closed on the way out
         # Websockets never end by themselves: close them, or shutdown would wait for its budget.
-        await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(live_websockets)),
+        await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(self.websockets)),
                              return_exceptions=True)
         for stream in self.log_streams:  # streams that never end by themselves either
             stream.close()
-        self.events.close()
-        self.scheduler.close()
+        await self.runtime.wind_down()
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
         await self.activity.close()
         self.body_threads.shutdown(wait=False, cancel_futures=True)
-
 
 def stalled_clients(timeout: float) -> Iterator[CountedResponse]:
     """The answers whose client has taken none of their bytes for `timeout` seconds."""
@@ -7699,7 +7869,7 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 23. CLI #####################################################################
+# 24. CLI #####################################################################
 ###############################################################################
 
 # Flags, serve() (bind, start, wait, shut down) and main().
@@ -7813,7 +7983,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
     groups = GroupRecord(group_record_path(host, port))
     try:
-        server = Server(config, log, source, groups)
+        runtime = Runtime(config, log, source, groups)
     except sqlite3.Error as e:
         print(f"llama-swap: store.path: cannot open {config.store_path}: {e}", file=sys.stderr)
         return 1
@@ -7826,7 +7996,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         signals_seen.append(sig)
         if len(signals_seen) > 1:  # a second Ctrl-C: leave nothing running and go now
             log.warn("second signal received, killing every upstream and exiting now")
-            server.scheduler.kill_all()
+            runtime.scheduler.kill_all()
             STDOUT.flush(timeout=1.0)
             os._exit(1)
         stop.set()
@@ -7834,7 +8004,8 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     # Installed before we listen: a signal from then on must reach this handler, not the default.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, server)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, runtime)
+    server = Server(runtime)
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False, auto_decompress=False,
                            shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(log), **HTTP_LIMITS)
     await runner.setup()
@@ -7847,22 +8018,17 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         return 1  # and nothing touched: whoever listens there keeps its models
     await groups.watch(log)  # before any model can start: every group it must know of is told
     await groups.stop_leftovers(log)  # the address is ours now, so a record for it is a dead run's
-    server.start()
+    runtime.start(watch_config_file=watch)
     url = browser_url("https" if ssl_context else "http", host, port)
     everywhere = " (all interfaces)" if host in (None, "", "0.0.0.0", "::") else ""
     log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {url}{everywhere}")
     log.info(f"web UI: {url}/ui/")
     if not is_loopback_only(host):
         log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} to restrict to loopback only")
-
-    watcher = None
     if watch:
         log.info("watching configuration for changes (poll-based, 2s interval)")
-        watcher = asyncio.create_task(watch_config(server))
     await stop.wait()
     log.info(f"received signal {signal.Signals(signals_seen[0]).name}, shutting down")
-    if watcher:
-        watcher.cancel()
     # Stop listening and refuse queued requests; those in flight get SHUTDOWN_BUDGET between them
     # (aiohttp would give them that twice over), then are ended; then each model gets its own
     # unloadTimeout to stop (its cmdStop, say).
@@ -7871,7 +8037,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         for task in server.handling:
             task.cancel()
     await cleanup
-    await server.scheduler.shutdown()
+    await runtime.scheduler.shutdown()
     await groups.close()
     log.info("shutdown complete")
     return 0

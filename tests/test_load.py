@@ -1,7 +1,7 @@
 """Load held (issue 9): many clients, swaps and hang-ups, and nothing left behind afterwards.
 
 Four responder models in two swap groups, g1 {a, b} and g2 {c, d}, both `swap: true,
-exclusive: false` (spec §2.12.1, §4.6): a member replaces the other member of its group and never
+exclusive: false`: a member replaces the other member of its group and never
 touches the other group, so (a, b) and (c, d) must never run together, while a or b may run
 beside c or d.
 
@@ -42,7 +42,7 @@ import yaml
 from aiohttp import web
 
 from helpers import eventually, free_port, free_port_block, pid_alive
-from llama_swap import STOPPED, ProxyLog, Server, parse_config
+from llama_swap import STOPPED, ProxyLog, Runtime, Server, parse_config
 
 MODELS = {"a": "g1", "b": "g1", "c": "g2", "d": "g2"}
 FORBIDDEN = (("a", "b"), ("c", "d"))
@@ -319,7 +319,7 @@ async def test_a_thousand_requests_from_fifty_clients_are_all_answered_and_the_r
 # -- a disconnect storm, in this event loop --------------------------------------------------------
 
 STORM_REQUESTS = 200
-# More clients would not mean more swaps: a ready model serves its own requests at once (§4.6
+# More clients would not mean more swaps: a ready model serves its own requests at once (the
 # fast path), so with many clients it stays busy and the other member of its group waits. With
 # 20, its requests drain often enough that ~10 swaps happen, and most hang-ups meet one.
 STORM_CLIENTS = 20
@@ -331,17 +331,18 @@ RUN_TASKS = {"ModelProcess._read_output", "ModelProcess._watch_exit"}
 @contextlib.asynccontextmanager
 async def proxy_in_this_loop(config: dict):
     """The server `serve()` builds, on a free port of 127.0.0.1, with its log kept in memory."""
-    server = Server(parse_config(yaml.safe_dump(config, sort_keys=False)), ProxyLog("info", to_stdout="none"))
+    runtime = Runtime(parse_config(yaml.safe_dump(config, sort_keys=False)), ProxyLog("info", to_stdout="none"))
+    server = Server(runtime)
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    server.start()
+    runtime.start()
     try:
         yield server, f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
-        await server.scheduler.shutdown()
+        await runtime.scheduler.shutdown()
 
 
 async def hang_up_at_random(session: aiohttp.ClientSession, url: str, model: str, rng: random.Random,
@@ -398,7 +399,7 @@ async def test_a_disconnect_storm_during_swaps_leaves_no_reservation_and_no_task
     loop.set_exception_handler(lambda _loop, context: unexpected.append(context))
     try:
         async with proxy_in_this_loop(config) as (server, url):
-            assert await eventually(lambda: server.hardware.done(), 10)
+            assert await eventually(lambda: server.runtime.hardware.done(), 10)
             baseline = asyncio.all_tasks()
             rng = random.Random(7)
             plan = iter([rng.choice(sorted(MODELS)) for _ in range(STORM_REQUESTS)])

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import llama_swap as perf
 from llama_swap import (MIB, GpuStat, HistogramSeries, NetIOStat, PerformanceMonitor, SysStat,
                         cpu_percent_per_core, escape_label_value, format_number, hardware_snapshot,
-                        histogram_family, metric_family, open_gpu_provider, parse_cpu_times, parse_loadavg,
+                        histogram_family, metric_family, open_nvml, parse_cpu_times, parse_loadavg,
                         parse_meminfo, parse_net_dev, parse_rfc3339, read_system_stats, render_prometheus)
 from llama_swap import go_time as rfc3339
 from llama_swap import sample_json
@@ -446,7 +446,7 @@ def test_histogram_counts_must_match_the_buckets():
 
 def test_the_gpu_source_matches_the_machine():
     """Real NVML where the machine has an NVIDIA GPU (the device node is there); none elsewhere."""
-    provider = open_gpu_provider()
+    provider = open_nvml()
     if not os.path.exists("/dev/nvidiactl"):
         assert provider is None
         return
@@ -460,7 +460,7 @@ def test_the_gpu_source_matches_the_machine():
 
 def test_no_gpu_source_without_the_nvml_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
-    assert open_gpu_provider() is None
+    assert open_nvml() is None
     assert perf.nvml_accelerators() == []
 
 
@@ -501,7 +501,7 @@ def fake_nvml(device_count: int = 2) -> types.ModuleType:
 def test_nvml_readings_with_unsupported_fields_read_zero(monkeypatch):
     nvml = fake_nvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    provider = open_gpu_provider()
+    provider = open_nvml()
     board, card = provider.sample()
     assert board == GpuStat(board.timestamp, 0, "NVIDIA H100 80GB HBM3", "GPU-gpu0", temp_c=45, vram_temp_c=52,
                             gpu_util_pct=87.0, mem_util_pct=25.0, mem_used_mb=20480, mem_total_mb=81920,
@@ -516,7 +516,7 @@ def test_nvml_readings_with_unsupported_fields_read_zero(monkeypatch):
 def test_nvml_without_gpus_is_no_source(monkeypatch):
     nvml = fake_nvml(device_count=0)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    assert open_gpu_provider() is None
+    assert open_nvml() is None
     assert nvml.calls == ["init", "shutdown"]
 
 
@@ -524,7 +524,7 @@ def test_nvml_that_fails_to_start_is_no_source(monkeypatch):
     nvml = fake_nvml()
     nvml.nvmlInit = not_supported
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    assert open_gpu_provider() is None
+    assert open_nvml() is None
 
 
 def test_nvml_accelerators_for_the_hardware_snapshot(monkeypatch):
