@@ -57,8 +57,8 @@ import contextlib
 import contextvars
 import ctypes
 import dataclasses
-import decimal
 import datetime
+import decimal
 import difflib
 import enum
 import errno
@@ -68,8 +68,8 @@ import hashlib
 import hmac
 import html
 import http
-import ipaddress
 import importlib.resources
+import ipaddress
 import itertools
 import json
 import logging
@@ -103,7 +103,6 @@ import multidict
 import yaml
 from aiohttp import web
 from yarl import URL
-
 
 ###############################################################################
 # 1. Helpers ##################################################################
@@ -183,7 +182,8 @@ def _fraction(t: datetime.datetime, digits: int, trim: bool = False) -> str:
 
 def go_time(moment: datetime.datetime, fraction: bool = True) -> str:
     """RFC 3339 as Go writes a time.Time in JSON: the fraction without trailing zeros, Z for UTC."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (_fraction(moment, 9, trim=True) if fraction else "") + _go_zone(moment)
+    fraction_text = _fraction(moment, 9, trim=True) if fraction else ""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction_text + _go_zone(moment)
 
 
 def go_timestamp(seconds: float, fraction: bool = True) -> str:
@@ -637,7 +637,8 @@ class ConfigReader:
 
 
 def _yaml_kind(value: Any) -> str:
-    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}
+    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number"}
     return "nothing" if value is None else kinds.get(type(value), type(value).__name__)
 
 
@@ -666,7 +667,8 @@ def read_sources(path: str | None, config_dir: str | None) -> list[tuple[str, di
             raise ConfigError(f"--config path {path} is also present in --config-dir {config_dir}; remove it from one")
         files += names
     if not files:
-        raise ConfigError("no configuration sources found" if config_dir else "at least one of --config or --config-dir must be provided")
+        raise ConfigError("no configuration sources found" if config_dir else
+                          "at least one of --config or --config-dir must be provided")
     documents = []
     for name in files:
         try:
@@ -691,7 +693,8 @@ YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
 
 
 def parse_yaml(text: str) -> dict | None:
@@ -726,13 +729,15 @@ def _merge(a: Any, b: Any, path: str, source: str) -> Any:
         for key, value in b.items():
             child = f"{path}.{key}" if path else str(key)
             if key in out and path in IDENTITY_MAPS:
-                raise ConfigError(f'duplicate {path} "{key}" found in {source} (already defined in another config source)')
+                raise ConfigError(f'duplicate {path} "{key}" found in {source} '
+                                  '(already defined in another config source)')
             out[key] = _merge(out[key], value, child, source) if key in out else value
         return out
     if isinstance(a, list) and isinstance(b, list):
         return a + b
     if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-        raise ConfigError(f'conflict at "{path}": incompatible YAML node kinds ({_yaml_kind(a)} vs {_yaml_kind(b)}) introduced by {source}')
+        raise ConfigError(f'conflict at "{path}": incompatible YAML node kinds ({_yaml_kind(a)} vs {_yaml_kind(b)}) '
+                          f'introduced by {source}')
     if a != b or type(a) is not type(b):
         raise ConfigError(f'conflict at "{path}": {source} sets a different value than a previous source')
     return a
@@ -752,7 +757,8 @@ def substitute_env_macros(text: str) -> str:
             raise ConfigError(f"environment variable '{name}' is not set")
         env_value = os.environ[name]
         if any(c in env_value for c in "\r\n\0"):
-            raise ConfigError(f"environment variable '{name}' contains newlines or null bytes which are not allowed in YAML substitution")
+            raise ConfigError(f"environment variable '{name}' contains newlines or null bytes which are not allowed "
+                              "in YAML substitution")
         return env_value.replace("\\", "\\\\").replace('"', '\\"')
 
     used = env_names_outside_comments(text)
@@ -789,9 +795,11 @@ def read_macros(node: ConfigReader) -> list[tuple[str, Any]]:
         if len(name) >= 64:
             raise node.error(name, f"macro name '{name}' exceeds maximum length of 63 characters")
         if not re.fullmatch(r"[a-zA-Z0-9_-]+", name):
-            raise node.error(name, f"macro name '{name}' contains invalid characters, must match pattern ^[a-zA-Z0-9_-]+$")
+            raise node.error(name, f"macro name '{name}' contains invalid characters, "
+                                   "must match pattern ^[a-zA-Z0-9_-]+$")
         if value is None or isinstance(value, (dict, list)):
-            raise node.error(name, f"macro '{name}' has invalid type {_yaml_kind(value)}, must be a scalar type (string, int, float, or bool)")
+            raise node.error(name, f"macro '{name}' has invalid type {_yaml_kind(value)}, "
+                                   "must be a scalar type (string, int, float, or bool)")
         if isinstance(value, str) and "${" + name + "}" in value:
             raise node.error(name, f"macro '{name}' contains self-reference")
         if name in RESERVED_MACROS:
@@ -843,7 +851,8 @@ def check_no_leftover_macros(value: Any, path: str, in_model: bool = False, allo
         if allow_pid and name == "PID":
             continue
         if in_model and name in ("PORT", "MODEL_ID"):
-            raise ConfigError(f"{where}: macro '${{{name}}}' should have been substituted (${{PORT}} is only set when cmd uses it)")
+            raise ConfigError(f"{where}: macro '${{{name}}}' should have been substituted "
+                              "(${PORT} is only set when cmd uses it)")
         if in_model and name == "PID":
             raise ConfigError(f"{where}: ${{PID}} is only available in cmdStop")
         raise ConfigError(f"{where}: unknown macro '${{{name}}}'")
@@ -867,7 +876,8 @@ def strip_comment_lines(command: str) -> str:
 
 TOP_LEVEL_KEYS = (
     "healthCheckTimeout", "logRequests", "logLevel", "logTimeFormat", "logToStdout", "metricsMaxInMemory",
-    "captureBuffer", "maxRequestBodyMB", "stalledClientTimeout", "store", "ui", "performance", "globalTTL", "unloadTimeout", "startPort", "macros", "models",
+    "captureBuffer", "maxRequestBodyMB", "stalledClientTimeout", "store", "ui", "performance", "globalTTL",
+    "unloadTimeout", "startPort", "macros", "models",
     "profiles", "selectors", "routing", "groups", "matrix", "hooks", "sendLoadingState", "includeAliasesInList",
     "apiKeys", "adminKeys", "allowedOrigins", "peers", "upstream",
 )
@@ -964,7 +974,8 @@ def expand_models(top: ConfigReader, global_macros: list, readers: list, config:
     On a reload (`previous` given, same startPort) a model keeps the port it had and a new one
     takes the lowest free port, so adding a model never moves the others (and restarts them)."""
     start = top.data.get("startPort")
-    start = start if isinstance(start, int) and not isinstance(start, bool) else DEFAULT_START_PORT  # a bad value is reported later
+    if not isinstance(start, int) or isinstance(start, bool):
+        start = DEFAULT_START_PORT  # a bad value is reported later
     raw_models = top.free_mapping("models")
     kept = {m: port for m, port in previous.ports.items() if m in raw_models} \
         if previous is not None and previous.start_port == start else {}
@@ -984,7 +995,8 @@ def expand_models(top: ConfigReader, global_macros: list, readers: list, config:
 
 def read_globals(top: ConfigReader, config: Config) -> None:
     """Types and defaults of the global keys; their values are checked by check_globals."""
-    config.health_check_timeout = max(top.integer("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT), MIN_HEALTH_CHECK_TIMEOUT)
+    config.health_check_timeout = max(top.integer("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT),
+                                      MIN_HEALTH_CHECK_TIMEOUT)
     performance = top.mapping("performance")
     config.performance_disabled = performance.boolean("disabled")
     performance.string("every")
@@ -1026,7 +1038,8 @@ def check_globals(top: ConfigReader, config: Config, errors: ConfigErrors) -> No
     """The global values, each on its own, so that every bad one is reported."""
     with errors.gather():
         config.performance_every = read_performance_every(top.mapping("performance"))
-    bounds = (("maxRequestBodyMB", config.max_request_body_mb < 1, f"must be at least 1, got {config.max_request_body_mb}"),
+    bounds = (("maxRequestBodyMB", config.max_request_body_mb < 1,
+               f"must be at least 1, got {config.max_request_body_mb}"),
               ("stalledClientTimeout", config.stalled_client_timeout < 0, "must be >= 0 (0: never)"),
               ("startPort", top.integer("startPort", DEFAULT_START_PORT) < 1, "must be greater than 1"),
               ("globalTTL", config.global_ttl < 0, "must be >= 0"),
@@ -1108,7 +1121,8 @@ def expand_model(model_id: str, raw: Any, global_macros: list, port: int, reader
     cmd_text = data.get("cmd") if isinstance(data.get("cmd"), str) else ""
     uses_port = "${PORT}" in cmd_text
     if isinstance(data.get("proxy"), str) and "${PORT}" in data["proxy"] and not uses_port:
-        raise ConfigError(f"{path}.proxy: uses ${{PORT}} but cmd does not - ${{PORT}} is only available when used in cmd")
+        raise ConfigError(f"{path}.proxy: uses ${{PORT}} but cmd does not - "
+                          "${PORT} is only available when used in cmd")
     if uses_port:
         macros = macros + [("PORT", port)]
         data = expand_macros(data, [("PORT", port)])
@@ -1161,10 +1175,12 @@ def expand_keys(by_id: dict, macros: list[tuple[str, Any]], model_id: str) -> di
         expanded = go_format(expand_macros(str(key), macros))
         leftover = ANY_MACRO.search(expanded)
         if leftover:
-            raise ConfigError(f"models.{model_id}.filters.setParamsByID: unknown macro '${{{leftover.group(1)}}}' found in key {key!r}")
+            raise ConfigError(f"models.{model_id}.filters.setParamsByID: unknown macro "
+                              f"'${{{leftover.group(1)}}}' found in key {key!r}")
         if expanded in out:
             first = next(k for k in by_id if go_format(expand_macros(str(k), macros)) == expanded)
-            raise ConfigError(f'models.{model_id}.filters.setParamsByID: keys "{first}" and "{key}" resolve to the same value')
+            raise ConfigError(f'models.{model_id}.filters.setParamsByID: keys "{first}" and "{key}" '
+                              'resolve to the same value')
         out[expanded] = value
     return out
 
@@ -1277,7 +1293,8 @@ def collect_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
     for model in models.values():
         for alias in model.aliases:
             if alias in aliases:
-                raise ConfigError(f"models.{model.id}.aliases: duplicate alias {alias!r} (already used by model {aliases[alias]})")
+                raise ConfigError(f"models.{model.id}.aliases: duplicate alias {alias!r} "
+                                  f"(already used by model {aliases[alias]})")
             aliases[alias] = model.id
     return aliases
 
@@ -1288,9 +1305,11 @@ def register_set_params_aliases(model: ModelConfig, config: Config) -> None:
         if key == model.id or config.aliases.get(key) == model.id:
             continue
         if key in config.models:
-            raise ConfigError(f"models.{model.id}.filters.setParamsByID: key '{key}' conflicts with an existing model ID")
+            raise ConfigError(f"models.{model.id}.filters.setParamsByID: key '{key}' "
+                              "conflicts with an existing model ID")
         if key in config.aliases:
-            raise ConfigError(f"models.{model.id}.filters.setParamsByID: duplicate alias '{key}', already used by model {config.aliases[key]}")
+            raise ConfigError(f"models.{model.id}.filters.setParamsByID: duplicate alias '{key}', "
+                              f"already used by model {config.aliases[key]}")
         config.aliases[key] = model.id
         model.aliases.append(key)
 
@@ -1307,8 +1326,9 @@ def read_routing(top: ConfigReader, config: Config) -> Routing:
     top.asked.update(("groups", "matrix"))
     new_style = use or settings.data.get("groups") or "matrix" in settings.data
     if (legacy_groups or legacy_matrix is not None) and new_style:
-        raise ConfigError("routing: config uses both the legacy top-level 'matrix'/'groups' keys and the new 'routing.router' block; "
-                          "please migrate the top-level keys into 'routing.router' and remove them")
+        raise ConfigError("routing: config uses both the legacy top-level 'matrix'/'groups' keys and the new "
+                          "'routing.router' block; please migrate the top-level keys into 'routing.router' "
+                          "and remove them")
     if legacy_groups and legacy_matrix is not None:
         raise ConfigError("config cannot use both 'groups' and 'matrix'")
     routing = Routing()
@@ -1358,7 +1378,8 @@ def read_groups(node: ConfigReader, config: Config) -> list[Group]:
             if members.count(member) > 1:
                 raise group.error("members", f"duplicate model member {member} found in group: {name}")
             if member in owner:
-                raise group.error("members", f"model member {member} is used in multiple groups: {owner[member]} and {name}")
+                raise group.error("members", f"model member {member} is used in multiple groups: "
+                                             f"{owner[member]} and {name}")
             if member not in config.models:
                 raise group.error("members", f'no model config for "{member}"')
             owner[member] = name
@@ -1380,7 +1401,8 @@ def _read_matrix(node: ConfigReader, config: Config) -> Matrix:
     variables = {k: str(v) for k, v in node.free_mapping("vars").items()}
     for key, model in variables.items():
         if not re.fullmatch(r"[a-zA-Z0-9.-]{1,32}", key):
-            raise ConfigError(f'var key "{key}" must contain only alphanumeric, \'-\' or \'.\' characters and be 1-32 characters long')
+            raise ConfigError(f'var key "{key}" must contain only alphanumeric, \'-\' or \'.\' characters '
+                              'and be 1-32 characters long')
         if model not in config.models:
             raise ConfigError(f'var key "{key}" references unknown model "{model}"')
     costs = {}
@@ -1477,7 +1499,8 @@ def _is_ident_char(c: str) -> bool:
     return c.isalnum() or c in "_-."
 
 
-def _expand_dsl(tree: tuple, set_name: str, trail: tuple, variables: dict, config: Config, parsed: dict, expand) -> list[frozenset[str]]:
+def _expand_dsl(tree: tuple, set_name: str, trail: tuple, variables: dict, config: Config, parsed: dict,
+                expand) -> list[frozenset[str]]:
     """The model sets a DSL tree allows: `|` joins the alternatives, `&` combines every pair."""
     kind, value = tree
     if kind == "model":
@@ -1505,7 +1528,8 @@ def read_preload(top: ConfigReader, config: Config) -> list[str]:
     for name in names:
         model = config.real_model_id(name)
         if model is None:
-            config.warnings.append(f"hooks.on_startup.preload: {name!r} is not a local model or alias; it is not preloaded")
+            config.warnings.append(f"hooks.on_startup.preload: {name!r} is not a local model or alias; "
+                                   "it is not preloaded")
         elif model not in preload:
             preload.append(model)
     return preload
@@ -1518,7 +1542,8 @@ def read_origins(top: ConfigReader) -> list[str]:
     for i, origin in enumerate(top.string_list("allowedOrigins")):
         url = urllib.parse.urlsplit(origin.strip())
         if url.scheme not in ("http", "https") or not url.netloc or url.path not in ("", "/") or url.query:
-            raise top.error(f"allowedOrigins[{i}]", f"{origin!r} is no web origin (expected like https://llm.example.com)")
+            raise top.error(f"allowedOrigins[{i}]",
+                            f"{origin!r} is no web origin (expected like https://llm.example.com)")
         origins.append(url.netloc.lower())
     return origins
 
@@ -1555,16 +1580,19 @@ def check_peer_namespace(config: Config, selector_ids: set[str], pin_names: set[
         for model in peer.models:
             fqn = f"{peer.id}/{model}"
             if fqn in owners and owners[fqn] != peer.id:
-                raise ConfigError(f'peers: peer model name "{fqn}" is ambiguous between peers "{owners[fqn]}" and "{peer.id}"')
+                raise ConfigError(f'peers: peer model name "{fqn}" is ambiguous between peers "{owners[fqn]}" '
+                                  f'and "{peer.id}"')
             owners[fqn] = peer.id
             if fqn in config.models:
                 raise ConfigError(f'peers.{peer.id}: model ID "{fqn}" conflicts with fully qualified peer model name')
             if fqn in config.aliases:
-                raise ConfigError(f'peers.{peer.id}: model {config.aliases[fqn]} alias "{fqn}" conflicts with fully qualified peer model name')
+                raise ConfigError(f'peers.{peer.id}: model {config.aliases[fqn]} alias "{fqn}" conflicts with '
+                                  'fully qualified peer model name')
             if fqn in selector_ids:
                 raise ConfigError(f'peers.{peer.id}: selector "{fqn}" conflicts with fully qualified peer model name')
             if fqn in pin_names:
-                raise ConfigError(f'peers.{peer.id}: profile pin "{fqn}" conflicts with fully qualified peer model name')
+                raise ConfigError(f'peers.{peer.id}: profile pin "{fqn}" conflicts with fully qualified '
+                                  'peer model name')
 
 
 def read_selector(selector_id: str, node: ConfigReader, config: Config, selector_ids: set[str]) -> Selector:
@@ -1631,7 +1659,8 @@ def check_spillover_targets(path: str, targets: list[str], config: Config) -> No
 def check_profiles_are_mappings(profiles: dict) -> None:
     for name, value in profiles.items():
         if not isinstance(value, dict):
-            raise ConfigError(f"profiles.{name}: profile must be a mapping with description and pins; the legacy list syntax is no longer supported")
+            raise ConfigError(f"profiles.{name}: profile must be a mapping with description and pins; "
+                              "the legacy list syntax is no longer supported")
 
 
 def read_profiles(node: ConfigReader, config: Config) -> dict[str, Profile]:
@@ -1942,7 +1971,8 @@ class ProxyLog:
     def log(self, level: str, message: str) -> None:
         if LEVELS[level] < self.level:
             return
-        stamp = LOG_TIME_LAYOUTS[self.time_format](datetime.datetime.now().astimezone()) + " " if self.time_format else ""
+        now = datetime.datetime.now().astimezone()
+        stamp = LOG_TIME_LAYOUTS[self.time_format](now) + " " if self.time_format else ""
         self.proxy.write(f"{stamp}[{level.upper()}] {message}\n".encode(errors="backslashreplace"))
 
     def debug(self, message: str) -> None:
@@ -2173,7 +2203,8 @@ class GroupRecord:
                 sys.executable, "-S", "-E", "-c", WATCHER_SOURCE, "llama-swap-watcher", stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
-            log.warn(f"cannot start the watcher process ({e.strerror or e}): model servers' children may outlive a killed llama-swap")
+            log.warn(f"cannot start the watcher process ({e.strerror or e}): "
+                     "model servers' children may outlive a killed llama-swap")
 
     async def close(self) -> None:
         """After every model has stopped: the watcher finds nothing listed and exits."""
@@ -2194,7 +2225,8 @@ class GroupRecord:
             owner = left.get("owner") if isinstance(left.get("owner"), str) else ""
             pid = owner.partition(":")[0]
             if pid.isdigit() and int(pid) != os.getpid() and owner == f"{pid}:{process_start_time(int(pid)) or ''}":
-                log.warn(f"the process-group record {self.path} belongs to a live llama-swap (pid {pid}); leaving its models alone")
+                log.warn(f"the process-group record {self.path} belongs to a live llama-swap (pid {pid}); "
+                         "leaving its models alone")
                 self.path = None  # and keeping none of ours there
                 return
             groups = left.get("groups") if "owner" in left else left  # the format before owners were named
@@ -2610,7 +2642,8 @@ class ModelProcess:
                 env=self._environment(), start_new_session=True, preexec_fn=die_with_parent())
         except (OSError, ValueError) as e:
             os.close(read_fd)
-            raise StartError(f"failed to start command '{' '.join(argv)}': {getattr(e, 'strerror', None) or e}") from None
+            reason = getattr(e, "strerror", None) or e
+            raise StartError(f"failed to start command '{' '.join(argv)}': {reason}") from None
         finally:
             os.close(write_fd)
         self.groups.add(proc.pid)
@@ -2656,7 +2689,8 @@ class ModelProcess:
         endpoint = self.model.check_endpoint
         if endpoint.lower() == "none":
             return
-        url = URL(self.model.proxy.rstrip("/") + (URL(endpoint).path_qs if "://" in endpoint else endpoint), encoded=True)
+        path = URL(endpoint).path_qs if "://" in endpoint else endpoint
+        url = URL(self.model.proxy.rstrip("/") + path, encoded=True)
         proc = self._run.proc
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -2712,7 +2746,8 @@ class ModelProcess:
         try:
             await asyncio.wait_for(self._stop_gracefully(run.proc), timeout)
         except asyncio.TimeoutError:
-            self.log.info(f"<{self.model.id}> did not stop within {go_duration(timeout)}, sending SIGKILL to its process group")
+            self.log.info(f"<{self.model.id}> did not stop within {go_duration(timeout)}, "
+                          "sending SIGKILL to its process group")
             signal_group(run.proc.pid, signal.SIGKILL)
             await self._group_gone(run.proc)
         await run.close()
@@ -2818,7 +2853,7 @@ def init_nvml() -> Any | None:
     """The pynvml module with NVML initialised, or None where the `nvidia-ml-py` package, the
     driver's library or the driver itself is missing. Each success needs one nvmlShutdown()."""
     try:
-        import pynvml  # optional dependency, so the proxy runs on machines without it
+        import pynvml  # installed with us; a copy of us without it runs as on a machine without GPUs
     except ImportError:
         return None
     try:
@@ -3089,7 +3124,8 @@ class GroupPolicy(SwapPolicy):
             if model == target:
                 continue
             other = self.group_of.get(model)  # None: removed by a reload and on its way out
-            if other is None or (other is group and group.swap) or (other is not group and group.exclusive and not other.persistent):
+            if other is None or (other is group and group.swap) or \
+                    (other is not group and group.exclusive and not other.persistent):
                 evict.add(model)
         return frozenset(evict)
 
@@ -3501,8 +3537,9 @@ class Scheduler:
                 await asyncio.wait_for(asyncio.shield(ticket.future), self.queue_timeout)
         except asyncio.TimeoutError:
             self._withdraw(ticket)
-            raise QueueTimeout(f"{ticket.model} was not ready for this request within {go_duration(self.queue_timeout)} "
-                               "(queueTimeoutMs); it may still be loading: try again") from None
+            raise QueueTimeout(f"{ticket.model} was not ready for this request within "
+                               f"{go_duration(self.queue_timeout)} (queueTimeoutMs); it may still be loading: "
+                               "try again") from None
         except asyncio.CancelledError:
             self._withdraw(ticket)
             raise
@@ -3566,7 +3603,8 @@ class Scheduler:
             ticket.future.set_exception(SchedulerError("model was removed from the config by a reload"))
             return True
         if problem := self.processes[model].model.problem:  # nothing is stopped for a start that cannot be
-            ticket.future.set_exception(SchedulerError(f"model {model} cannot start until its config is fixed: {problem}"))
+            ticket.future.set_exception(
+                SchedulerError(f"model {model} cannot start until its config is fixed: {problem}"))
             return True
         if self._wanted_gone(ticket):  # even a start under way takes no more: the bound is kept
             return False  # a request ahead has waited max_wait for this model to stop
@@ -3830,7 +3868,8 @@ class Scheduler:
             self.log.warn("upstreams still running at the end of the shutdown budget, killing them")
             self.kill_all()
             await asyncio.gather(*(p.stop(0, "shutdown") for p in self.processes.values()))
-        tasks = [s.task for s in self.swaps.values() if s.task] + list(self.retiring.values()) + list(self.unloads) + list(self.stops)
+        tasks = [s.task for s in self.swaps.values() if s.task]
+        tasks += [*self.retiring.values(), *self.unloads, *self.stops]
         if tasks:
             await asyncio.wait(tasks)
 
@@ -4197,7 +4236,8 @@ def json_set(text: str, path: str, value: Any) -> str:
     keys = json_path_keys(path)
     for depth in range(len(keys), 0, -1):  # the deepest containers that exist
         if holders := _json_holders(text, keys[:depth]):
-            return splice(text, [edit for found in holders for edit in _set_edits(found, keys[depth - 1], keys[depth:], encoded)])
+            return splice(text, [edit for found in holders
+                                 for edit in _set_edits(found, keys[depth - 1], keys[depth:], encoded)])
     return text
 
 
@@ -4350,13 +4390,14 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
                 data = inflater.unconsumed_tail
                 out += piece
                 if len(out) > cap:
-                    raise BodyError(413, f"request body too large: inflated it passes the limit of {limit // 1024 // 1024} MB "
-                                         "(maxRequestBodyMB)" if cap == limit else
+                    raise BodyError(413, f"request body too large: inflated it passes the limit of "
+                                         f"{limit // 1024 // 1024} MB (maxRequestBodyMB)" if cap == limit else
                                          f"request body refused: it inflates to more than {INFLATE_RATIO} times its "
                                          "size (a compression bomb, by its ratio)")
             rest = inflater.unused_data if wbits > zlib.MAX_WBITS else b""
     except zlib.error as e:
-        raise BodyError(400, f"cannot read the request body: it says Content-Encoding {coding} but is not ({e})") from None
+        raise BodyError(400, f"cannot read the request body: it says Content-Encoding {coding} "
+                             f"but is not ({e})") from None
     return bytes(out)
 
 
@@ -4527,8 +4568,9 @@ class InFlight:
         """Listed while the block runs; a cancel turns into RequestCancelled at its end. The
         answer to a POST is copied as it is relayed, for its activity row and capture."""
         exchange = Exchange(str(next(self._ids)), model, path_qs.partition("?")[0], request.method,
-                            header_snapshot(request.headers), client_ip(request), metadata or {}, asyncio.current_task(),
-                            self._changed, body, copy=bytearray() if request.method == "POST" else None)
+                            header_snapshot(request.headers), client_ip(request), metadata or {},
+                            asyncio.current_task(), self._changed, body,
+                            copy=bytearray() if request.method == "POST" else None)
         self.exchanges[exchange.id] = request[EXCHANGE] = exchange
         self._upsert(exchange)
         try:
@@ -4836,12 +4878,14 @@ async def relay_websocket(request: web.Request, upstream: Upstream, path_qs: str
     except aiohttp.WSServerHandshakeError as e:
         if refusal:
             return refused_upgrade(refusal)
-        raise UpstreamError(Failure.BAD_UPGRADE, f"answered the websocket upgrade wrongly: {e.status} {e.message}") from None
+        raise UpstreamError(Failure.BAD_UPGRADE,
+                            f"answered the websocket upgrade wrongly: {e.status} {e.message}") from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
     finally:
         websocket_refusal.reset(marker)
-    client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (), max_msg_size=largest)
+    client = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
+                                   max_msg_size=largest)
     live.add(client)
     try:
         await client.prepare(request)
@@ -5665,7 +5709,8 @@ class Activity:
     def remember(self, model: str, figures: Mapping[str, Any]) -> None:
         """Save a model's figures (load times, measured VRAM) in the store, in the worker thread."""
         try:
-            future = asyncio.get_running_loop().run_in_executor(self.worker, self.store.save_figures, model, dict(figures))
+            future = asyncio.get_running_loop().run_in_executor(self.worker, self.store.save_figures, model,
+                                                                dict(figures))
         except RuntimeError:  # closed: a start that ends during shutdown is not worth keeping
             return
         future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self.log.warn(
@@ -6278,18 +6323,23 @@ class Metrics:
             metric_family("llamaswap_queue_depth", "Requests admitted and waiting for their model.", "gauge",
                           [({"model": m}, scheduler.reserved[m] - scheduler.in_flight[m]) for m in models]),
             metric_family("llamaswap_requests_total", "Model requests by path and response status.", "counter",
-                          [({"model": m, "path": p, "status": s}, n) for (m, p, s), n in sorted(self.requests.items())]),
-            metric_family("llamaswap_requests_refused_total", "Requests refused with 429 (concurrencyLimit).", "counter",
-                          [({"model": m}, n) for m, n in sorted(self.refused.items())]),
+                          [({"model": m, "path": p, "status": s}, n)
+                           for (m, p, s), n in sorted(self.requests.items())]),
+            metric_family("llamaswap_requests_refused_total", "Requests refused with 429 (concurrencyLimit).",
+                          "counter", [({"model": m}, n) for m, n in sorted(self.refused.items())]),
             metric_family("llamaswap_tokens_total", "Prompt and generated tokens reported by the upstreams.", "counter",
                           [({"model": m, "kind": k}, n) for (m, k), n in sorted(self.tokens.items())]),
             metric_family("llamaswap_model_starts_total", "Model starts by result.", "counter",
                           [({"model": m, "result": r}, n) for (m, r), n in sorted(self.starts.items())]),
-            metric_family("llamaswap_model_stops_total", "Model stops by reason (swap, ttl, unload, crash, reload, shutdown).",
-                          "counter", [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.stops.items())]),
-            self.duration.render("llamaswap_request_duration_seconds", "Time from the request to the end of its answer."),
-            self.first_byte.render("llamaswap_time_to_first_byte_seconds", "Time from the request to the first byte of its answer."),
-            self.queue_wait.render("llamaswap_queue_wait_seconds", "Time a request waited for its model (queue and load)."),
+            metric_family("llamaswap_model_stops_total",
+                          "Model stops by reason (swap, ttl, unload, crash, reload, shutdown).", "counter",
+                          [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.stops.items())]),
+            self.duration.render("llamaswap_request_duration_seconds",
+                                 "Time from the request to the end of its answer."),
+            self.first_byte.render("llamaswap_time_to_first_byte_seconds",
+                                   "Time from the request to the first byte of its answer."),
+            self.queue_wait.render("llamaswap_queue_wait_seconds",
+                                   "Time a request waited for its model (queue and load)."),
             self.start_duration.render("llamaswap_model_start_duration_seconds", "Time from spawn to healthy."),
         ]
         return "".join(families)
@@ -6299,11 +6349,13 @@ def vram_families(book: VramBook) -> str:
     """The vram router's view for /metrics: each model's measured footprint, each GPU's budget."""
     budget = book.budget()
     return "".join([
-        metric_family("llamaswap_model_vram_bytes", "GPU memory a model's server held, as measured (largest in its latest run).",
-                      "gauge", [({"model": m, "gpu": str(g)}, size) for m in sorted(book.measured, key=str.encode)
-                                for g, size in sorted(book.measured[m].items())]),
-        metric_family("llamaswap_gpu_vram_budget_bytes", "GPU memory our models may hold: size less reserve and others' use.",
-                      "gauge", [({"gpu": str(g)}, size) for g, size in sorted(budget.items())]),
+        metric_family("llamaswap_model_vram_bytes",
+                      "GPU memory a model's server held, as measured (largest in its latest run).", "gauge",
+                      [({"model": m, "gpu": str(g)}, size) for m in sorted(book.measured, key=str.encode)
+                       for g, size in sorted(book.measured[m].items())]),
+        metric_family("llamaswap_gpu_vram_budget_bytes",
+                      "GPU memory our models may hold: size less reserve and others' use.", "gauge",
+                      [({"gpu": str(g)}, size) for g, size in sorted(budget.items())]),
     ])
 
 
@@ -6335,7 +6387,8 @@ ERROR_KINDS = {
 
 
 COMFYUI_MODEL = "comfyui_auto"
-CONCURRENCY_LIMIT_BODY = b'{"src":"llama-swap","error":{"message":"Too many requests","type":"rate_limit_error","param":null,"code":"concurrency_limit"}}'
+CONCURRENCY_LIMIT_BODY = (b'{"src":"llama-swap","error":{"message":"Too many requests","type":"rate_limit_error",'
+                          b'"param":null,"code":"concurrency_limit"}}')
 OPEN_PATHS = frozenset({"/", "/health", "/wol-health", "/upstream", "/favicon.ico"})
 MODEL_ROUTE_PATHS = frozenset(MODEL_POST_PATHS + MODEL_GET_PATHS + ("/v1/models", "/models"))
 
@@ -6374,7 +6427,8 @@ def known_host(authority: str, allowed: Sequence[str]) -> bool:
 
 
 def changes_state(request: web.BaseRequest) -> bool:
-    return request.path == "/unload" or (request.path.startswith("/api/") and request.method not in ("GET", "HEAD", "OPTIONS"))
+    return request.path == "/unload" or \
+        (request.path.startswith("/api/") and request.method not in ("GET", "HEAD", "OPTIONS"))
 
 
 def foreign_origin(request: web.BaseRequest, allowed: Sequence[str]) -> str | None:
@@ -6454,7 +6508,8 @@ def error_response(request: web.BaseRequest, status: int, message: str) -> web.R
     if "text/html" in accept:
         body = f"<html><body><h1>llama-swap</h1><p>{html.escape(message)}</p></body></html>"
         return web.Response(status=status, text=body, content_type="text/html")
-    kind, code = ERROR_KINDS.get(status, ("invalid_request_error", "invalid_request") if 400 <= status < 500 else ("server_error", "internal_error"))
+    usual = ("invalid_request_error", "invalid_request") if 400 <= status < 500 else ("server_error", "internal_error")
+    kind, code = ERROR_KINDS.get(status, usual)
     envelope = {"src": "llama-swap", "error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.Response(status=status, text=go_json(envelope), content_type="application/json")
 
@@ -6490,7 +6545,8 @@ def capability_fields(caps: Capabilities) -> dict[str, Any]:
 RENDERED_CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
 
 
-def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], status: dict[str, Any], created: int) -> dict[str, Any]:
+def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], status: dict[str, Any],
+                 created: int) -> dict[str, Any]:
     """One /v1/models entry for a local model or one of its aliases."""
     record: dict[str, Any] = {"id": record_id, "object": "model", "created": created, "owned_by": "llama-swap"}
     if model.name.strip():
@@ -6796,10 +6852,12 @@ class Runtime:
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}  # the scheduler's from now on
         self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
                                    config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout,
-                                   on_grant=self.metrics.waited, on_refuse=self.metrics.refuse, new_process=self._process)
+                                   on_grant=self.metrics.waited, on_refuse=self.metrics.refuse,
+                                   new_process=self._process)
         self.activity = Activity(config, log, self._activity_recorded)
         self.virtual = VirtualModels(config, self.processes)
-        self.inflight = InFlight(lambda event: self.events.publish("inflight", event), lambda: bool(self.events.streams))
+        self.inflight = InFlight(lambda event: self.events.publish("inflight", event),
+                                 lambda: bool(self.events.streams))
         self.performance: PerformanceMonitor | None = None
         self.hardware: asyncio.Future | None = None
         for source in ("proxy", "upstream"):
@@ -7174,8 +7232,8 @@ class Server:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.log, self.processes, self.scheduler = runtime.log, runtime.processes, runtime.scheduler
-        self.activity, self.metrics, self.events, self.inflight = runtime.activity, runtime.metrics, runtime.events, runtime.inflight
-        self.vram_book = runtime.vram_book
+        self.activity, self.metrics, self.events = runtime.activity, runtime.metrics, runtime.events
+        self.inflight, self.vram_book = runtime.inflight, runtime.vram_book
         self.ui_files = ui_files()
         self.log_streams: set[LogStream] = set()  # live /logs/stream readers, ended at shutdown
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
@@ -7192,8 +7250,8 @@ class Server:
         return self.runtime.virtual
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors, self.guard,
-                                           self.auth],
+        app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors,
+                                           self.guard, self.auth],
                               client_max_size=self.config.max_request_body_mb * 1024 * 1024)
         any_path = "{tail:[\\s\\S]*}"
         app.add_routes([
@@ -7262,7 +7320,8 @@ class Server:
     async def local_request(self, request: web.Request, body: bytes, requested: str, name: str, model: str,
                             metadata: dict[str, str]) -> web.StreamResponse:
         settings = self.config.models[model]
-        path_qs, body = await self.for_upstream(request, body, requested, name, settings.filters, settings.use_model_name)
+        path_qs, body = await self.for_upstream(request, body, requested, name, settings.filters,
+                                                settings.use_model_name)
         metadata = {**metadata, "fifo_priority": str(self.scheduler.priority.get(model, 0))}
         with self.inflight.track(request, model, path_qs, body, metadata):
             if settings.send_loading_state and self.processes[model].state != READY and \
@@ -7271,7 +7330,8 @@ class Server:
             async with self.scheduler.lease(model, request_label(request)) as process:
                 return await self.relay_local(request, process, path_qs, body)
 
-    async def stream_while_loading(self, request: web.Request, model: str, path_qs: str, body: bytes) -> web.StreamResponse:
+    async def stream_while_loading(self, request: web.Request, model: str, path_qs: str,
+                                   body: bytes) -> web.StreamResponse:
         """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
         stream at once that tells what happens while the model loads, then the answer itself."""
         with self.scheduler.admitted(model):
@@ -7288,7 +7348,8 @@ class Server:
                     await relay_into(response, request, process.upstream, path_qs, body, forwarded_headers(request))
             except (SchedulerError, UpstreamError) as e:
                 await loading.stop()
-                message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else f"upstream {model} unreachable: {e}"
+                message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else \
+                    f"upstream {model} unreachable: {e}"
                 request[EXCHANGE].failure = (503 if isinstance(e, QueueTimeout) else 500, message)
                 with contextlib.suppress(ConnectionError):  # no one left to tell
                     await response.write(stream_error_event(path_qs, message, "internal_error"))
@@ -7356,13 +7417,15 @@ class Server:
                                  "or none")
         return await self.off_loop(body, inflate, body, coding, self.config.max_request_body_mb * 1024 * 1024)
 
-    async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str, body: bytes) -> web.StreamResponse:
+    async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str,
+                          body: bytes) -> web.StreamResponse:
         upstream = process.upstream
         if upstream is None:  # it crashed or was stopped between the grant and now
             raise ApiError(503, f"[{process.model.id}] process is not ready")
         try:
             if is_websocket(request):
-                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request), self.largest_message, self.websockets)
+                return await relay_websocket(request, upstream, path_qs, forwarded_headers(request),
+                                             self.largest_message, self.websockets)
             return await relay(request, upstream, path_qs, body, forwarded_headers(request), self.log)
         except UpstreamError as e:
             raise ApiError(e.status, f"upstream {process.model.id} unreachable: {e}") from None
@@ -7401,7 +7464,8 @@ class Server:
                 return await self.relay_peer(request, peer, rest + query, body)
         if not rest:
             return add_trailing_slash(request, f"/upstream/{raw_tail.rstrip('/')}/{query}")
-        if self.processes[model].state != READY and any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths):
+        ignored = any(p.search(urllib.parse.unquote(rest)) for p in self.config.ignore_paths)
+        if ignored and self.processes[model].state != READY:
             raise ApiError(409, f"model {model} is not loaded; path matches upstream.ignorePaths")
         body = await self.read_body(request)
         with self.tracked_passthrough(request, model, rest, body):
@@ -7410,7 +7474,7 @@ class Server:
     def tracked_passthrough(self, request: web.Request, model: str, path: str,
                             body: bytes) -> contextlib.AbstractContextManager:
         """An /upstream request is listed in flight when it calls a model route."""
-        if (request.method == "POST" and path in MODEL_POST_PATHS) or (request.method == "GET" and path in MODEL_GET_PATHS):
+        if path in {"POST": MODEL_POST_PATHS, "GET": MODEL_GET_PATHS}.get(request.method, ()):
             return self.inflight.track(request, model, path, body)
         return contextlib.nullcontext()
 
@@ -7476,9 +7540,11 @@ class Server:
             if process.state == STOPPED:
                 continue
             model = process.model
-            entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy, "ttl": model.ttl}
+            entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy,
+                     "ttl": model.ttl}
             entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
-            entry.update(in_flight=self.scheduler.in_flight[model_id], ttl_remaining=self.scheduler.ttl_remaining(model_id),
+            entry.update(in_flight=self.scheduler.in_flight[model_id],
+                         ttl_remaining=self.scheduler.ttl_remaining(model_id),
                          queued=self.scheduler.reserved[model_id] - self.scheduler.in_flight[model_id])
             if self.config.routing.router is Router.VRAM and model_id in self.vram_book.measured:
                 entry["vram"] = {str(gpu): size for gpu, size in sorted(self.vram_book.measured[model_id].items())}
@@ -7562,7 +7628,8 @@ class Server:
     async def handle_activity(self, request: web.Request) -> web.Response:
         """Recorded requests, filtered, sorted and paged."""
         try:
-            return json_response(await self.activity.call(self.activity.store.query, request.query, self.activity.has_capture))
+            rows = await self.activity.call(self.activity.store.query, request.query, self.activity.has_capture)
+            return json_response(rows)
         except QueryError as e:
             raise ApiError(400, str(e)) from None
 
@@ -7644,8 +7711,8 @@ class Server:
             "X-Content-Type-Options": "nosniff", "X-Accel-Buffering": "no"})
         await response.prepare(request)
         first = [
-            sse_event("logData", {"source": "proxy", "data": self.log.proxy.history.history().decode("utf-8", "replace")}),
-            sse_event("logData", {"source": "upstream", "data": self.log.upstream.history.history().decode("utf-8", "replace")}),
+            *(sse_event("logData", {"source": source, "data": log.history.history().decode("utf-8", "replace")})
+              for source, log in (("proxy", self.log.proxy), ("upstream", self.log.upstream))),
             sse_event("modelStatus", model_statuses(self.config, self.runtime.states(), self.runtime.loading())),
             sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
             sse_event("profileChanged", {"active": self.virtual.active}),
@@ -7712,7 +7779,8 @@ class Server:
                 request.transport.close()  # a cut stream must look cut to the client, not complete
             return response
         except ConcurrencyLimited:
-            return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY, headers={"Content-Type": "application/json", "Retry-After": "1"})
+            return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY,
+                                headers={"Content-Type": "application/json", "Retry-After": "1"})
         except QueueTimeout as e:
             return error_response(request, 503, str(e))
         except SchedulerError as e:
@@ -7720,7 +7788,8 @@ class Server:
         except BodyError as e:
             return error_response(request, e.status, str(e))
         except web.RequestPayloadError as e:  # e.g. chunked framing that is broken or cut short
-            response = error_response(request, 400, f"cannot read the request body: {malformed_reason(e) or printable(str(e))}")
+            reason = malformed_reason(e) or printable(str(e))
+            response = error_response(request, 400, f"cannot read the request body: {reason}")
             response.force_close()  # the rest of the body is still on the wire
             return response
         except ConnectionError:
@@ -7733,7 +7802,8 @@ class Server:
         except web.HTTPNotFound:
             return web.Response(status=404, text="404 page not found\n")
         except web.HTTPMethodNotAllowed as e:
-            return web.Response(status=405, text="Method Not Allowed\n", headers={"Allow": ", ".join(sorted(e.allowed_methods))})
+            return web.Response(status=405, text="Method Not Allowed\n",
+                                headers={"Allow": ", ".join(sorted(e.allowed_methods))})
 
     @web.middleware
     async def watch(self, request: web.Request, handler) -> web.StreamResponse:
@@ -7798,7 +7868,8 @@ class Server:
             raise ApiError(403, "this API key may only call model routes; the admin API needs a key from adminKeys")
         if model_route and not config.api_keys:
             return await handler(request)
-        raise ApiError(401, "unauthorized: invalid or missing API key", {"WWW-Authenticate": 'Basic realm="llama-swap"'})
+        raise ApiError(401, "unauthorized: invalid or missing API key",
+                       {"WWW-Authenticate": 'Basic realm="llama-swap"'})
 
     @web.middleware
     async def access_log(self, request: web.Request, handler) -> web.StreamResponse:
@@ -7928,7 +7999,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true",
                         help="serve three small fake models (no model files needed) instead of a config file")
     parser.add_argument("--example-config", action="store_true",
-                        help="print config.example.yaml (every key, documented; its two demo models run as they are) and exit")
+                        help="print config.example.yaml (every key, documented; its two demo models run as they are) "
+                             "and exit")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     argv = ["--help" if a in ("-help", "--help") else a for a in normalize_flags(argv)]
     return parser.parse_args(argv)
@@ -7969,7 +8041,8 @@ class QuietLoopErrors:
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")
-        if not (isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)):
+        short_of_resources = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+        if not (isinstance(error, OSError) and error.errno in short_of_resources):
             loop.default_exception_handler(context)
         elif time.monotonic() - self.last >= 10:
             self.last = time.monotonic()
@@ -8006,8 +8079,9 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, runtime)
     server = Server(runtime)
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False, auto_decompress=False,
-                           shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(log), **HTTP_LIMITS)
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False,
+                           auto_decompress=False, shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(log),
+                           **HTTP_LIMITS)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     try:
@@ -8024,7 +8098,8 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
     log.info(f"llama-swap listening {'with TLS ' if ssl_context else ''}on {url}{everywhere}")
     log.info(f"web UI: {url}/ui/")
     if not is_loopback_only(host):
-        log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} to restrict to loopback only")
+        log.info(f"llama-swap is reachable by all hosts on the network, use --listen localhost:{port} "
+                 "to restrict to loopback only")
     if watch:
         log.info("watching configuration for changes (poll-based, 2s interval)")
     await stop.wait()
@@ -8160,8 +8235,8 @@ def print_example_config() -> int:
     puts its data (share/llama-swap-py/ under the environment, or the user's base)."""
     here = os.path.dirname(os.path.abspath(__file__))
     bases = [sysconfig.get_path("data"), sysconfig.get_path("data", f"{os.name}_user"), sys.prefix, "/usr/local"]
-    for path in [os.path.join(here, "config.example.yaml")] + [os.path.join(b, "share", "llama-swap-py", "config.example.yaml")
-                                                                for b in bases]:
+    for path in [os.path.join(here, "config.example.yaml"),
+                 *(os.path.join(b, "share", "llama-swap-py", "config.example.yaml") for b in bases)]:
         with contextlib.suppress(OSError):
             # The loader reads files inside the .pyz as well as beside a plain llama_swap.py.
             print_for_reader(__loader__.get_data(path) if path.startswith(here) else pathlib.Path(path).read_bytes())
@@ -8182,13 +8257,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     if not args.config and not args.config_dir and not args.demo:
-        print("llama-swap: at least one of --config or --config-dir must be provided (see llama-swap --help)", file=sys.stderr)
+        print("llama-swap: at least one of --config or --config-dir must be provided (see llama-swap --help)",
+              file=sys.stderr)
         return 1
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         print("llama-swap: both --tls-cert-file and --tls-key-file must be provided for TLS", file=sys.stderr)
         return 1
     try:
-        host, port = parse_listen(args.listen or ("localhost:8080" if args.demo else ":8443" if args.tls_cert_file else ":8080"))
+        default_listen = "localhost:8080" if args.demo else ":8443" if args.tls_cert_file else ":8080"
+        host, port = parse_listen(args.listen or default_listen)
         config = parse_config(demo_config()) if args.demo else load_config(args.config, args.config_dir)
     except (ConfigError, ValueError) as e:
         print("\n".join(f"llama-swap: {message}" for message in getattr(e, "messages", [str(e)])), file=sys.stderr)
