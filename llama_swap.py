@@ -32,7 +32,7 @@ Contents, in dependency order (each section opens with its concept and rules):
    24. CLI                flags, serve() (bind, start, wait, shut down), main()
 
 How a request travels: the middlewares (access log, CORS, clean path, watch, errors, guard,
-keys) hand it to Server.handle_model, which reads the body (Server.read_body), finds its model
+keys) hand it to Server.handle_model, which reads the body (BodyReader), finds its model
 (request_model, off the event loop for big bodies), resolves pins and selectors
 (VirtualModels), rewrites the body for the upstream (Server.for_upstream), and asks the
 Scheduler for the model (Scheduler.lease: granted at once, joined to a start, or queued for a
@@ -4442,6 +4442,36 @@ def rewrite_model(content_type: str, body: bytes, model: str) -> bytes:
     return body
 
 
+class BodyReader:
+    """Request bodies read without stalling the event loop: whole (aiohttp holds a body to its
+    limit as it arrives), inflated when they came gzip or deflate, and any work on one big
+    enough to matter done in a worker thread of its own."""
+
+    def __init__(self) -> None:
+        self.threads = concurrent.futures.ThreadPoolExecutor(BODY_THREADS, thread_name_prefix="llama-swap-body")
+
+    async def read(self, request: web.Request, limit: int) -> bytes:
+        """The body as the client meant it; inflated, it may not pass `limit` bytes either."""
+        body = await request.read()
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        if coding in ("", "identity"):
+            return body
+        if coding not in DECODED_CODINGS:
+            raise BodyError(415, f"request bodies with Content-Encoding {coding!r} are not read: send gzip, deflate "
+                                 "or none")
+        return await self.off_loop(body, inflate, body, coding, limit)
+
+    async def off_loop(self, body: bytes, function: Callable[..., Any], *args: Any) -> Any:
+        """function(*args), in a worker thread when `body` is big enough that reading it could
+        keep the event loop from every other client (a small one costs less than the hand-off)."""
+        if len(body) <= INLINE_BODY:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.threads, function, *args)
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
+
+
 ###############################################################################
 # 13. In-flight requests ######################################################
 ###############################################################################
@@ -4825,6 +4855,20 @@ def stream_error_event(path: str, message: str, code: str = "upstream_disconnect
     return b"data: " + json.dumps(envelope).encode() + b"\n\n"
 
 
+class PeerSessions:
+    """One pooled session per peer setting, kept across reloads that leave the peer as it was."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
+
+    def upstream(self, peer: PeerConfig) -> Upstream:
+        key = (peer.proxy, peer.timeouts)
+        if key not in self.sessions:
+            self.sessions[key] = upstream_session(peer.timeouts, peer.proxy)
+        return Upstream(self.sessions[key], peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(session.close() for session in self.sessions.values()))
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -6648,6 +6692,144 @@ def selector_record(selector: Selector, config: Config, states: Mapping[str, str
     return record
 
 
+def error_answer(request: web.Request, error: Exception, body_limit_mb: int) -> web.StreamResponse | None:
+    """How an error that ends a handler is told to the client: our errors as OpenAI envelopes,
+    unknown paths and methods as the original's plain texts; None for what is not ours to tell."""
+    if isinstance(error, ApiError):
+        response = error_response(request, error.status, error.message)
+        response.headers.update(error.headers or {})
+        return response
+    if isinstance(error, SelectorError):
+        return error_response(request, 503, str(error))
+    if isinstance(error, RequestCancelled):
+        response = error.exchange.response
+        if response is None or not response.prepared:
+            return error_response(request, 499, str(error))
+        if request.transport is not None:
+            request.transport.close()  # a cut stream must look cut to the client, not complete
+        return response
+    if isinstance(error, ConcurrencyLimited):
+        return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY,
+                            headers={"Content-Type": "application/json", "Retry-After": "1"})
+    if isinstance(error, QueueTimeout):
+        return error_response(request, 503, str(error))
+    if isinstance(error, SchedulerError):
+        return error_response(request, 500, f"unspecific error: {error}")
+    if isinstance(error, BodyError):
+        return error_response(request, error.status, str(error))
+    if isinstance(error, web.RequestPayloadError):  # e.g. chunked framing that is broken or cut short
+        reason = malformed_reason(error) or printable(str(error))
+        response = error_response(request, 400, f"cannot read the request body: {reason}")
+        response.force_close()  # the rest of the body is still on the wire
+        return response
+    if isinstance(error, ConnectionError):
+        return request.get(STREAMING)  # the client left while we wrote to it: a disconnect, not a fault
+    if isinstance(error, web.HTTPRequestEntityTooLarge):
+        return error_response(request, 413,
+                              f"request body too large: the limit is {body_limit_mb} MB (maxRequestBodyMB)")
+    if isinstance(error, web.HTTPNotFound):
+        return web.Response(status=404, text="404 page not found\n")
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        return web.Response(status=405, text="Method Not Allowed\n",
+                            headers={"Allow": ", ".join(sorted(error.allowed_methods))})
+    return None
+
+
+def check_host_and_origin(request: web.BaseRequest, config: Config) -> None:
+    """ApiError 403 for a request by a name we do not answer to without keys (DNS rebinding, see
+    `known_host`), or one that would change state from another origin's page (`foreign_origin`)."""
+    host = request.headers.get("Host", "")
+    if not (config.api_keys or config.admin_keys) and request.path not in ("/health", "/wol-health") and \
+            not known_host(host, config.allowed_origins):
+        raise ApiError(403, f"refused: {printable(host[:200])!r} is not a name this server answers to without keys "
+                            "(a guard against DNS rebinding); if it is yours, add its origin to allowedOrigins")
+    if changes_state(request) and (origin := foreign_origin(request, config.allowed_origins)):
+        raise ApiError(403, f"refused: a page of {origin} may not change anything here (a guard against other "
+                            "web pages); if it should, add its origin to allowedOrigins")
+
+
+def check_keys(request: web.Request, config: Config) -> None:
+    """ApiError 401/403 unless the request may pass: with `adminKeys`, the admin surface takes
+    only those, and keys from `apiKeys` are for model routes alone."""
+    unknown_route = request.match_info.http_exception is not None  # 404/405 answer as they are
+    if not (config.api_keys or config.admin_keys) or unknown_route or request.path in OPEN_PATHS:
+        return
+    key = request_api_key(request)
+    model_route = request.path in MODEL_ROUTE_PATHS or request.path.startswith(("/upstream/", "/comfyui"))
+    if key_matches(key, config.admin_keys):
+        return
+    if key_matches(key, config.api_keys):
+        if model_route or not config.admin_keys:
+            return
+        raise ApiError(403, "this API key may only call model routes; the admin API needs a key from adminKeys")
+    if model_route and not config.api_keys:
+        return
+    raise ApiError(401, "unauthorized: invalid or missing API key",
+                   {"WWW-Authenticate": 'Basic realm="llama-swap"'})
+
+
+def split_upstream_path(config: Config, raw_tail: str) -> tuple[str | None, str]:
+    """(model ID, raw remainder) for the longest leading run of path segments naming a model.
+    Runs are tried from the shortest up and only while no longer than the longest name, so a
+    path of ten thousand segments costs what a short one does."""
+    found: tuple[str | None, str] = (None, "")
+    end = 0
+    while True:
+        end = raw_tail.find("/", end + 1)
+        name = urllib.parse.unquote(raw_tail if end < 0 else raw_tail[:end])
+        if len(name) > config.longest_name:
+            return found
+        model = config.real_model_id(name) or (name if name in config.peer_routes else None)
+        if model is not None:
+            found = (model, "" if end < 0 else raw_tail[end:])
+        if end < 0:
+            return found
+
+
+def add_vram_needs(records: list[dict[str, Any]], config: Config, book: VramBook) -> None:
+    """With the vram router, each model's footprint in its /v1/models record: measured, else its hint."""
+    for record in records:
+        if record["meta"]["llamaswap"]["type"] in ("model", "alias"):
+            need = book.need(config.real_model_id(record["id"]) or "")
+            record["meta"]["llamaswap"]["vram"] = {str(g): b for g, b in sorted((need or {}).items())}
+
+
+def running_records(scheduler: Scheduler, measured: Mapping[str, dict[int, int]]) -> list[dict[str, Any]]:
+    """/running: each model whose server is starting, ready or stopping, with its requests and,
+    where `measured` has it (the vram router), the memory it holds."""
+    running = []
+    for model_id, process in sorted(scheduler.processes.items(), key=lambda e: e[0].encode()):
+        if process.state == STOPPED:
+            continue
+        model = process.model
+        entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy, "ttl": model.ttl}
+        entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
+        entry.update(in_flight=scheduler.in_flight[model_id], ttl_remaining=scheduler.ttl_remaining(model_id),
+                     queued=scheduler.reserved[model_id] - scheduler.in_flight[model_id])
+        if model_id in measured:
+            entry["vram"] = {str(gpu): size for gpu, size in sorted(measured[model_id].items())}
+        running.append(entry)
+    return running
+
+
+def requested_profile(body: bytes, config: Config) -> str | None:
+    """The profile a PUT /api/profiles/active names ({"name": "<profile>"} or {"name": null})."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        raise ApiError(400, "invalid profile request")
+    if "name" not in request:
+        raise ApiError(400, "profile name is required")
+    name = request["name"]
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, "profile name must be a string or null")
+    if name and name not in config.profiles:
+        raise ApiError(404, f'profile "{name}" not found')
+    return name or None
+
+
 ###############################################################################
 # 20. Events and loading streams ##############################################
 ###############################################################################
@@ -7050,6 +7232,37 @@ class Runtime:
         self._publish_statuses()
         return changes
 
+    def request_done(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:
+        """A model request's metrics and, for a POST, its activity row and capture."""
+        seconds = time.monotonic() - exchange.clock
+        self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds)
+        if exchange.method != "POST" or status == 101:
+            return
+        relayed = response is not None and response is exchange.response
+        body = exchange.copy if relayed else getattr(response, "body", None)
+        headers = response.headers if response is not None else {}
+        self.activity.record(exchange, status, headers, body or b"", int(seconds * 1000))
+
+    def log_monitor(self, name: str) -> LogMonitor:
+        """The log /logs/stream/<name> reads: proxy, upstream, both (""), or one model's output."""
+        if name in ("", "proxy", "upstream"):
+            return {"": self.log.mux, "proxy": self.log.proxy, "upstream": self.log.upstream}[name]
+        model, _rest = split_upstream_path(self.config, name)
+        if model not in self.processes:
+            raise ApiError(400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
+        return self.processes[model].output
+
+    def current_events(self) -> list[bytes]:
+        """What an /api/events watcher is told first: the state of things now."""
+        return [
+            *(sse_event("logData", {"source": source, "data": log.history.history().decode("utf-8", "replace")})
+              for source, log in (("proxy", self.log.proxy), ("upstream", self.log.upstream))),
+            sse_event("modelStatus", model_statuses(self.config, self.states(), self.loading())),
+            sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
+            sse_event("profileChanged", {"active": self.virtual.active}),
+            sse_event("inflight", self.inflight.snapshot()),
+        ]
+
     def activate_profile(self, name: str | None) -> None:
         """Pins of profile `name` (None: none) apply from the next request on."""
         if name != self.virtual.active:
@@ -7204,25 +7417,34 @@ UI_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css", "sv
             "ico": "image/x-icon", "png": "image/png", "json": "application/json"}
 
 
-def ui_files() -> dict[str, tuple[bytes, str]]:
+class UiFiles:
     """Every file of the web UI by its path under /ui/, with its ETag: read once, at start,
     through importlib.resources so a zipapp serves them as well as a checkout does."""
-    files: dict[str, tuple[bytes, str]] = {}
-    try:
-        root = importlib.resources.files("ui_assets")
-    except ModuleNotFoundError:
-        return files
 
-    def walk(directory: Any, prefix: str) -> None:
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        with contextlib.suppress(ModuleNotFoundError):
+            self._walk(importlib.resources.files("ui_assets"), "")
+
+    def _walk(self, directory: Any, prefix: str) -> None:
         for entry in directory.iterdir():
             if entry.is_dir():
                 if not entry.name.startswith("__"):  # __pycache__ is Python's, not the UI's
-                    walk(entry, f"{prefix}{entry.name}/")
+                    self._walk(entry, f"{prefix}{entry.name}/")
             elif not entry.name.endswith((".py", ".pyc")):
                 body = entry.read_bytes()
-                files[prefix + entry.name] = body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-    walk(root, "")
-    return files
+                self.files[prefix + entry.name] = body, '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+
+    def answer(self, request: web.Request, path: str) -> web.Response:
+        found = self.files.get(path)
+        if found is None:
+            raise ApiError(404, f"no such file in the web UI: {path}")
+        body, etag = found
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}  # always revalidated: an upgrade shows at once
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        content_type = UI_TYPES.get(path.rpartition(".")[2], "application/octet-stream")
+        return web.Response(body=body, content_type=content_type, headers=headers)
 
 
 class Server:
@@ -7234,11 +7456,11 @@ class Server:
         self.log, self.processes, self.scheduler = runtime.log, runtime.processes, runtime.scheduler
         self.activity, self.metrics, self.events = runtime.activity, runtime.metrics, runtime.events
         self.inflight, self.vram_book = runtime.inflight, runtime.vram_book
-        self.ui_files = ui_files()
+        self.ui = UiFiles()
         self.log_streams: set[LogStream] = set()  # live /logs/stream readers, ended at shutdown
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
-        self.peer_sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
-        self.body_threads = concurrent.futures.ThreadPoolExecutor(BODY_THREADS, thread_name_prefix="llama-swap-body")
+        self.peers = PeerSessions()
+        self.bodies = BodyReader()
         self.handling: set[asyncio.Task] = set()  # requests being handled: what a shutdown ends
 
     @property
@@ -7251,7 +7473,7 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.access_log, cors_preflight, clean_path, self.watch, self.errors,
-                                           self.guard, self.auth],
+                                           self.guard],
                               client_max_size=self.config.max_request_body_mb * 1024 * 1024)
         any_path = "{tail:[\\s\\S]*}"
         app.add_routes([
@@ -7305,8 +7527,9 @@ class Server:
     async def handle_model(self, request: web.Request) -> web.StreamResponse:
         """request -> model (via profile pin or selector) -> scheduler.lease(model) -> relay -> release."""
         body = await self.read_body(request)
-        requested = await self.off_loop(body, request_model, request.method, request.headers.get("Content-Type", ""),
-                                        request.query.get("model", ""), body)
+        requested = await self.bodies.off_loop(body, request_model, request.method,
+                                               request.headers.get("Content-Type", ""), request.query.get("model", ""),
+                                               body)
         name = self.virtual.pinned(requested)
         if not name:
             raise ApiError(404, "no model id could be identified")
@@ -7383,39 +7606,23 @@ class Server:
                 path_qs = with_query_model(path_qs, name)
             else:
                 rename = name
-        body = await self.off_loop(body, upstream_body, request.headers.get("Content-Type", ""), body,
-                                   use_model_name or rename, filters, filtered_as or name)
+        body = await self.bodies.off_loop(body, upstream_body, request.headers.get("Content-Type", ""), body,
+                                          use_model_name or rename, filters, filtered_as or name)
         return path_qs, body
 
     async def wants_stream(self, request: web.Request, body: bytes) -> bool:
         """Whether the client asked for a stream: `stream` in the JSON body, or ?stream=true."""
         if request.method in ("GET", "HEAD"):
             return request.query.get("stream") == "true"
-        return await self.off_loop(body, wants_stream, body)
-
-    @property
-    def largest_message(self) -> int:
-        """The biggest websocket message relayed: a request body's limit, maxRequestBodyMB."""
-        return self.config.max_request_body_mb * 1024 * 1024
-
-    async def off_loop(self, body: bytes, function: Callable[..., Any], *args: Any) -> Any:
-        """function(*args), in a worker thread when `body` is big enough that reading it could
-        keep the event loop from every other client (a small one costs less than the hand-off)."""
-        if len(body) <= INLINE_BODY:
-            return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.body_threads, function, *args)
+        return await self.bodies.off_loop(body, wants_stream, body)
 
     async def read_body(self, request: web.Request) -> bytes:
-        """The request body as the client meant it: read whole (aiohttp holds it to
-        maxRequestBodyMB as it arrives), inflated when it came gzip or deflate."""
-        body = await request.read()
-        coding = request.headers.get("Content-Encoding", "").strip().lower()
-        if coding in ("", "identity"):
-            return body
-        if coding not in DECODED_CODINGS:
-            raise BodyError(415, f"request bodies with Content-Encoding {coding!r} are not read: send gzip, deflate "
-                                 "or none")
-        return await self.off_loop(body, inflate, body, coding, self.config.max_request_body_mb * 1024 * 1024)
+        return await self.bodies.read(request, self.body_limit)
+
+    @property
+    def body_limit(self) -> int:
+        """maxRequestBodyMB in bytes: a request body's limit, inflated or not, and a websocket message's."""
+        return self.config.max_request_body_mb * 1024 * 1024
 
     async def relay_local(self, request: web.Request, process: ModelProcess, path_qs: str,
                           body: bytes) -> web.StreamResponse:
@@ -7425,7 +7632,7 @@ class Server:
         try:
             if is_websocket(request):
                 return await relay_websocket(request, upstream, path_qs, forwarded_headers(request),
-                                             self.largest_message, self.websockets)
+                                             self.body_limit, self.websockets)
             return await relay(request, upstream, path_qs, body, forwarded_headers(request), self.log)
         except UpstreamError as e:
             raise ApiError(e.status, f"upstream {process.model.id} unreachable: {e}") from None
@@ -7433,19 +7640,12 @@ class Server:
     async def relay_peer(self, request: web.Request, peer: PeerConfig, path_qs: str, body: bytes) -> web.StreamResponse:
         try:
             if is_websocket(request):
-                return await relay_websocket(request, self.peer_upstream(peer), path_qs, peer_headers(request, peer),
-                                             self.largest_message, self.websockets)
-            return await relay(request, self.peer_upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
+                return await relay_websocket(request, self.peers.upstream(peer), path_qs, peer_headers(request, peer),
+                                             self.body_limit, self.websockets)
+            return await relay(request, self.peers.upstream(peer), path_qs, body, peer_headers(request, peer), self.log)
         except UpstreamError as e:
             self.log.warn(f"peer {peer.id}: proxy error: {printable(str(e))}")
             raise ApiError(502, f"peer proxy error: {e}") from None
-
-    def peer_upstream(self, peer: PeerConfig) -> Upstream:
-        """One pooled session per peer setting, kept across reloads that leave the peer as it was."""
-        key = (peer.proxy, peer.timeouts)
-        if key not in self.peer_sessions:
-            self.peer_sessions[key] = upstream_session(peer.timeouts, peer.proxy)
-        return Upstream(self.peer_sessions[key], peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:")
 
     # -- /upstream and /comfyui ---------------------------------------------------
 
@@ -7453,7 +7653,7 @@ class Server:
         """/upstream/<model>/<path>: straight to the model's own server, body untouched."""
         raw_path, mark, raw_query = request.raw_path.partition("?")
         raw_tail = raw_path[len("/upstream/"):]
-        model, rest = self.split_upstream_path(self.virtual.pinned_path(raw_tail))
+        model, rest = split_upstream_path(self.config, self.virtual.pinned_path(raw_tail))
         if model is None:
             raise ApiError(404, "model not found")
         query = mark + raw_query
@@ -7501,54 +7701,21 @@ class Server:
             raise ApiError(409, f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it")
         return await self.passthrough(request, COMFYUI_MODEL, rest + mark + raw_query, await self.read_body(request))
 
-    def split_upstream_path(self, raw_tail: str) -> tuple[str | None, str]:
-        """(model ID, raw remainder) for the longest leading run of path segments naming a model.
-        Runs are tried from the shortest up and only while no longer than the longest name, so a
-        path of ten thousand segments costs what a short one does."""
-        found: tuple[str | None, str] = (None, "")
-        end = 0
-        while True:
-            end = raw_tail.find("/", end + 1)
-            name = urllib.parse.unquote(raw_tail if end < 0 else raw_tail[:end])
-            if len(name) > self.config.longest_name:
-                return found
-            model = self.config.real_model_id(name) or (name if name in self.config.peer_routes else None)
-            if model is not None:
-                found = (model, "" if end < 0 else raw_tail[end:])
-            if end < 0:
-                return found
-
     # -- listing and control ------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.Response:
         """The OpenAI model list, with each model's loaded status."""
         profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
         records = model_records(self.config, self.runtime.states(), int(time.time()), profile, self.runtime.loading())
-        if self.config.routing.router is Router.VRAM:  # each model's footprint: measured, else its hint
-            for record in records:
-                if record["meta"]["llamaswap"]["type"] in ("model", "alias"):
-                    need = self.vram_book.need(self.config.real_model_id(record["id"]) or "")
-                    record["meta"]["llamaswap"]["vram"] = {str(g): b for g, b in sorted((need or {}).items())}
+        if self.config.routing.router is Router.VRAM:
+            add_vram_needs(records, self.config, self.vram_book)
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
         return json_response({"object": "list", "data": records, **self.runtime.gpu_budgets()}, headers=headers)
 
     async def handle_running(self, request: web.Request) -> web.Response:
         """Models whose server is starting, ready or stopping."""
-        running = []
-        for model_id in sorted(self.processes, key=str.encode):
-            process = self.processes[model_id]
-            if process.state == STOPPED:
-                continue
-            model = process.model
-            entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy,
-                     "ttl": model.ttl}
-            entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
-            entry.update(in_flight=self.scheduler.in_flight[model_id],
-                         ttl_remaining=self.scheduler.ttl_remaining(model_id),
-                         queued=self.scheduler.reserved[model_id] - self.scheduler.in_flight[model_id])
-            if self.config.routing.router is Router.VRAM and model_id in self.vram_book.measured:
-                entry["vram"] = {str(gpu): size for gpu, size in sorted(self.vram_book.measured[model_id].items())}
-            running.append(entry)
+        measured = self.vram_book.measured if self.config.routing.router is Router.VRAM else {}
+        running = running_records(self.scheduler, measured)
         return json_response({"running": running, **self.runtime.gpu_budgets()})
 
     async def handle_unload_all(self, request: web.Request) -> web.Response:
@@ -7592,20 +7759,7 @@ class Server:
 
     async def handle_set_profile(self, request: web.Request) -> web.Response:
         """PUT {"name": "<profile>"} or {"name": null}: pins apply from the next request on."""
-        try:
-            body = json.loads(await self.read_body(request))
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid profile request")
-        if "name" not in body:
-            raise ApiError(400, "profile name is required")
-        name = body["name"]
-        if name is not None and not isinstance(name, str):
-            raise ApiError(400, "profile name must be a string or null")
-        if name and name not in self.config.profiles:
-            raise ApiError(404, f'profile "{name}" not found')
-        self.runtime.activate_profile(name or None)
+        self.runtime.activate_profile(requested_profile(await self.read_body(request), self.config))
         return json_response({"active": self.virtual.active})
 
     async def handle_inflight(self, request: web.Request) -> web.Response:
@@ -7681,7 +7835,7 @@ class Server:
 
     async def handle_log_stream(self, request: web.Request) -> web.StreamResponse:
         """History, then each new chunk as it is written, until the client or the server goes."""
-        monitor = self.log_monitor(request.match_info.get("id", ""))
+        monitor = self.runtime.log_monitor(request.match_info.get("id", ""))
         response = CountedResponse(headers={"Content-Type": "text/plain", "X-Content-Type-Options": "nosniff",
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -7696,29 +7850,15 @@ class Server:
                 self.log_streams.discard(stream)
         return response
 
-    def log_monitor(self, name: str) -> LogMonitor:
-        if name in ("", "proxy", "upstream"):
-            return {"": self.log.mux, "proxy": self.log.proxy, "upstream": self.log.upstream}[name]
-        model, _rest = self.split_upstream_path(name)
-        if model not in self.processes:
-            raise ApiError(400, "invalid logger. Use 'proxy', 'upstream' or a model's ID")
-        return self.processes[model].output
-
     async def handle_events(self, request: web.Request) -> web.StreamResponse:
         """/api/events: the state of things first, then every change, as SSE."""
         response = CountedResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
             "X-Content-Type-Options": "nosniff", "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        first = [
-            *(sse_event("logData", {"source": source, "data": log.history.history().decode("utf-8", "replace")})
-              for source, log in (("proxy", self.log.proxy), ("upstream", self.log.upstream))),
-            sse_event("modelStatus", model_statuses(self.config, self.runtime.states(), self.runtime.loading())),
-            sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
-            sse_event("profileChanged", {"active": self.virtual.active}),
-            sse_event("inflight", self.inflight.snapshot()),
-        ]
-        with self.events.watching(first, hang_up=lambda: request.transport and request.transport.abort()) as stream:
+        watching = self.events.watching(self.runtime.current_events(),
+                                        hang_up=lambda: request.transport and request.transport.abort())
+        with watching as stream:
             async for message in stream:
                 await response.write(message)
         return response
@@ -7736,21 +7876,10 @@ class Server:
         path = request.match_info["path"]
         if "." not in path.rpartition("/")[2]:
             path = "index.html"
-        return self.ui_file(request, path)
+        return self.ui.answer(request, path)
 
     async def handle_favicon(self, request: web.Request) -> web.Response:
-        return self.ui_file(request, "favicon.svg")
-
-    def ui_file(self, request: web.Request, path: str) -> web.Response:
-        found = self.ui_files.get(path)
-        if found is None:
-            raise ApiError(404, f"no such file in the web UI: {path}")
-        body, etag = found
-        headers = {"ETag": etag, "Cache-Control": "no-cache"}  # always revalidated: an upgrade shows at once
-        if request.headers.get("If-None-Match") == etag:
-            return web.Response(status=304, headers=headers)
-        content_type = UI_TYPES.get(path.rpartition(".")[2], "application/octet-stream")
-        return web.Response(body=body, content_type=content_type, headers=headers)
+        return self.ui.answer(request, "favicon.svg")
 
     async def handle_upstream_index(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui/models")
@@ -7765,45 +7894,10 @@ class Server:
         """Our errors as envelopes; unknown paths and methods as the original's plain texts."""
         try:
             return await handler(request)
-        except ApiError as e:
-            response = error_response(request, e.status, e.message)
-            response.headers.update(e.headers or {})
-            return response
-        except SelectorError as e:
-            return error_response(request, 503, str(e))
-        except RequestCancelled as e:
-            response = e.exchange.response
-            if response is None or not response.prepared:
-                return error_response(request, 499, str(e))
-            if request.transport is not None:
-                request.transport.close()  # a cut stream must look cut to the client, not complete
-            return response
-        except ConcurrencyLimited:
-            return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY,
-                                headers={"Content-Type": "application/json", "Retry-After": "1"})
-        except QueueTimeout as e:
-            return error_response(request, 503, str(e))
-        except SchedulerError as e:
-            return error_response(request, 500, f"unspecific error: {e}")
-        except BodyError as e:
-            return error_response(request, e.status, str(e))
-        except web.RequestPayloadError as e:  # e.g. chunked framing that is broken or cut short
-            reason = malformed_reason(e) or printable(str(e))
-            response = error_response(request, 400, f"cannot read the request body: {reason}")
-            response.force_close()  # the rest of the body is still on the wire
-            return response
-        except ConnectionError:
-            if (response := request.get(STREAMING)) is None:
+        except Exception as e:
+            if (answer := error_answer(request, e, self.config.max_request_body_mb)) is None:
                 raise
-            return response  # the client left while we wrote to it: a disconnect, not a fault
-        except web.HTTPRequestEntityTooLarge:
-            limit = self.config.max_request_body_mb
-            return error_response(request, 413, f"request body too large: the limit is {limit} MB (maxRequestBodyMB)")
-        except web.HTTPNotFound:
-            return web.Response(status=404, text="404 page not found\n")
-        except web.HTTPMethodNotAllowed as e:
-            return web.Response(status=405, text="Method Not Allowed\n",
-                                headers={"Allow": ", ".join(sorted(e.allowed_methods))})
+            return answer
 
     @web.middleware
     async def watch(self, request: web.Request, handler) -> web.StreamResponse:
@@ -7823,53 +7917,14 @@ class Server:
         finally:
             if (exchange := request.get(EXCHANGE)) is not None:
                 status = exchange.failure[0] if exchange.failure else status
-                self.observe(exchange, response if response is not None else exchange.response, status)
-
-    def observe(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:
-        """A model request's metrics and, for a POST, its activity row and capture."""
-        seconds = time.monotonic() - exchange.clock
-        self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds)
-        if exchange.method != "POST" or status == 101:
-            return
-        relayed = response is not None and response is exchange.response
-        body = exchange.copy if relayed else getattr(response, "body", None)
-        headers = response.headers if response is not None else {}
-        self.activity.record(exchange, status, headers, body or b"", int(seconds * 1000))
+                self.runtime.request_done(exchange, response if response is not None else exchange.response, status)
 
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
-        """The guards against other web pages (see `known_host`, `foreign_origin`)."""
-        config = self.config
-        host = request.headers.get("Host", "")
-        if not (config.api_keys or config.admin_keys) and request.path not in ("/health", "/wol-health") and \
-                not known_host(host, config.allowed_origins):
-            raise ApiError(403, f"refused: {printable(host[:200])!r} is not a name this server answers to without keys "
-                                "(a guard against DNS rebinding); if it is yours, add its origin to allowedOrigins")
-        if changes_state(request) and (origin := foreign_origin(request, config.allowed_origins)):
-            raise ApiError(403, f"refused: a page of {origin} may not change anything here (a guard against other "
-                                "web pages); if it should, add its origin to allowedOrigins")
+        """The guards against other web pages and DNS rebinding, then API keys."""
+        check_host_and_origin(request, self.config)
+        check_keys(request, self.config)
         return await handler(request)
-
-    @web.middleware
-    async def auth(self, request: web.Request, handler) -> web.StreamResponse:
-        """API keys. With `adminKeys`, the admin surface takes only those, and keys from
-        `apiKeys` are for model routes alone."""
-        config = self.config
-        unknown_route = request.match_info.http_exception is not None  # 404/405 answer as they are
-        if not (config.api_keys or config.admin_keys) or unknown_route or request.path in OPEN_PATHS:
-            return await handler(request)
-        key = request_api_key(request)
-        model_route = request.path in MODEL_ROUTE_PATHS or request.path.startswith(("/upstream/", "/comfyui"))
-        if key_matches(key, config.admin_keys):
-            return await handler(request)
-        if key_matches(key, config.api_keys):
-            if model_route or not config.admin_keys:
-                return await handler(request)
-            raise ApiError(403, "this API key may only call model routes; the admin API needs a key from adminKeys")
-        if model_route and not config.api_keys:
-            return await handler(request)
-        raise ApiError(401, "unauthorized: invalid or missing API key",
-                       {"WWW-Authenticate": 'Basic realm="llama-swap"'})
 
     @web.middleware
     async def access_log(self, request: web.Request, handler) -> web.StreamResponse:
@@ -7911,9 +7966,9 @@ class Server:
         await self.runtime.wind_down()
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        await asyncio.gather(*(session.close() for session in self.peer_sessions.values()))
+        await self.peers.close()
         await self.activity.close()
-        self.body_threads.shutdown(wait=False, cancel_futures=True)
+        self.bodies.close()
 
 def stalled_clients(timeout: float) -> Iterator[CountedResponse]:
     """The answers whose client has taken none of their bytes for `timeout` seconds."""
