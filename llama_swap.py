@@ -12,7 +12,7 @@ Contents, in dependency order (each section opens with its concept and rules):
     4. Config: parts      models, routing (groups, matrix DSL, vram), peers, selectors, profiles
     5. Logging            ProxyLog: history rings, live readers, stdout that never blocks us
     6. Process groups     GroupRecord and its watcher: no model server outlives us
-    7. Model processes    ModelProcess: spawn, health, load progress, stop; launch_settings
+    7. Model processes    ModelProcess: spawn, health, load progress, stop; Learnt; launch_settings
     8. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
     9. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
    10. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
@@ -2479,6 +2479,50 @@ STOP_REASONS = {"swap": "swapped out to make room", "unload": "unloaded on reque
                 "reload": "changed or removed by a config reload", "shutdown": "llama-swap is shutting down"}
 
 
+class Learnt:
+    """What the proxy learns of each model by running it: how long its loads took (its ETA and
+    its swap cost) and the GPU memory its server held once ready (the vram router's measure).
+    One object, owned by the Runtime; `changed` hears of each model whose figures change, so
+    that the store keeps them for the next run."""
+
+    def __init__(self, changed: Callable[[str], None] = lambda model: None):
+        self.load_times: dict[str, collections.deque[float]] = {}  # seconds, past starts
+        self.vram: dict[str, dict[int, int]] = {}  # GPU -> bytes, the peak of a run once it was ready
+        self.changed = changed
+
+    def loads(self, model: str) -> collections.deque[float]:
+        return self.load_times.setdefault(model, collections.deque(maxlen=LOAD_HISTORY))
+
+    def loaded(self, model: str, seconds: float) -> None:
+        self.loads(model).append(seconds)
+        self.changed(model)
+
+    def measured(self, model: str, vram: Mapping[int, int]) -> None:
+        if self.vram.get(model) != vram:
+            self.vram[model] = dict(vram)
+            self.changed(model)
+
+    def forget_vram(self, model: str) -> None:
+        """Its launch settings changed (a reload): what was measured no longer holds."""
+        self.vram.pop(model, None)
+
+    def figures(self, model: str) -> dict[str, Any]:
+        """As the store keeps them."""
+        vram = self.vram.get(model, {})
+        return {"load_times": list(self.loads(model)), "vram": {str(g): b for g, b in vram.items()}}
+
+    def recall(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+        """What earlier runs learnt (the store's rows), where this run has learnt nothing yet."""
+        for model, figures in saved.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
+                load_times = [float(t) for t in figures.get("load_times", [])]
+                vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
+                if not self.loads(model):
+                    self.loads(model).extend(load_times)
+                if vram:
+                    self.vram.setdefault(model, vram)
+
+
 class ModelProcess:
     """One model's upstream server and its lifecycle: stopped -> starting -> ready -> stopping.
 
@@ -2490,7 +2534,7 @@ class ModelProcess:
     """
 
     def __init__(self, model: ModelConfig, log: ProxyLog, on_change: Callable[[ModelProcess], None],
-                 groups: GroupRecord | None = None):
+                 groups: GroupRecord | None = None, learnt: Learnt | None = None):
         self.model = model
         self.log = log
         self.on_change = on_change
@@ -2505,8 +2549,13 @@ class ModelProcess:
         self._wake = asyncio.Event()
         self.load_began = 0.0  # monotonic time of the current start
         self.load_progress = LoadProgress()
-        self.load_times: collections.deque[float] = collections.deque(maxlen=LOAD_HISTORY)  # seconds, past starts
+        self.learnt = learnt or Learnt()
         self.ready_since = 0.0  # monotonic time it last became ready
+
+    @property
+    def load_times(self) -> collections.deque[float]:
+        """Seconds its past starts took (the newest last), as learnt."""
+        return self.learnt.loads(self.model.id)
 
     @property
     def group(self) -> int | None:
@@ -2595,7 +2644,7 @@ class ModelProcess:
             error = StartError(f"{type(e).__name__}: {e}")
         else:
             self.ready_since = time.monotonic()
-            self.load_times.append(self.ready_since - self.load_began)
+            self.learnt.loaded(self.model.id, self.ready_since - self.load_began)
             self.log.info(f"<{self.model.id}> ready, loaded in {self.load_times[-1]:.2f}s")
             self._set_state(READY)
             return
@@ -3231,22 +3280,23 @@ class VramBook:
     largest seen in its latest run; kept after it stops), else its `vram` hint."""
 
     def __init__(self, source: VramSource | None, reserve: Mapping[int | None, int],
-                 hints: Mapping[str, Mapping[int | None, int]], release_wait: float = 30.0):
+                 hints: Mapping[str, Mapping[int | None, int]], release_wait: float = 30.0,
+                 learnt: Learnt | None = None):
         self.source = source
         self.reserve = dict(reserve)
         self.hints = dict(hints)
         self.release_wait = release_wait  # seconds a stopped server's memory may take to show free
         self.gpus: dict[int, GpuMemory] = {}
         self.others: dict[int, int] = {}  # GPU -> bytes held by processes not ours
-        self.measured: dict[str, dict[int, int]] = {}  # settled: the peak of a run once the model was ready
+        self.learnt = learnt or Learnt()  # where each model's measure is kept: the peak of a run once ready
         self.peaks: dict[str, dict[int, int]] = {}  # the largest reading of each model's latest run
         self.runs: dict[str, int] = {}  # model -> the process group of its latest run
         self.starting: set[str] = set()  # models still loading at the latest reading
         self.last_stop = -math.inf  # when a server of ours last stopped (monotonic)
 
     @classmethod
-    def of(cls, config: Config) -> VramBook:
-        book = cls(None, {}, {})
+    def of(cls, config: Config, learnt: Learnt | None = None) -> VramBook:
+        book = cls(None, {}, {}, learnt=learnt)
         book.configure(config)
         return book
 
@@ -3255,6 +3305,10 @@ class VramBook:
         self.reserve = dict(config.routing.vram_reserve)
         self.hints = {m: c.vram for m, c in config.models.items()}
         self.release_wait = config.routing.vram_release_wait
+
+    @property
+    def measured(self) -> Mapping[str, dict[int, int]]:
+        return self.learnt.vram
 
     def stopped(self) -> None:
         """A server of ours stopped: for a while, memory it leaves behind is not counted as others'."""
@@ -3269,7 +3323,8 @@ class VramBook:
 
     def forget(self, model: str) -> None:
         """Its launch settings changed (a reload): what was measured no longer holds."""
-        for known in (self.measured, self.peaks, self.runs):
+        self.learnt.forget_vram(model)
+        for known in (self.peaks, self.runs):
             known.pop(model, None)
 
     def budget(self) -> dict[int, int]:
@@ -3305,7 +3360,7 @@ class VramBook:
                 self.peaks[model], self.runs[model] = {}, groups[model]
             self.peaks[model] = largest(self.peaks[model], held)
             if model not in self.starting:
-                self.measured[model] = self.peaks[model]
+                self.learnt.measured(model, self.peaks[model])
         others = {i: max(0, g.used - ours[i]) for i, g in self.gpus.items()}
         if time.monotonic() - self.last_stop < self.release_wait:  # a rise may be our stopped server's memory
             others = {i: min(used, self.others.get(i, used)) for i, used in others.items()}
@@ -7030,7 +7085,8 @@ class Runtime:
         self.tasks = Tasks()
         self.events = Events()
         self.metrics = Metrics()
-        self.vram_book = VramBook.of(config)
+        self.learnt = Learnt(self._remember)
+        self.vram_book = VramBook.of(config, self.learnt)
         self.processes = {m: self._process(cfg) for m, cfg in config.models.items()}  # the scheduler's from now on
         self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
                                    config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout,
@@ -7071,7 +7127,7 @@ class Runtime:
                     response.transport.abort()
 
     def _process(self, model: ModelConfig) -> ModelProcess:
-        return ModelProcess(model, self.log, self._state_changed, self.groups)
+        return ModelProcess(model, self.log, self._state_changed, self.groups, self.learnt)
 
     def _policy(self, config: Config) -> SwapPolicy:
         if config.routing.router is Router.VRAM:
@@ -7096,8 +7152,6 @@ class Runtime:
             self.vram_book.stopped()
         self.scheduler.pump()
         self._publish_statuses()
-        if process.state == READY:  # one more load time to remember
-            self.activity.remember(process.model.id, self.figures(process.model.id))
         if process.state == STARTING and not self.tasks.alive("load ticker"):
             self.tasks.start("load ticker", self._tick_loads())
 
@@ -7118,10 +7172,10 @@ class Runtime:
     def _publish_log(self, source: str, data: bytes) -> None:
         self.events.publish("logData", {"source": source, "data": data.decode("utf-8", "replace")})
 
-    def figures(self, model: str) -> dict[str, Any]:
-        """What we learnt of a model, as the store keeps it."""
-        vram = self.vram_book.measured.get(model, {})
-        return {"load_times": list(self.processes[model].load_times), "vram": {str(g): b for g, b in vram.items()}}
+    def _remember(self, model: str) -> None:
+        """What was learnt of a model, into the store for the next run (a model a reload removed is forgotten)."""
+        if model in self.processes:
+            self.activity.remember(model, self.learnt.figures(model))
 
     async def _recall(self) -> None:
         """What earlier runs learnt of each model (load times, measured VRAM), from the store."""
@@ -7130,14 +7184,7 @@ class Runtime:
         except sqlite3.Error as e:
             self.log.warn(f"store: the models' figures could not be read: {e}")
             return
-        for model, figures in saved.items():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
-                load_times = [float(t) for t in figures.get("load_times", [])]
-                vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
-                if model in self.processes and not self.processes[model].load_times:
-                    self.processes[model].load_times.extend(load_times)
-                if vram:
-                    self.vram_book.measured.setdefault(model, vram)
+        self.learnt.recall(saved)
 
     def _preload(self) -> None:
         self.tasks.stop("preload")
@@ -7172,14 +7219,11 @@ class Runtime:
             return
         try:
             while True:
-                known = dict(book.measured)
                 starting = {m for m, p in self.processes.items() if p.state == STARTING}
                 try:
                     await book.refresh(self.running_groups(), starting)
                 except Exception as e:  # a bug or an odd driver: say so, and read again next time
                     self.log.error(f"vram router: reading the GPUs failed: {type(e).__name__}: {e}")
-                for model in (m for m, vram in book.measured.items() if known.get(m) != vram and m in self.processes):
-                    self.activity.remember(model, self.figures(model))
                 await asyncio.sleep(VRAM_EVERY)
         finally:
             source, book.source = book.source, None
