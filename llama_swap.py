@@ -3477,12 +3477,12 @@ class Ticket:
 
     __slots__ = ("model", "priority", "why", "future", "since")
 
-    def __init__(self, model: str, priority: int = 0, why: str = "a request"):
+    def __init__(self, model: str, priority: int = 0, why: str = "a request", since: float | None = None):
         self.model = model
         self.priority = priority
         self.why = why
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.since = time.monotonic()
+        self.since = time.monotonic() if since is None else since
 
     def waiting(self) -> bool:
         return not self.future.done()
@@ -3520,10 +3520,12 @@ class Scheduler:
                  priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0,
                  queue_timeout: float = 0.0, on_grant: Callable[[str, float], None] = lambda model, waited: None,
                  on_refuse: Callable[[str], None] = lambda model: None,
-                 new_process: Callable[[ModelConfig], ModelProcess] | None = None):
+                 new_process: Callable[[ModelConfig], ModelProcess] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.processes = processes  # changed here alone: models come with configure(), go when retired
         self.models = {m: p.model for m, p in processes.items()}  # the config's models, retiring ones not among them
         self.new_process = new_process
+        self.clock = clock  # monotonic seconds; tests drive their own
         self.policy = policy
         self.priority = dict(priority or {})  # model -> fifo priority; higher is served first
         self.max_wait, self.min_residency = max_wait, min_residency
@@ -3564,14 +3566,14 @@ class Scheduler:
             self.on_refuse(model)
             raise ConcurrencyLimited("Too many requests")
         self.reserved[model] += 1
-        self.arrivals.setdefault(model, collections.deque(maxlen=9)).append(time.monotonic())
+        self.arrivals.setdefault(model, collections.deque(maxlen=9)).append(self.clock())
         try:
             yield
         finally:
             self.reserved[model] -= 1
 
     def ticket(self, model: str, why: str = "a request") -> Ticket:
-        return Ticket(model, self.priority.get(model, 0), why)
+        return Ticket(model, self.priority.get(model, 0), why, self.clock())
 
     @contextlib.asynccontextmanager
     async def granted(self, ticket: Ticket) -> AsyncIterator[ModelProcess]:
@@ -3612,7 +3614,7 @@ class Scheduler:
 
     def _release(self, model: str) -> None:
         self.in_flight[model] -= 1
-        self.last_use[model] = time.monotonic()
+        self.last_use[model] = self.clock()
         if self.in_flight[model] == 0:
             self.pump()
 
@@ -3692,13 +3694,13 @@ class Scheduler:
     def _wanted_gone(self, ticket: Ticket) -> bool:
         """Whether a request queued ahead of this one (same or higher priority) for max_wait or
         longer needs its model stopped: from then on the model takes no new requests, so it drains."""
-        now, running, model = time.monotonic(), self.running(), ticket.model
+        now, running, model = self.clock(), self.running(), ticket.model
         return any(t.model != model and t.waiting() and t.priority >= ticket.priority and now - t.since >= self.max_wait
                    and model in self.policy.evictions(t.model, running) for t in self.queue)
 
     def _hold(self, ticket: Ticket, evict: frozenset[str]) -> float:
         """Seconds the swap for `ticket` should still wait before stopping `evict`; 0 for none."""
-        now = time.monotonic()
+        now = self.clock()
         until = now
         for model in evict:
             process = self.processes[model]
@@ -3722,7 +3724,7 @@ class Scheduler:
 
     def _grant(self, ticket: Ticket) -> None:
         self.in_flight[ticket.model] += 1
-        self.last_use[ticket.model] = now = time.monotonic()
+        self.last_use[ticket.model] = now = self.clock()
         ticket.future.set_result(None)
         self.on_grant(ticket.model, now - ticket.since)
 
@@ -3815,13 +3817,13 @@ class Scheduler:
         process = self.processes[model]
         if process.model.ttl <= 0 or process.state != READY or self.in_flight[model]:
             return None
-        idle = time.monotonic() - self.last_use.get(model, time.monotonic())
+        idle = self.clock() - self.last_use.get(model, self.clock())
         return round(max(0.0, process.model.ttl - idle), 1)
 
     def _unload_idle(self) -> None:
         """Stop each ready model that served nothing for its `ttl` seconds: a request in
         flight, however long, keeps it loaded; the idle clock starts when the last one ends."""
-        now = time.monotonic()
+        now = self.clock()
         for model, process in self.processes.items():
             ttl = process.model.ttl
             if ttl <= 0 or process.state != READY or self.in_flight[model] or model in self.draining:
