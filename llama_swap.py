@@ -9,27 +9,28 @@ Contents, in dependency order (each section opens with its concept and rules):
     1. Helpers            Go's formats of values, durations and times; sizes; Named enums
     2. Config: shapes     Config, ModelConfig, Routing, ...: plain data; ConfigError
     3. Config: the file   YAML -> Config in three passes: files, macros, values
-    4. Config: parts      models, routing (groups, matrix DSL, vram), peers, selectors, profiles
-    5. Logging            ProxyLog: history rings, live readers, stdout that never blocks us
-    6. Process groups     GroupRecord and its watcher: no model server outlives us
-    7. Model processes    ModelProcess: spawn, health, load progress, stop; Learnt; launch_settings
-    8. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
-    9. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
-   10. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
-   11. Virtual models     profiles' pins and selectors: names that stand for other models
-   12. Request bodies     finding and rewriting `model` without decoding the rest
-   13. In-flight          Exchange and InFlight: one request on its way, cancellable
-   14. Relay              bytes from upstream to client, chunk by chunk; websockets
-   15. Activity: answers  tokens, speeds and errors read from a finished answer
-   16. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
-   17. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
-   18. Metrics            /metrics in Prometheus text
-   19. API answers        OpenAI error envelopes, model records, key/origin/host checks
-   20. Events             /api/events fan-out; the stream sent while a model loads
-   21. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
-   22. Reload             ConfigSource, reload(), --watch-config and SIGHUP
-   23. HTTP               Server: route table, middlewares, handlers, the hot path
-   24. CLI                flags, serve() (bind, start, wait, shut down), main()
+    4. Config: models     each model's keys, its command checked, its aliases
+    5. Config: routing    groups, matrix DSL, vram router, priorities; peers, selectors, profiles
+    6. Logging            ProxyLog: history rings, live readers, stdout that never blocks us
+    7. Process groups     GroupRecord and its watcher: no model server outlives us
+    8. Model processes    ModelProcess: spawn, health, load progress, stop; Learnt; launch_settings
+    9. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
+   10. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
+   11. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
+   12. Virtual models     profiles' pins and selectors: names that stand for other models
+   13. Request bodies     finding and rewriting `model` without decoding the rest; BodyReader
+   14. In-flight          Exchange and InFlight: one request on its way, cancellable
+   15. Relay              bytes from upstream to client, chunk by chunk; websockets; peers
+   16. Activity: answers  tokens, speeds and errors read from a finished answer
+   17. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
+   18. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
+   19. Metrics            /metrics in Prometheus text
+   20. API answers        OpenAI error envelopes, model records, key/origin/host checks
+   21. Events             /api/events fan-out; the stream sent while a model loads
+   22. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
+   23. Reload             ConfigSource, reload(), --watch-config and SIGHUP
+   24. HTTP               Server: route table, middlewares, handlers, the hot path
+   25. CLI                flags, serve() (bind, start, wait, shut down), main()
 
 How a request travels: the middlewares (access log, CORS, clean path, watch, errors, guard,
 keys) hand it to Server.handle_model, which reads the body (BodyReader), finds its model
@@ -1094,11 +1095,11 @@ def read_store_path(top: ConfigReader) -> str | None:
 
 
 ###############################################################################
-# 4. Config: models, routing, peers ###########################################
+# 4. Config: models ###########################################################
 ###############################################################################
 
-# Each model's keys, the swap rules (groups or the matrix DSL), and what stands beside the
-# models: peers, selectors and profiles. Each reader checks its own part and names the key.
+# Each model's keys: macros applied, sizes and capabilities read, filters and timeouts, its
+# command checked, its aliases registered. Each reader checks its own part and names the key.
 
 
 def expand_model(model_id: str, raw: Any, global_macros: list, port: int, readers: list) -> tuple[dict, list, int]:
@@ -1314,7 +1315,14 @@ def register_set_params_aliases(model: ModelConfig, config: Config) -> None:
         model.aliases.append(key)
 
 
-# -- routing ------------------------------------------------------------------
+
+###############################################################################
+# 5. Config: routing, peers, selectors, profiles ##############################
+###############################################################################
+
+# The swap rules (groups, the matrix DSL, the vram router and the fifo priorities), and what
+# stands beside the models: peers, selectors and profiles, none shadowing another's name.
+
 
 def read_routing(top: ConfigReader, config: Config) -> Routing:
     """groups or matrix, legacy top-level or under routing.router, and the fifo priorities."""
@@ -1741,7 +1749,7 @@ def split_command(command: str) -> list[str]:
 
 
 ###############################################################################
-# 5. Logging ##################################################################
+# 6. Logging ##################################################################
 ###############################################################################
 
 # Two logs (the proxy's and the upstreams' output), each with a ring of recent history and
@@ -2029,7 +2037,7 @@ class ProtocolLog(logging.Handler):
 
 
 ###############################################################################
-# 6. Process groups ###########################################################
+# 7. Process groups ###########################################################
 ###############################################################################
 
 # Every model server runs in a process group of its own, so that a stop reaches whatever its
@@ -2259,7 +2267,7 @@ class GroupRecord:
 
 
 ###############################################################################
-# 7. Model processes ##########################################################
+# 8. Model processes ##########################################################
 ###############################################################################
 
 # ModelProcess: one model's server through its states (stopped -> starting -> ready ->
@@ -2842,7 +2850,7 @@ def launch_settings(model: ModelConfig) -> tuple:
 
 
 ###############################################################################
-# 8. GPUs #####################################################################
+# 9. GPUs #####################################################################
 ###############################################################################
 
 # Everything read through NVML, in one place: memory for the vram router, samples for
@@ -3133,7 +3141,7 @@ def open_vram_source() -> VramSource | None:
 
 
 ###############################################################################
-# 9. Swap policy ##############################################################
+# 10. Swap policy #############################################################
 ###############################################################################
 
 # Which running models must stop so that a target may run, as pure functions of plain data:
@@ -3449,7 +3457,7 @@ def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
 
 
 ###############################################################################
-# 10. Scheduler ###############################################################
+# 11. Scheduler ###############################################################
 ###############################################################################
 
 # The one owner of swap decisions. Requests ask for a model; the scheduler grants it at once,
@@ -3936,7 +3944,7 @@ class Scheduler:
 
 
 ###############################################################################
-# 11. Virtual models ##########################################################
+# 12. Virtual models ##########################################################
 ###############################################################################
 
 # Names that stand for other models: a profile's pins and selectors that pick a target per
@@ -4027,7 +4035,7 @@ class VirtualModels:
 
 
 ###############################################################################
-# 12. Request bodies ##########################################################
+# 13. Request bodies ##########################################################
 ###############################################################################
 
 # Finding and rewriting `model` in a body without decoding the rest. Every scan is linear and
@@ -4530,7 +4538,7 @@ class BodyReader:
 
 
 ###############################################################################
-# 13. In-flight requests ######################################################
+# 14. In-flight requests ######################################################
 ###############################################################################
 
 # Exchange: one request on its way, from arrival to its last byte, listed by /api/inflight and
@@ -4709,7 +4717,7 @@ class InFlight:
 
 
 ###############################################################################
-# 14. Relay ###################################################################
+# 15. Relay ###################################################################
 ###############################################################################
 
 # Bytes from upstream to client, chunk by chunk, never parsed: HTTP answers, streams and
@@ -5041,7 +5049,7 @@ def error_text(error: BaseException) -> str:
 
 
 ###############################################################################
-# 15. Activity: what an answer says ###########################################
+# 16. Activity: what an answer says ###########################################
 ###############################################################################
 
 # Reading a finished answer for its tokens, speeds and error message, as the original's
@@ -5395,7 +5403,7 @@ def percentile(ordered: Sequence[float], p: float) -> float:
 
 
 ###############################################################################
-# 16. Activity: the store and captures ########################################
+# 17. Activity: the store and captures ########################################
 ###############################################################################
 
 # The activity rows in SQLite (the original's own schema, so its database can be read),
@@ -5831,7 +5839,7 @@ class Activity:
 
 
 ###############################################################################
-# 17. Performance and hardware ################################################
+# 18. Performance and hardware ################################################
 ###############################################################################
 
 # /api/performance: system samples from /proc and GPU samples, kept for HISTORY_SECONDS;
@@ -6193,7 +6201,7 @@ def memory_capacity() -> int:
 
 
 ###############################################################################
-# 18. Metrics #################################################################
+# 19. Metrics #################################################################
 ###############################################################################
 
 # /metrics in Prometheus text: the proxy's own counters and histograms, the system and GPU
@@ -6461,7 +6469,7 @@ def vram_families(book: VramBook) -> str:
 
 
 ###############################################################################
-# 19. API answers #############################################################
+# 20. API answers #############################################################
 ###############################################################################
 
 # What the API speaks: OpenAI-format errors, model records for /v1/models and /running, and
@@ -6888,7 +6896,7 @@ def requested_profile(body: bytes, config: Config) -> str | None:
 
 
 ###############################################################################
-# 20. Events and loading streams ##############################################
+# 21. Events and loading streams ##############################################
 ###############################################################################
 
 # /api/events fan-out (model status, logs, activity, in-flight) and the SSE stream that a
@@ -7035,7 +7043,7 @@ class LoadingStream:
 
 
 ###############################################################################
-# 21. Runtime #################################################################
+# 22. Runtime #################################################################
 ###############################################################################
 
 # What runs behind the HTTP face, wired once: the processes and their scheduler, logs,
@@ -7325,7 +7333,7 @@ class Runtime:
 
 
 ###############################################################################
-# 22. Reload ##################################################################
+# 23. Reload ##################################################################
 ###############################################################################
 
 # A changed config file, SIGHUP or /api/config/reload: the file is read and checked first (a
@@ -7416,7 +7424,7 @@ def reload_on_signal(runtime: Runtime) -> None:
 
 
 ###############################################################################
-# 23. HTTP ####################################################################
+# 24. HTTP ####################################################################
 ###############################################################################
 
 # The application: middlewares, the route table and its handlers. The hot path:
@@ -8041,7 +8049,7 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 24. CLI #####################################################################
+# 25. CLI #####################################################################
 ###############################################################################
 
 # Flags, serve() (bind, start, wait, shut down) and main().
