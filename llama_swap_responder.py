@@ -739,7 +739,8 @@ def load_progress_output(style: str) -> tuple[str, list[tuple[float, str]], str]
     """What a loader of `style` prints: a head, then (share of the load done, text) steps, then an end."""
     if style == "dots":
         return "llm_load_tensors: loading model tensors\n", [(k / 100, ".") for k in range(1, 101)], "\n"
-    shards = [(n / SHARDS, f"\rLoading safetensors checkpoint shards: {100 * n / SHARDS:3.0f}% Completed | {n}/{SHARDS}")
+    shards = [(n / SHARDS,
+               f"\rLoading safetensors checkpoint shards: {100 * n / SHARDS:3.0f}% Completed | {n}/{SHARDS}")
               for n in range(SHARDS + 1)]
     return "", shards, "\n"
 

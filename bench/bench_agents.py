@@ -135,7 +135,8 @@ def scheduler_config(upstreams: Upstreams, fifo: dict) -> dict:
     return {
         "healthCheckTimeout": 30,
         "models": {m: {"cmd": upstreams.cmd("--startup-delay", str(STARTUP_DELAY), name=m)} for m in ("o", "c")},
-        "routing": {"router": {"settings": {"groups": {"agents": {"swap": True, "exclusive": True, "members": ["o", "c"]}}}},
+        "routing": {"router": {"settings": {"groups": {"agents": {"swap": True, "exclusive": True,
+                                                                  "members": ["o", "c"]}}}},
                     "scheduler": {"settings": {"fifo": fifo}}},
     }
 
@@ -162,7 +163,8 @@ def bench(label: str, fifo: dict, plans: list[list[Step]]) -> list[str]:
         if watcher.error is not None:
             raise RuntimeError(f"{label}: the process watcher failed: {watcher.error!r}")
         if "Traceback" in ls.output() or not clean:
-            raise RuntimeError(f"{label}: llama-swap logged a traceback or left an upstream running:\n{ls.output()[-3000:]}")
+            raise RuntimeError(f"{label}: llama-swap logged a traceback or left an upstream running:\n"
+                               f"{ls.output()[-3000:]}")
         starts = len(upstreams.pids())
     waits = [a.wait for a in answered]
     swap_waits = [w for a in answered if (w := swap_wait(a, watcher)) is not None]

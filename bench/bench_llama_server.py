@@ -89,7 +89,8 @@ async def run(args: argparse.Namespace) -> None:
     cmd = " ".join(server_argv(model, "${PORT}"))
     (work / "config.yaml").write_text(json.dumps({"healthCheckTimeout": 60, "startPort": free_port(),
                                                   "models": {"alpha": {"cmd": cmd}, "beta": {"cmd": cmd}}}))
-    proxy = subprocess.Popen([PY, "-m", "llama_swap", "--config", str(work / "config.yaml"), "--listen", f"127.0.0.1:{port}"],
+    proxy = subprocess.Popen([PY, "-m", "llama_swap", "--config", str(work / "config.yaml"),
+                              "--listen", f"127.0.0.1:{port}"],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -122,10 +123,14 @@ async def run(args: argparse.Namespace) -> None:
     med = statistics.median
     print(f"llama-server {binary().parent.name}, tiny random llama, {args.swaps} swaps, {args.rounds} stream rounds\n")
     print("| figure | median | min | max |\n|---|---|---|---|")
-    print(f"| cold start direct: spawn to first answer | {med(cold) * 1000:.0f} ms | {min(cold) * 1000:.0f} ms | {max(cold) * 1000:.0f} ms |")
-    print(f"| swap through llama-swap-py: request to answer | {med(swaps) * 1000:.0f} ms | {min(swaps) * 1000:.0f} ms | {max(swaps) * 1000:.0f} ms |")
-    print(f"| streamed tokens/s direct ({args.tokens} tokens) | {med(rates['direct']):.0f} | {min(rates['direct']):.0f} | {max(rates['direct']):.0f} |")
-    print(f"| streamed tokens/s through llama-swap-py | {med(rates['proxied']):.0f} | {min(rates['proxied']):.0f} | {max(rates['proxied']):.0f} |")
+    print(f"| cold start direct: spawn to first answer | {med(cold) * 1000:.0f} ms | {min(cold) * 1000:.0f} ms | "
+          f"{max(cold) * 1000:.0f} ms |")
+    print(f"| swap through llama-swap-py: request to answer | {med(swaps) * 1000:.0f} ms | "
+          f"{min(swaps) * 1000:.0f} ms | {max(swaps) * 1000:.0f} ms |")
+    print(f"| streamed tokens/s direct ({args.tokens} tokens) | {med(rates['direct']):.0f} | "
+          f"{min(rates['direct']):.0f} | {max(rates['direct']):.0f} |")
+    print(f"| streamed tokens/s through llama-swap-py | {med(rates['proxied']):.0f} | {min(rates['proxied']):.0f} | "
+          f"{max(rates['proxied']):.0f} |")
 
 
 def main() -> int:

@@ -394,7 +394,8 @@ async def bench_relay(workdir: Path, requests: int, rounds: int, chunks: int) ->
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="llama-swap-py swap and relay benchmark")
-    parser.add_argument("--swaps", type=int, default=10, help="swaps to time, after the cold load (default 10, at least 8 recommended)")
+    parser.add_argument("--swaps", type=int, default=10,
+                        help="swaps to time, after the cold load (default 10, at least 8 recommended)")
     parser.add_argument("--requests", type=int, default=300, help="non-streaming requests per path (default 300)")
     parser.add_argument("--stream-rounds", type=int, default=10, help="measured streams per path (default 10)")
     parser.add_argument("--stream-chunks", type=int, default=2000, help="content chunks per stream (default 2000)")

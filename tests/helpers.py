@@ -24,7 +24,18 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from llama_swap import DEFAULT_GROUP, READY, STARTING, STOPPED, Group, GroupPolicy, ModelConfig, ProxyLog, Scheduler, StartError
+from llama_swap import (
+    DEFAULT_GROUP,
+    READY,
+    STARTING,
+    STOPPED,
+    Group,
+    GroupPolicy,
+    ModelConfig,
+    ProxyLog,
+    Scheduler,
+    StartError,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The records of process groups that a killed llama-swap leaves (one per listen address) go to
@@ -88,7 +99,8 @@ class ServerProcess:
 
     def wait_for(self, text: str, timeout: float = 20) -> bool:
         """Until `text` is in the output (True) or the process exited or time ran out (False)."""
-        return wait_until(lambda: text in self.output() or self.proc.poll() is not None, timeout) and text in self.output()
+        return (wait_until(lambda: text in self.output() or self.proc.poll() is not None, timeout)
+                and text in self.output())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 45) -> int:
         try:
@@ -117,7 +129,8 @@ class LlamaSwap(ServerProcess):
             config = {"startPort": free_port_block(), **config}
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
         self.config_path.write_text(text)
-        argv = [PY, "-m", "llama_swap", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}", *extra_args]
+        argv = [PY, "-m", "llama_swap", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}",
+                *extra_args]
         super().__init__(argv, workdir)
         if not self.wait_for("listening on"):
             self.kill()
@@ -173,8 +186,8 @@ class FakeProcess:
 
     def __init__(self, name: str, events: list[str], on_change, limit: int = 100):
         self.name = name
-        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}", health_check_timeout=1,
-                                 concurrency_limit=limit)
+        self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}",
+                                 health_check_timeout=1, concurrency_limit=limit)
         self.events = events
         self.on_change = on_change
         self.state = STOPPED
@@ -218,7 +231,8 @@ def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100, **
     events: list[str] = []
     holder: dict[str, Scheduler] = {}
     processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit) for n in names}
-    scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority, **settings)
+    scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority,
+                          **settings)
     holder["s"] = scheduler
     return scheduler, processes, events
 

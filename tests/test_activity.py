@@ -591,7 +591,8 @@ def test_an_older_store_of_ours_is_mended_for_the_original(tmp_path):
     assert list(db.execute("SELECT version_id FROM goose_db_version")) == [(0,), (1,)]
 
 
-async def test_requests_of_every_kind_are_recorded_in_a_store_the_original_created(tmp_path, start_llama_swap, upstreams):
+async def test_requests_of_every_kind_are_recorded_in_a_store_the_original_created(tmp_path, start_llama_swap,
+                                                                                   upstreams):
     import aiohttp
 
     from helpers import chat

@@ -109,7 +109,8 @@ models:
 
 def test_env_macros_are_substituted_before_parsing(monkeypatch):
     monkeypatch.setenv("LS_TEST_MODEL_DIR", "/models")
-    config = parse_config("models:\n  m:\n    cmd: 'srv -m ${env.LS_TEST_MODEL_DIR}/x.gguf --port ${PORT}'\n    # ${env.LS_NOT_SET_ANYWHERE}\n")
+    config = parse_config("models:\n  m:\n    cmd: 'srv -m ${env.LS_TEST_MODEL_DIR}/x.gguf --port ${PORT}'\n"
+                          "    # ${env.LS_NOT_SET_ANYWHERE}\n")
     assert config.models["m"].cmd == "srv -m /models/x.gguf --port 5800"
 
 
@@ -117,17 +118,21 @@ def test_env_macros_are_substituted_before_parsing(monkeypatch):
     ("models:\n  m: {cmd: srv, proxy: 'http://h:1', ttl: abc}\n", "models.m.ttl: expected an integer"),
     ("models:\n  m: {cmd: 'srv --port 1'}\n", "models.m.proxy: uses ${PORT} but cmd does not"),
     ("models:\n  m: {cmd: 'srv ${nope}', proxy: 'http://h:1'}\n", "models.m.cmd: unknown macro '${nope}'"),
-    ("models:\n  m: {cmd: 'srv --port ${PORT}', cmdStop: 'kill ${PORT} ${PID} ${x}'}\n", "models.m.cmdStop: unknown macro '${x}'"),
-    ("models:\n  m: {cmd: 'srv --port ${PORT}', unloadTimeout: -1}\n", "models.m.unloadTimeout: invalid unloadTimeout value -1"),
+    ("models:\n  m: {cmd: 'srv --port ${PORT}', cmdStop: 'kill ${PORT} ${PID} ${x}'}\n",
+     "models.m.cmdStop: unknown macro '${x}'"),
+    ("models:\n  m: {cmd: 'srv --port ${PORT}', unloadTimeout: -1}\n",
+     "models.m.unloadTimeout: invalid unloadTimeout value -1"),
     ("models:\n  a: {cmd: 'srv --port ${PORT}', aliases: [x]}\n  b: {cmd: 'srv --port ${PORT}', aliases: [x]}\n",
      "models.b.aliases: duplicate alias 'x'"),
     ("models:\n  m: {cmd: 'srv --port ${PORT}'\n", "invalid YAML (line"),
     ("- just\n- a list\n", "top-level YAML must be a mapping"),
     ("models: [a, b]\n", "models: expected a mapping, got a list"),
-    ("macros: {a: '${b}', b: x}\nmodels:\n  m: {cmd: 'srv ${a}', proxy: 'http://h:1'}\n", "models.m.cmd: unknown macro '${b}'"),
+    ("macros: {a: '${b}', b: x}\nmodels:\n  m: {cmd: 'srv ${a}', proxy: 'http://h:1'}\n",
+     "models.m.cmd: unknown macro '${b}'"),
     ("startPort: 0\nmodels: {}\n", "startPort: must be greater than 1"),
     ("macros: {PORT: 1}\nmodels: {}\n", "macro name 'PORT' is reserved"),
-    ("models:\n  m: {cmd: 'srv ${env.LS_SURELY_UNSET_VAR}'}\n", "environment variable 'LS_SURELY_UNSET_VAR' is not set"),
+    ("models:\n  m: {cmd: 'srv ${env.LS_SURELY_UNSET_VAR}'}\n",
+     "environment variable 'LS_SURELY_UNSET_VAR' is not set"),
 ])
 def test_config_errors_name_the_key(yaml_text, message):
     with pytest.raises(ConfigError) as error:
@@ -140,7 +145,8 @@ def test_config_errors_name_the_key(yaml_text, message):
     ("models:\n  m: {proxy: 'http://x:1'}\n", "models.m.cmd: is required"),
     ("models:\n  m: {cmd: '# only a comment', proxy: 'http://x:1'}\n", "models.m.cmd: is required"),
     ("models:\n  m: {cmd: 'srv --port ${PORT}', proxy: 'not a url'}\n", "models.m.proxy: invalid proxy URL"),
-    ("models:\n  m: {cmd: 'srv --port ${PORT}', env: [NOEQUALS]}\n", "models.m.env: entry 'NOEQUALS' must look like KEY=VALUE"),
+    ("models:\n  m: {cmd: 'srv --port ${PORT}', env: [NOEQUALS]}\n",
+     "models.m.env: entry 'NOEQUALS' must look like KEY=VALUE"),
 ])
 def test_what_the_original_finds_only_at_start_leaves_the_model_loaded_but_broken(yaml_text, message):
     config = parse_config(yaml_text + "  ok: {cmd: 'srv --port ${PORT}'}\n")
@@ -159,12 +165,13 @@ def test_every_error_of_a_pass_is_reported_at_once():
                      "groups: {g: {members: [a, zz]}}\napiKeys: ['']\n")
     messages = error.value.messages
     assert len(messages) == 5, messages
-    for message, needle in zip(messages, ["globalTTL", "invalid TTL value -5", "invalid modality", 'no model config for "zz"',
-                                          "empty api key"]):
+    for message, needle in zip(messages, ["globalTTL", "invalid TTL value -5", "invalid modality",
+                                          'no model config for "zz"', "empty api key"]):
         assert needle in message, messages
 
 
-@pytest.mark.parametrize("seconds, text", [(15, "15s"), (120, "2m0s"), (3600, "1h0m0s"), (1.5, "1.5s"), (0.25, "250ms"), (90, "1m30s")])
+@pytest.mark.parametrize("seconds, text", [(15, "15s"), (120, "2m0s"), (3600, "1h0m0s"), (1.5, "1.5s"), (0.25, "250ms"),
+                                           (90, "1m30s")])
 def test_durations_read_like_go(seconds, text):
     assert go_duration(seconds) == text
 

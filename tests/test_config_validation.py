@@ -59,11 +59,17 @@ E = pytest.param  # one error case: (yaml, [key path, key phrase, ...], id=...)
 
 LONG = "a" * 64
 MACRO_DECLARATIONS = [
-    E(f"macros: {{{LONG}: x}}\n", ["macros", f"macro name '{LONG}' exceeds maximum length of 63 characters"], id="global-name-64-chars"),
-    E("macros: {'a b': x}\n", ["macros", "macro name 'a b' contains invalid characters, must match pattern ^[a-zA-Z0-9_-]+$"], id="global-name-space"),
+    E(f"macros: {{{LONG}: x}}\n",
+      ["macros", f"macro name '{LONG}' exceeds maximum length of 63 characters"], id="global-name-64-chars"),
+    E("macros: {'a b': x}\n",
+      ["macros", "macro name 'a b' contains invalid characters, must match pattern ^[a-zA-Z0-9_-]+$"],
+      id="global-name-space"),
     E("macros: {a.b: x}\n", ["macros", "macro name 'a.b' contains invalid characters"], id="global-name-dot"),
-    E("macros: {a: [1, 2]}\n", ["macros", "macro 'a' has invalid type", "must be a scalar type (string, int, float, or bool)"], id="global-list-value"),
-    E("macros: {a: {b: 1}}\n", ["macros", "macro 'a' has invalid type", "must be a scalar type"], id="global-mapping-value"),
+    E("macros: {a: [1, 2]}\n",
+      ["macros", "macro 'a' has invalid type", "must be a scalar type (string, int, float, or bool)"],
+      id="global-list-value"),
+    E("macros: {a: {b: 1}}\n",
+      ["macros", "macro 'a' has invalid type", "must be a scalar type"], id="global-mapping-value"),
     E("macros: {a: ~}\n", ["macros", "macro 'a' has invalid type", "must be a scalar type"], id="global-null-value"),
     E("macros:\n  a:\n", ["macros", "macro 'a' has invalid type"], id="global-empty-value"),
     E("macros: {a: 'x ${a} y'}\n", ["macros", "macro 'a' contains self-reference"], id="global-self-reference"),
@@ -85,7 +91,8 @@ for case_id, key, value, phrase in [
     ("reserved-PID", "PID", "1", "macro name 'PID' is reserved"),
     ("reserved-MODEL_ID", "MODEL_ID", "x", "macro name 'MODEL_ID' is reserved"),
 ]:
-    MACRO_DECLARATIONS.append(E(f"models:\n  m:\n    {SERVE}\n    macros: {{{key}: {value}}}\n", ["models.m", phrase], id=f"model-{case_id}"))
+    MACRO_DECLARATIONS.append(E(f"models:\n  m:\n    {SERVE}\n    macros: {{{key}: {value}}}\n", ["models.m", phrase],
+                                id=f"model-{case_id}"))
 
 
 @pytest.mark.parametrize("yaml_text, needles", MACRO_DECLARATIONS)
@@ -108,29 +115,40 @@ def model_with(field: str) -> str:
 
 UNKNOWN_MACROS = [
     E(model_with("proxy: 'http://127.0.0.1:${nope}'"), ["models.m.proxy", "unknown macro '${nope}'"], id="model-proxy"),
-    E(model_with("checkEndpoint: '/health/${nope}'"), ["models.m.checkEndpoint", "unknown macro '${nope}'"], id="model-checkEndpoint"),
+    E(model_with("checkEndpoint: '/health/${nope}'"),
+      ["models.m.checkEndpoint", "unknown macro '${nope}'"], id="model-checkEndpoint"),
     E(model_with("name: 'model ${nope}'"), ["models.m.name", "unknown macro '${nope}'"], id="model-name"),
-    E(model_with("description: 'about ${nope}'"), ["models.m.description", "unknown macro '${nope}'"], id="model-description"),
-    E(model_with("filters: {stripParams: 'a, ${nope}'}"), ["models.m.filters", "unknown macro '${nope}'"], id="model-stripParams"),
-    E(model_with("useModelName: '${nope}'"), ["models.m.useModelName", "unknown macro '${nope}'"], id="model-useModelName"),
+    E(model_with("description: 'about ${nope}'"),
+      ["models.m.description", "unknown macro '${nope}'"], id="model-description"),
+    E(model_with("filters: {stripParams: 'a, ${nope}'}"),
+      ["models.m.filters", "unknown macro '${nope}'"], id="model-stripParams"),
+    E(model_with("useModelName: '${nope}'"),
+      ["models.m.useModelName", "unknown macro '${nope}'"], id="model-useModelName"),
     E(model_with("aliases: ['x-${nope}']"), ["models.m.aliases", "unknown macro '${nope}'"], id="model-aliases"),
     E(model_with("env: ['A=${nope}']"), ["models.m.env", "unknown macro '${nope}'"], id="model-env"),
-    E(model_with("metadata: {a: {b: [1, 'x ${nope}']}}"), ["models.m.metadata", "unknown macro '${nope}'"], id="model-metadata-nested"),
-    E(model_with("capabilities: {context: '${nope}'}"), ["models.m.capabilities", "unknown macro '${nope}'"], id="model-capabilities"),
-    E(model_with("filters: {setParams: {t: '${nope}'}}"), ["models.m.filters", "unknown macro '${nope}'"], id="model-setParams"),
-    E(model_with("filters: {setParamsByID: {'m:x': {t: '${nope}'}}}"), ["models.m.filters", "unknown macro '${nope}'"], id="model-setParamsByID-value"),
+    E(model_with("metadata: {a: {b: [1, 'x ${nope}']}}"),
+      ["models.m.metadata", "unknown macro '${nope}'"], id="model-metadata-nested"),
+    E(model_with("capabilities: {context: '${nope}'}"),
+      ["models.m.capabilities", "unknown macro '${nope}'"], id="model-capabilities"),
+    E(model_with("filters: {setParams: {t: '${nope}'}}"),
+      ["models.m.filters", "unknown macro '${nope}'"], id="model-setParams"),
+    E(model_with("filters: {setParamsByID: {'m:x': {t: '${nope}'}}}"),
+      ["models.m.filters", "unknown macro '${nope}'"], id="model-setParamsByID-value"),
     E(model_with("ttl: '${nope}'"), ["models.m.ttl", "unknown macro '${nope}'"], id="model-ttl-before-type-check"),
-    E(model_with("timeouts: {connect: '${nope}'}"), ["models.m.timeouts", "unknown macro '${nope}'"], id="model-timeouts"),
+    E(model_with("timeouts: {connect: '${nope}'}"),
+      ["models.m.timeouts", "unknown macro '${nope}'"], id="model-timeouts"),
     # ${PID} survives only in cmdStop
     E(model_with("name: 'pid ${PID}'"), ["models.m.name", "${PID}"], id="PID-in-name"),
     E("models:\n  m:\n    cmd: 'srv --port ${PORT} --pid ${PID}'\n", ["models.m.cmd", "${PID}"], id="PID-in-cmd"),
-    E("macros: {stop: 'kill ${PID}'}\nmodels:\n  m:\n    cmd: 'srv --port ${PORT} ${stop}'\n", ["models.m.cmd", "${PID}"], id="PID-via-macro-in-cmd"),
+    E("macros: {stop: 'kill ${PID}'}\nmodels:\n  m:\n    cmd: 'srv --port ${PORT} ${stop}'\n",
+      ["models.m.cmd", "${PID}"], id="PID-via-macro-in-cmd"),
     # ${PORT} exists only when cmd uses it
     E("models:\n  m:\n    cmd: srv\n    proxy: http://127.0.0.1:9\n    cmdStop: 'kill ${PORT}'\n",
       ["models.m.cmdStop", "macro '${PORT}' should have been substituted"], id="PORT-in-cmdStop-without-cmd"),
     E("models:\n  m:\n    cmd: srv\n    proxy: http://127.0.0.1:9\n    name: 'on ${PORT}'\n",
       ["models.m.name", "macro '${PORT}' should have been substituted"], id="PORT-in-name-without-cmd"),
-    E("models:\n  m:\n    name: no cmd and no proxy\n", ["models.m", "uses ${PORT} but cmd does not"], id="no-cmd-no-proxy"),
+    E("models:\n  m:\n    name: no cmd and no proxy\n",
+      ["models.m", "uses ${PORT} but cmd does not"], id="no-cmd-no-proxy"),
     # model macros never leak; in-place override keeps the global's position
     E("models:\n  a:\n    " + SERVE + "\n    macros: {own: x}\n  b:\n    " + SERVE + "\n    name: '${own}'\n",
       ["models.b.name", "unknown macro '${own}'"], id="model-macro-does-not-leak"),
@@ -142,11 +160,14 @@ UNKNOWN_MACROS = [
     E("peers:\n  p:\n    proxy: http://127.0.0.1:9\n    models: [x]\n    filters: {setParams: {value: '${nope}'}}\n",
       ["peers.p.filters.setParams.value", "unknown macro '${nope}'"], id="peers-setParams"),
     E("apiKeys: [good, '${nope}']\n", ["apiKeys[1]", "unknown macro '${nope}'"], id="apiKeys-index"),
-    E("models: {m: @M}\nhooks: {on_startup: {preload: ['${nope}']}}\n", ["hooks.on_startup.preload[0]", "unknown macro '${nope}'"], id="hooks-preload"),
+    E("models: {m: @M}\nhooks: {on_startup: {preload: ['${nope}']}}\n",
+      ["hooks.on_startup.preload[0]", "unknown macro '${nope}'"], id="hooks-preload"),
     E("globalTTL: '${nope}'\n", ["globalTTL", "unknown macro '${nope}'"], id="globalTTL-before-type-check"),
     E("startPort: '${nope}'\n", ["startPort", "unknown macro '${nope}'"], id="startPort-before-type-check"),
-    E("ui: {activity: {session_id: [X-A, '${nope}']}}\n", ["ui.activity.session_id[1]", "unknown macro '${nope}'"], id="ui-session-id"),
-    E("models: {m: @M}\ngroups: {g: {members: ['${nope}']}}\n", ["groups.g.members[0]", "unknown macro '${nope}'"], id="groups-members"),
+    E("ui: {activity: {session_id: [X-A, '${nope}']}}\n",
+      ["ui.activity.session_id[1]", "unknown macro '${nope}'"], id="ui-session-id"),
+    E("models: {m: @M}\ngroups: {g: {members: ['${nope}']}}\n",
+      ["groups.g.members[0]", "unknown macro '${nope}'"], id="groups-members"),
     E("models: {m: @M}\nselectors: {s: {strategy: pin, targets: [m], metadata: {a: '${nope}'}}}\n",
       ["selectors.s.metadata.a", "unknown macro '${nope}'"], id="selector-metadata"),
     E("apiKeys: ['${MODEL_ID}']\n", ["apiKeys[0]", "unknown macro '${MODEL_ID}'"], id="MODEL_ID-outside-models"),
@@ -173,11 +194,14 @@ def test_a_macro_holding_PID_is_fine_in_cmdStop():
 
 @pytest.mark.parametrize("value, yaml_text, needles", [
     pytest.param("a\nb", "models:\n  m: {cmd: 'srv --port ${PORT} ${env.LS_T_ENV}'}\n",
-                 ["environment variable 'LS_T_ENV' contains newlines or null bytes which are not allowed in YAML substitution"], id="newline"),
+                 ["environment variable 'LS_T_ENV' contains newlines or null bytes which are not allowed in YAML "
+                  "substitution"], id="newline"),
     pytest.param("a\rb", "models:\n  m: {cmd: 'srv --port ${PORT} ${env.LS_T_ENV}'}\n",
                  ["environment variable 'LS_T_ENV' contains newlines or null bytes"], id="carriage-return"),
-    pytest.param(None, "apiKeys: [${env.LS_T_ENV}]\n", ["environment variable 'LS_T_ENV' is not set"], id="unset-in-flow-list"),
-    pytest.param("", "apiKeys: ['${env.LS_T_ENV}']\n", ["apiKeys", "empty api key found in apiKeys"], id="empty-api-key"),
+    pytest.param(None, "apiKeys: [${env.LS_T_ENV}]\n",
+                 ["environment variable 'LS_T_ENV' is not set"], id="unset-in-flow-list"),
+    pytest.param("", "apiKeys: ['${env.LS_T_ENV}']\n",
+                 ["apiKeys", "empty api key found in apiKeys"], id="empty-api-key"),
     pytest.param(None, "models:\n  m:\n    cmd: |\n      srv --port ${PORT}\n      # ${env.LS_T_ENV}\n",
                  ["environment variable 'LS_T_ENV' is not set"], id="unset-in-block-scalar-line-starting-with-hash"),
 ])
@@ -197,7 +221,8 @@ def test_env_macros_come_first_so_an_env_value_may_hold_a_macro(monkeypatch):
 
 def test_env_macro_in_a_trailing_comment_is_ignored(monkeypatch):
     monkeypatch.delenv("LS_T_UNSET_COMMENT", raising=False)
-    config = load("models:\n  m:\n    cmd: 'srv --port ${PORT}'  # see ${env.LS_T_UNSET_COMMENT}\n# ${env.LS_T_UNSET_COMMENT}\n")
+    config = load("models:\n  m:\n    cmd: 'srv --port ${PORT}'  # see ${env.LS_T_UNSET_COMMENT}\n"
+                  "# ${env.LS_T_UNSET_COMMENT}\n")
     assert config.models["m"].cmd == "srv --port 5800"
 
 
@@ -210,17 +235,24 @@ def test_env_values_are_escaped_for_double_quoted_yaml(monkeypatch):
 # -- 4. setParamsByID keys and aliases -----------------------------------------------
 
 ALIAS_ERRORS = [
-    E("models:\n  m:\n    " + SERVE + "\n    filters:\n      setParamsByID:\n        '${MODEL_ID}:x': {a: 1}\n        'm:x': {a: 2}\n",
+    E("models:\n  m:\n    " + SERVE + "\n    filters:\n      setParamsByID:\n        '${MODEL_ID}:x': {a: 1}\n"
+      "        'm:x': {a: 2}\n",
       ["models.m.filters.setParamsByID", "m:x", "resolve to the same value"], id="setParamsByID-keys-collide"),
     E("models:\n  m:\n    " + SERVE + "\n    filters:\n      setParamsByID:\n        '${nope}:x': {a: 1}\n",
       ["models.m.filters.setParamsByID", "unknown macro '${nope}'"], id="setParamsByID-key-unknown-macro"),
     E("models:\n  a:\n    " + SERVE + "\n    filters: {setParamsByID: {b: {x: 1}}}\n  b: @M\n",
-      ["models.a.filters.setParamsByID", "key 'b' conflicts with an existing model ID"], id="setParamsByID-key-is-model-id"),
-    E("models:\n  a:\n    " + SERVE + "\n    filters: {setParamsByID: {bb: {x: 1}}}\n  b:\n    " + SERVE + "\n    aliases: [bb]\n",
-      ["models.a.filters.setParamsByID", "duplicate alias 'bb'", "already used by model b"], id="setParamsByID-key-is-other-alias"),
-    E("models:\n  a:\n    " + SERVE + "\n    filters: {setParamsByID: {x: {v: 1}}}\n  b:\n    " + SERVE + "\n    filters: {setParamsByID: {x: {v: 2}}}\n",
-      ["models.b.filters.setParamsByID", "duplicate alias 'x'", "already used by model a"], id="setParamsByID-key-in-two-models"),
-    E("models:\n  m:\n    " + SERVE + "\n    aliases: [x, x]\n", ["models.m.aliases", "duplicate alias", "x"], id="alias-twice-in-one-model"),
+      ["models.a.filters.setParamsByID", "key 'b' conflicts with an existing model ID"],
+      id="setParamsByID-key-is-model-id"),
+    E("models:\n  a:\n    " + SERVE + "\n    filters: {setParamsByID: {bb: {x: 1}}}\n"
+      "  b:\n    " + SERVE + "\n    aliases: [bb]\n",
+      ["models.a.filters.setParamsByID", "duplicate alias 'bb'", "already used by model b"],
+      id="setParamsByID-key-is-other-alias"),
+    E("models:\n  a:\n    " + SERVE + "\n    filters: {setParamsByID: {x: {v: 1}}}\n"
+      "  b:\n    " + SERVE + "\n    filters: {setParamsByID: {x: {v: 2}}}\n",
+      ["models.b.filters.setParamsByID", "duplicate alias 'x'", "already used by model a"],
+      id="setParamsByID-key-in-two-models"),
+    E("models:\n  m:\n    " + SERVE + "\n    aliases: [x, x]\n",
+      ["models.m.aliases", "duplicate alias", "x"], id="alias-twice-in-one-model"),
 ]
 
 
@@ -253,7 +285,8 @@ def test_setParamsByID_keys_become_aliases():
 
 VALUE_ERRORS = [
     E("performance: {every: 4s}\n", ["performance.every", "must be at least 5s, got 4s"], id="performance-every-4s"),
-    E("performance: {every: 4999ms}\n", ["performance.every", "must be at least 5s, got 4.999s"], id="performance-every-4999ms"),
+    E("performance: {every: 4999ms}\n",
+      ["performance.every", "must be at least 5s, got 4.999s"], id="performance-every-4999ms"),
     E("performance: {every: 10}\n", ["performance.every"], id="performance-every-bare-number"),
     E("performance: {every: soon}\n", ["performance.every"], id="performance-every-not-a-duration"),
     E("startPort: -5\n", ["startPort", "must be greater than 1"], id="startPort-negative"),
@@ -262,17 +295,24 @@ VALUE_ERRORS = [
     E("store: {path: ''}\n", ["store.path", "must not be empty"], id="store-path-empty"),
     E("store: {path: '   '}\n", ["store.path", "must not be empty"], id="store-path-blank"),
     E("store: {}\n", ["store.path", "must not be empty"], id="store-without-path"),
-    E("store: {path: /nonexistent-ls-dir/sub/activity.db}\n", ["store.path", "directory /nonexistent-ls-dir/sub is not writable"], id="store-parent-missing"),
-    E("upstream: {ignorePaths: ['(']}\n", ["upstream.ignorePaths", 'invalid regular expression "("'], id="ignorePaths-bad-regex"),
-    E("logToStdout: stdout\n", ["logToStdout", "must be one of: proxy, upstream, both, none"], id="logToStdout-unknown"),
-    E("logToStdout: Proxy\n", ["logToStdout", "must be one of: proxy, upstream, both, none"], id="logToStdout-case-sensitive"),
+    E("store: {path: /nonexistent-ls-dir/sub/activity.db}\n",
+      ["store.path", "directory /nonexistent-ls-dir/sub is not writable"], id="store-parent-missing"),
+    E("upstream: {ignorePaths: ['(']}\n",
+      ["upstream.ignorePaths", 'invalid regular expression "("'], id="ignorePaths-bad-regex"),
+    E("logToStdout: stdout\n",
+      ["logToStdout", "must be one of: proxy, upstream, both, none"], id="logToStdout-unknown"),
+    E("logToStdout: Proxy\n",
+      ["logToStdout", "must be one of: proxy, upstream, both, none"], id="logToStdout-case-sensitive"),
     E(model_with("ttl: -5"), ["models.m", "invalid TTL value -5"], id="model-ttl-negative"),
     E(model_with("ttl: -2"), ["models.m", "invalid TTL value -2"], id="model-ttl-minus-2"),
     E(model_with("capabilities: {in: [text, video]}"),
-      ["models.m", 'capabilities.in: invalid modality "video", must be one of: text, audio, image'], id="capabilities-in-video"),
+      ["models.m", 'capabilities.in: invalid modality "video", must be one of: text, audio, image'],
+      id="capabilities-in-video"),
     E(model_with("capabilities: {out: [smell]}"),
-      ["models.m", 'capabilities.out: invalid modality "smell", must be one of: text, audio, image'], id="capabilities-out-smell"),
-    E(model_with("capabilities: {context: -1}"), ["models.m", "capabilities.context: must be >= 0"], id="capabilities-context-negative"),
+      ["models.m", 'capabilities.out: invalid modality "smell", must be one of: text, audio, image'],
+      id="capabilities-out-smell"),
+    E(model_with("capabilities: {context: -1}"),
+      ["models.m", "capabilities.context: must be >= 0"], id="capabilities-context-negative"),
     # wrong scalar types are YAML decode errors that name the key
     E("startPort: abcd\n", ["startPort"], id="type-startPort-abcd"),
     E("healthCheckTimeout: soon\n", ["healthCheckTimeout"], id="type-healthCheckTimeout"),
@@ -321,25 +361,33 @@ THREE = "models: {a: @M, b: @M, c: @M}\n"
 LEGACY_BOTH = "config uses both the legacy top-level 'matrix'/'groups' keys and the new 'routing.router' block"
 
 ROUTING_ERRORS = [
-    E(THREE + "groups: {g: {members: [a]}}\nrouting: {router: {use: group}}\n", [LEGACY_BOTH], id="legacy-groups-and-router-use"),
+    E(THREE + "groups: {g: {members: [a]}}\nrouting: {router: {use: group}}\n",
+      [LEGACY_BOTH], id="legacy-groups-and-router-use"),
     E(THREE + "groups: {g: {members: [a]}}\nrouting: {router: {settings: {groups: {h: {members: [b]}}}}}\n",
       [LEGACY_BOTH], id="legacy-groups-and-settings-groups"),
     E(THREE + "matrix: {sets: {s: a}}\nrouting: {router: {settings: {groups: {h: {members: [b]}}}}}\n",
       [LEGACY_BOTH], id="legacy-matrix-and-settings-groups"),
     E(THREE + "groups: {g: {members: [a]}}\nrouting: {router: {settings: {matrix: {sets: {s: a}}}}}\n",
       [LEGACY_BOTH], id="legacy-groups-and-settings-matrix"),
-    E(THREE + "groups: {g: {members: [a]}}\nmatrix: {sets: {s: a}}\n", ["config cannot use both 'groups' and 'matrix'"], id="legacy-groups-and-legacy-matrix"),
-    E(THREE + "routing: {router: {use: best}}\n", ["routing.router.use", 'unknown router "best" (valid: group, matrix, vram)'], id="unknown-router"),
-    E(THREE + "routing: {scheduler: {use: lifo}}\n", ["routing.scheduler.use", 'unknown scheduler "lifo" (valid: fifo)'], id="unknown-scheduler"),
+    E(THREE + "groups: {g: {members: [a]}}\nmatrix: {sets: {s: a}}\n",
+      ["config cannot use both 'groups' and 'matrix'"], id="legacy-groups-and-legacy-matrix"),
+    E(THREE + "routing: {router: {use: best}}\n",
+      ["routing.router.use", 'unknown router "best" (valid: group, matrix, vram)'], id="unknown-router"),
+    E(THREE + "routing: {scheduler: {use: lifo}}\n",
+      ["routing.scheduler.use", 'unknown scheduler "lifo" (valid: fifo)'], id="unknown-scheduler"),
     E(THREE + "routing: {router: {use: matrix}}\n",
-      ["routing.router.use is 'matrix' but routing.router.settings.matrix is not set"], id="matrix-router-without-settings"),
+      ["routing.router.use is 'matrix' but routing.router.settings.matrix is not set"],
+      id="matrix-router-without-settings"),
     E(THREE + "routing: {scheduler: {settings: {fifo: {priority: {a: 1, zz: 2}}}}}\n",
       ['routing.scheduler.settings.fifo.priority references unknown model "zz"'], id="fifo-priority-unknown"),
-    E(THREE + "groups: {g: {members: [a, b, a]}}\n", ["groups.g", "duplicate model member a found in group: g"], id="group-member-twice"),
-    E(THREE + "groups: {g1: {members: [a]}, g2: {members: [b, a]}}\n", ["groups.g", "model member a is used in multiple groups"], id="group-member-in-two-groups"),
+    E(THREE + "groups: {g: {members: [a, b, a]}}\n",
+      ["groups.g", "duplicate model member a found in group: g"], id="group-member-twice"),
+    E(THREE + "groups: {g1: {members: [a]}, g2: {members: [b, a]}}\n",
+      ["groups.g", "model member a is used in multiple groups"], id="group-member-in-two-groups"),
     E(THREE + "groups: {g: {members: [a, zz]}}\n", ["groups.g", 'no model config for "zz"'], id="group-member-unknown"),
     E(THREE + "routing: {router: {settings: {groups: {g: {members: [a, a]}}}}}\n",
-      ["routing.router.settings.groups.g", "duplicate model member a found in group: g"], id="settings-group-member-twice"),
+      ["routing.router.settings.groups.g", "duplicate model member a found in group: g"],
+      id="settings-group-member-twice"),
 ]
 
 
@@ -353,12 +401,16 @@ MATRIX_ERRORS = [  # (matrix body, key phrase)
     E("{vars: {x: a}}", "matrix must define at least one set", id="no-sets"),
     E("{sets: {}}", "matrix must define at least one set", id="empty-sets"),
     E("{vars: {x_y: a}, sets: {s: a}}",
-      'var key "x_y" must contain only alphanumeric, \'-\' or \'.\' characters and be 1-32 characters long', id="var-key-underscore"),
-    E("{vars: {" + "v" * 33 + ": a}, sets: {s: a}}", f'var key "{"v" * 33}" must contain only alphanumeric', id="var-key-33-chars"),
+      'var key "x_y" must contain only alphanumeric, \'-\' or \'.\' characters and be 1-32 characters long',
+      id="var-key-underscore"),
+    E("{vars: {" + "v" * 33 + ": a}, sets: {s: a}}",
+      f'var key "{"v" * 33}" must contain only alphanumeric', id="var-key-33-chars"),
     E("{vars: {v: zz}, sets: {s: a}}", 'var key "v" references unknown model "zz"', id="var-unknown-model"),
     E("{vars: {v: cc}, sets: {s: a}}", 'var key "v" references unknown model "cc"', id="var-references-alias"),
-    E("{evict_costs: {a: 0}, sets: {s: a}}", 'evict_cost for "a" must be a positive integer, got 0', id="evict-cost-zero"),
-    E("{evict_costs: {a: -3}, sets: {s: a}}", 'evict_cost for "a" must be a positive integer, got -3', id="evict-cost-negative"),
+    E("{evict_costs: {a: 0}, sets: {s: a}}",
+      'evict_cost for "a" must be a positive integer, got 0', id="evict-cost-zero"),
+    E("{evict_costs: {a: -3}, sets: {s: a}}",
+      'evict_cost for "a" must be a positive integer, got -3', id="evict-cost-negative"),
     E("{evict_costs: {zz: 5}, sets: {s: a}}", 'evict_costs: unknown var or model "zz"', id="evict-cost-unknown-key"),
     E("{sets: {s: ''}}", 'set "s": empty DSL expression', id="dsl-empty"),
     E("{sets: {s: '   '}}", 'set "s": empty DSL expression', id="dsl-blank"),
@@ -368,7 +420,8 @@ MATRIX_ERRORS = [  # (matrix body, key phrase)
     E("{sets: {s: 'a @ b'}}", "set \"s\": tokenize: unexpected character '@' at position 2", id="dsl-bad-character"),
     E("{sets: {s: '+'}}", "set \"s\": tokenize: expected set name after '+' at position 0", id="dsl-plus-alone"),
     E("{sets: {s: 'a & +'}}", "set \"s\": tokenize: expected set name after '+' at position 4", id="dsl-plus-at-end"),
-    E("{sets: {s: 'org/m'}}", "set \"s\": tokenize: unexpected character '/' at position 3", id="dsl-slash-needs-a-var"),
+    E("{sets: {s: 'org/m'}}",
+      "set \"s\": tokenize: unexpected character '/' at position 3", id="dsl-slash-needs-a-var"),
     E("{sets: {s: 'a | +nope'}}", 'set "s" references undefined set "nope"', id="dsl-undefined-ref"),
     E("{sets: {s1: '+s2', s2: 'a | +s1'}}", 'circular reference detected involving set', id="dsl-circular"),
     E("{sets: {s: 'a | +s'}}", 'circular reference detected involving set "s"', id="dsl-self-reference"),
@@ -390,13 +443,15 @@ def test_matrix_errors(style, body, phrase):
 
 
 def test_matrix_vars_may_name_models_with_slashes_and_dots():
-    config = load(MATRIX_MODELS + "matrix: {vars: {om: org/m, v.1-x: a}, evict_costs: {om: 3}, sets: {s: 'om & v.1-x | b', t: '+s & c'}}\n")
+    config = load(MATRIX_MODELS + "matrix: {vars: {om: org/m, v.1-x: a}, evict_costs: {om: 3}, "
+                                  "sets: {s: 'om & v.1-x | b', t: '+s & c'}}\n")
     assert config.routing.router == "matrix"
     assert config.routing.matrix.evict_costs == {"org/m": 3}
 
 
 def test_router_group_ignores_a_settings_matrix():
-    config = load(THREE + "routing: {router: {use: group, settings: {matrix: {sets: {}}, groups: {g: {swap: false, members: [a, b]}}}}}\n")
+    config = load(THREE + "routing: {router: {use: group, settings: {matrix: {sets: {}}, "
+                          "groups: {g: {swap: false, members: [a, b]}}}}}\n")
     assert config.routing.router == "group"
     assert {g.name for g in config.routing.groups} == {"(default)", "g"}
 
@@ -419,19 +474,26 @@ PEER_ERRORS = [
     E("apiKeys: [ok, 'a b']\n", ["apiKeys[1]", "api key cannot contain spaces"], id="apiKeys-space"),
     E("peers: {p: {models: [x]}}\n", ["peers.p", "proxy is required"], id="peer-proxy-missing"),
     E("peers: {p: {proxy: '', models: [x]}}\n", ["peers.p", "proxy is required"], id="peer-proxy-empty"),
-    E("peers: {p: {proxy: 'http://[::1', models: [x]}}\n", ["peers.p", "invalid peer proxy URL (http://[::1)"], id="peer-proxy-unclosed-bracket"),
-    E("peers: {p: {proxy: 'http://host:port', models: [x]}}\n", ["peers.p", "invalid peer proxy URL (http://host:port)"], id="peer-proxy-bad-port"),
-    E("peers: {p: {proxy: 'http://127.0.0.1:9', models: []}}\n", ["peers.p", "peer models can not be empty"], id="peer-models-empty"),
-    E("peers: {p: {proxy: 'http://127.0.0.1:9'}}\n", ["peers.p", "peer models can not be empty"], id="peer-models-missing"),
+    E("peers: {p: {proxy: 'http://[::1', models: [x]}}\n",
+      ["peers.p", "invalid peer proxy URL (http://[::1)"], id="peer-proxy-unclosed-bracket"),
+    E("peers: {p: {proxy: 'http://host:port', models: [x]}}\n",
+      ["peers.p", "invalid peer proxy URL (http://host:port)"], id="peer-proxy-bad-port"),
+    E("peers: {p: {proxy: 'http://127.0.0.1:9', models: []}}\n",
+      ["peers.p", "peer models can not be empty"], id="peer-models-empty"),
+    E("peers: {p: {proxy: 'http://127.0.0.1:9'}}\n",
+      ["peers.p", "peer models can not be empty"], id="peer-models-missing"),
     E("peers:\n  a: {proxy: 'http://127.0.0.1:9', models: [b/c]}\n  a/b: {proxy: 'http://127.0.0.1:8', models: [c]}\n",
       ['peer model name "a/b/c" is ambiguous'], id="peer-fqn-ambiguous"),
-    E("models: {p/x: @M}\npeers: {p: " + PEER + "}\n", ['model ID "p/x" conflicts with fully qualified peer model name'], id="peer-fqn-is-model-id"),
+    E("models: {p/x: @M}\npeers: {p: " + PEER + "}\n",
+      ['model ID "p/x" conflicts with fully qualified peer model name'], id="peer-fqn-is-model-id"),
     E("models: {m: {" + SERVE + ", aliases: [p/x]}}\npeers: {p: " + PEER + "}\n",
       ["model m", 'alias "p/x" conflicts with fully qualified peer model name'], id="peer-fqn-is-alias"),
     E("models:\n  m:\n    " + SERVE + "\n    filters: {setParamsByID: {p/x: {t: 1}}}\npeers: {p: " + PEER + "}\n",
       ["model m", 'alias "p/x" conflicts with fully qualified peer model name'], id="peer-fqn-is-setParamsByID-alias"),
-    E("models: {m: @M}\npeers: {p: " + PEER + "}\nselectors: {p/x: {strategy: pin, targets: [m]}}\n", ["p/x", "conflict"], id="peer-fqn-is-selector"),
-    E("models: {m: @M}\npeers: {p: " + PEER + "}\nprofiles: {pr: {pins: {p/x: m}}}\n", ["p/x", "conflict"], id="peer-fqn-is-profile-pin"),
+    E("models: {m: @M}\npeers: {p: " + PEER + "}\nselectors: {p/x: {strategy: pin, targets: [m]}}\n",
+      ["p/x", "conflict"], id="peer-fqn-is-selector"),
+    E("models: {m: @M}\npeers: {p: " + PEER + "}\nprofiles: {pr: {pins: {p/x: m}}}\n",
+      ["p/x", "conflict"], id="peer-fqn-is-profile-pin"),
 ]
 
 
@@ -457,26 +519,36 @@ def test_api_keys_and_peer_defaults():
 SEL_MODELS = ("models:\n  a: {" + SERVE + ", aliases: [aa], filters: {setParamsByID: {'a:hi': {t: 1}}}}\n"
               "  b: @M\n  c: @M\npeers: {p: " + PEER + "}\n")
 SELECTOR_ERRORS = [
-    E(SEL_MODELS + "selectors: {'': {strategy: pin, targets: [a]}}\n", ["selectors: selector names cannot be empty"], id="name-empty"),
-    E(SEL_MODELS + "selectors: {'  ': {strategy: pin, targets: [a]}}\n", ["selectors: selector names cannot be empty"], id="name-blank"),
-    E(SEL_MODELS + "selectors: {a: {strategy: pin, targets: [b]}}\n", ['selectors.a: name conflicts with model ID "a"'], id="name-is-model-id"),
-    E(SEL_MODELS + "selectors: {aa: {strategy: pin, targets: [b]}}\n", ['selectors.aa: name conflicts with model alias "aa"'], id="name-is-alias"),
-    E(SEL_MODELS + "selectors: {'a:hi': {strategy: pin, targets: [b]}}\n", ['selectors.a:hi: name conflicts with model alias "a:hi"'], id="name-is-setParamsByID-alias"),
+    E(SEL_MODELS + "selectors: {'': {strategy: pin, targets: [a]}}\n",
+      ["selectors: selector names cannot be empty"], id="name-empty"),
+    E(SEL_MODELS + "selectors: {'  ': {strategy: pin, targets: [a]}}\n",
+      ["selectors: selector names cannot be empty"], id="name-blank"),
+    E(SEL_MODELS + "selectors: {a: {strategy: pin, targets: [b]}}\n",
+      ['selectors.a: name conflicts with model ID "a"'], id="name-is-model-id"),
+    E(SEL_MODELS + "selectors: {aa: {strategy: pin, targets: [b]}}\n",
+      ['selectors.aa: name conflicts with model alias "aa"'], id="name-is-alias"),
+    E(SEL_MODELS + "selectors: {'a:hi': {strategy: pin, targets: [b]}}\n",
+      ['selectors.a:hi: name conflicts with model alias "a:hi"'], id="name-is-setParamsByID-alias"),
     E(SEL_MODELS + "selectors: {s: {targets: [a]}}\n", ["selectors.s.strategy is required"], id="strategy-missing"),
     E(SEL_MODELS + "selectors: {s: {strategy: best, targets: [a]}}\n",
       ['selectors.s.strategy: unknown strategy "best" (valid: warm, pin, spillover)'], id="strategy-unknown"),
-    E(SEL_MODELS + "selectors: {s: {strategy: pin, targets: []}}\n", ["selectors.s.targets must contain at least one entry"], id="targets-empty"),
-    E(SEL_MODELS + "selectors: {s: {strategy: pin}}\n", ["selectors.s.targets must contain at least one entry"], id="targets-missing"),
+    E(SEL_MODELS + "selectors: {s: {strategy: pin, targets: []}}\n",
+      ["selectors.s.targets must contain at least one entry"], id="targets-empty"),
+    E(SEL_MODELS + "selectors: {s: {strategy: pin}}\n",
+      ["selectors.s.targets must contain at least one entry"], id="targets-missing"),
     E(SEL_MODELS + "selectors: {s: {strategy: pin, targets: [t]}, t: {strategy: pin, targets: [a]}}\n",
       ['selectors.s.targets[0] references selector "t"; selector chaining is not supported'], id="chaining"),
-    E(SEL_MODELS + "selectors: {s: {strategy: pin, targets: [a, zz]}}\n", ['selectors.s.targets[1] references unknown model "zz"'], id="target-unknown"),
+    E(SEL_MODELS + "selectors: {s: {strategy: pin, targets: [a, zz]}}\n",
+      ['selectors.s.targets[1] references unknown model "zz"'], id="target-unknown"),
     E(SEL_MODELS + "selectors: {s: {strategy: warm, targets: [a, p/x]}}\n",
       ['selectors.s.targets[1] must resolve to a local model for strategy "warm"'], id="warm-peer-target"),
     E(SEL_MODELS + "selectors: {s: {strategy: warm, targets: [a, x]}}\n",
       ['selectors.s.targets[1] must resolve to a local model for strategy "warm"'], id="warm-bare-peer-target"),
-    E(SEL_MODELS + "groups: {g: {swap: false, members: [a, b]}}\nselectors: {s: {strategy: spillover, targets: [a, b], settings: {spillover: 0}}}\n",
+    E(SEL_MODELS + "groups: {g: {swap: false, members: [a, b]}}\n"
+      "selectors: {s: {strategy: spillover, targets: [a, b], settings: {spillover: 0}}}\n",
       ["selectors.s.settings.spillover must be >= 1"], id="spillover-zero"),
-    E(SEL_MODELS + "groups: {g: {swap: false, members: [a, b]}}\nselectors: {s: {strategy: spillover, targets: [a, aa]}}\n",
+    E(SEL_MODELS + "groups: {g: {swap: false, members: [a, b]}}\n"
+      "selectors: {s: {strategy: spillover, targets: [a, aa]}}\n",
       ['selectors.s.targets contains duplicate resolved model "a"'], id="spillover-duplicate-via-alias"),
     E(SEL_MODELS + "selectors: {s: {strategy: spillover, targets: [p/x, x]}}\n",
       ['selectors.s.targets contains duplicate resolved model "p/x"'], id="spillover-duplicate-peer-fqn-and-bare"),
@@ -485,8 +557,10 @@ SELECTOR_ERRORS = [
     E(SEL_MODELS + "groups: {g: {members: [a, b]}}\nselectors: {s: {strategy: spillover, targets: [a, b]}}\n",
       ["selectors.s spillover targets must share a group with swap: false"], id="spillover-group-swaps"),
     E(SEL_MODELS + "groups: {g: {swap: false, members: [a]}, h: {swap: false, members: [b]}}\n"
-      "selectors: {s: {strategy: spillover, targets: [a, b]}}\n", ["selectors.s", "must share one routing group"], id="spillover-two-groups"),
-    E(SEL_MODELS + "groups: {g: {swap: false, members: [a, b]}}\nselectors: {s: {strategy: spillover, targets: [a, c]}}\n",
+      "selectors: {s: {strategy: spillover, targets: [a, b]}}\n",
+      ["selectors.s", "must share one routing group"], id="spillover-two-groups"),
+    E(SEL_MODELS + "groups: {g: {swap: false, members: [a, b]}}\n"
+      "selectors: {s: {strategy: spillover, targets: [a, c]}}\n",
       ['selectors.s target "c" is not in a routing group'], id="spillover-target-outside-groups"),
     E(SEL_MODELS + "matrix: {sets: {s1: 'a & b', s2: 'c'}}\nselectors: {s: {strategy: spillover, targets: [a, c]}}\n",
       ["selectors.s.targets must all appear together in one expanded matrix set"], id="spillover-matrix-apart"),
@@ -499,11 +573,14 @@ def test_selector_errors(yaml_text, needles):
 
 
 @pytest.mark.parametrize("extra, selector", [
-    pytest.param("groups: {g: {swap: false, members: [a, b]}}\n", "{strategy: spillover, targets: [a, b], settings: {spillover: 4}}", id="swap-false-group"),
-    pytest.param("matrix: {sets: {s1: '(a | c) & b'}}\n", "{strategy: spillover, targets: [b, c]}", id="matrix-set-together"),
+    pytest.param("groups: {g: {swap: false, members: [a, b]}}\n",
+                 "{strategy: spillover, targets: [a, b], settings: {spillover: 4}}", id="swap-false-group"),
+    pytest.param("matrix: {sets: {s1: '(a | c) & b'}}\n",
+                 "{strategy: spillover, targets: [b, c]}", id="matrix-set-together"),
     pytest.param("", "{strategy: spillover, targets: [a, p/x]}", id="one-local-one-peer"),
     pytest.param("", "{strategy: warm, targets: [aa, 'a:hi', b]}", id="warm-through-aliases"),
-    pytest.param("", "{strategy: pin, targets: [x, a], name: Pin, unlisted: true, metadata: {k: v}}", id="pin-bare-peer"),
+    pytest.param("", "{strategy: pin, targets: [x, a], name: Pin, unlisted: true, metadata: {k: v}}",
+                 id="pin-bare-peer"),
 ])
 def test_valid_selectors(extra, selector):
     config = load(SEL_MODELS + extra + f"selectors: {{s: {selector}}}\n")
@@ -514,13 +591,21 @@ def test_valid_selectors(extra, selector):
 
 PROFILE_ERRORS = [
     E(SEL_MODELS + "profiles: {pr: [a, b]}\n",
-      ["profiles.pr", "profile must be a mapping with description and pins; the legacy list syntax is no longer supported"], id="legacy-list"),
-    E(SEL_MODELS + "profiles: {pr: {description: d}}\n", ["profiles.pr.pins must contain at least one entry"], id="no-pins"),
-    E(SEL_MODELS + "profiles: {pr: {pins: {}}}\n", ["profiles.pr.pins must contain at least one entry"], id="empty-pins"),
-    E(SEL_MODELS + "profiles: {pr: {pins: {'': a}}}\n", ["profiles.pr.pins: pin names cannot be empty"], id="pin-name-empty"),
-    E(SEL_MODELS + "profiles: {pr: {pins: {llm: zz}}}\n", ['profiles.pr.pins.llm references unknown model "zz"'], id="pin-target-unknown"),
-    E(SEL_MODELS + "profiles: {pr: {pins: {llm: a, code: llm}}}\n", ['profiles.pr.pins.code references unknown model "llm"'], id="pins-do-not-chain"),
-    E(SEL_MODELS + "profiles: {'': {pins: {llm: a}}}\n", ["profiles: profile names cannot be empty"], id="profile-name-empty"),
+      ["profiles.pr",
+       "profile must be a mapping with description and pins; the legacy list syntax is no longer supported"],
+      id="legacy-list"),
+    E(SEL_MODELS + "profiles: {pr: {description: d}}\n",
+      ["profiles.pr.pins must contain at least one entry"], id="no-pins"),
+    E(SEL_MODELS + "profiles: {pr: {pins: {}}}\n",
+      ["profiles.pr.pins must contain at least one entry"], id="empty-pins"),
+    E(SEL_MODELS + "profiles: {pr: {pins: {'': a}}}\n",
+      ["profiles.pr.pins: pin names cannot be empty"], id="pin-name-empty"),
+    E(SEL_MODELS + "profiles: {pr: {pins: {llm: zz}}}\n",
+      ['profiles.pr.pins.llm references unknown model "zz"'], id="pin-target-unknown"),
+    E(SEL_MODELS + "profiles: {pr: {pins: {llm: a, code: llm}}}\n",
+      ['profiles.pr.pins.code references unknown model "llm"'], id="pins-do-not-chain"),
+    E(SEL_MODELS + "profiles: {'': {pins: {llm: a}}}\n",
+      ["profiles: profile names cannot be empty"], id="profile-name-empty"),
 ]
 
 
@@ -551,36 +636,57 @@ def test_yaml_1_1_words_stay_strings():
 # -- 10. validation order: the first failing check wins -------------------------------------
 
 ORDER = [
-    E("macros: {PID: 1}\nmodels: {m: {cmd: 'srv ${env.LS_T_ORDER_UNSET}'}}\n", ["environment variable 'LS_T_ORDER_UNSET' is not set"], id="env-before-macro-declarations"),
-    E("macros: {PID: 1}\nmodels: {m: {cmd: 'srv ${nope}'}}\n", ["macro name 'PID' is reserved"], id="declarations-before-unknown-macros"),
-    E("startPort: abcd\napiKeys: ['${nope}']\n", ["apiKeys[0]", "unknown macro '${nope}'"], id="unknown-macros-before-type-errors"),
-    E("peers: {p: {models: [x], apiKey: '${nope}'}}\n", ["peers.p.apiKey", "unknown macro"], id="unknown-macros-before-peer-proxy"),
-    E("performance: {every: 1s}\nmodels:\n  m: {" + SERVE + ", unlisted: maybe}\n", ["models.m.unlisted"], id="type-errors-before-performance"),
-    E("performance: {every: 1s}\npeers: {p: {models: [x]}}\n", ["proxy is required"], id="peer-proxy-before-performance"),
-    E("performance: {every: 1s}\nupstream: {ignorePaths: ['(']}\n", ["invalid regular expression"], id="ignorePaths-before-performance"),
-    E("performance: {every: 1s}\nprofiles: {pr: [a]}\n", ["legacy list syntax"], id="legacy-profiles-before-performance"),
+    E("macros: {PID: 1}\nmodels: {m: {cmd: 'srv ${env.LS_T_ORDER_UNSET}'}}\n",
+      ["environment variable 'LS_T_ORDER_UNSET' is not set"], id="env-before-macro-declarations"),
+    E("macros: {PID: 1}\nmodels: {m: {cmd: 'srv ${nope}'}}\n",
+      ["macro name 'PID' is reserved"], id="declarations-before-unknown-macros"),
+    E("startPort: abcd\napiKeys: ['${nope}']\n",
+      ["apiKeys[0]", "unknown macro '${nope}'"], id="unknown-macros-before-type-errors"),
+    E("peers: {p: {models: [x], apiKey: '${nope}'}}\n",
+      ["peers.p.apiKey", "unknown macro"], id="unknown-macros-before-peer-proxy"),
+    E("performance: {every: 1s}\nmodels:\n  m: {" + SERVE + ", unlisted: maybe}\n",
+      ["models.m.unlisted"], id="type-errors-before-performance"),
+    E("performance: {every: 1s}\npeers: {p: {models: [x]}}\n",
+      ["proxy is required"], id="peer-proxy-before-performance"),
+    E("performance: {every: 1s}\nupstream: {ignorePaths: ['(']}\n",
+      ["invalid regular expression"], id="ignorePaths-before-performance"),
+    E("performance: {every: 1s}\nprofiles: {pr: [a]}\n",
+      ["legacy list syntax"], id="legacy-profiles-before-performance"),
     E("startPort: 0\nperformance: {every: 1s}\n", ["must be at least 5s"], id="performance-before-startPort"),
     E("startPort: 0\nglobalTTL: -1\n", ["startPort", "must be greater than 1"], id="startPort-before-globalTTL"),
     E("globalTTL: -1\nunloadTimeout: -1\n", ["globalTTL"], id="globalTTL-before-unloadTimeout"),
     E("unloadTimeout: -1\nstore: {path: ''}\n", ["unloadTimeout"], id="unloadTimeout-before-store"),
     E("store: {path: ''}\nlogToStdout: x\n", ["store.path"], id="store-before-logToStdout"),
-    E("logToStdout: x\nmodels:\n  a: {" + SERVE + ", aliases: [z]}\n  b: {" + SERVE + ", aliases: [z]}\n", ["logToStdout"], id="logToStdout-before-aliases"),
-    E("models:\n  a: {" + SERVE + ", aliases: [z], ttl: -5}\n  b: {" + SERVE + ", aliases: [z]}\n", ["duplicate alias"], id="aliases-before-model-ttl"),
-    E("models:\n  b: {" + SERVE + ", ttl: -7}\n  a: {" + SERVE + ", ttl: -5}\n", ["invalid TTL value -5"], id="models-in-sorted-order"),
-    E("models:\n  m: {" + SERVE + ", ttl: -5, unloadTimeout: -1}\n", ["invalid TTL value -5"], id="ttl-before-unloadTimeout"),
-    E("models:\n  m: {" + SERVE + ", unloadTimeout: -1, capabilities: {context: -1}}\n", ["invalid unloadTimeout value -1"], id="unloadTimeout-before-capabilities"),
+    E("logToStdout: x\nmodels:\n  a: {" + SERVE + ", aliases: [z]}\n  b: {" + SERVE + ", aliases: [z]}\n",
+      ["logToStdout"], id="logToStdout-before-aliases"),
+    E("models:\n  a: {" + SERVE + ", aliases: [z], ttl: -5}\n  b: {" + SERVE + ", aliases: [z]}\n",
+      ["duplicate alias"], id="aliases-before-model-ttl"),
+    E("models:\n  b: {" + SERVE + ", ttl: -7}\n  a: {" + SERVE + ", ttl: -5}\n",
+      ["invalid TTL value -5"], id="models-in-sorted-order"),
+    E("models:\n  m: {" + SERVE + ", ttl: -5, unloadTimeout: -1}\n",
+      ["invalid TTL value -5"], id="ttl-before-unloadTimeout"),
+    E("models:\n  m: {" + SERVE + ", unloadTimeout: -1, capabilities: {context: -1}}\n",
+      ["invalid unloadTimeout value -1"], id="unloadTimeout-before-capabilities"),
     E("models:\n  a: {" + SERVE + ", capabilities: {in: [video]}, filters: {setParamsByID: {b: {t: 1}}}}\n  b: @M\n",
       ["invalid modality"], id="capabilities-before-setParamsByID"),
-    E("groups: {g: {members: [m]}}\nrouting: {router: {use: group}}\nmodels: {m: {" + SERVE + ", ttl: -5}}\n", ["invalid TTL value -5"], id="models-before-routing-style"),
-    E("groups: {g: {members: [m, m]}}\nrouting: {router: {use: group}}\nmodels: {m: @M}\n", [LEGACY_BOTH], id="routing-style-before-groups"),
-    E("groups: {g: {members: [m, m]}}\nrouting: {scheduler: {use: lifo}}\nmodels: {m: @M}\n", ["duplicate model member m"], id="groups-before-scheduler"),
-    E("matrix: {sets: {s: '(m'}}\nrouting: {scheduler: {use: lifo}}\nmodels: {m: @M}\n", ["missing closing parenthesis"], id="matrix-before-scheduler"),
-    E("routing: {scheduler: {use: lifo, settings: {fifo: {priority: {zz: 1}}}}}\n", ["unknown scheduler"], id="scheduler-before-priority"),
-    E("routing: {scheduler: {settings: {fifo: {priority: {zz: 1}}}}}\napiKeys: ['']\n", ["priority references unknown model"], id="priority-before-apiKeys"),
-    E("apiKeys: ['']\nmodels: {p/x: @M}\npeers: {p: " + PEER + "}\n", ["empty api key"], id="apiKeys-before-peer-namespace"),
-    E("models: {p/x: @M}\npeers: {p: " + PEER + "}\nselectors: {s: {strategy: best, targets: [x]}}\n", ["conflicts with fully qualified peer model name"],
-      id="peer-namespace-before-selectors"),
-    E("models: {m: @M}\nselectors: {s: {strategy: best, targets: [m]}}\nprofiles: {pr: {pins: {}}}\n", ["unknown strategy"], id="selectors-before-profiles"),
+    E("groups: {g: {members: [m]}}\nrouting: {router: {use: group}}\nmodels: {m: {" + SERVE + ", ttl: -5}}\n",
+      ["invalid TTL value -5"], id="models-before-routing-style"),
+    E("groups: {g: {members: [m, m]}}\nrouting: {router: {use: group}}\nmodels: {m: @M}\n",
+      [LEGACY_BOTH], id="routing-style-before-groups"),
+    E("groups: {g: {members: [m, m]}}\nrouting: {scheduler: {use: lifo}}\nmodels: {m: @M}\n",
+      ["duplicate model member m"], id="groups-before-scheduler"),
+    E("matrix: {sets: {s: '(m'}}\nrouting: {scheduler: {use: lifo}}\nmodels: {m: @M}\n",
+      ["missing closing parenthesis"], id="matrix-before-scheduler"),
+    E("routing: {scheduler: {use: lifo, settings: {fifo: {priority: {zz: 1}}}}}\n",
+      ["unknown scheduler"], id="scheduler-before-priority"),
+    E("routing: {scheduler: {settings: {fifo: {priority: {zz: 1}}}}}\napiKeys: ['']\n",
+      ["priority references unknown model"], id="priority-before-apiKeys"),
+    E("apiKeys: ['']\nmodels: {p/x: @M}\npeers: {p: " + PEER + "}\n",
+      ["empty api key"], id="apiKeys-before-peer-namespace"),
+    E("models: {p/x: @M}\npeers: {p: " + PEER + "}\nselectors: {s: {strategy: best, targets: [x]}}\n",
+      ["conflicts with fully qualified peer model name"], id="peer-namespace-before-selectors"),
+    E("models: {m: @M}\nselectors: {s: {strategy: best, targets: [m]}}\nprofiles: {pr: {pins: {}}}\n",
+      ["unknown strategy"], id="selectors-before-profiles"),
 ]
 
 
@@ -678,7 +784,8 @@ def test_port_assignment_counts_macro_expansions_and_skips_fixed_ports():
         macros:
           serve: "srv --port ${PORT}"
         models:
-          c: {cmd: "${serve}", checkEndpoint: "/health?port=${PORT}", aliases: ["c-${PORT}"], metadata: {port: "${PORT}"}}
+          c: {cmd: "${serve}", checkEndpoint: "/health?port=${PORT}", aliases: ["c-${PORT}"], \
+metadata: {port: "${PORT}"}}
           a: {cmd: "srv --port 1999", proxy: "http://127.0.0.1:1999"}
           b: {cmd: "${serve}"}
         """)
@@ -752,7 +859,8 @@ def test_defaults_of_every_top_level_key():
         "http://localhost:5800", "/health", 0, 10, 10)
     assert model.send_loading_state is False and model.unlisted is False and model.ignore_websockets is False
     t = model.timeouts
-    assert (t.connect, t.keepalive, t.response_header, t.tls_handshake, t.expect_continue, t.idle_conn) == (30, 30, 0, 10, 1, 90)
+    assert ((t.connect, t.keepalive, t.response_header, t.tls_handshake, t.expect_continue, t.idle_conn)
+            == (30, 30, 0, 10, 1, 90))
 
 
 @pytest.mark.parametrize("yaml_text, attribute, expected", [
@@ -789,7 +897,8 @@ def test_model_values_inherit_and_normalise():
         sendLoadingState: true
         models:
           inherits: {cmd: "srv --port ${PORT}"}
-          own: {cmd: "srv --port ${PORT}", ttl: 0, unloadTimeout: 5, sendLoadingState: false, concurrencyLimit: -3, checkEndpoint: " none "}
+          own: {cmd: "srv --port ${PORT}", ttl: 0, unloadTimeout: 5, sendLoadingState: false, concurrencyLimit: -3, \
+checkEndpoint: " none "}
           minus-one: {cmd: "srv --port ${PORT}", ttl: -1, concurrencyLimit: 4}
           comfyui_auto: {cmd: "srv --port ${PORT}", concurrencyLimit: 20}
           big: {cmd: "srv --port ${PORT}", concurrencyLimit: 80}
@@ -815,7 +924,8 @@ def test_comfyui_auto_with_no_limit_gets_50():
 
 @pytest.mark.parametrize("yaml_text, warning", [
     (model_with("ttll: 5"), "models.m.ttll: unknown key, did you mean 'ttl'?"),
-    ("peers: {p: {proxy: 'http://127.0.0.1:9', models: [x], apikey: k}}\n", "peers.p.apikey: unknown key, did you mean 'apiKey'?"),
+    ("peers: {p: {proxy: 'http://127.0.0.1:9', models: [x], apikey: k}}\n",
+     "peers.p.apikey: unknown key, did you mean 'apiKey'?"),
     ("models: {m: @M}\nrouting: {router: {settings: {grups: {}}}}\n", "routing.router.settings.grups: unknown key"),
     ("helthCheckTimeout: 30\n", "helthCheckTimeout: unknown key, did you mean 'healthCheckTimeout'?"),
     ("frobnicate: 1\n", "frobnicate: unknown key"),
@@ -878,7 +988,8 @@ def load_error(path, directory) -> str:
 def test_config_dir_merges_models_lists_and_macros(tmp_path):
     d = tmp_path / "conf.d"
     write(d, "10-macros.yaml", "macros: {flags: '--ctx 4096'}\napiKeys: [k2]\nhealthCheckTimeout: 30\n")
-    write(d, "20-models.yml", "models:\n  b: {cmd: 'srv --port ${PORT} ${flags}'}\napiKeys: [k3]\nhealthCheckTimeout: 30\n")
+    write(d, "20-models.yml", "models:\n  b: {cmd: 'srv --port ${PORT} ${flags}'}\napiKeys: [k3]\n"
+                              "healthCheckTimeout: 30\n")
     write(d, ".hidden.yaml", "models:\n  c: {cmd: 'srv --port ${PORT}'}\n")
     write(d, "empty.yaml", "")
     write(d, "comments.yaml", "# nothing here\n# ${env.LS_T_DIR_UNSET}\n")
@@ -913,22 +1024,36 @@ def test_config_dir_of_only_empty_files_gives_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("first, second, needles", [
-    pytest.param("models: {dup: @M}\n", "models: {dup: @M}\n", ['duplicate models "dup"', "b.yaml", "already defined in another config source"], id="duplicate-model"),
-    pytest.param("models: {m: @M}\ngroups: {g1: {members: [m]}}\n", "groups: {g1: {members: []}}\n", ['duplicate groups "g1"'], id="duplicate-group"),
-    pytest.param("peers: {remote: " + PEER + "}\n", "peers: {remote: " + PEER + "}\n", ['duplicate peers "remote"'], id="duplicate-peer"),
-    pytest.param("models: {m: @M}\nselectors: {public: {strategy: pin, targets: [m]}}\n", "selectors: {public: {strategy: pin, targets: [m]}}\n",
+    pytest.param("models: {dup: @M}\n", "models: {dup: @M}\n",
+                 ['duplicate models "dup"', "b.yaml", "already defined in another config source"],
+                 id="duplicate-model"),
+    pytest.param("models: {m: @M}\ngroups: {g1: {members: [m]}}\n", "groups: {g1: {members: []}}\n",
+                 ['duplicate groups "g1"'], id="duplicate-group"),
+    pytest.param("peers: {remote: " + PEER + "}\n", "peers: {remote: " + PEER + "}\n",
+                 ['duplicate peers "remote"'], id="duplicate-peer"),
+    pytest.param("models: {m: @M}\nselectors: {public: {strategy: pin, targets: [m]}}\n",
+                 "selectors: {public: {strategy: pin, targets: [m]}}\n",
                  ['duplicate selectors "public"'], id="duplicate-selector"),
-    pytest.param("models: {m: @M}\nprofiles: {p: {pins: {x: m}}}\n", "profiles: {p: {pins: {y: m}}}\n", ['duplicate profiles "p"'], id="duplicate-profile"),
-    pytest.param("models: {m: @M}\nmatrix: {vars: {v: m}, sets: {s: v}}\n", "matrix: {vars: {w: m}}\n", ['duplicate matrix "vars"'], id="matrix-children-not-split"),
+    pytest.param("models: {m: @M}\nprofiles: {p: {pins: {x: m}}}\n", "profiles: {p: {pins: {y: m}}}\n",
+                 ['duplicate profiles "p"'], id="duplicate-profile"),
+    pytest.param("models: {m: @M}\nmatrix: {vars: {v: m}, sets: {s: v}}\n", "matrix: {vars: {w: m}}\n",
+                 ['duplicate matrix "vars"'], id="matrix-children-not-split"),
     pytest.param("models: {m: @M}\nrouting: {router: {settings: {groups: {g: {members: [m]}}}}}\n",
-                 "routing: {router: {settings: {groups: {g: {members: []}}}}}\n", ['duplicate routing.router.settings.groups "g"'], id="duplicate-routing-group"),
-    pytest.param("healthCheckTimeout: 30\n", "healthCheckTimeout: 40\n", ['conflict at "healthCheckTimeout"', "b.yaml", "sets a different value than a previous source"],
+                 "routing: {router: {settings: {groups: {g: {members: []}}}}}\n",
+                 ['duplicate routing.router.settings.groups "g"'], id="duplicate-routing-group"),
+    pytest.param("healthCheckTimeout: 30\n", "healthCheckTimeout: 40\n",
+                 ['conflict at "healthCheckTimeout"', "b.yaml", "sets a different value than a previous source"],
                  id="scalar-conflict"),
-    pytest.param("healthCheckTimeout: 30\n", "healthCheckTimeout: '30'\n", ['conflict at "healthCheckTimeout"'], id="scalar-tag-conflict"),
-    pytest.param("performance: {every: 5s}\n", "performance: {every: 10s}\n", ['conflict at "performance.every"'], id="nested-scalar-conflict"),
-    pytest.param("apiKeys: [k1]\n", "apiKeys: {k: v}\n", ['conflict at "apiKeys"', "incompatible YAML node kinds", "b.yaml"], id="kind-mismatch"),
-    pytest.param("ui: {activity: x}\n", "ui: {activity: {session_id: []}}\n", ['conflict at "ui.activity"', "incompatible YAML node kinds"], id="nested-kind-mismatch"),
-    pytest.param("models: {m: @M}\n", "- a\n- b\n", ["b.yaml", "top-level YAML must be a mapping"], id="top-level-list"),
+    pytest.param("healthCheckTimeout: 30\n", "healthCheckTimeout: '30'\n",
+                 ['conflict at "healthCheckTimeout"'], id="scalar-tag-conflict"),
+    pytest.param("performance: {every: 5s}\n", "performance: {every: 10s}\n",
+                 ['conflict at "performance.every"'], id="nested-scalar-conflict"),
+    pytest.param("apiKeys: [k1]\n", "apiKeys: {k: v}\n",
+                 ['conflict at "apiKeys"', "incompatible YAML node kinds", "b.yaml"], id="kind-mismatch"),
+    pytest.param("ui: {activity: x}\n", "ui: {activity: {session_id: []}}\n",
+                 ['conflict at "ui.activity"', "incompatible YAML node kinds"], id="nested-kind-mismatch"),
+    pytest.param("models: {m: @M}\n", "- a\n- b\n",
+                 ["b.yaml", "top-level YAML must be a mapping"], id="top-level-list"),
 ])
 def test_config_dir_merge_errors(tmp_path, first, second, needles):
     write(tmp_path, "a.yaml", first)
@@ -1005,9 +1130,12 @@ def test_check_config_prints_the_expanded_config_and_starts_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("text, needles", [
-    pytest.param('models:\n  m: {cmd: "srv --port ${PORT}", ttl: -5}\n', ["models.m", "invalid TTL value -5"], id="model-ttl"),
-    pytest.param("models: {m: @M}\nmatrix: {sets: {s: '(m'}}\n", ["matrix", 'set "s": parse: missing closing parenthesis'], id="matrix-dsl"),
-    pytest.param("models: {m: @M}\nselectors: {s: {strategy: pin, targets: [zz]}}\n", ['selectors.s.targets[0] references unknown model "zz"'], id="selector"),
+    pytest.param('models:\n  m: {cmd: "srv --port ${PORT}", ttl: -5}\n',
+                 ["models.m", "invalid TTL value -5"], id="model-ttl"),
+    pytest.param("models: {m: @M}\nmatrix: {sets: {s: '(m'}}\n",
+                 ["matrix", 'set "s": parse: missing closing parenthesis'], id="matrix-dsl"),
+    pytest.param("models: {m: @M}\nselectors: {s: {strategy: pin, targets: [zz]}}\n",
+                 ['selectors.s.targets[0] references unknown model "zz"'], id="selector"),
     pytest.param("startPort: abcd\n", ["startPort"], id="wrong-type"),
 ])
 def test_check_config_on_a_bad_config_prints_one_line_and_exits_1(tmp_path, text, needles):
@@ -1087,7 +1215,8 @@ def test_check_config_warns_of_a_program_it_cannot_find_and_strict_fails_on_it(t
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: models.absolute.cmd: program '{tmp_path}/nope/server' is not an executable file",
-                        "warning: models.missing.cmd: program 'no-such-server-ls-test' is not found on PATH"], result.stdout
+                        "warning: models.missing.cmd: program 'no-such-server-ls-test' "
+                        "is not found on PATH"], result.stdout
     assert result.stdout.startswith("config OK: ")
     strict = run_cli("--config", str(config), "--check-config", "--strict")
     assert strict.returncode == 1 and strict.stdout.startswith("config has warnings (--strict): ")
@@ -1103,7 +1232,8 @@ def test_check_config_prints_commands_with_their_quoting(tmp_path):
                 --prompt 'two words' --empty "" --dollar '$HOME'
         """)
     result = run_cli("--config", str(config), "--check-config")
-    assert "  cmd: srv --port 5800 --prompt 'two words' --empty '' --dollar '$HOME'" in result.stdout.splitlines(), result.stdout
+    assert ("  cmd: srv --port 5800 --prompt 'two words' --empty '' --dollar '$HOME'"
+            in result.stdout.splitlines()), result.stdout
 
 
 def test_check_config_piped_into_head_stops_quietly(tmp_path):
@@ -1153,15 +1283,16 @@ async def test_a_config_the_original_runs_starts_and_its_broken_models_answer_wh
         "no-equals": {"cmd": upstreams.cmd(name="no-equals"), "env": ["CUDA_VISIBLE_DEVICES"]},
     }})
     for model, key in (("comment-only", "cmd"), ("no-equals", "env")):
-        assert f"config: models.{model}.{key}: " in ls.output() and f"({model} cannot start until this is fixed)" in ls.output()
+        assert (f"config: models.{model}.{key}: " in ls.output()
+                and f"({model} cannot start until this is fixed)" in ls.output())
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "ok"))[0] == 200
         pid = (await running(s, ls))[0]
         for model, key in (("comment-only", "cmd"), ("no-equals", "env")):
             status, body = await chat(s, ls, model)
             assert status == 500, body
-            assert body["error"]["message"].startswith(f"unspecific error: model {model} cannot start until its config is "
-                                                       f"fixed: models.{model}.{key}: ")
+            assert body["error"]["message"].startswith(f"unspecific error: model {model} cannot start until its "
+                                                       f"config is fixed: models.{model}.{key}: ")
         assert await running(s, ls) == [pid], "a start that cannot happen stopped the running model"
     assert len(upstreams.pids()) == 1
 
@@ -1236,7 +1367,8 @@ def test_v1_models_shows_typed_macros_capabilities_aliases_peers_and_selectors(s
     for record in body["data"]:
         assert [k for k in record if k in RECORD_FIELDS] == [k for k in RECORD_FIELDS if k in record], record
         assert set(record) <= set(RECORD_FIELDS), record
-        assert (record["object"], record["owned_by"], record["status"]) == ("model", "llama-swap", {"value": "unloaded"})
+        assert ((record["object"], record["owned_by"], record["status"])
+                == ("model", "llama-swap", {"value": "unloaded"}))
 
     m = records["m"]
     assert (m["name"], m["description"]) == ("Model M", "about m")
@@ -1247,10 +1379,12 @@ def test_v1_models_shows_typed_macros_capabilities_aliases_peers_and_selectors(s
     for alias in ("m-alias", "m:high"):
         record = records[alias]
         assert (record["name"], record["description"]) == ("Model M", "about m")
-        assert record["meta"] == {"llamaswap": {"context": 8192, "on": True, "label": "ctx 8192", "type": "alias", "modelID": "m"}}
+        assert record["meta"] == {"llamaswap": {"context": 8192, "on": True, "label": "ctx 8192", "type": "alias",
+                                                "modelID": "m"}}
 
     vision = records["vision"]
-    assert vision["architecture"] == {"input_modalities": ["text", "image"], "output_modalities": ["text"], "modality": "text+image->text"}
+    assert vision["architecture"] == {"input_modalities": ["text", "image"], "output_modalities": ["text"],
+                                      "modality": "text+image->text"}
     assert vision["capabilities"] == {"vision": True, "function_calling": True}
     assert vision["supported_parameters"] == ["tools", "tool_choice"]
     assert vision["context_length"] == 32768
@@ -1279,8 +1413,10 @@ def test_v1_models_shows_typed_macros_capabilities_aliases_peers_and_selectors(s
 
     pin = records["sel-pin"]
     assert (pin["name"], pin["description"]) == ("Sel", "pick")
-    assert pin["meta"] == {"llamaswap": {"k": "v", "type": "selector", "strategy": "pin", "targets": ["m-alias", "p/x"]}}
-    assert records["sel-spill"]["meta"] == {"llamaswap": {"type": "selector", "strategy": "spillover", "targets": ["m", "p/x"], "spillover": 3}}
+    assert pin["meta"] == {"llamaswap": {"k": "v", "type": "selector", "strategy": "pin",
+                                         "targets": ["m-alias", "p/x"]}}
+    assert records["sel-spill"]["meta"] == {"llamaswap": {"type": "selector", "strategy": "spillover",
+                                                          "targets": ["m", "p/x"], "spillover": 3}}
 
     assert [r["id"] for r in get_json(ls.url + "/models")["data"]] == ids
 

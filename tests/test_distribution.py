@@ -30,7 +30,8 @@ def demo_server(workdir: Path, *launcher: str, outside_checkout: bool = False) -
     return started(workdir, [*launcher, "--demo"], outside_checkout)
 
 
-def started(workdir: Path, argv: list[str], outside_checkout: bool = False, env: dict[str, str] | None = None) -> ServerProcess:
+def started(workdir: Path, argv: list[str], outside_checkout: bool = False,
+            env: dict[str, str] | None = None) -> ServerProcess:
     """outside_checkout: started in `workdir` rather than the checkout, so that neither llama-swap nor the
     upstreams it starts (the responder) can import anything from the checkout."""
     port = free_port()

@@ -16,7 +16,8 @@ from helpers import PY, RESPONDER, LlamaSwap, chat, free_port, free_port_block, 
 from llama_swap import apply_filters, json_delete, json_set, parse_config
 
 
-async def post_raw(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+async def post_raw(session: aiohttp.ClientSession, url: str, body: bytes,
+                   headers: dict | None = None) -> tuple[int, dict]:
     async with session.post(url + "/v1/chat/completions", data=body,
                             headers={"Content-Type": "application/json", **(headers or {})}) as r:
         return r.status, json.loads(await r.read())
@@ -112,7 +113,8 @@ async def test_filters_reach_the_upstream_byte_for_byte(start_llama_swap, upstre
     ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"),
         "filters": {"stripParams": "top_p", "setParams": {"temperature": 0.2}}}}})
-    body = b'{ "model" : "m" ,\n "top_p": 0.5,\t"messages": [ {"role":"user","content":"\\u00e9 <b>"} ], "temperature": 1 }'
+    body = (b'{ "model" : "m" ,\n "top_p": 0.5,\t"messages": [ {"role":"user","content":"\\u00e9 <b>"} ], '
+            b'"temperature": 1 }')
     async with aiohttp.ClientSession() as s:
         status, reply = await post_raw(s, ls.url, body)
     assert status == 200, reply
@@ -128,7 +130,8 @@ async def test_a_bare_peer_model_and_its_full_name_reach_the_peer_with_its_key(s
                                 "models": {"remote-model": {"cmd": upstreams.cmd(name="remote-model")}}})
     try:
         ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
-                               "peers": {"box2": {"proxy": peer.url, "models": ["remote-model"], "apiKey": "peer-secret",
+                               "peers": {"box2": {"proxy": peer.url, "models": ["remote-model"],
+                                                  "apiKey": "peer-secret",
                                                   "filters": {"setParams": {"temperature": 0.3}}}}})
         async with aiohttp.ClientSession() as s:
             for name in ("box2/remote-model", "remote-model"):
@@ -138,7 +141,8 @@ async def test_a_bare_peer_model_and_its_full_name_reach_the_peer_with_its_key(s
                 echo = reply["echo"]
                 assert json.loads(echo["body"]) == {"model": "remote-model", "temperature": 0.3}
                 assert echo["headers"]["Authorization"] == "Bearer peer-secret"
-                assert echo["headers"]["x-api-key"] == "peer-secret" or echo["headers"].get("X-Api-Key") == "peer-secret"
+                assert (echo["headers"]["x-api-key"] == "peer-secret"
+                        or echo["headers"].get("X-Api-Key") == "peer-secret")
             async with s.get(ls.url + "/v1/models") as r:
                 records = {m["id"]: m for m in (await r.json())["data"]}
             assert records["box2/remote-model"]["meta"] == {"llamaswap": {"type": "peer", "peerID": "box2"}}
@@ -168,7 +172,8 @@ async def test_loading_state_streams_progress_as_reasoning_then_the_answer(start
                            "models": {"slow": {"cmd": upstreams.cmd("--startup-delay", "1.5", name="slow")}}})
     client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0)
     reasoning, content = [], []
-    stream = await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}], stream=True)
+    stream = await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}],
+                                                  stream=True)
     async for chunk in stream:
         if not chunk.choices:
             continue
@@ -220,13 +225,15 @@ async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails
     assert text.endswith("\n\n")  # a whole event, the last one
 
 
-async def test_a_start_that_fails_under_loading_state_raises_in_the_sdk_and_is_recorded_as_failed(start_llama_swap, upstreams):
+async def test_a_start_that_fails_under_loading_state_raises_in_the_sdk_and_is_recorded_as_failed(start_llama_swap,
+                                                                                                  upstreams):
     import openai
 
     ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"broken": {
         "cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken"), "sendLoadingState": True}}})
     client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0)
-    stream = await client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}], stream=True)
+    stream = await client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}],
+                                                  stream=True)
     reasoning = []
     with pytest.raises(openai.APIError) as raised:
         async for chunk in stream:
@@ -294,7 +301,8 @@ async def test_a_refused_websocket_upgrade_is_passed_through_as_the_upstream_ans
 
 async def test_a_websocket_to_a_peer_model_is_relayed(start_llama_swap, upstreams):
     far_port = free_port()
-    far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far", "--pid-file", str(upstreams.pid_file)])
+    far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far",
+                            "--pid-file", str(upstreams.pid_file)])
     try:
         assert wait_until(lambda: port_open(far_port), 20), "the far responder did not start"
         ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}},
@@ -443,7 +451,8 @@ class ForwardProxy:
 
 async def test_peers_and_remote_upstreams_go_through_the_proxy_the_environment_names(tmp_path, upstreams, monkeypatch):
     far_port = free_port()
-    far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far", "--pid-file", str(upstreams.pid_file)])
+    far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far",
+                            "--pid-file", str(upstreams.pid_file)])
     proxy = ForwardProxy()
     try:
         assert wait_until(lambda: port_open(far_port), 20), "the far responder did not start"

@@ -125,7 +125,8 @@ async def test_gzip_bombs_are_refused_early_without_stalling_or_bloating(start_l
         await warm(s, ls)
         before = peak_rss(ls)
         with LoopProber(ls):
-            answers = await asyncio.gather(*(post(s, ls.url + "/v1/chat/completions", bomb, **{"Content-Encoding": "gzip"})
+            answers = await asyncio.gather(*(post(s, ls.url + "/v1/chat/completions", bomb,
+                                                  **{"Content-Encoding": "gzip"})
                                              for _ in range(4)),
                                            post(s, ls.url + "/v1/chat/completions", deflate_bomb,
                                                 **{"Content-Encoding": "deflate"}))
@@ -225,7 +226,8 @@ async def test_a_websocket_message_past_the_body_limit_closes_the_socket_with_10
             assert await ws.receive_str(timeout=10) == "echo: small"
             await ws.send_bytes(b"x" * (2 * MB))
             message = await ws.receive(timeout=30)
-            assert message.type == aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG, message
+            assert (message.type == aiohttp.WSMsgType.CLOSE
+                    and message.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG), message
         before = peak_rss(ls)
         async with s.ws_connect(ls.url + "/upstream/m/ws", max_msg_size=0) as ws:
             with contextlib.suppress(ConnectionError):  # the proxy hangs up in the middle of it
@@ -263,7 +265,8 @@ async def test_in_flight_events_stay_small_and_a_watcher_that_stops_reading_is_d
         writer.close()
         # And what a request's entry shows of a long header is its start and length.
         async with s.post(ls.url + "/v1/chat/completions", headers=big_headers,
-                          json={"model": "m", "stream": True, "responder_chunks": 20, "responder_delay": 0.1}) as answer:
+                          json={"model": "m", "stream": True, "responder_chunks": 20,
+                                "responder_delay": 0.1}) as answer:
             await answer.content.readany()
             async with s.get(ls.url + "/api/inflight") as inflight:
                 [entry] = (await inflight.json())["requests"]
@@ -355,7 +358,8 @@ async def test_sigterm_during_a_long_stream_ends_it_after_30_s_then_gives_each_m
     stopped = tmp_path / "cmdstop-finished"
     ls = start_llama_swap({**config(upstreams), "unloadTimeout": 10, "models": {
         "slow-to-stop": {"cmd": upstreams.cmd("--sigterm-delay", "3", name="slow-to-stop")},
-        "docker-like": {"cmd": upstreams.cmd(name="docker-like"), "cmdStop": f"sh -c 'sleep 2; kill ${{PID}}; touch {stopped}'"}},
+        "docker-like": {"cmd": upstreams.cmd(name="docker-like"),
+                        "cmdStop": f"sh -c 'sleep 2; kill ${{PID}}; touch {stopped}'"}},
         "groups": {"all": {"swap": False, "exclusive": False, "members": ["slow-to-stop", "docker-like"]}}})
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "docker-like"}) as r:
@@ -379,7 +383,8 @@ async def test_sigterm_during_a_long_stream_ends_it_after_30_s_then_gives_each_m
 
 
 async def test_a_request_waits_for_its_model_no_longer_than_queue_timeout(start_llama_swap, upstreams):
-    ls = start_llama_swap({**config(upstreams), "routing": {"scheduler": {"settings": {"fifo": {"queueTimeoutMs": 1500}}}},
+    ls = start_llama_swap({**config(upstreams),
+                           "routing": {"scheduler": {"settings": {"fifo": {"queueTimeoutMs": 1500}}}},
                            "models": {"m": {"cmd": upstreams.cmd("--startup-delay", "8", name="m")}}})
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         began = asyncio.get_running_loop().time()
@@ -388,7 +393,8 @@ async def test_a_request_waits_for_its_model_no_longer_than_queue_timeout(start_
         assert status == 503, raw
         assert "m was not ready for this request within 1.5s (queueTimeoutMs)" in json.loads(raw)["error"]["message"]
         assert 1.4 < waited < 6, waited
-        status, raw = await post(s, ls.url + "/v1/chat/completions", json.dumps({"model": "m"}).encode())  # the load went on
+        status, raw = await post(s, ls.url + "/v1/chat/completions",
+                                 json.dumps({"model": "m"}).encode())  # the load went on
         assert status in (200, 503), raw
 
 
@@ -413,7 +419,8 @@ async def test_another_sites_page_cannot_change_anything_here(start_llama_swap, 
         for headers in ({"Origin": ours}, {"Origin": "http://dash.lan:3000"}, {}):
             async with s.post(ls.url + "/api/models/unload", headers=headers) as r:
                 assert r.status == 200, headers
-        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}, headers={"Origin": "http://evil.example"}) as r:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"},
+                          headers={"Origin": "http://evil.example"}) as r:
             assert r.status == 200  # the API itself stays open to browsers, as the original's CORS says
 
 
@@ -433,5 +440,6 @@ async def test_without_keys_a_rebound_name_reads_nothing(start_llama_swap, upstr
             assert r.status == 200  # a monitor's probe, whatever it calls us
     keyed = start_llama_swap({**config(upstreams), "apiKeys": ["k"]})
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:  # with keys, the key is the guard
-        async with s.get(keyed.url + "/running", headers={"Host": "llm.other.example", "Authorization": "Bearer k"}) as r:
+        async with s.get(keyed.url + "/running",
+                         headers={"Host": "llm.other.example", "Authorization": "Bearer k"}) as r:
             assert r.status == 200

@@ -85,7 +85,8 @@ async def test_an_entry_shows_who_asked_what_without_credentials(start_llama_swa
     headers = {"Authorization": "Bearer secret-1", "x-api-key": "secret-2", "Cookie": "c=secret-3",
                "X-Forwarded-For": "203.0.113.9, 10.0.0.1", "x-custom-thing": "yes"}
     async with aiohttp.ClientSession() as s:
-        waiting = asyncio.create_task(s.post(ls.url + "/v/chat/completions?x=1", json={"model": "auto"}, headers=headers))
+        waiting = asyncio.create_task(s.post(ls.url + "/v/chat/completions?x=1", json={"model": "auto"},
+                                             headers=headers))
         assert await eventually(lambda: inflight(s, ls), 10)
         [entry] = await inflight(s, ls)
         async with await waiting as r:
@@ -125,7 +126,8 @@ async def test_peer_requests_are_listed_under_their_name(start_llama_swap, upstr
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}) as r:
             assert r.status == 200  # the responder the peer points at now runs
-        waiting = asyncio.create_task(s.post(ls.url + "/v1/chat/completions", json={"model": "p/far", "responder_sleep": 2}))
+        waiting = asyncio.create_task(s.post(ls.url + "/v1/chat/completions",
+                                             json={"model": "p/far", "responder_sleep": 2}))
         assert await eventually(lambda: inflight(s, ls), 10)
         [entry] = await inflight(s, ls)
         assert (await cancel(s, ls, entry["id"]))[0] == 200
@@ -152,7 +154,8 @@ async def test_cancelling_during_the_loading_stream_cuts_it(start_llama_swap, up
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
             seen = b""
-            while b"loading model: m" not in seen.replace(b'"}}]}\n\ndata: {"choices":[{"delta":{"reasoning_content":"', b""):
+            while b"loading model: m" not in seen.replace(b'"}}]}\n\ndata: {"choices":[{"delta":{"reasoning_content":"',
+                                                          b""):
                 seen += await r.content.readuntil(b"\n\n")
             [entry] = await inflight(s, ls)
             assert entry["resp_headers"]["Content-Type"] == "text/event-stream"

@@ -174,7 +174,8 @@ async def test_cold_requests_a_b_a_b_are_collated_into_one_start_per_model(start
 
 async def test_concurrent_requests_for_a_cold_model_share_one_start(start_llama_swap, upstreams):
     # concurrencyLimit is raised so that the default admission limit of 10 requests per model does not apply.
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"), "concurrencyLimit": 50}}))
+    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"),
+                                        "concurrencyLimit": 50}}))
     client = openai_client(ls)
     try:
         replies = await asyncio.wait_for(asyncio.gather(*(
@@ -254,7 +255,8 @@ async def test_a_queued_request_whose_client_left_starts_nothing(start_llama_swa
 # --------------------------------------------------------------------------- failed starts
 
 
-async def test_premature_exit_fails_the_request_with_the_upstream_output_and_next_request_retries(start_llama_swap, upstreams):
+async def test_premature_exit_fails_the_request_with_the_upstream_output_and_next_request_retries(start_llama_swap,
+                                                                                                  upstreams):
     # The startup delay keeps the port closed, so the crash happens during the health check.
     cmd = upstreams.cmd("--startup-delay", "5", "--exit-after", "0.3", name="oom")
     ls = start_llama_swap(config({"oom": {"cmd": cmd}}))
@@ -364,7 +366,8 @@ async def test_a_failed_start_quotes_only_the_output_of_that_run(start_llama_swa
 
 
 async def test_unload_escalates_to_sigkill_when_sigterm_is_ignored(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"stubborn": {"cmd": upstreams.cmd("--ignore-sigterm", name="stubborn"), "unloadTimeout": 1}}))
+    ls = start_llama_swap(config({"stubborn": {"cmd": upstreams.cmd("--ignore-sigterm", name="stubborn"),
+                                               "unloadTimeout": 1}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "stubborn")
         assert status == 200, body
@@ -380,7 +383,8 @@ async def test_unload_escalates_to_sigkill_when_sigterm_is_ignored(start_llama_s
 
 
 async def test_unload_lets_a_slow_process_exit_within_its_unload_timeout(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"slow": {"cmd": upstreams.cmd("--sigterm-delay", "0.6", name="slow"), "unloadTimeout": 5}}))
+    ls = start_llama_swap(config({"slow": {"cmd": upstreams.cmd("--sigterm-delay", "0.6", name="slow"),
+                                           "unloadTimeout": 5}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "slow")
         assert status == 200, body
@@ -586,7 +590,8 @@ async def test_a_missing_executable_is_a_start_error_naming_the_command(start_ll
     ls = start_llama_swap(config({"m": {"cmd": "/nonexistent/llama-server --port 1", "proxy": "http://127.0.0.1:1"}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "m")
-    message = assert_envelope(status, body, "unspecific error: failed to start command '/nonexistent/llama-server --port 1'")
+    message = assert_envelope(status, body,
+                              "unspecific error: failed to start command '/nonexistent/llama-server --port 1'")
     assert "No such file or directory" in message
 
 

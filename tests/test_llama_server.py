@@ -10,7 +10,8 @@ import pytest
 from helpers import eventually, running
 from llama_server import binary, tiny_model
 
-pytestmark = pytest.mark.skipif(binary() is None, reason="llama-server is not built: python tests/llama_server.py --build")
+pytestmark = pytest.mark.skipif(binary() is None,
+                                reason="llama-server is not built: python tests/llama_server.py --build")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ async def test_anthropic_messages_with_the_anthropic_sdk(start_llama_swap, upstr
     ls = start_llama_swap(llama_config(model_file))
     client = anthropic.AsyncAnthropic(base_url=ls.url, api_key="unused", max_retries=0)
     try:
-        message = await client.messages.create(model="alpha", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
-                                               extra_body=GENERATE)
+        message = await client.messages.create(model="alpha", max_tokens=8,
+                                               messages=[{"role": "user", "content": "hi"}], extra_body=GENERATE)
         assert message.content[0].text and message.usage.output_tokens == 8
         async with client.messages.stream(model="alpha", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
                                           extra_body=GENERATE) as stream:
@@ -71,7 +72,8 @@ async def test_anthropic_messages_with_the_anthropic_sdk(start_llama_swap, upstr
 async def test_llama_server_routes_and_passthrough(start_llama_swap, upstreams, model_file):
     ls = start_llama_swap(llama_config(model_file))
     async with aiohttp.ClientSession() as s:
-        async with s.post(ls.url + "/completion", json={"model": "alpha", "prompt": "Hello", "n_predict": 5, **GENERATE}) as r:
+        async with s.post(ls.url + "/completion",
+                          json={"model": "alpha", "prompt": "Hello", "n_predict": 5, **GENERATE}) as r:
             assert r.status == 200
             body = await r.json()
         assert body["content"] and body["timings"]["predicted_n"] == 5
@@ -92,10 +94,12 @@ async def test_llama_server_routes_and_passthrough(start_llama_swap, upstreams, 
 async def test_token_figures_come_from_llama_servers_timings(start_llama_swap, upstreams, model_file):
     ls = start_llama_swap(llama_config(model_file))
     async with aiohttp.ClientSession() as s:
-        async with s.post(ls.url + "/completion", json={"model": "alpha", "prompt": "Hello there", "n_predict": 7, **GENERATE}) as r:
+        async with s.post(ls.url + "/completion",
+                          json={"model": "alpha", "prompt": "Hello there", "n_predict": 7, **GENERATE}) as r:
             assert r.status == 200
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "alpha", "max_tokens": 9, "stream": True,
-                                                                 "messages": [{"role": "user", "content": "hi"}], **GENERATE}) as r:
+                                                                 "messages": [{"role": "user", "content": "hi"}],
+                                                                 **GENERATE}) as r:
             assert r.status == 200
             await r.read()
 

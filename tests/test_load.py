@@ -106,7 +106,8 @@ async def ask(session: aiohttp.ClientSession, url: str, model: str, stream: bool
         return Outcome("connection error", time.monotonic() - began, f"{model} stream={stream}: {e!r}")
     seconds = time.monotonic() - began
     if status != 200:
-        return Outcome("envelope" if is_envelope(raw) else f"status {status}", seconds, raw[:300].decode(errors="replace"))
+        return Outcome("envelope" if is_envelope(raw) else f"status {status}", seconds,
+                       raw[:300].decode(errors="replace"))
     try:
         kind, detail = judge_stream(model, payload, raw) if stream else judge_answer(model, payload, raw)
     except (ValueError, KeyError, IndexError, TypeError) as e:
@@ -354,7 +355,8 @@ async def hang_up_at_random(session: aiohttp.ClientSession, url: str, model: str
         # upstream sleeps before its headers. An answer that comes first is left at once.
         body = {"model": model, "responder_sleep": 0.3}
         try:
-            response = await asyncio.wait_for(session.post(url + "/v1/chat/completions", json=body), rng.uniform(0, 1.5))
+            response = await asyncio.wait_for(session.post(url + "/v1/chat/completions", json=body),
+                                              rng.uniform(0, 1.5))
         except asyncio.TimeoutError:
             return "before headers" + (" during a swap" if server.scheduler.swaps else "")
         response.close()

@@ -30,7 +30,8 @@ LOADING_KEYS = {"elapsed_s", "progress", "eta_s"}
 # -- samples -------------------------------------------------------------------------------------
 
 LLAMA_CPP_HEAD = b"""\
-llama_model_loader: loaded meta data with 29 key-value pairs and 291 tensors from /models/Meta-Llama-3-8B-Instruct.Q4_K_M.gguf (version GGUF V3 (latest))
+llama_model_loader: loaded meta data with 29 key-value pairs and 291 tensors from \
+/models/Meta-Llama-3-8B-Instruct.Q4_K_M.gguf (version GGUF V3 (latest))
 llm_load_print_meta: model size       = 4.58 GiB (4.89 BPW)
 llm_load_print_meta: general.name     = Meta-Llama-3-8B-Instruct
 llm_load_tensors: ggml ctx size =    0.27 MiB
@@ -240,7 +241,8 @@ def entry(statuses: list[dict], model: str) -> dict:
 
 @pytest.mark.parametrize("style", ["dots", "percent"])
 async def test_v1_models_shows_the_load_rising_with_an_eta_then_loaded(start_llama_swap, upstreams, style):
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", "3", "--load-progress", style, name="m")}}))
+    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", "3", "--load-progress", style,
+                                                             name="m")}}))
     async with aiohttp.ClientSession() as s:
         assert await listed_status(s, ls, "m") == {"value": "unloaded"}
         seen = await load_polling_status(s, ls, "m")
@@ -301,12 +303,14 @@ async def test_events_republish_a_starting_models_load_every_second(start_llama_
     elapsed = [status["loading"]["elapsed_s"] for status in starting]
     assert elapsed == sorted(elapsed) and elapsed[-1] >= 1.0, elapsed  # a second apart, not a burst
     assert all("loading" not in entry(statuses, "idle") for statuses in published)
-    assert all("loading" not in entry(statuses, "m") for statuses in published if entry(statuses, "m")["state"] != "starting")
+    assert all("loading" not in entry(statuses, "m") for statuses in published
+               if entry(statuses, "m")["state"] != "starting")
 
 
 async def test_the_loading_stream_says_how_far_the_load_has_got(start_llama_swap, upstreams):
     # Remarks come 2-5 s into the stream, then every 5-9 s: a ten-second load has room for one.
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", "10", "--load-progress", "dots", name="m"),
+    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", "10", "--load-progress", "dots",
+                                                             name="m"),
                                         "sendLoadingState": True}}))
     reasoning, content = [], []
     async with aiohttp.ClientSession() as s:

@@ -182,12 +182,14 @@ async def test_the_log_stream_sends_history_then_each_line_as_it_happens(start_l
             assert await stream.shows('"POST /v1/chat/completions HTTP/1.1" 200')
             stream.task.cancel()
     text = stream.text
-    order = [text.index("llama-swap listening on"), text.index("loading model..."), text.index("responder m listening on"),
-             text.index("<m> Health check passed"), text.index('"POST /v1/chat/completions HTTP/1.1" 200')]
+    order = [text.index("llama-swap listening on"), text.index("loading model..."),
+             text.index("responder m listening on"), text.index("<m> Health check passed"),
+             text.index('"POST /v1/chat/completions HTTP/1.1" 200')]
     assert order == sorted(order), text
 
 
-async def test_the_log_stream_with_default_wiring_shows_proxy_lines_live_but_no_upstream_output(start_llama_swap, upstreams):
+async def test_the_log_stream_with_default_wiring_shows_proxy_lines_live_but_no_upstream_output(start_llama_swap,
+                                                                                                upstreams):
     ls = start_llama_swap(side_by_side(upstreams, {"m": model(upstreams, "m", "--startup-delay", "2")}))
     async with aiohttp.ClientSession() as s:
         async with reading(s, ls.url + "/logs/stream") as stream:
@@ -259,7 +261,8 @@ async def test_logs_is_the_plain_history_and_browsers_go_to_the_ui(start_llama_s
             assert r.headers["Location"] == "/ui/"
 
 
-async def test_a_log_stream_the_client_leaves_is_logged_with_the_status_and_bytes_it_was_sent(start_llama_swap, upstreams):
+async def test_a_log_stream_the_client_leaves_is_logged_with_the_status_and_bytes_it_was_sent(start_llama_swap,
+                                                                                              upstreams):
     ls = start_llama_swap({"models": {"m": model(upstreams, "m")}})
     request_line = '"GET /logs/stream/proxy HTTP/1.1"'
     async with aiohttp.ClientSession() as s:
@@ -373,7 +376,8 @@ async def test_a_reader_that_does_not_read_slows_nobody_and_costs_bounded_memory
             assert await fast.shows("responder m listening on", 90)
             assert (await request)[0] == 200
             growth_mib = (memory_kib(pid, "VmHWM") - before) / 1024
-            assert growth_mib < 60, f"llama-swap grew by {growth_mib:.0f} MiB while a reader held back {lines * 100 >> 20} MiB"
+            assert growth_mib < 60, (f"llama-swap grew by {growth_mib:.0f} MiB while a reader held back "
+                                     f"{lines * 100 >> 20} MiB")
             # A busy machine may make even the fast reader miss some, but never without saying so.
             assert accounted_bytes(fast.text) >= lines * 100
 
@@ -440,13 +444,15 @@ async def test_events_start_with_the_state_of_things_then_follow_a_request(start
         seen = len(events.messages)
         async with s.put(ls.url + "/api/profiles/active", json={"name": "coding"}) as r:
             assert r.status == 200
-        assert await eventually(lambda: {"active": "coding"} in [d for t, d in events.messages[seen:] if t == "profileChanged"], 10)
+        assert await eventually(lambda: {"active": "coding"} in [d for t, d in events.messages[seen:]
+                                                                 if t == "profileChanged"], 10)
         async with s.put(ls.url + "/api/profiles/active", json={"name": None}) as r:
             assert r.status == 200
         assert await eventually(lambda: [d for t, d in events.messages[seen:] if t == "profileChanged"]
                                 == [{"active": "coding"}, {"active": None}], 10)
         statuses = [d for t, d in events.messages[seen:] if t == "modelStatus"]
-        assert statuses and {st["id"]: st["state"] for st in statuses[-1]} == {"b": "stopped", "m": "ready", "p/far": ""}
+        assert statuses and ({st["id"]: st["state"] for st in statuses[-1]}
+                             == {"b": "stopped", "m": "ready", "p/far": ""})
 
 
 async def test_a_second_watcher_gets_the_history_the_first_saw_live(start_llama_swap, upstreams):

@@ -38,7 +38,8 @@ async def test_each_request_gets_an_activity_row_with_its_tokens(start_llama_swa
     ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "m"))[0] == 200
-        async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True, "responder_chunks": 4}) as r:
+        async with s.post(ls.url + "/v1/chat/completions",
+                          json={"model": "m", "stream": True, "responder_chunks": 4}) as r:
             await r.read()
         assert (await chat(s, ls, "m", responder_status=503))[0] == 503
         assert await eventually(lambda: rows_recorded(s, ls, 3), 10)
@@ -57,7 +58,8 @@ async def test_each_request_gets_an_activity_row_with_its_tokens(start_llama_swa
 
 
 async def test_a_capture_round_trips_a_request_and_its_streamed_answer(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "captureBuffer": 5, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    ls = start_llama_swap({"healthCheckTimeout": 15, "captureBuffer": 5,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     request = {"model": "m", "stream": True, "responder_chunks": 3, "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json=request, headers={"Authorization": "Bearer k"}) as r:
@@ -77,7 +79,8 @@ async def test_a_capture_round_trips_a_request_and_its_streamed_answer(start_lla
 
 
 async def test_without_a_capture_buffer_nothing_is_captured(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "captureBuffer": 0, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    ls = start_llama_swap({"healthCheckTimeout": 15, "captureBuffer": 0,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "m"))[0] == 200
         assert await eventually(lambda: rows_recorded(s, ls, 1), 10)
@@ -101,7 +104,8 @@ async def test_activity_survives_a_restart_with_a_store_path(tmp_path, upstreams
 
 
 async def test_the_in_memory_store_keeps_the_newest_metrics_max_in_memory_rows(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "metricsMaxInMemory": 2, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    ls = start_llama_swap({"healthCheckTimeout": 15, "metricsMaxInMemory": 2,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         for _ in range(4):
             assert (await chat(s, ls, "m"))[0] == 200
@@ -139,7 +143,8 @@ async def test_metrics_show_per_model_series_after_a_swap(start_llama_swap, upst
     assert m("llamaswap_model_starts_total", model="b", result="ready") == 1
     assert m("llamaswap_model_stops_total", model="a", reason="swap") == 1
     assert m("llamaswap_requests_total", model="a", path="/v1/chat/completions", status="200") == 1
-    assert m("llamaswap_model_state", model="b", state="ready") == 1 and m("llamaswap_model_state", model="a", state="stopped") == 1
+    assert (m("llamaswap_model_state", model="b", state="ready") == 1
+            and m("llamaswap_model_state", model="a", state="stopped") == 1)
     assert m("llamaswap_tokens_total", model="a", kind="prompt") == 7
     assert m("llamaswap_tokens_total", model="b", kind="generated") == 3
     assert m("llamaswap_request_duration_seconds_count", model="a") == 1
@@ -149,7 +154,8 @@ async def test_metrics_show_per_model_series_after_a_swap(start_llama_swap, upst
 
 
 async def test_metrics_count_refusals_and_unloads(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m"), "concurrencyLimit": 1}}})
+    ls = start_llama_swap({"healthCheckTimeout": 15,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m"), "concurrencyLimit": 1}}})
     async with aiohttp.ClientSession() as s:
         slow = asyncio.create_task(chat(s, ls, "m", responder_sleep=2))
 
@@ -165,7 +171,8 @@ async def test_metrics_count_refusals_and_unloads(start_llama_swap, upstreams):
             page = samples(await r.text())
     assert page[("llamaswap_requests_refused_total", (("model", "m"),))] >= 1
     assert page[("llamaswap_model_stops_total", (("model", "m"), ("reason", "unload")))] == 1
-    assert page[("llamaswap_requests_total", (("model", "m"), ("path", "/v1/chat/completions"), ("status", "429")))] >= 1
+    assert page[("llamaswap_requests_total",
+                 (("model", "m"), ("path", "/v1/chat/completions"), ("status", "429")))] >= 1
 
 
 async def test_system_samples_hardware_and_a_disabled_monitor(start_llama_swap, upstreams):

@@ -129,7 +129,8 @@ async def test_a_second_start_on_a_busy_address_touches_nothing(tmp_path, upstre
                 await r.content.readline()  # mid-stream
                 alive = upstreams.alive()
                 assert len(alive) == 2  # the wrapper and its grandchild
-                for argv in ([PY, "-m", "llama_swap", "--config", str(first.config_path), "--listen", f"127.0.0.1:{first.port}"],
+                for argv in ([PY, "-m", "llama_swap", "--config", str(first.config_path),
+                              "--listen", f"127.0.0.1:{first.port}"],
                              [PY, "-m", "llama_swap", "--demo", "--listen", f"127.0.0.1:{first.port}"]):
                     second = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
                     assert second.returncode == 1, second.stdout + second.stderr

@@ -15,12 +15,30 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import llama_swap as perf
-from llama_swap import (MIB, GpuStat, HistogramSeries, NetIOStat, PerformanceMonitor, SysStat,
-                        cpu_percent_per_core, escape_label_value, format_number, hardware_snapshot,
-                        histogram_family, metric_family, open_nvml, parse_cpu_times, parse_loadavg,
-                        parse_meminfo, parse_net_dev, parse_rfc3339, read_system_stats, render_prometheus)
+from llama_swap import (
+    MIB,
+    GpuStat,
+    HistogramSeries,
+    NetIOStat,
+    PerformanceMonitor,
+    SysStat,
+    cpu_percent_per_core,
+    escape_label_value,
+    format_number,
+    hardware_snapshot,
+    histogram_family,
+    metric_family,
+    open_nvml,
+    parse_cpu_times,
+    parse_loadavg,
+    parse_meminfo,
+    parse_net_dev,
+    parse_rfc3339,
+    read_system_stats,
+    render_prometheus,
+    sample_json,
+)
 from llama_swap import go_time as rfc3339
-from llama_swap import sample_json
 
 
 class FakeGpuProvider:
@@ -77,7 +95,8 @@ def test_cpu_percent_is_the_busy_share_between_two_samples():
 
 
 def test_first_cpu_sample_is_the_average_since_boot():
-    assert cpu_percent_per_core(None, parse_cpu_times(PROC_STAT_1)) == pytest.approx([150 / 950 * 100, 250 / 1050 * 100])
+    assert cpu_percent_per_core(None, parse_cpu_times(PROC_STAT_1)) == pytest.approx([150 / 950 * 100,
+                                                                                      250 / 1050 * 100])
 
 
 def test_cpu_percent_never_exceeds_100_or_goes_negative():
@@ -106,7 +125,8 @@ def test_memory_used_is_total_minus_available_and_free_is_memfree():
 
 def test_memory_used_without_memavailable_subtracts_free_buffers_and_cache():
     old_kernel = "\n".join(line for line in MEMINFO.splitlines() if not line.startswith("MemAvailable"))
-    assert perf.memory_fields(parse_meminfo(old_kernel))["mem_used_mb"] == (16384000 - 2048000 - 100000 - 4000000) // 1024
+    assert (perf.memory_fields(parse_meminfo(old_kernel))["mem_used_mb"]
+            == (16384000 - 2048000 - 100000 - 4000000) // 1024)
 
 
 def test_load_average_reads_three_numbers_and_zeros_on_garbage():
@@ -117,9 +137,12 @@ def test_load_average_reads_three_numbers_and_zeros_on_garbage():
 
 NET_DEV = """\
 Inter-|   Receive                                                |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo: 1258310523  836975    0    0    0     0          0         0 1258310523  836975    0    0    0     0       0          0
-  eth0: 62714548    1782    0    0    0     0          0         0   149060    1275    0    0    0     0       0          0
+ face |bytes    packets errs drop fifo frame compressed multicast|\
+bytes    packets errs drop fifo colls carrier compressed
+    lo: 1258310523  836975    0    0    0     0          0         0 \
+1258310523  836975    0    0    0     0       0          0
+  eth0: 62714548    1782    0    0    0     0          0         0 \
+  149060    1275    0    0    0     0       0          0
 wlan0:123456789012 10 0 0 0 0 0 0 987654321 20 0 0 0 0 0 0
 """
 
@@ -166,7 +189,8 @@ def test_gpu_stat_json_has_the_spec_fields_in_order():
 def test_timestamps_are_rfc3339_with_zone_and_trimmed_fraction():
     assert rfc3339(datetime.datetime(2026, 3, 1, 12, 0, 0, 500000, tzinfo=UTC)) == "2026-03-01T12:00:00.5Z"
     plus_two = datetime.timezone(datetime.timedelta(hours=2))
-    assert rfc3339(datetime.datetime(2026, 3, 1, 14, 0, 0, 123456, tzinfo=plus_two)) == "2026-03-01T14:00:00.123456+02:00"
+    assert (rfc3339(datetime.datetime(2026, 3, 1, 14, 0, 0, 123456, tzinfo=plus_two))
+            == "2026-03-01T14:00:00.123456+02:00")
     minus = datetime.timezone(-datetime.timedelta(hours=5, minutes=30))
     assert rfc3339(datetime.datetime(2026, 3, 1, 6, 30, tzinfo=minus)) == "2026-03-01T06:30:00-05:30"
 
@@ -219,7 +243,8 @@ def test_after_keeps_only_samples_strictly_later():
         monitor.record(sys_at(seconds), [gpu_at(seconds, 0), gpu_at(seconds, 1)])
     body = monitor.snapshot(at(5))
     assert [s["timestamp"] for s in body["sys_stats"]] == ["2026-03-01T12:00:10Z"]
-    assert [(g["id"], g["timestamp"]) for g in body["gpu_stats"]] == [(0, "2026-03-01T12:00:10Z"), (1, "2026-03-01T12:00:10Z")]
+    assert [(g["id"], g["timestamp"]) for g in body["gpu_stats"]] == [(0, "2026-03-01T12:00:10Z"),
+                                                                      (1, "2026-03-01T12:00:10Z")]
     assert len(monitor.snapshot()["gpu_stats"]) == 6
     assert monitor.snapshot(at(10)) == {"enabled": True, "gpu_stats": [], "sys_stats": []}
 
@@ -269,7 +294,8 @@ EXAMPLE_SYS = SysStat(at(0), (10.5, 20.0), mem_total_mb=8192, mem_used_mb=4096, 
                       swap_total_mb=1024, swap_used_mb=0, load_avg_1=1.5, load_avg_5=1.0, load_avg_15=0.75,
                       net_io=(NetIOStat("eth0", 1000, 2000),))
 GPU_WITH_UUID = GpuStat(at(0), 0, "NVIDIA RTX 4090", "GPU-1234", temp_c=75, vram_temp_c=0, gpu_util_pct=99.5,
-                        mem_util_pct=50.0, mem_used_mb=12288, mem_total_mb=24576, fan_speed_pct=30.0, power_draw_w=448.69)
+                        mem_util_pct=50.0, mem_used_mb=12288, mem_total_mb=24576, fan_speed_pct=30.0,
+                        power_draw_w=448.69)
 GPU_WITHOUT_UUID = GpuStat(at(0), 1, "Radeon", "", temp_c=60, vram_temp_c=70, gpu_util_pct=0.0, mem_util_pct=0.0,
                            mem_used_mb=0, mem_total_mb=16384, fan_speed_pct=0.0, power_draw_w=12.0)
 
@@ -344,11 +370,14 @@ def test_metrics_text_matches_go_line_by_line():
 
 
 def test_metrics_text_is_valid_prometheus_exposition():
-    families = {f.name: f for f in text_string_to_metric_families(render_prometheus(EXAMPLE_SYS, [GPU_WITH_UUID, GPU_WITHOUT_UUID]))}
+    families = {f.name: f
+                for f in text_string_to_metric_families(render_prometheus(EXAMPLE_SYS,
+                                                                          [GPU_WITH_UUID, GPU_WITHOUT_UUID]))}
     assert families["llamaswap_network_bytes"].type == "counter"  # the parser drops the _total suffix
     assert families["llamaswap_cpu_util_percent"].type == "gauge"
     assert families["llamaswap_memory_total_bytes"].samples[0].value == 8589934592
-    used = {s.labels["id"]: (s.labels.get("uuid"), s.value) for s in families["llamaswap_gpu_memory_used_bytes"].samples}
+    used = {s.labels["id"]: (s.labels.get("uuid"), s.value)
+            for s in families["llamaswap_gpu_memory_used_bytes"].samples}
     assert used == {"0": ("GPU-1234", 12288 * MIB), "1": (None, 0)}
     assert len(families) == 8 + 8
 
@@ -413,7 +442,8 @@ def test_metric_family_for_reuse_with_and_without_labels():
 
 
 def test_histogram_family_writes_buckets_then_inf_sum_and_count():
-    series = [HistogramSeries({"model": "qwen"}, [1, 3, 4], 7.25, 5), HistogramSeries({"model": "llama"}, [0, 0, 2], 9.0, 2)]
+    series = [HistogramSeries({"model": "qwen"}, [1, 3, 4], 7.25, 5),
+              HistogramSeries({"model": "llama"}, [0, 0, 2], 9.0, 2)]
     text = histogram_family("llamaswap_request_seconds", "Request duration", [0.5, 1, 2.5], series)
     assert text.splitlines() == [
         "# HELP llamaswap_request_seconds Request duration",
@@ -506,7 +536,8 @@ def test_nvml_readings_with_unsupported_fields_read_zero(monkeypatch):
     assert board == GpuStat(board.timestamp, 0, "NVIDIA H100 80GB HBM3", "GPU-gpu0", temp_c=45, vram_temp_c=52,
                             gpu_util_pct=87.0, mem_util_pct=25.0, mem_used_mb=20480, mem_total_mb=81920,
                             fan_speed_pct=0.0, power_draw_w=312.5)
-    assert (card.name, card.vram_temp_c, card.fan_speed_pct, card.power_draw_w) == ("NVIDIA GeForce RTX 4090", 0, 35.0, 0)
+    assert ((card.name, card.vram_temp_c, card.fan_speed_pct, card.power_draw_w)
+            == ("NVIDIA GeForce RTX 4090", 0, 35.0, 0))
     assert board.timestamp == card.timestamp and board.timestamp.tzinfo is not None
     provider.close()
     provider.close()
@@ -534,7 +565,8 @@ def test_nvml_accelerators_for_the_hardware_snapshot(monkeypatch):
         {"index": 0, "kind": "gpu", "vendor": "NVIDIA", "model": "NVIDIA H100 80GB HBM3", "architecture": "Hopper",
          "memory": {"kind": "dedicated", "capacity_bytes": 81920 * MIB},
          "driver": {"name": "NVIDIA", "version": "570.86.15"}, "power_limit_watts": 700},
-        {"index": 1, "kind": "gpu", "vendor": "NVIDIA", "model": "NVIDIA GeForce RTX 4090", "architecture": "Ada Lovelace",
+        {"index": 1, "kind": "gpu", "vendor": "NVIDIA", "model": "NVIDIA GeForce RTX 4090",
+         "architecture": "Ada Lovelace",
          "memory": {"kind": "dedicated", "capacity_bytes": 81920 * MIB},
          "driver": {"name": "NVIDIA", "version": "570.86.15"}, "power_limit_watts": None},
     ]

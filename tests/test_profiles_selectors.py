@@ -84,7 +84,8 @@ async def test_pin_and_warm_selectors_pick_their_target(start_llama_swap, upstre
         assert status == 200 and body["model"] == "a"
         async with s.get(ls.url + "/v1/models") as r:
             records = {m["id"]: m for m in (await r.json())["data"]}
-        assert records["warmest"]["meta"]["llamaswap"] == {"type": "selector", "strategy": "warm", "targets": ["a", "b"]}
+        assert records["warmest"]["meta"]["llamaswap"] == {"type": "selector", "strategy": "warm",
+                                                           "targets": ["a", "b"]}
         assert records["warmest"]["status"] == {"value": "loaded"}
 
 

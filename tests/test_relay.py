@@ -687,7 +687,8 @@ async def test_model_after_a_12_mb_messages_array_is_found_quickly(start_llama_s
     ls = start_llama_swap(config(upstreams, {"a": {}, "b": {}}))
     blob = (b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0MTIzNDU2Nzg5K/=" * 250_000)[:12 * 1024 * 1024].decode()
     messages = [{"role": "user", "content": [{"type": "text", "text": "describe"},
-                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + blob}}]},
+                                             {"type": "image_url",
+                                              "image_url": {"url": "data:image/png;base64," + blob}}]},
                 {"role": "assistant", "content": "a \"quoted\" {brace} [bracket] \\ model"}]
     body = json.dumps({"messages": messages, "model": "b", "max_tokens": 5}).encode()
     assert len(body) > 12 * 1024 * 1024

@@ -106,7 +106,8 @@ async def test_a_bad_edit_keeps_the_running_config_and_says_why(start_llama_swap
     assert "failed to reload config" in ls.output()
 
 
-async def test_a_stream_running_across_a_reload_completes_and_the_next_request_gets_the_new_server(start_llama_swap, upstreams):
+async def test_a_stream_running_across_a_reload_completes_and_the_next_request_gets_the_new_server(start_llama_swap,
+                                                                                                   upstreams):
     config = base_config(upstreams, a=())
     ls = start_llama_swap(config)
     async with aiohttp.ClientSession() as s:

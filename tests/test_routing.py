@@ -23,8 +23,19 @@ import pytest
 import yaml
 
 from helpers import chat, eventually, make_scheduler, pid_alive
-from llama_swap import (READY, STARTING, STOPPED, ConcurrencyLimited, Group, GroupPolicy, MatrixPolicy, Scheduler,
-                        SchedulerError, Ticket, parse_config)
+from llama_swap import (
+    READY,
+    STARTING,
+    STOPPED,
+    ConcurrencyLimited,
+    Group,
+    GroupPolicy,
+    MatrixPolicy,
+    Scheduler,
+    SchedulerError,
+    Ticket,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATH = ROOT / "config.example.yaml"
@@ -79,13 +90,15 @@ DSL_CASES = [
     pytest.param({"s": "(a | b) & (c | d)"}, None, {"s": [S("a", "c"), S("a", "d"), S("b", "c"), S("b", "d")]},
                  id="cartesian-product-in-order"),
     pytest.param({"s": "a & a & b"}, None, {"s": [S("a", "b")]}, id="duplicate-model-collapses"),
-    pytest.param({"s": "(a | b) & (a | b)"}, None, {"s": [S("a"), S("a", "b"), S("b")]}, id="duplicate-combination-collapses"),
+    pytest.param({"s": "(a | b) & (a | b)"}, None, {"s": [S("a"), S("a", "b"), S("b")]},
+                 id="duplicate-combination-collapses"),
     pytest.param({"s": "  a&b|c "}, None, {"s": [S("a", "b"), S("c")]}, id="whitespace-is-ignored"),
     pytest.param({"s": "((a))"}, None, {"s": [S("a")]}, id="nested-parentheses"),
     pytest.param({"s": "a"}, None, {"s": [S("a")]}, id="single-model"),
     pytest.param({"s": "my_model.v2-q4 & modèle9"}, None, {"s": [S("my_model.v2-q4", "modèle9")]},
                  id="identifiers-take-letters-digits-underscore-dash-dot"),
-    pytest.param({"s": "a | x"}, {"x": "b", "a": "c"}, {"s": [S("c"), S("b")]}, id="a-var-wins-over-a-model-id"),  # model a exists too
+    pytest.param({"s": "a | x"}, {"x": "b", "a": "c"}, {"s": [S("c"), S("b")]},
+                 id="a-var-wins-over-a-model-id"),  # model a exists too
     pytest.param({"top": "+mid & d", "mid": "+base & c", "base": "a | b"}, None, {
         "base": [S("a"), S("b")],
         "mid": [S("a", "c"), S("b", "c")],
@@ -95,7 +108,8 @@ DSL_CASES = [
                  id="referenced-set-first-then-definition-order"),
     pytest.param({"s": "a | b", "t": "+s & +s"}, None, {"s": [S("a"), S("b")], "t": [S("a"), S("a", "b"), S("b")]},
                  id="same-ref-twice"),
-    pytest.param({"s": "a | b", "t": "c | (+s & d)"}, None, {"s": [S("a"), S("b")], "t": [S("c"), S("a", "d"), S("b", "d")]},
+    pytest.param({"s": "a | b", "t": "c | (+s & d)"}, None,
+                 {"s": [S("a"), S("b")], "t": [S("c"), S("a", "d"), S("b", "d")]},
                  id="ref-inside-parentheses"),
 ]
 
@@ -153,8 +167,10 @@ def test_documented_legacy_matrix_expands_and_solves_as_documented():
     assert policy.evictions("gemma", {"qwen-8b"}) == {"qwen-8b"}  # "q | g": either, never both
     assert policy.evictions("qwen-8b", {"gemma"}) == {"gemma"}
     assert policy.evictions("qwen-8b", {"qwen-8b"}) == set()
-    assert policy.explain("gemma", {"qwen-8b"}) == 'matrix: model=gemma set=chat dsl="q | g" evict=[qwen-8b] target=[gemma] cost=1'
-    assert policy.explain("qwen-8b", {"gemma"}) == 'matrix: model=qwen-8b set=chat dsl="q | g" evict=[gemma] target=[qwen-8b] cost=5'
+    assert policy.explain("gemma", {"qwen-8b"}) == ('matrix: model=gemma set=chat dsl="q | g" evict=[qwen-8b] '
+                                                    'target=[gemma] cost=1')
+    assert policy.explain("qwen-8b", {"gemma"}) == ('matrix: model=qwen-8b set=chat dsl="q | g" evict=[gemma] '
+                                                    'target=[qwen-8b] cost=5')
 
 
 def test_documented_routing_matrix_expands_and_solves_as_documented():
@@ -267,7 +283,8 @@ BOOLS = (True, False)
 
 @pytest.mark.parametrize("g_swap, g_exclusive, g_persistent", list(itertools.product(BOOLS, BOOLS, BOOLS)))
 @pytest.mark.parametrize("h_swap, h_exclusive, h_persistent", list(itertools.product(BOOLS, BOOLS, BOOLS)))
-def test_group_eviction_for_every_flag_combination(g_swap, g_exclusive, g_persistent, h_swap, h_exclusive, h_persistent):
+def test_group_eviction_for_every_flag_combination(g_swap, g_exclusive, g_persistent, h_swap, h_exclusive,
+                                                   h_persistent):
     """The group eviction rule: a same-group member goes iff the target's group swaps; another group's member
     goes iff the target's group is exclusive and the other group is not persistent. Nothing else
     (the other group's swap/exclusive, the target group's persistent) matters."""
@@ -288,11 +305,13 @@ def test_group_eviction_for_every_flag_combination(g_swap, g_exclusive, g_persis
 GROUP_TABLE = [  # (target group flags, other group flags, same-group member evicted, other group evicted)
     pytest.param(flags(True, True, False), flags(True, True, False), True, True, id="defaults-both"),
     pytest.param(flags(False, True, False), flags(True, True, False), False, True, id="no-swap-exclusive"),
-    pytest.param(flags(True, False, False), flags(True, True, False), True, False, id="non-exclusive-spares-an-exclusive-group"),
+    pytest.param(flags(True, False, False), flags(True, True, False), True, False,
+                 id="non-exclusive-spares-an-exclusive-group"),
     pytest.param(flags(False, False, False), flags(True, True, False), False, False, id="no-swap-non-exclusive"),
     pytest.param(flags(True, True, False), flags(True, True, True), True, False, id="exclusive-vs-persistent"),
     pytest.param(flags(True, False, False), flags(True, True, True), True, False, id="non-exclusive-vs-persistent"),
-    pytest.param(flags(True, True, True), flags(True, True, False), True, True, id="persistent-target-group-still-swaps-and-evicts"),
+    pytest.param(flags(True, True, True), flags(True, True, False), True, True,
+                 id="persistent-target-group-still-swaps-and-evicts"),
     pytest.param(flags(True, True, False), flags(False, False, False), True, True, id="others-flags-do-not-protect-it"),
 ]
 
@@ -339,7 +358,8 @@ def test_default_group_holds_the_ungrouped_models_and_is_exclusive():
 def test_groups_under_routing_router_settings_read_like_legacy_groups():
     groups = {"g": {"swap": False, "members": ["a", "b"]}}
     legacy = group_config(groups)
-    doc = {"models": {m: {"cmd": SRV} for m in "abcde"}, "routing": {"router": {"use": "group", "settings": {"groups": groups}}}}
+    doc = {"models": {m: {"cmd": SRV} for m in "abcde"},
+           "routing": {"router": {"use": "group", "settings": {"groups": groups}}}}
     new = parse_config(yaml.safe_dump(doc, sort_keys=False))
     assert sorted(new.routing.groups, key=lambda g: g.name) == sorted(legacy.routing.groups, key=lambda g: g.name)
 
@@ -681,7 +701,8 @@ async def test_request_over_the_concurrency_limit_gets_429_at_once(start_llama_s
 
 
 async def test_streaming_request_over_the_limit_gets_429_before_any_stream_bytes(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a"), "concurrencyLimit": 2, "sendLoadingState": True}}))
+    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a"), "concurrencyLimit": 2,
+                                        "sendLoadingState": True}}))
     stream = {"model": "a", "stream": True, "responder_chunks": 10, "responder_delay": 0.2}
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json=stream) as first, \
@@ -801,7 +822,8 @@ async def _models_are(s, ls, expected: dict) -> bool:
 
 
 async def test_preload_and_requests_at_startup_share_one_start(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"), "concurrencyLimit": 20}},
+    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"),
+                                        "concurrencyLimit": 20}},
                                  hooks={"on_startup": {"preload": ["a"]}}))
     async with aiohttp.ClientSession() as s:
         results = await asyncio.wait_for(asyncio.gather(*(chat(s, ls, "a") for _ in range(10))), 2 * START_BOUND)
@@ -868,7 +890,8 @@ async def test_a_persistent_group_survives_exclusive_loads(start_llama_swap, ups
         assert await running_models(s, ls) == {"p": "ready", "x": "ready"}, "exclusive x stops o but not persistent p"
 
         assert (await chat(s, ls, "o"))[0] == 200
-        assert await running_models(s, ls) == {"p": "ready", "x": "ready", "o": "ready"}, "non-exclusive o stops nothing"
+        assert await running_models(s, ls) == {"p": "ready", "x": "ready",
+                                               "o": "ready"}, "non-exclusive o stops nothing"
 
         assert (await chat(s, ls, "y"))[0] == 200
         assert await running_models(s, ls) == {"p": "ready", "y": "ready"}

@@ -55,7 +55,8 @@ async def test_a_peer_gets_its_own_response_header_timeout(start_llama_swap, ups
         assert status == 200 and reply["echo"]["model"] == "remote"
 
 
-async def test_a_connect_timeout_of_zero_means_no_limit_and_idle_conn_zero_keeps_connections(start_llama_swap, upstreams):
+async def test_a_connect_timeout_of_zero_means_no_limit_and_idle_conn_zero_keeps_connections(start_llama_swap,
+                                                                                             upstreams):
     ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"), "timeouts": {"connect": 0, "idleConn": 0, "keepalive": 0}}}})
     async with aiohttp.ClientSession() as s:

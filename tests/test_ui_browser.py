@@ -117,7 +117,8 @@ async def activity_rows(session: aiohttp.ClientSession, ls) -> list[dict]:
 
 # Frame and Models page #####################################################################
 
-async def test_every_page_opens_from_the_nav_and_the_indicator_follows_the_connection(start_llama_swap, upstreams, tabs):
+async def test_every_page_opens_from_the_nav_and_the_indicator_follows_the_connection(start_llama_swap, upstreams,
+                                                                                      tabs):
     ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     page = await tabs.open(ls, "/ui/")
     await expect(page.get_by_test_id("connection-state")).to_have_text("connected")
@@ -146,7 +147,8 @@ async def test_load_on_the_models_page_shows_the_start_up_output_then_ready(star
         "m": {"cmd": upstreams.cmd("--startup-delay", "4", name="m"), "description": "a slow starter"}}})
     page = await tabs.open(ls, "/ui/models")
     row = page.get_by_test_id("model-row-m")
-    state, load, unload = page.get_by_test_id("model-state-m"), page.get_by_test_id("load-m"), page.get_by_test_id("unload-m")
+    state, load, unload = (page.get_by_test_id("model-state-m"), page.get_by_test_id("load-m"),
+                           page.get_by_test_id("unload-m"))
     await expect(row).to_contain_text("a slow starter")
     await expect(state).to_have_text("stopped")
     await expect(load).to_be_enabled()
@@ -195,7 +197,8 @@ async def test_a_starting_model_shows_how_far_its_load_has_got_and_what_is_left(
 async def test_the_models_page_fits_a_phone(start_llama_swap, upstreams, tabs):
     ls = start_llama_swap({"models": {
         "org/a-model-with-a-rather-long-name-Q4_K_M": {"cmd": upstreams.cmd(name="long"), "aliases": ["long"],
-                                                     "description": "a description long enough to need a second line on a phone"},
+                                                       "description": "a description long enough to need a second line "
+                                                                      "on a phone"},
         "m": {"cmd": upstreams.cmd(name="m")}}})
     page = await tabs.open(ls, "/ui/models", viewport={"width": 390, "height": 844})
     await expect(page.get_by_test_id("model-state-m")).to_have_text("stopped")
@@ -214,7 +217,8 @@ async def test_the_models_page_fits_a_phone(start_llama_swap, upstreams, tabs):
     await expect(page.get_by_test_id("nav-logs")).to_be_hidden()  # the menu closes on the way
 
 
-async def test_a_request_in_flight_shows_on_the_models_page_and_cancel_stops_it_upstream(start_llama_swap, upstreams, tabs):
+async def test_a_request_in_flight_shows_on_the_models_page_and_cancel_stops_it_upstream(start_llama_swap, upstreams,
+                                                                                         tabs):
     port = free_port()
     ls = start_llama_swap({"healthCheckTimeout": 30, "models": {"m": fixed_port_model(upstreams, port, name="m")}})
     page = await tabs.open(ls, "/ui/models")
@@ -344,7 +348,8 @@ async def test_the_playground_markdown_renders_model_text_without_injecting_html
     assert result["pwned"] is None
     assert not {"img", "script", "b"} & set(result["tags"]), result["tags"]
     assert result["handlers"] == []
-    assert result["hrefs"] and all(href.startswith(("http://", "https://")) for href in result["hrefs"]), result["hrefs"]
+    assert result["hrefs"] and all(href.startswith(("http://", "https://"))
+                                   for href in result["hrefs"]), result["hrefs"]
     assert {"strong", "code", "pre", "ul"} <= set(result["tags"])  # the markdown itself still renders
     assert '<img src=x onerror="window.__pwned = 1">' in result["text"]  # shown as the text it is
 
@@ -401,7 +406,8 @@ async def test_the_logs_page_shows_new_lines_live_filters_and_pauses(start_llama
 # Activity and captures #####################################################################
 
 async def test_a_capture_opens_from_the_activity_page_and_by_id(start_llama_swap, upstreams, tabs):
-    ls = start_llama_swap({"healthCheckTimeout": 30, "captureBuffer": 5, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    ls = start_llama_swap({"healthCheckTimeout": 30, "captureBuffer": 5,
+                           "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     page = await tabs.open(ls, "/ui/activity")
     await expect(page.get_by_test_id("connection-state")).to_have_text("connected")
     await expect(page.locator("p.empty", has_text="No requests recorded yet.")).to_be_visible()

@@ -45,7 +45,8 @@ async def test_the_ui_takes_an_admin_key_and_asks_the_browser_for_one(start_llam
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/ui/") as r:
             assert r.status == 401 and r.headers["WWW-Authenticate"] == 'Basic realm="llama-swap"'
-        async with s.get(ls.url + "/ui/", headers={"Authorization": "Basic " + base64.b64encode(b"anyone:k").decode()}) as r:
+        async with s.get(ls.url + "/ui/",
+                         headers={"Authorization": "Basic " + base64.b64encode(b"anyone:k").decode()}) as r:
             assert r.status == 200
         async with s.get(ls.url + "/favicon.ico") as r:
             assert r.status == 200

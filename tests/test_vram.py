@@ -29,8 +29,19 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import PY, RESPONDER, chat, eventually, running
-from llama_swap import (ConfigError, GpuMemory, VramBook, VramReading, init_nvml, parse_config, parse_rfc3339,
-                        parse_size, shutdown_nvml, spread, vram_evictions)
+from llama_swap import (
+    ConfigError,
+    GpuMemory,
+    VramBook,
+    VramReading,
+    init_nvml,
+    parse_config,
+    parse_rfc3339,
+    parse_size,
+    shutdown_nvml,
+    spread,
+    vram_evictions,
+)
 
 GiB = 1024**3
 MiB = 1024**2
@@ -274,7 +285,8 @@ async def test_models_never_measured_run_alone_then_share_the_gpu_while_they_fit
         assert await states(s, ls) == {"b": "ready", "c": "ready"}
 
 
-async def test_vram_hints_let_models_share_the_gpu_from_their_first_load(start_llama_swap, upstreams, tmp_path, monkeypatch):
+async def test_vram_hints_let_models_share_the_gpu_from_their_first_load(start_llama_swap, upstreams, tmp_path,
+                                                                         monkeypatch):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0))
     ls = start_llama_swap(vram_config({m: holder(upstreams, gpus, m, "0:8GiB", hint="8GiB") for m in ("a", "b")}))
     async with aiohttp.ClientSession() as s:
@@ -294,7 +306,8 @@ def long_stream(chunks: int) -> dict:
     return {"model": "b", "stream": True, "responder_chunks": chunks, "responder_delay": 0.1}
 
 
-async def test_an_idle_model_makes_room_while_a_busy_one_keeps_streaming(start_llama_swap, upstreams, tmp_path, monkeypatch):
+async def test_an_idle_model_makes_room_while_a_busy_one_keeps_streaming(start_llama_swap, upstreams, tmp_path,
+                                                                         monkeypatch):
     ls = start_llama_swap(busy_idle_config(upstreams, fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0)), c_size=12))
     async with aiohttp.ClientSession() as s:
         await served(s, ls, "a")
@@ -364,7 +377,8 @@ async def test_release_wait_bounds_the_wait_for_memory(start_llama_swap, upstrea
     assert "vram: memory for y still not free after 1s; starting it anyway" in ls.output()
 
 
-async def test_running_models_and_metrics_show_footprints_and_budgets(start_llama_swap, upstreams, tmp_path, monkeypatch):
+async def test_running_models_and_metrics_show_footprints_and_budgets(start_llama_swap, upstreams, tmp_path,
+                                                                      monkeypatch):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 2 * GiB), (16 * GiB, 0))
     ls = start_llama_swap(vram_config({"a": holder(upstreams, gpus, "a", "0:6GiB,1:2GiB"),
                                        "b": {"cmd": upstreams.cmd(name="b"), "vram": "6GiB"}},
