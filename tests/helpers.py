@@ -1,5 +1,6 @@
 """Shared test helpers: a real llama-swap process on a free port, real responder upstreams,
-an in-memory scheduler, an event-loop prober and small HTTP helpers.
+an in-memory scheduler (with a virtual clock and request tasks for stepping it deterministically),
+an event-loop prober and small HTTP helpers.
 
 Test modules import these from here (`from helpers import ...`); conftest.py holds only the
 fixtures built on them. Every responder started through `Upstreams.cmd` appends its pid to the
@@ -34,6 +35,7 @@ from llama_swap import (
     ModelConfig,
     ProxyLog,
     Scheduler,
+    SchedulerError,
     StartError,
 )
 
@@ -181,15 +183,41 @@ async def eventually(predicate, timeout: float, interval: float = 0.05) -> bool:
         await asyncio.sleep(interval)
 
 
-class FakeProcess:
-    """Just the surface the scheduler uses: state, model, start(), stop()."""
+class FakeClock:
+    """Virtual monotonic seconds for a Scheduler (its `clock`): time moves only when the test
+    advances it, so every rule measured in time is decided at a moment the test chose."""
 
-    def __init__(self, name: str, events: list[str], on_change, limit: int = 100):
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "monotonic time does not go back"
+        self.now += seconds
+
+
+async def settle(rounds: int = 100) -> None:
+    """Let the event loop run every callback that is ready, and those they make ready, up to
+    `rounds` turns deep, without letting any real time pass on purpose: whatever waits for a
+    gate, a release or a timer stays waiting."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class FakeProcess:
+    """Just the surface the scheduler uses: state, model, start(), stop(). A start or stop takes
+    one turn of the event loop, no real time; a test that must see a model STARTING clears its
+    `start_gate` and sets it when the start may finish. `ready_since` is read from `clock`."""
+
+    def __init__(self, name: str, events: list[str], on_change, limit: int = 100, clock=time.monotonic):
         self.name = name
         self.model = ModelConfig(name, cmd="unused", proxy=f"http://127.0.0.1:{9000 + len(events)}",
                                  health_check_timeout=1, concurrency_limit=limit)
         self.events = events
         self.on_change = on_change
+        self.clock = clock
         self.state = STOPPED
         self.load_times: list[float] = []  # what the scheduler weighs a swap by
         self.ready_since = 0.0
@@ -207,18 +235,18 @@ class FakeProcess:
         self.events.append(f"start {self.name}")
         self._set(STARTING)
         await self.start_gate.wait()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         if self.fail_next_start:
             message, self.fail_next_start = self.fail_next_start, ""
             self._set(STOPPED)
             raise StartError(message)
-        self.ready_since = time.monotonic()
+        self.ready_since = self.clock()
         self._set(READY)
 
     async def stop(self, timeout: float, reason: str = "") -> None:
         if self.state != STOPPED:
             self.events.append(f"stop {self.name}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
             self._set(STOPPED)
 
 
@@ -227,14 +255,54 @@ def one_at_a_time(names) -> GroupPolicy:
     return GroupPolicy([Group(DEFAULT_GROUP, frozenset(names))])
 
 
-def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100, **settings):
+def make_scheduler(*names: str, policy=None, priority=None, limit: int = 100, clock=time.monotonic, **settings):
+    """A Scheduler over FakeProcesses named `names`, all reading time from `clock`; returns it,
+    the processes by name and the list their starts and stops are recorded in."""
     events: list[str] = []
     holder: dict[str, Scheduler] = {}
-    processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit) for n in names}
+    processes = {n: FakeProcess(n, events, lambda p: holder["s"].pump(), limit, clock) for n in names}
     scheduler = Scheduler(processes, policy or one_at_a_time(names), ProxyLog(level="error"), priority=priority,
-                          **settings)
+                          clock=clock, **settings)
     holder["s"] = scheduler
     return scheduler, processes, events
+
+
+class Client:
+    """One request for `model` as a task of its own: it takes a lease and holds it until the test
+    calls release(); leave() hangs up, whether it waits or is being served. It records when it
+    was granted (on the scheduler's clock) or the SchedulerError it got instead; on a grant the
+    model's name is appended to `log`, if one is given."""
+
+    def __init__(self, scheduler: Scheduler, model: str, log: list[str] | None = None):
+        self.model = model
+        self.granted_at: float | None = None
+        self.error: SchedulerError | None = None
+        self._released = asyncio.Event()
+        self.task = asyncio.create_task(self._run(scheduler, log))
+
+    async def _run(self, scheduler: Scheduler, log: list[str] | None) -> None:
+        try:
+            async with scheduler.lease(self.model):
+                self.granted_at = scheduler.clock()
+                if log is not None:
+                    log.append(self.model)
+                await self._released.wait()
+        except SchedulerError as e:
+            self.error = e
+
+    @property
+    def granted(self) -> bool:
+        return self.granted_at is not None
+
+    @property
+    def done(self) -> bool:
+        return self.task.done()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def leave(self) -> None:
+        self.task.cancel()
 
 
 # Runs in a process of its own, so that nothing the test itself does (building a 64 MB body, say)
