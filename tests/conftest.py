@@ -1,7 +1,8 @@
 """Fixtures of the shared harness (the helpers they use live in helpers.py).
 
 `upstreams` builds responder commands for a test's configs and proves at teardown that none of
-their processes is left running; `start_llama_swap` starts llama-swap processes and stops them.
+their processes is left running; `start_llama_swap` starts llama-swap processes and stops them;
+`in_process` runs llama-swap in the test's own event loop instead, for tests of handlers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 pytest.register_assert_rewrite("helpers")
 
 import helpers  # noqa: E402
-from helpers import Upstreams, wait_until  # noqa: E402
+from helpers import InProcess, Upstreams, eventually, wait_until  # noqa: E402
 
 
 @pytest.fixture
@@ -47,3 +48,19 @@ def start_llama_swap(tmp_path: Path, upstreams: Upstreams):
             raise AssertionError(f"llama-swap did not shut down on SIGTERM:\n{server.output()}")
     # Upstreams must already be gone once llama-swap has exited: shutdown stops them all.
     assert wait_until(lambda: not upstreams.alive(), 5), f"upstreams alive after llama-swap exited: {upstreams.alive()}"
+
+
+@pytest.fixture
+async def in_process(tmp_path: Path, upstreams: Upstreams):
+    """await in_process(config) -> a started InProcess; it is shut down as serve() would at teardown."""
+    proxies: list[InProcess] = []
+
+    async def start(config: dict | str) -> InProcess:
+        proxy = InProcess(tmp_path, config)
+        proxies.append(proxy)
+        return await proxy.start()
+
+    yield start
+    for proxy in proxies:
+        await proxy.stop()
+    assert await eventually(lambda: not upstreams.alive(), 5), f"upstreams alive after shutdown: {upstreams.alive()}"

@@ -24,18 +24,23 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from llama_swap import (
     DEFAULT_GROUP,
+    HTTP_LIMITS,
     READY,
     STARTING,
     STOPPED,
+    ConfigSource,
     Group,
     GroupPolicy,
     ModelConfig,
     ProxyLog,
+    Runtime,
     Scheduler,
     SchedulerError,
+    Server,
     StartError,
 )
 
@@ -137,6 +142,45 @@ class LlamaSwap(ServerProcess):
         if not self.wait_for("listening on"):
             self.kill()
             raise RuntimeError(f"llama-swap did not start (exit status {self.proc.returncode}):\n{self.output()}")
+
+
+class InProcess:
+    """llama-swap's Runtime and Server in the test's own event loop, on a free port of
+    127.0.0.1, with what it would print kept in memory: for tests of handlers and middlewares, where a
+    process of its own would add only start-up time. What a test reads of it is what it reads of
+    a LlamaSwap: `url` and `output()`; `runtime` and `server` are there to look inside."""
+
+    def __init__(self, workdir: Path, config: dict | str):
+        if isinstance(config, dict) and "startPort" not in config:
+            config = {"startPort": free_port_block(), **config}
+        self.config_path = workdir / "config.yaml"  # what a reload reads, as with --config
+        self.config_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False))
+        source = ConfigSource(str(self.config_path), None)
+        parsed = source.load()
+        self.printed = bytearray()  # what the process would print on stdout
+        self.log = ProxyLog(parsed.log_level, parsed.log_to_stdout, parsed.log_time_format, stdout=self.printed.extend)
+        self.runtime = Runtime(parsed, self.log, source)
+        self.server = Server(self.runtime)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> InProcess:
+        self.runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None,
+                                    auto_decompress=False, **HTTP_LIMITS)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runtime.start()
+        return self
+
+    def output(self) -> str:
+        return self.printed.decode(errors="replace")
+
+    async def stop(self) -> None:
+        """As serve() ends: stop listening (requests in flight end), then stop every model."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.runtime.scheduler.shutdown()
 
 
 class Upstreams:

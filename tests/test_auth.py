@@ -89,8 +89,8 @@ def assert_no_key_in_log(ls, *keys: str) -> None:
 # --------------------------------------------------------------------------- apiKeys
 
 
-async def test_missing_or_wrong_keys_get_401_with_a_basic_challenge_and_start_nothing(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, apiKeys=[KEY]))
+async def test_missing_or_wrong_keys_get_401_with_a_basic_challenge_and_start_nothing(in_process, upstreams):
+    ls = await in_process(config(upstreams, apiKeys=[KEY]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for headers in ({}, bearer(WRONG), {"x-api-key": WRONG}, basic("user", WRONG), bearer("")):
             for method, path, kwargs in MODEL_ROUTES + ADMIN_ROUTES + [("POST", "/api/config/reload", {})]:
@@ -100,8 +100,8 @@ async def test_missing_or_wrong_keys_get_401_with_a_basic_challenge_and_start_no
     assert_no_key_in_log(ls, KEY, WRONG)
 
 
-async def test_bearer_x_api_key_and_basic_password_all_work_on_every_guarded_route(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, apiKeys=[KEY, "sk-other-key"]))
+async def test_bearer_x_api_key_and_basic_password_all_work_on_every_guarded_route(in_process, upstreams):
+    ls = await in_process(config(upstreams, apiKeys=[KEY, "sk-other-key"]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         forms = [bearer(KEY), {"Authorization": f"bearer {KEY}"}, {"x-api-key": KEY}, basic("anyuser", KEY),
                  basic("", KEY), {"Authorization": "BASIC " + base64.b64encode(f"x:{KEY}".encode()).decode()},
@@ -115,8 +115,8 @@ async def test_bearer_x_api_key_and_basic_password_all_work_on_every_guarded_rou
     assert_no_key_in_log(ls, KEY, "sk-other-key")
 
 
-async def test_basic_wins_over_x_api_key_and_a_malformed_basic_falls_back_to_it(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, apiKeys=[KEY]))
+async def test_basic_wins_over_x_api_key_and_a_malformed_basic_falls_back_to_it(in_process, upstreams):
+    ls = await in_process(config(upstreams, apiKeys=[KEY]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         # A well-formed Authorization header is the key, even when x-api-key holds a good one.
         for authorization in (basic("user", WRONG), bearer(WRONG)):
@@ -133,8 +133,8 @@ async def test_basic_wins_over_x_api_key_and_a_malformed_basic_falls_back_to_it(
         assert_unauthorized(status, text, headers)
 
 
-async def test_open_paths_and_unknown_paths_need_no_key(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, apiKeys=[KEY]))
+async def test_open_paths_and_unknown_paths_need_no_key(in_process, upstreams):
+    ls = await in_process(config(upstreams, apiKeys=[KEY]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for path in ("/health", "/wol-health"):
             status, text, _ = await call(s, ls, "GET", path)
@@ -161,8 +161,8 @@ async def test_open_paths_and_unknown_paths_need_no_key(start_llama_swap, upstre
         assert upstreams.pids() == []
 
 
-async def test_the_client_credentials_are_forwarded_upstream_unchanged_and_never_logged(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, apiKeys=[KEY]))
+async def test_the_client_credentials_are_forwarded_upstream_unchanged_and_never_logged(in_process, upstreams):
+    ls = await in_process(config(upstreams, apiKeys=[KEY]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for headers in (bearer(KEY), basic("someone", KEY), {"x-api-key": KEY}):
             status, text, _ = await chat(s, ls, headers)
@@ -184,8 +184,8 @@ async def test_the_client_credentials_are_forwarded_upstream_unchanged_and_never
 # --------------------------------------------------------------------------- adminKeys
 
 
-async def test_with_admin_keys_a_user_key_serves_models_but_gets_403_on_the_admin_api(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, apiKeys=[USER_KEY], adminKeys=[ADMIN_KEY]))
+async def test_with_admin_keys_a_user_key_serves_models_but_gets_403_on_the_admin_api(in_process, upstreams):
+    ls = await in_process(config(upstreams, apiKeys=[USER_KEY], adminKeys=[ADMIN_KEY]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for headers in (bearer(USER_KEY), {"x-api-key": USER_KEY}, basic("u", USER_KEY)):
             for method, path, kwargs in MODEL_ROUTES:
@@ -215,8 +215,8 @@ async def test_with_admin_keys_a_user_key_serves_models_but_gets_403_on_the_admi
 
 
 async def test_with_only_admin_keys_model_routes_are_open_and_the_admin_api_needs_the_admin_key(
-        start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, adminKeys=[ADMIN_KEY]))
+        in_process, upstreams):
+    ls = await in_process(config(upstreams, adminKeys=[ADMIN_KEY]))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for headers in ({}, bearer(WRONG)):
             for method, path, kwargs in MODEL_ROUTES:

@@ -35,14 +35,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import aiohttp
-import yaml
-from aiohttp import web
 
-from helpers import eventually, free_port, free_port_block, pid_alive
-from llama_swap import STOPPED, ProxyLog, Runtime, Server, parse_config
+from helpers import InProcess, eventually, free_port_block, pid_alive
+from llama_swap import STOPPED, Server
 
 MODELS = {"a": "g1", "b": "g1", "c": "g2", "d": "g2"}
 FORBIDDEN = (("a", "b"), ("c", "d"))
@@ -330,20 +329,13 @@ RUN_TASKS = {"ModelProcess._read_output", "ModelProcess._watch_exit"}
 
 
 @contextlib.asynccontextmanager
-async def proxy_in_this_loop(config: dict):
-    """The server `serve()` builds, on a free port of 127.0.0.1, with its log kept in memory."""
-    runtime = Runtime(parse_config(yaml.safe_dump(config, sort_keys=False)), ProxyLog("info", to_stdout="none"))
-    server = Server(runtime)
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    runtime.start()
+async def proxy_in_this_loop(workdir: Path, config: dict):
+    """The Runtime and Server that `serve()` builds, in this loop (see InProcess), shut down on the way out."""
+    proxy = await InProcess(workdir, config).start()
     try:
-        yield server, f"http://127.0.0.1:{port}"
+        yield proxy.server, proxy.url
     finally:
-        await runner.cleanup()
-        await runtime.scheduler.shutdown()
+        await proxy.stop()
 
 
 async def hang_up_at_random(session: aiohttp.ClientSession, url: str, model: str, rng: random.Random,
@@ -391,7 +383,7 @@ def leftovers(server: Server, baseline: set[asyncio.Task]) -> dict:
     return {key: value for key, value in found.items() if value}
 
 
-async def test_a_disconnect_storm_during_swaps_leaves_no_reservation_and_no_task(upstreams, caplog):
+async def test_a_disconnect_storm_during_swaps_leaves_no_reservation_and_no_task(upstreams, caplog, tmp_path):
     caplog.set_level(logging.ERROR)
     config = swap_groups_config(upstreams, "--startup-delay", STORM_STARTUP_DELAY, startPort=free_port_block())
     # d also sends the loading stream: its clients can leave in the middle of that one too.
@@ -400,7 +392,7 @@ async def test_a_disconnect_storm_during_swaps_leaves_no_reservation_and_no_task
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: unexpected.append(context))
     try:
-        async with proxy_in_this_loop(config) as (server, url):
+        async with proxy_in_this_loop(tmp_path, config) as (server, url):
             assert await eventually(lambda: server.runtime.hardware.done(), 10)
             baseline = asyncio.all_tasks()
             rng = random.Random(7)

@@ -14,8 +14,8 @@ from helpers import chat, eventually, running
 UI = Path(__file__).resolve().parent.parent / "ui_assets"
 
 
-async def test_the_app_pages_serve_index_html_and_files_serve_themselves(start_llama_swap, upstreams):
-    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_the_app_pages_serve_index_html_and_files_serve_themselves(in_process, upstreams):
+    ls = await in_process({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     index = (UI / "index.html").read_bytes()
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/ui", allow_redirects=False) as r:
@@ -40,8 +40,8 @@ async def test_the_app_pages_serve_index_html_and_files_serve_themselves(start_l
             assert r.status == 200 and r.content_type == "image/svg+xml"
 
 
-async def test_the_ui_takes_an_admin_key_and_asks_the_browser_for_one(start_llama_swap, upstreams):
-    ls = start_llama_swap({"apiKeys": ["k"], "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_the_ui_takes_an_admin_key_and_asks_the_browser_for_one(in_process, upstreams):
+    ls = await in_process({"apiKeys": ["k"], "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/ui/") as r:
             assert r.status == 401 and r.headers["WWW-Authenticate"] == 'Basic realm="llama-swap"'
@@ -52,8 +52,8 @@ async def test_the_ui_takes_an_admin_key_and_asks_the_browser_for_one(start_llam
             assert r.status == 200
 
 
-async def test_load_starts_a_model_and_running_shows_queue_inflight_and_ttl(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {
+async def test_load_starts_a_model_and_running_shows_queue_inflight_and_ttl(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {
         "m": {"cmd": upstreams.cmd(name="m"), "ttl": 300}, "other": {"cmd": upstreams.cmd(name="other")}}})
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/api/models/load/m") as r:
