@@ -109,8 +109,8 @@ models:
     assert config.real_model_id("m:think") == "m"
 
 
-async def test_filters_reach_the_upstream_byte_for_byte(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+async def test_filters_reach_the_upstream_byte_for_byte(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"),
         "filters": {"stripParams": "top_p", "setParams": {"temperature": 0.2}}}}})
     body = (b'{ "model" : "m" ,\n "top_p": 0.5,\t"messages": [ {"role":"user","content":"\\u00e9 <b>"} ], '
@@ -122,14 +122,14 @@ async def test_filters_reach_the_upstream_byte_for_byte(start_llama_swap, upstre
     assert reply["echo"]["body"].encode() == expected
 
 
-async def test_a_bare_peer_model_and_its_full_name_reach_the_peer_with_its_key(start_llama_swap, upstreams, tmp_path):
+async def test_a_bare_peer_model_and_its_full_name_reach_the_peer_with_its_key(in_process, upstreams, tmp_path):
     # The "peer" is a second llama-swap-py with one model; ours forwards to it.
     peer_dir = tmp_path / "peer"
     peer_dir.mkdir()
     peer = LlamaSwap(peer_dir, {"startPort": free_port_block(), "healthCheckTimeout": 15,
                                 "models": {"remote-model": {"cmd": upstreams.cmd(name="remote-model")}}})
     try:
-        ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
+        ls = await in_process({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
                                "peers": {"box2": {"proxy": peer.url, "models": ["remote-model"],
                                                   "apiKey": "peer-secret",
                                                   "filters": {"setParams": {"temperature": 0.3}}}}})
@@ -153,9 +153,9 @@ async def test_a_bare_peer_model_and_its_full_name_reach_the_peer_with_its_key(s
         peer.stop()
 
 
-async def test_a_peer_that_cannot_be_reached_gets_a_502_envelope(start_llama_swap, upstreams):
+async def test_a_peer_that_cannot_be_reached_gets_a_502_envelope(in_process, upstreams):
     dead = f"http://127.0.0.1:{free_port()}/api"
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"local": {"cmd": upstreams.cmd(name="local")}},
                            "peers": {"gone": {"proxy": dead, "models": ["x"]}}})
     async with aiohttp.ClientSession() as s:
         status, reply = await post_raw(s, ls.url, b'{"model":"gone/x"}')
@@ -165,10 +165,10 @@ async def test_a_peer_that_cannot_be_reached_gets_a_502_envelope(start_llama_swa
     assert "peer gone: proxy error:" in ls.output()
 
 
-async def test_loading_state_streams_progress_as_reasoning_then_the_answer(start_llama_swap, upstreams):
+async def test_loading_state_streams_progress_as_reasoning_then_the_answer(in_process, upstreams):
     import openai
 
-    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True,
+    ls = await in_process({"healthCheckTimeout": 15, "sendLoadingState": True,
                            "models": {"slow": {"cmd": upstreams.cmd("--startup-delay", "1.5", name="slow")}}})
     client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0)
     reasoning, content = [], []
@@ -191,10 +191,10 @@ async def test_loading_state_streams_progress_as_reasoning_then_the_answer(start
     await client.close()
 
 
-async def test_loading_text_is_typed_out_with_remarks_and_the_end_comes_at_once(start_llama_swap, upstreams):
+async def test_loading_text_is_typed_out_with_remarks_and_the_end_comes_at_once(in_process, upstreams):
     from llama_swap import LoadingStream
 
-    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True,
+    ls = await in_process({"healthCheckTimeout": 15, "sendLoadingState": True,
                            "models": {"slow": {"cmd": upstreams.cmd("--startup-delay", "6", name="slow")}}})
     pieces = []
     async with aiohttp.ClientSession() as s:
@@ -210,8 +210,8 @@ async def test_loading_text_is_typed_out_with_remarks_and_the_end_comes_at_once(
     assert pieces[done].endswith("s)\n" + "\u2501" * 5 + "\n \n")
 
 
-async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"broken": {
+async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"broken": {
         "cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken"), "sendLoadingState": True}}})
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "broken", "stream": True}) as r:
@@ -225,11 +225,11 @@ async def test_loading_state_ends_the_stream_with_the_error_when_the_start_fails
     assert text.endswith("\n\n")  # a whole event, the last one
 
 
-async def test_a_start_that_fails_under_loading_state_raises_in_the_sdk_and_is_recorded_as_failed(start_llama_swap,
+async def test_a_start_that_fails_under_loading_state_raises_in_the_sdk_and_is_recorded_as_failed(in_process,
                                                                                                   upstreams):
     import openai
 
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"broken": {
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"broken": {
         "cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.5", name="broken"), "sendLoadingState": True}}})
     client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="unused", max_retries=0)
     stream = await client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}],
@@ -254,8 +254,8 @@ async def test_a_start_that_fails_under_loading_state_raises_in_the_sdk_and_is_r
     assert entry["error_msg"].startswith("unspecific error: upstream command exited prematurely"), entry
 
 
-async def test_loading_state_is_not_used_for_ready_models_or_non_streaming_requests(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True,
+async def test_loading_state_is_not_used_for_ready_models_or_non_streaming_requests(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "sendLoadingState": True,
                            "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}) as r:
@@ -264,8 +264,8 @@ async def test_loading_state_is_not_used_for_ready_models_or_non_streaming_reque
             assert "loading model" not in (await r.read()).decode()  # ready: straight through
 
 
-async def test_a_websocket_is_relayed_both_ways_through_upstream(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_a_websocket_is_relayed_both_ways_through_upstream(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(ls.url + "/upstream/m/ws", protocols=("echo-protocol",)) as ws:
             assert ws.protocol == "echo-protocol"
@@ -290,8 +290,8 @@ async def raw_upgrade(port: int, path: str) -> tuple[int, dict[str, str], bytes]
     return int(status_line.split()[1]), headers, body
 
 
-async def test_a_refused_websocket_upgrade_is_passed_through_as_the_upstream_answered(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_a_refused_websocket_upgrade_is_passed_through_as_the_upstream_answered(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     for status in (403, 200, 426):
         got, headers, body = await raw_upgrade(ls.port, f"/upstream/m/_responder/refuse?status={status}")
         assert (got, headers.get("x-refused"), body) == (status, "yes", f"refused with {status}".encode()), headers
@@ -299,13 +299,13 @@ async def test_a_refused_websocket_upgrade_is_passed_through_as_the_upstream_ans
     assert got == 200 and json.loads(body)["model"] == "m"
 
 
-async def test_a_websocket_to_a_peer_model_is_relayed(start_llama_swap, upstreams):
+async def test_a_websocket_to_a_peer_model_is_relayed(in_process, upstreams):
     far_port = free_port()
     far = subprocess.Popen([PY, str(RESPONDER), "--port", str(far_port), "--name", "far",
                             "--pid-file", str(upstreams.pid_file)])
     try:
         assert wait_until(lambda: port_open(far_port), 20), "the far responder did not start"
-        ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}},
+        ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}},
                                "peers": {"p": {"proxy": f"http://127.0.0.1:{far_port}", "models": ["far-model"]}}})
         async with aiohttp.ClientSession() as s:
             for path in ("/upstream/far-model/ws", "/upstream/p/far-model/ws"):
@@ -319,8 +319,8 @@ async def test_a_websocket_to_a_peer_model_is_relayed(start_llama_swap, upstream
         far.wait(10)
 
 
-async def test_ignored_websockets_cannot_start_a_model_but_pass_once_it_runs(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+async def test_ignored_websockets_cannot_start_a_model_but_pass_once_it_runs(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"), "compat": {"ignoreWebsockets": True}}}})
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -334,8 +334,8 @@ async def test_ignored_websockets_cannot_start_a_model_but_pass_once_it_runs(sta
             assert (await ws.receive_str(timeout=10)) == "echo: x"
 
 
-async def test_comfyui_passthrough_starts_only_from_its_root_page(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"comfyui_auto": {"cmd": upstreams.cmd(name="comfy")}}})
+async def test_comfyui_passthrough_starts_only_from_its_root_page(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"comfyui_auto": {"cmd": upstreams.cmd(name="comfy")}}})
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/comfyui?x=1", allow_redirects=False) as r:
             assert (r.status, r.headers["Location"]) == (301, "/comfyui/?x=1")
@@ -350,8 +350,8 @@ async def test_comfyui_passthrough_starts_only_from_its_root_page(start_llama_sw
             assert (echo["path"], echo["query"]) == ("/api/x%2Fy", "q=1")
 
 
-async def test_comfyui_without_its_model_is_a_404(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_comfyui_without_its_model_is_a_404(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/comfyui/") as r:
             assert r.status == 404
@@ -371,8 +371,8 @@ models:
     assert apply_filters(body, config.models["m"].filters, "m") == b'{"model":"m","max_tokens":64,"max_tokens":64}'
 
 
-async def test_dot_segments_are_redirected_to_the_clean_path_before_anything_else(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_dot_segments_are_redirected_to_the_clean_path_before_anything_else(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     for path, location in (("/upstream/m/a/../../running", "/upstream/running"),
                            ("/upstream/m/%2e%2e/x", "/upstream/x"), ("//running", "/running")):
         # A raw request: HTTP clients clean such paths themselves before sending them.
@@ -384,8 +384,8 @@ async def test_dot_segments_are_redirected_to_the_clean_path_before_anything_els
     assert upstreams.pids() == []
 
 
-async def test_a_local_model_wins_over_a_peer_with_the_same_name_on_upstream(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"shared": {"cmd": upstreams.cmd(name="local-one")}},
+async def test_a_local_model_wins_over_a_peer_with_the_same_name_on_upstream(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"shared": {"cmd": upstreams.cmd(name="local-one")}},
                            "peers": {"p": {"proxy": f"http://127.0.0.1:{free_port()}", "models": ["shared"]}}})
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/upstream/shared/_responder/info") as r:

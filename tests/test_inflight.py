@@ -33,9 +33,9 @@ def one_model(upstreams, port: int, *args: str, **settings) -> dict:
         **settings}}}
 
 
-async def test_cancelling_a_stream_cuts_it_and_reaches_the_upstream(start_llama_swap, upstreams):
+async def test_cancelling_a_stream_cuts_it_and_reaches_the_upstream(in_process, upstreams):
     port = free_port()
-    ls = start_llama_swap(one_model(upstreams, port))
+    ls = await in_process(one_model(upstreams, port))
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={
                 "model": "m", "stream": True, "responder_chunks": 200, "responder_delay": 0.1}) as r:
@@ -60,9 +60,9 @@ async def test_cancelling_a_stream_cuts_it_and_reaches_the_upstream(start_llama_
     assert f"cancelled in-flight request {entry['id']} (m POST /v1/chat/completions)" in ls.output()
 
 
-async def test_cancelling_a_waiting_request_answers_it_with_a_499(start_llama_swap, upstreams):
+async def test_cancelling_a_waiting_request_answers_it_with_a_499(in_process, upstreams):
     port = free_port()
-    ls = start_llama_swap(one_model(upstreams, port, "--startup-delay", "3"))
+    ls = await in_process(one_model(upstreams, port, "--startup-delay", "3"))
     async with aiohttp.ClientSession() as s:
         waiting = asyncio.create_task(s.post(ls.url + "/v1/chat/completions", json={"model": "m"}))
         assert await eventually(lambda: inflight(s, ls), 10)
@@ -77,11 +77,11 @@ async def test_cancelling_a_waiting_request_answers_it_with_a_499(start_llama_sw
         assert await inflight(s, ls) == []
 
 
-async def test_an_entry_shows_who_asked_what_without_credentials(start_llama_swap, upstreams):
+async def test_an_entry_shows_who_asked_what_without_credentials(in_process, upstreams):
     port = free_port()
     config = one_model(upstreams, port, "--startup-delay", "2")
     config["selectors"] = {"auto": {"strategy": "pin", "targets": ["m"]}}
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     headers = {"Authorization": "Bearer secret-1", "x-api-key": "secret-2", "Cookie": "c=secret-3",
                "X-Forwarded-For": "203.0.113.9, 10.0.0.1", "x-custom-thing": "yes"}
     async with aiohttp.ClientSession() as s:
@@ -102,9 +102,9 @@ async def test_an_entry_shows_who_asked_what_without_credentials(start_llama_swa
     assert "secret" not in ls.output()
 
 
-async def test_upstream_requests_are_listed_only_when_they_call_a_model_route(start_llama_swap, upstreams):
+async def test_upstream_requests_are_listed_only_when_they_call_a_model_route(in_process, upstreams):
     port = free_port()
-    ls = start_llama_swap(one_model(upstreams, port))
+    ls = await in_process(one_model(upstreams, port))
     async with aiohttp.ClientSession() as s:
         slow = {"responder_sleep": 2}
         model_route = asyncio.create_task(s.post(ls.url + "/upstream/m/v1/chat/completions", json=slow))
@@ -118,11 +118,11 @@ async def test_upstream_requests_are_listed_only_when_they_call_a_model_route(st
     assert [(e["model"], e["req_path"]) for e in entries] == [("m", "/v1/chat/completions")]
 
 
-async def test_peer_requests_are_listed_under_their_name(start_llama_swap, upstreams):
+async def test_peer_requests_are_listed_under_their_name(in_process, upstreams):
     port = free_port()
     config = one_model(upstreams, port)
     config["peers"] = {"p": {"proxy": f"http://127.0.0.1:{port}", "models": ["far"]}}
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}) as r:
             assert r.status == 200  # the responder the peer points at now runs
@@ -136,11 +136,11 @@ async def test_peer_requests_are_listed_under_their_name(start_llama_swap, upstr
     assert entry["model"] == "p/far"
 
 
-async def test_the_inflight_api_is_for_admins(start_llama_swap, upstreams):
+async def test_the_inflight_api_is_for_admins(in_process, upstreams):
     port = free_port()
     config = one_model(upstreams, port)
     config.update({"apiKeys": ["user-key"], "adminKeys": ["admin-key"]})
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         for key, status in ((None, 401), ("user-key", 403), ("admin-key", 404)):
             headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -148,9 +148,9 @@ async def test_the_inflight_api_is_for_admins(start_llama_swap, upstreams):
                 assert r.status == status
 
 
-async def test_cancelling_during_the_loading_stream_cuts_it(start_llama_swap, upstreams):
+async def test_cancelling_during_the_loading_stream_cuts_it(in_process, upstreams):
     port = free_port()
-    ls = start_llama_swap(one_model(upstreams, port, "--startup-delay", "3", sendLoadingState=True))
+    ls = await in_process(one_model(upstreams, port, "--startup-delay", "3", sendLoadingState=True))
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
             seen = b""

@@ -34,8 +34,8 @@ def samples(text: str) -> dict[tuple, float]:
     return found
 
 
-async def test_each_request_gets_an_activity_row_with_its_tokens(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_each_request_gets_an_activity_row_with_its_tokens(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "m"))[0] == 200
         async with s.post(ls.url + "/v1/chat/completions",
@@ -57,8 +57,8 @@ async def test_each_request_gets_an_activity_row_with_its_tokens(start_llama_swa
     assert stats["total_requests"] == 3 and stats["total_output_tokens"] == 7
 
 
-async def test_a_capture_round_trips_a_request_and_its_streamed_answer(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "captureBuffer": 5,
+async def test_a_capture_round_trips_a_request_and_its_streamed_answer(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "captureBuffer": 5,
                            "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     request = {"model": "m", "stream": True, "responder_chunks": 3, "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as s:
@@ -78,8 +78,8 @@ async def test_a_capture_round_trips_a_request_and_its_streamed_answer(start_lla
     assert capture["req_path"] == "/v1/chat/completions"
 
 
-async def test_without_a_capture_buffer_nothing_is_captured(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "captureBuffer": 0,
+async def test_without_a_capture_buffer_nothing_is_captured(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "captureBuffer": 0,
                            "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "m"))[0] == 200
@@ -103,8 +103,8 @@ async def test_activity_survives_a_restart_with_a_store_path(tmp_path, upstreams
         assert [r["id"] for r in rows] == list(range(1, expected + 1))
 
 
-async def test_the_in_memory_store_keeps_the_newest_metrics_max_in_memory_rows(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "metricsMaxInMemory": 2,
+async def test_the_in_memory_store_keeps_the_newest_metrics_max_in_memory_rows(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "metricsMaxInMemory": 2,
                            "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         for _ in range(4):
@@ -127,8 +127,8 @@ async def test_an_unusable_store_path_is_a_clear_startup_error(tmp_path):
     assert f"store.path: cannot open {bad}" in done.stderr and "Traceback" not in done.stderr
 
 
-async def test_metrics_show_per_model_series_after_a_swap(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {
+async def test_metrics_show_per_model_series_after_a_swap(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {
         "a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b"), "concurrencyLimit": 1}}})
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200
@@ -153,8 +153,8 @@ async def test_metrics_show_per_model_series_after_a_swap(start_llama_swap, upst
     assert m("llamaswap_queue_depth", model="a") == 0 and m("llamaswap_inflight_requests", model="b") == 0
 
 
-async def test_metrics_count_refusals_and_unloads(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15,
+async def test_metrics_count_refusals_and_unloads(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15,
                            "models": {"m": {"cmd": upstreams.cmd(name="m"), "concurrencyLimit": 1}}})
     async with aiohttp.ClientSession() as s:
         slow = asyncio.create_task(chat(s, ls, "m", responder_sleep=2))
@@ -175,8 +175,8 @@ async def test_metrics_count_refusals_and_unloads(start_llama_swap, upstreams):
                  (("model", "m"), ("path", "/v1/chat/completions"), ("status", "429")))] >= 1
 
 
-async def test_system_samples_hardware_and_a_disabled_monitor(start_llama_swap, upstreams):
-    ls = start_llama_swap({"performance": {"disabled": True}, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_system_samples_hardware_and_a_disabled_monitor(in_process, upstreams):
+    ls = await in_process({"performance": {"disabled": True}, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/api/performance") as r:
             assert r.status == 503 and await r.json() == {"enabled": False}
@@ -192,8 +192,8 @@ async def test_system_samples_hardware_and_a_disabled_monitor(start_llama_swap, 
     assert isinstance(hardware["accelerators"], list)
 
 
-async def test_performance_rejects_a_bad_after_and_lists_nothing_before_the_first_sample(start_llama_swap, upstreams):
-    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_performance_rejects_a_bad_after_and_lists_nothing_before_the_first_sample(in_process, upstreams):
+    ls = await in_process({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/api/performance?after=yesterday") as r:
             assert r.status == 400
@@ -202,8 +202,8 @@ async def test_performance_rejects_a_bad_after_and_lists_nothing_before_the_firs
             assert r.status == 200 and (await r.json())["enabled"] is True
 
 
-async def test_a_metered_request_asks_only_for_encodings_we_can_read(start_llama_swap, upstreams):
-    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_a_metered_request_asks_only_for_encodings_we_can_read(in_process, upstreams):
+    ls = await in_process({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"},
                           headers={"Accept-Encoding": "br, gzip;q=0.8, zstd, deflate"}) as r:

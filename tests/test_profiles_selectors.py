@@ -22,10 +22,10 @@ def side_by_side(upstreams, *names: str, **top) -> dict:
             "models": {n: {"cmd": upstreams.cmd(name=n)} for n in names}}
 
 
-async def test_profile_pins_route_a_name_to_another_model_while_active(start_llama_swap, upstreams):
+async def test_profile_pins_route_a_name_to_another_model_while_active(in_process, upstreams):
     config = side_by_side(upstreams, "a", "b", profiles={
         "coding": {"description": "code helpers", "pins": {"public": "b", "off": None}}})
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         async with s.get(ls.url + "/api/profiles") as r:
             assert await r.json() == {"active": None, "profiles": [
@@ -50,9 +50,9 @@ async def test_profile_pins_route_a_name_to_another_model_while_active(start_lla
     assert 'active profile changed to "coding"' in ls.output()
 
 
-async def test_profile_requests_that_are_wrong_get_clear_errors(start_llama_swap, upstreams):
+async def test_profile_requests_that_are_wrong_get_clear_errors(in_process, upstreams):
     config = side_by_side(upstreams, "a", profiles={"p": {"pins": {"x": "a"}}})
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         for body, status, message in [
             ([1, 2], 400, "invalid profile request"),
@@ -66,12 +66,12 @@ async def test_profile_requests_that_are_wrong_get_clear_errors(start_llama_swap
             assert (await r.json())["active"] is None
 
 
-async def test_pin_and_warm_selectors_pick_their_target(start_llama_swap, upstreams):
+async def test_pin_and_warm_selectors_pick_their_target(in_process, upstreams):
     config = side_by_side(upstreams, "a", "b", selectors={
         "pinned": {"strategy": "pin", "targets": ["b", "a"]},
         "warmest": {"strategy": "warm", "targets": ["a", "b"]},
     })
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "pinned")
         assert status == 200 and body["model"] == "b"
@@ -89,10 +89,10 @@ async def test_pin_and_warm_selectors_pick_their_target(start_llama_swap, upstre
         assert records["warmest"]["status"] == {"value": "loaded"}
 
 
-async def test_spillover_sends_concurrent_requests_to_the_next_target(start_llama_swap, upstreams):
+async def test_spillover_sends_concurrent_requests_to_the_next_target(in_process, upstreams):
     config = side_by_side(upstreams, "a", "b", selectors={
         "pool": {"strategy": "spillover", "targets": ["a", "b"], "settings": {"spillover": 1}}})
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200  # a is warm, b is cold
         first = asyncio.create_task(chat(s, ls, "pool", responder_sleep=2.0))

@@ -114,8 +114,8 @@ def normalized_stream(raw: bytes) -> bytes:
 # -- 1. the OpenAI SDK -------------------------------------------------------------------------
 
 
-async def test_openai_sdk_chat_completion_and_stream_are_relayed(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_openai_sdk_chat_completion_and_stream_are_relayed(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="x", max_retries=0, timeout=60)
     try:
         reply = await client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}])
@@ -140,8 +140,8 @@ async def test_openai_sdk_chat_completion_and_stream_are_relayed(start_llama_swa
 # -- 2. streaming: incremental, SSE headers, byte-exact ----------------------------------------
 
 
-async def test_stream_chunks_arrive_incrementally_with_sse_headers_and_exact_bytes(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_stream_chunks_arrive_incrementally_with_sse_headers_and_exact_bytes(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     payload = {"model": "a", "stream": True, "responder_chunks": 5, "responder_delay": 0.3,
                "messages": [{"role": "user", "content": "count"}]}
     body = json.dumps(payload).encode()
@@ -189,8 +189,8 @@ async def test_stream_chunks_arrive_incrementally_with_sse_headers_and_exact_byt
 # -- 3. client disconnect ----------------------------------------------------------------------
 
 
-async def test_client_disconnect_mid_stream_reaches_the_upstream(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_client_disconnect_mid_stream_reaches_the_upstream(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     body = json.dumps({"model": "a", "stream": True, "responder_chunks": 50, "responder_delay": 0.1}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", ls.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -225,9 +225,9 @@ async def test_client_disconnect_mid_stream_reaches_the_upstream(start_llama_swa
 # -- 4. useModelName: only the model value changes ---------------------------------------------
 
 
-async def test_use_model_name_rewrites_only_the_model_value(start_llama_swap, upstreams):
+async def test_use_model_name_rewrites_only_the_model_value(in_process, upstreams):
     real = "org/Real-Model:Q4_K_M"
-    ls = start_llama_swap(config(upstreams, {"a": {"useModelName": real, "aliases": ["a-alias"]}}))
+    ls = await in_process(config(upstreams, {"a": {"useModelName": real, "aliases": ["a-alias"]}}))
     raw = ('{\n  "zeta" :  1.50e0,\t"messages":[{"role":"user","content":"h\\u00e9llo ✓ — 日本"}] ,\n'
            ' "model"   :   "a"  ,  "alpha": {"nested": {"model": "keep-me"}}, "stream":false }\n')
     expected = raw.replace('"a"', json.dumps(real), 1)
@@ -249,8 +249,8 @@ async def test_use_model_name_rewrites_only_the_model_value(start_llama_swap, up
 # -- 5. aliases --------------------------------------------------------------------------------
 
 
-async def test_alias_is_served_by_the_real_model_and_body_keeps_the_alias(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {"aliases": ["gpt-4o-mini", "other"]}}))
+async def test_alias_is_served_by_the_real_model_and_body_keeps_the_alias(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {"aliases": ["gpt-4o-mini", "other"]}}))
     body = b'{"model": "gpt-4o-mini",  "messages": [] }'
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.post(ls.url + "/v1/chat/completions", data=body,
@@ -266,8 +266,8 @@ async def test_alias_is_served_by_the_real_model_and_body_keeps_the_alias(start_
 # -- 6. error envelopes and the mux's own 404/405 ----------------------------------------------
 
 
-async def test_an_unknown_model_is_named_with_the_closest_configured_names(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"qwen3-8b": {"aliases": ["gpt-4o-mini"]}, "llama3": {},
+async def test_an_unknown_model_is_named_with_the_closest_configured_names(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"qwen3-8b": {"aliases": ["gpt-4o-mini"]}, "llama3": {},
                                              "secret": {"unlisted": True}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for asked, expected in (("Qwen3-8B", '"Qwen3-8B"; closest configured: qwen3-8b'),
@@ -278,8 +278,8 @@ async def test_an_unknown_model_is_named_with_the_closest_configured_names(start
     assert upstreams.pids() == []
 
 
-async def test_error_envelopes_and_plain_404_405(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_error_envelopes_and_plain_404_405(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     chat = ls.url + "/v1/chat/completions"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.post(chat, json={"model": "nope", "messages": []}) as r:
@@ -336,8 +336,8 @@ def multipart(boundary: str, parts: list[tuple[str, str | None, str | None, byte
 AUDIO = ("RIFF\x00WAVE héllo\r\n--not-the-boundary\r\n" * 50 + "wörld ✓").encode()
 
 
-async def test_multipart_upload_is_routed_by_its_model_field_and_forwarded_intact(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}, "w": {"useModelName": "whisper-large-v3"}}))
+async def test_multipart_upload_is_routed_by_its_model_field_and_forwarded_intact(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}, "w": {"useModelName": "whisper-large-v3"}}))
     url = ls.url + "/v1/audio/transcriptions"
     boundary = "----llamaSwapTestBoundary7MA4YWxkTrZu0gW"
     ctype = f"multipart/form-data; boundary={boundary}"
@@ -390,8 +390,8 @@ async def test_multipart_upload_is_routed_by_its_model_field_and_forwarded_intac
 # -- 8. GET routes with ?model= ----------------------------------------------------------------
 
 
-async def test_get_routes_are_routed_by_the_model_query_parameter(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}, "b": {}}))
+async def test_get_routes_are_routed_by_the_model_query_parameter(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}, "b": {}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for path in ("/props", "/v1/audio/voices", "/sdapi/v1/loras"):
             async with s.get(raw_url(ls.url + path + "?model=a&x=%2Fy+z&empty=")) as r:
@@ -410,8 +410,8 @@ async def test_get_routes_are_routed_by_the_model_query_parameter(start_llama_sw
 # -- 9. /v/ and /audioapi/ prefixes ------------------------------------------------------------
 
 
-async def test_v_and_audioapi_prefixes_are_stripped_from_the_forwarded_path(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_v_and_audioapi_prefixes_are_stripped_from_the_forwarded_path(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for path, forwarded in (("/v/chat/completions", "/chat/completions"), ("/v/embeddings", "/embeddings"),
                                 ("/audioapi/v1/tasks/run", "/v1/tasks/run")):
@@ -424,8 +424,8 @@ async def test_v_and_audioapi_prefixes_are_stripped_from_the_forwarded_path(star
 # -- 10. /upstream/<model>/<path> --------------------------------------------------------------
 
 
-async def test_upstream_passthrough_preserves_method_body_and_encoding(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {"useModelName": "never-used"}, "author": {},
+async def test_upstream_passthrough_preserves_method_body_and_encoding(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {"useModelName": "never-used"}, "author": {},
                                              "author/model": {}, "b": {}}))
     binary = bytes(range(256)) * 4
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
@@ -492,8 +492,8 @@ async def test_upstream_passthrough_preserves_method_body_and_encoding(start_lla
         assert len(upstreams.pids()) == pids
 
 
-async def test_upstream_passthrough_keeps_the_query_string_percent_encoded(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_upstream_passthrough_keeps_the_query_string_percent_encoded(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     query = "q=a%20b&path=x%2Fy&amp=%26&plus=1+2"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(raw_url(ls.url + "/upstream/a/api/items?" + query)) as r:
@@ -505,8 +505,8 @@ async def test_upstream_passthrough_keeps_the_query_string_percent_encoded(start
             assert r.headers["Location"] == "/upstream/a/?" + query
 
 
-async def test_upstream_root_page_loads_the_model(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_upstream_root_page_loads_the_model(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(ls.url + "/upstream/a/") as r:
             assert r.status == 200
@@ -515,8 +515,8 @@ async def test_upstream_root_page_loads_the_model(start_llama_swap, upstreams):
         assert [(e["model"], e["state"]) for e in await running(s, ls.url)] == [("a", "ready")]
 
 
-async def test_head_through_upstream_keeps_the_upstream_content_length(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_head_through_upstream_keeps_the_upstream_content_length(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(ls.url + "/upstream/a/") as r:
             assert r.status == 200
@@ -535,11 +535,11 @@ async def test_head_through_upstream_keeps_the_upstream_content_length(start_lla
 # -- 11. /v1/models, /running, /health, /, unload ----------------------------------------------
 
 
-async def test_models_list_running_health_root_and_unload(start_llama_swap, upstreams):
+async def test_models_list_running_health_root_and_unload(in_process, upstreams):
     cfg = config(upstreams, {"b": {"name": "  Bee  ", "description": " the b model ", "ttl": 300},
                              "a": {"aliases": ["alpha", "first"]},
                              "hidden": {"unlisted": True}})
-    ls = start_llama_swap(cfg)
+    ls = await in_process(cfg)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(ls.url + "/v1/models", headers={"Origin": "http://example.test"}) as r:
             assert r.status == 200
@@ -628,8 +628,8 @@ async def test_models_list_running_health_root_and_unload(start_llama_swap, upst
 # -- 12. upstream errors pass through -----------------------------------------------------------
 
 
-async def test_upstream_error_status_and_body_pass_through_unchanged(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_upstream_error_status_and_body_pass_through_unchanged(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.post(ls.url + "/v1/chat/completions", json={"model": "a", "responder_status": 418}) as r:
             assert r.status == 418
@@ -651,8 +651,8 @@ async def test_upstream_error_status_and_body_pass_through_unchanged(start_llama
 # -- 13. headers ---------------------------------------------------------------------------------
 
 
-async def test_hop_by_hop_headers_are_dropped_and_forwarded_for_is_set(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}}))
+async def test_hop_by_hop_headers_are_dropped_and_forwarded_for_is_set(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}}))
     body = b'{"model":"a"}'
 
     def request(extra: str) -> bytes:
@@ -683,8 +683,8 @@ async def test_hop_by_hop_headers_are_dropped_and_forwarded_for_is_set(start_lla
 # -- 14. the model after a big messages array ------------------------------------------------------
 
 
-async def test_model_after_a_12_mb_messages_array_is_found_quickly(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams, {"a": {}, "b": {}}))
+async def test_model_after_a_12_mb_messages_array_is_found_quickly(in_process, upstreams):
+    ls = await in_process(config(upstreams, {"a": {}, "b": {}}))
     blob = (b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0MTIzNDU2Nzg5K/=" * 250_000)[:12 * 1024 * 1024].decode()
     messages = [{"role": "user", "content": [{"type": "text", "text": "describe"},
                                              {"type": "image_url",
