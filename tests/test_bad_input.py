@@ -170,8 +170,8 @@ UNREADABLE_JSON_BODIES = {
 }
 
 
-async def test_json_bodies_without_a_readable_model_get_the_no_model_404_envelope(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_json_bodies_without_a_readable_model_get_the_no_model_404_envelope(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for label, body in UNREADABLE_JSON_BODIES.items():
             for path in ("/v1/chat/completions", "/v1/messages", "/v1/embeddings"):
@@ -195,8 +195,8 @@ JUNK_MODEL_BODIES = {
 }
 
 
-async def test_json_bodies_with_a_junk_model_value_are_refused_with_an_envelope(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_json_bodies_with_a_junk_model_value_are_refused_with_an_envelope(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for label, body in JUNK_MODEL_BODIES.items():
             status, raw = await send(s, "POST", ls.url + "/v1/chat/completions", body,
@@ -206,8 +206,8 @@ async def test_json_bodies_with_a_junk_model_value_are_refused_with_an_envelope(
         assert_no_traceback(await settled_output(s, ls))
 
 
-async def test_malformed_profile_requests_are_refused_with_an_envelope(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_malformed_profile_requests_are_refused_with_an_envelope(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for body in (b"", b"{", b"[]", b'"x"', b"\xff\xfe", b'{"name": "\x00"}', b'{"name": 7}', b"\x00" * 16):
             status, raw = await send(s, "PUT", ls.url + "/api/profiles/active", body,
@@ -216,8 +216,8 @@ async def test_malformed_profile_requests_are_refused_with_an_envelope(start_lla
         assert_no_traceback(await settled_output(s, ls))
 
 
-async def test_a_gzip_header_on_bytes_that_are_not_gzip_is_refused_without_a_traceback(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_a_gzip_header_on_bytes_that_are_not_gzip_is_refused_without_a_traceback(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     not_gzip = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     # A connection each: a connection whose body could not be read is closed after the answer.
     async with aiohttp.ClientSession(timeout=TIMEOUT, connector=aiohttp.TCPConnector(force_close=True)) as s:
@@ -234,8 +234,8 @@ async def test_a_gzip_header_on_bytes_that_are_not_gzip_is_refused_without_a_tra
 # -- gzip-encoded request bodies -----------------------------------------------------------------
 
 
-async def test_a_gzip_encoded_request_body_reaches_the_upstream_readable(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_a_gzip_encoded_request_body_reaches_the_upstream_readable(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     payload = {"model": "m", "messages": [{"role": "user", "content": "compressed hello " * 50}]}
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for path in ("/v1/chat/completions", "/upstream/m/v1/chat/completions"):
@@ -266,8 +266,8 @@ BROKEN_FORMS = {
 }
 
 
-async def test_broken_multipart_uploads_are_refused_and_start_nothing(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_broken_multipart_uploads_are_refused_and_start_nothing(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     url = ls.url + "/v1/audio/transcriptions"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for label, (content_type, body) in BROKEN_FORMS.items():
@@ -289,8 +289,8 @@ ODD_MODEL_NAMES = ["x\n[INFO] forged", "m\r\n[INFO] forged", "\x1b[2K\r[INFO] fo
                    "../../etc/passwd", "a/b", "..\\x", "m/../m", "\u2028[INFO] forged", "m\x85[INFO] forged"]
 
 
-async def test_model_names_with_control_characters_or_path_separators_are_refused(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_model_names_with_control_characters_or_path_separators_are_refused(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for name in ODD_MODEL_NAMES:
             for path in ("/v1/chat/completions", "/v1/completions"):
@@ -334,8 +334,8 @@ FORGING_HEADS = [
 ]
 
 
-async def test_nothing_a_client_sends_starts_a_new_line_in_the_log(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_nothing_a_client_sends_starts_a_new_line_in_the_log(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     for head in FORGING_HEADS:
         data, _ = await raw_exchange(ls.port, head + b"Connection: close\r\n\r\n")
         responses = parse_responses(data) if data.startswith(b"HTTP/1.") else []
@@ -354,8 +354,8 @@ async def test_nothing_a_client_sends_starts_a_new_line_in_the_log(start_llama_s
 NON_UTF8_HEADERS = [b"User-Agent: caf\xe9", b"X-Forwarded-For: 10.0.0.\xff", b"X-Real-IP: \xe9", b"Referer: /\xff"]
 
 
-async def test_header_values_that_are_not_utf8_are_served_and_logged(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_header_values_that_are_not_utf8_are_served_and_logged(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     body = b'{"model": "m"}'
     for header in NON_UTF8_HEADERS:
         for head in (b"GET /health HTTP/1.1\r\n",
@@ -377,8 +377,8 @@ async def test_header_values_that_are_not_utf8_are_served_and_logged(start_llama
     assert output.count('"GET /health HTTP/1.1" 200') >= len(NON_UTF8_HEADERS), "a request went unlogged"
 
 
-async def test_a_client_that_leaves_the_event_stream_leaves_no_traceback(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_a_client_that_leaves_the_event_stream_leaves_no_traceback(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     reader, writer = await asyncio.open_connection("127.0.0.1", ls.port)
     writer.write(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200 ")
@@ -405,8 +405,8 @@ async def chunked(pieces: int):
     yield CHUNKED_TAIL
 
 
-async def test_chunked_uploads_past_max_request_body_get_a_413_envelope(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))  # maxRequestBodyMB: 1
+async def test_chunked_uploads_past_max_request_body_get_a_413_envelope(in_process, upstreams):
+    ls = await in_process(config(upstreams))  # maxRequestBodyMB: 1
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for path in ("/v1/chat/completions", "/upstream/m/v1/chat/completions"):
             async with s.post(ls.url + path, data=chunked(48),
@@ -423,8 +423,8 @@ async def test_chunked_uploads_past_max_request_body_get_a_413_envelope(start_ll
         assert_no_traceback(await settled_output(s, ls))
 
 
-async def test_a_body_past_max_request_body_gets_a_413_envelope_and_nothing_starts(start_llama_swap, upstreams):
-    ls = start_llama_swap({"maxRequestBodyMB": 1, "healthCheckTimeout": 15,
+async def test_a_body_past_max_request_body_gets_a_413_envelope_and_nothing_starts(in_process, upstreams):
+    ls = await in_process({"maxRequestBodyMB": 1, "healthCheckTimeout": 15,
                            "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     huge = b'{"model":"m","prompt":"' + b"x" * (2 * 1024 * 1024) + b'"}'
     async with aiohttp.ClientSession() as s:
@@ -461,8 +461,8 @@ def assert_same_server_clean_location(location: str, origin: str) -> None:
     assert ".." not in segments and "." not in segments, f"{origin}: {location}"
 
 
-async def test_path_traversal_never_serves_a_file_outside_the_ui_and_redirects_stay_here(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_path_traversal_never_serves_a_file_outside_the_ui_and_redirects_stay_here(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     assert PROXY_SOURCE_MARK in (ROOT / "llama_swap.py").read_bytes()
     assert PASSWD_MARK in Path("/etc/passwd").read_bytes()
     for path in TRAVERSALS:
@@ -495,8 +495,8 @@ OVERSIZED_HEADS = {
 }
 
 
-async def test_oversized_request_heads_get_a_4xx_and_at_most_one_short_log_line(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_oversized_request_heads_get_a_4xx_and_at_most_one_short_log_line(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for label, head in OVERSIZED_HEADS.items():
             before = len((await settled_output(s, ls)).splitlines())
@@ -550,8 +550,8 @@ SMUGGLING = {
 
 
 async def test_smuggling_attempts_get_a_400_close_the_connection_and_never_run_the_hidden_request(
-        start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+        in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         assert (await chat(s, ls, "m"))[0] == 200
         for label, request in SMUGGLING.items():
@@ -578,8 +578,8 @@ async def only_answer(port: int, request: bytes) -> tuple[int, bytes]:
     return responses[0][0], responses[0][2]
 
 
-async def test_a_request_hidden_in_a_body_is_only_ever_body(start_llama_swap, upstreams):
-    ls = start_llama_swap(config(upstreams))
+async def test_a_request_hidden_in_a_body_is_only_ever_body(in_process, upstreams):
+    ls = await in_process(config(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         assert (await chat(s, ls, "m"))[0] == 200
         body = json.dumps({"model": "m", "prompt": HIDDEN.decode()}).encode()

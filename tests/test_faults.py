@@ -94,8 +94,8 @@ def rss_bytes(pid: int) -> int:
 
 
 async def test_crash_between_events_ends_the_stream_with_an_error_event_then_the_model_restarts(
-        start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"crashy": {"cmd": upstreams.cmd(name="crashy")}}))
+        in_process, upstreams):
+    ls = await in_process(config({"crashy": {"cmd": upstreams.cmd(name="crashy")}}))
     async with aiohttp.ClientSession() as s:
         async with await stream_request(s, ls, "crashy", responder_crash_after=3) as r:
             assert r.status == 200
@@ -112,8 +112,8 @@ async def test_crash_between_events_ends_the_stream_with_an_error_event_then_the
         await assert_restarted_and_served(s, ls, upstreams, "crashy")
 
 
-async def test_openai_sdk_gets_the_chunks_then_an_api_error_when_the_upstream_crashes(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"crashy": {"cmd": upstreams.cmd(name="crashy")}}))
+async def test_openai_sdk_gets_the_chunks_then_an_api_error_when_the_upstream_crashes(in_process, upstreams):
+    ls = await in_process(config({"crashy": {"cmd": upstreams.cmd(name="crashy")}}))
     client = openai.AsyncOpenAI(base_url=ls.url + "/v1", api_key="x", max_retries=0, timeout=60)
     received = []
     try:
@@ -131,8 +131,8 @@ async def test_openai_sdk_gets_the_chunks_then_an_api_error_when_the_upstream_cr
     assert caught.value.body["code"] == "upstream_disconnected", caught.value.body
 
 
-async def test_crash_inside_an_event_cuts_the_transfer_then_the_model_restarts(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"crashy": {"cmd": upstreams.cmd(name="crashy")}}))
+async def test_crash_inside_an_event_cuts_the_transfer_then_the_model_restarts(in_process, upstreams):
+    ls = await in_process(config({"crashy": {"cmd": upstreams.cmd(name="crashy")}}))
     async with aiohttp.ClientSession() as s:
         received = bytearray()
         async with await stream_request(s, ls, "crashy", responder_crash_after=2, responder_crash_partial=True) as r:
@@ -151,10 +151,10 @@ async def test_crash_inside_an_event_cuts_the_transfer_then_the_model_restarts(s
 
 
 async def test_unhealthy_and_hanging_starts_fail_every_waiter_within_the_timeout_and_are_retried(
-        start_llama_swap, upstreams):
+        in_process, upstreams):
     # One never answers 200, the other's probe never answers at all; in a non-swapping group
     # both start at once, so the 15 s timeout is waited out once for the two.
-    ls = start_llama_swap(config(
+    ls = await in_process(config(
         {"sick": {"cmd": upstreams.cmd("--health-status", "500", name="sick")},
          "hung": {"cmd": upstreams.cmd("--health-hang", name="hung")}},
         groups={"both": {"swap": False, "members": ["sick", "hung"]}}))
@@ -179,10 +179,10 @@ async def test_unhealthy_and_hanging_starts_fail_every_waiter_within_the_timeout
 # --------------------------------------------------------------------------- a swap past a stubborn server
 
 
-async def test_a_swap_sigkills_an_evicted_group_that_ignores_sigterm(start_llama_swap, upstreams):
+async def test_a_swap_sigkills_an_evicted_group_that_ignores_sigterm(in_process, upstreams):
     # The wrapper exits on SIGTERM without passing it on; its grandchild ignores it anyway.
     stubborn = upstreams.cmd("--fork-grandchild", "--ignore-sigterm", name="stubborn")
-    ls = start_llama_swap(config({"stubborn": {"cmd": stubborn}, "b": {"cmd": upstreams.cmd(name="b")}}))
+    ls = await in_process(config({"stubborn": {"cmd": stubborn}, "b": {"cmd": upstreams.cmd(name="b")}}))
     async with aiohttp.ClientSession() as s:
         status, body = await asyncio.wait_for(chat(s, ls, "stubborn"), START_BOUND)
         assert status == 200, body
@@ -231,9 +231,9 @@ async def healthy_looking_stranger(port: int, seen: list[str]):
 
 
 @pytest.mark.parametrize("stranger", [silent_stranger, healthy_looking_stranger])
-async def test_a_port_held_by_a_stranger_fails_the_request_and_starts_nothing(start_llama_swap, upstreams, stranger):
+async def test_a_port_held_by_a_stranger_fails_the_request_and_starts_nothing(in_process, upstreams, stranger):
     port = free_port_block(1)
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "proxy": f"http://127.0.0.1:{port}"}},
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd(name="m"), "proxy": f"http://127.0.0.1:{port}"}},
                                  startPort=port))
     seen: list[str] = []
     async with aiohttp.ClientSession() as s:

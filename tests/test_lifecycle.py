@@ -123,8 +123,8 @@ def kill_all(pids: list[int]) -> None:
 # --------------------------------------------------------------------------- swapping
 
 
-async def test_swap_stops_previous_model_and_lists_only_the_new_one(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}))
+async def test_swap_stops_previous_model_and_lists_only_the_new_one(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "a")
         assert status == 200, body
@@ -148,8 +148,8 @@ async def test_swap_stops_previous_model_and_lists_only_the_new_one(start_llama_
         assert await listed_status(s, ls) == {"a": "unloaded", "b": "loaded"}
 
 
-async def test_cold_requests_a_b_a_b_are_collated_into_one_start_per_model(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({
+async def test_cold_requests_a_b_a_b_are_collated_into_one_start_per_model(in_process, upstreams):
+    ls = await in_process(config({
         "a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a")},
         "b": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="b")},
     }))
@@ -172,9 +172,9 @@ async def test_cold_requests_a_b_a_b_are_collated_into_one_start_per_model(start
     assert len(upstreams.pids()) == 2, f"expected one start per model, got pids {upstreams.pids()}"
 
 
-async def test_concurrent_requests_for_a_cold_model_share_one_start(start_llama_swap, upstreams):
+async def test_concurrent_requests_for_a_cold_model_share_one_start(in_process, upstreams):
     # concurrencyLimit is raised so that the default admission limit of 10 requests per model does not apply.
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"),
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"),
                                         "concurrencyLimit": 50}}))
     client = openai_client(ls)
     try:
@@ -187,8 +187,8 @@ async def test_concurrent_requests_for_a_cold_model_share_one_start(start_llama_
     assert len(upstreams.pids()) == 1, f"20 waiters must share one start, got pids {upstreams.pids()}"
 
 
-async def test_a_swap_never_kills_a_model_that_is_still_streaming(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}))
+async def test_a_swap_never_kills_a_model_that_is_still_streaming(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}))
     async with aiohttp.ClientSession() as s:
         b_task = None
         stream_body = {"model": "a", "stream": True, "responder_delay": 0.2, "responder_chunks": 10}
@@ -218,8 +218,8 @@ async def test_a_swap_never_kills_a_model_that_is_still_streaming(start_llama_sw
     assert pid_alive(b_pid)
 
 
-async def test_a_queued_request_whose_client_left_starts_nothing(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}))
+async def test_a_queued_request_whose_client_left_starts_nothing(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}))
     async with aiohttp.ClientSession() as s:
         stream_body = {"model": "a", "stream": True, "responder_delay": 0.2, "responder_chunks": 10}
         async with s.post(ls.url + "/v1/chat/completions", json=stream_body) as r:
@@ -255,11 +255,11 @@ async def test_a_queued_request_whose_client_left_starts_nothing(start_llama_swa
 # --------------------------------------------------------------------------- failed starts
 
 
-async def test_premature_exit_fails_the_request_with_the_upstream_output_and_next_request_retries(start_llama_swap,
+async def test_premature_exit_fails_the_request_with_the_upstream_output_and_next_request_retries(in_process,
                                                                                                   upstreams):
     # The startup delay keeps the port closed, so the crash happens during the health check.
     cmd = upstreams.cmd("--startup-delay", "5", "--exit-after", "0.3", name="oom")
-    ls = start_llama_swap(config({"oom": {"cmd": cmd}}))
+    ls = await in_process(config({"oom": {"cmd": cmd}}))
     async with aiohttp.ClientSession() as s:
         status, body = await asyncio.wait_for(chat(s, ls, "oom"), START_BOUND)
         message = assert_envelope(status, body, "unspecific error: upstream command exited prematurely")
@@ -273,8 +273,8 @@ async def test_premature_exit_fails_the_request_with_the_upstream_output_and_nex
     assert not upstreams.alive()
 
 
-async def test_health_check_timeout_fails_the_request_and_kills_the_process(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"sick": {"cmd": upstreams.cmd("--health-status", "500", name="sick")}}))
+async def test_health_check_timeout_fails_the_request_and_kills_the_process(in_process, upstreams):
+    ls = await in_process(config({"sick": {"cmd": upstreams.cmd("--health-status", "500", name="sick")}}))
     async with aiohttp.ClientSession() as s:
         began = time.monotonic()
         status, body = await asyncio.wait_for(chat(s, ls, "sick"), HEALTH_TIMEOUT + 25)
@@ -287,8 +287,8 @@ async def test_health_check_timeout_fails_the_request_and_kills_the_process(star
         assert await running(s, ls) == []
 
 
-async def test_unload_during_start_fails_the_waiting_request_and_kills_the_process(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"slow": {"cmd": upstreams.cmd("--startup-delay", "3", name="slow")}}))
+async def test_unload_during_start_fails_the_waiting_request_and_kills_the_process(in_process, upstreams):
+    ls = await in_process(config({"slow": {"cmd": upstreams.cmd("--startup-delay", "3", name="slow")}}))
     async with aiohttp.ClientSession() as s:
         waiting = asyncio.create_task(chat(s, ls, "slow"))
         assert await eventually(lambda: upstreams.pids(), START_BOUND), "the model was never spawned"
@@ -306,8 +306,8 @@ async def test_unload_during_start_fails_the_waiting_request_and_kills_the_proce
         assert await running(s, ls) == []
 
 
-async def test_unloading_the_target_of_a_swap_while_it_evicts_then_asking_again_starts_it(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({
+async def test_unloading_the_target_of_a_swap_while_it_evicts_then_asking_again_starts_it(in_process, upstreams):
+    ls = await in_process(config({
         "a": {"cmd": upstreams.cmd("--sigterm-delay", "1.5", name="a")},
         "b": {"cmd": upstreams.cmd(name="b")},
     }))
@@ -339,8 +339,8 @@ async def test_unloading_the_target_of_a_swap_while_it_evicts_then_asking_again_
     ("/nonexistent/binary --port ${PORT}", "/nonexistent/binary"),  # exec fails: OSError
     ("/bin/echo a\x00b --port ${PORT}", "/bin/echo"),  # an argument with a NUL byte: ValueError
 ], ids=["missing-binary", "nul-byte"])
-async def test_a_command_that_cannot_be_started_is_a_clear_error_every_time(start_llama_swap, upstreams, cmd, program):
-    ls = start_llama_swap(config({"m": {"cmd": cmd}}))
+async def test_a_command_that_cannot_be_started_is_a_clear_error_every_time(in_process, upstreams, cmd, program):
+    ls = await in_process(config({"m": {"cmd": cmd}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for attempt in range(2):
             status, body = await asyncio.wait_for(chat(s, ls, "m"), 30)
@@ -349,8 +349,8 @@ async def test_a_command_that_cannot_be_started_is_a_clear_error_every_time(star
         assert await running(s, ls) == []
 
 
-async def test_a_failed_start_quotes_only_the_output_of_that_run(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"m": {"cmd": "sh -c 'echo RUN-$$-MARK; exit 1'", "proxy": "http://127.0.0.1:9"}}))
+async def test_a_failed_start_quotes_only_the_output_of_that_run(in_process, upstreams):
+    ls = await in_process(config({"m": {"cmd": "sh -c 'echo RUN-$$-MARK; exit 1'", "proxy": "http://127.0.0.1:9"}}))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         runs = []
         for _ in range(2):
@@ -365,8 +365,8 @@ async def test_a_failed_start_quotes_only_the_output_of_that_run(start_llama_swa
 # --------------------------------------------------------------------------- stopping
 
 
-async def test_unload_escalates_to_sigkill_when_sigterm_is_ignored(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"stubborn": {"cmd": upstreams.cmd("--ignore-sigterm", name="stubborn"),
+async def test_unload_escalates_to_sigkill_when_sigterm_is_ignored(in_process, upstreams):
+    ls = await in_process(config({"stubborn": {"cmd": upstreams.cmd("--ignore-sigterm", name="stubborn"),
                                                "unloadTimeout": 1}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "stubborn")
@@ -382,8 +382,8 @@ async def test_unload_escalates_to_sigkill_when_sigterm_is_ignored(start_llama_s
     assert "SIGKILL" in ls.output()
 
 
-async def test_unload_lets_a_slow_process_exit_within_its_unload_timeout(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"slow": {"cmd": upstreams.cmd("--sigterm-delay", "0.6", name="slow"),
+async def test_unload_lets_a_slow_process_exit_within_its_unload_timeout(in_process, upstreams):
+    ls = await in_process(config({"slow": {"cmd": upstreams.cmd("--sigterm-delay", "0.6", name="slow"),
                                            "unloadTimeout": 5}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "slow")
@@ -398,8 +398,8 @@ async def test_unload_lets_a_slow_process_exit_within_its_unload_timeout(start_l
     assert "SIGKILL" not in ls.output(), "a process exiting within unloadTimeout must not be SIGKILLed"
 
 
-async def test_unload_reaps_a_grandchild_left_behind_by_its_parent(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"wrapped": {"cmd": upstreams.cmd("--fork-grandchild", name="wrapped")}}))
+async def test_unload_reaps_a_grandchild_left_behind_by_its_parent(in_process, upstreams):
+    ls = await in_process(config({"wrapped": {"cmd": upstreams.cmd("--fork-grandchild", name="wrapped")}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "wrapped")
         assert status == 200, body
@@ -417,11 +417,11 @@ async def test_unload_reaps_a_grandchild_left_behind_by_its_parent(start_llama_s
 
 
 async def test_a_child_that_ignores_sigterm_while_the_leader_exits_is_killed_after_unload_timeout(
-        start_llama_swap, upstreams):
+        in_process, upstreams):
     duration = unique_sleep()
     # `trap "" TERM` is inherited by the background sleep; the responder installs its own handler.
     cmd = f"sh -c 'trap \"\" TERM; sleep {duration} & exec {upstreams.cmd(name='m')}'"
-    ls = start_llama_swap(config({"m": {"cmd": cmd, "unloadTimeout": 1}}))
+    ls = await in_process(config({"m": {"cmd": cmd, "unloadTimeout": 1}}))
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
             status, reply = await chat(s, ls, "m")
@@ -442,11 +442,11 @@ async def test_a_child_that_ignores_sigterm_while_the_leader_exits_is_killed_aft
 
 
 async def test_a_hanging_cmd_stop_shares_one_deadline_with_the_stop_and_is_killed_too(
-        start_llama_swap, upstreams, tmp_path):
+        in_process, upstreams, tmp_path):
     duration = unique_sleep()
     marker = tmp_path / "stop-env"
     stop = f"sh -c 'echo $STOP_MARK > {marker}; sleep {duration}'"
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "cmdStop": stop, "unloadTimeout": 2,
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd(name="m"), "cmdStop": stop, "unloadTimeout": 2,
                                         "env": ["STOP_MARK=from-model-env"]}}))
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
@@ -467,8 +467,8 @@ async def test_a_hanging_cmd_stop_shares_one_deadline_with_the_stop_and_is_kille
         kill_all(pids_running("sleep", duration))
 
 
-async def test_a_crashed_model_is_started_again_by_the_next_request(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}}))
+async def test_a_crashed_model_is_started_again_by_the_next_request(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a")}}))
     client = openai_client(ls)
     try:
         reply = await client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}])
@@ -562,10 +562,10 @@ async def test_sigterm_during_a_start_exits_promptly_and_leaves_nothing_running(
 # --------------------------------------------------------------------------- config that shapes a run
 
 
-async def test_cmd_stop_runs_with_the_server_pid_instead_of_sigterm(start_llama_swap, upstreams, tmp_path):
+async def test_cmd_stop_runs_with_the_server_pid_instead_of_sigterm(in_process, upstreams, tmp_path):
     marker = tmp_path / "cmd-stop-ran"
     stop = f"sh -c 'echo ${{PID}} > {marker}; kill -TERM ${{PID}}'"
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "cmdStop": stop, "unloadTimeout": 5}}))
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd(name="m"), "cmdStop": stop, "unloadTimeout": 5}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "m")
         assert status == 200, body
@@ -577,17 +577,17 @@ async def test_cmd_stop_runs_with_the_server_pid_instead_of_sigterm(start_llama_
     assert "SIGKILL" not in ls.output()
 
 
-async def test_env_entries_reach_the_upstream_and_a_failed_start_quotes_its_output(start_llama_swap, upstreams):
+async def test_env_entries_reach_the_upstream_and_a_failed_start_quotes_its_output(in_process, upstreams):
     cmd = "sh -c 'echo model dir is $MODEL_DIR; exit 3'"
-    ls = start_llama_swap(config({"m": {"cmd": cmd, "proxy": "http://127.0.0.1:9", "env": ["MODEL_DIR=/srv/models"]}}))
+    ls = await in_process(config({"m": {"cmd": cmd, "proxy": "http://127.0.0.1:9", "env": ["MODEL_DIR=/srv/models"]}}))
     async with aiohttp.ClientSession() as s:
         status, body = await asyncio.wait_for(chat(s, ls, "m"), START_BOUND)
     message = assert_envelope(status, body, "unspecific error: upstream command exited prematurely with exit status 3")
     assert "model dir is /srv/models" in message
 
 
-async def test_a_missing_executable_is_a_start_error_naming_the_command(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"m": {"cmd": "/nonexistent/llama-server --port 1", "proxy": "http://127.0.0.1:1"}}))
+async def test_a_missing_executable_is_a_start_error_naming_the_command(in_process, upstreams):
+    ls = await in_process(config({"m": {"cmd": "/nonexistent/llama-server --port 1", "proxy": "http://127.0.0.1:1"}}))
     async with aiohttp.ClientSession() as s:
         status, body = await chat(s, ls, "m")
     message = assert_envelope(status, body,
@@ -595,8 +595,8 @@ async def test_a_missing_executable_is_a_start_error_naming_the_command(start_ll
     assert "No such file or directory" in message
 
 
-async def test_check_endpoint_none_makes_a_model_ready_without_probing(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd(name="m"), "checkEndpoint": "none"}}))
+async def test_check_endpoint_none_makes_a_model_ready_without_probing(in_process, upstreams):
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd(name="m"), "checkEndpoint": "none"}}))
     async with aiohttp.ClientSession() as s:
         await chat(s, ls, "m")  # ready at once; the server may not be listening yet (502)
         assert await running_models(s, ls) == {"m": "ready"}

@@ -240,8 +240,8 @@ def entry(statuses: list[dict], model: str) -> dict:
 
 
 @pytest.mark.parametrize("style", ["dots", "percent"])
-async def test_v1_models_shows_the_load_rising_with_an_eta_then_loaded(start_llama_swap, upstreams, style):
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", "3", "--load-progress", style,
+async def test_v1_models_shows_the_load_rising_with_an_eta_then_loaded(in_process, upstreams, style):
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd("--startup-delay", "3", "--load-progress", style,
                                                              name="m")}}))
     async with aiohttp.ClientSession() as s:
         assert await listed_status(s, ls, "m") == {"value": "unloaded"}
@@ -256,9 +256,9 @@ async def test_v1_models_shows_the_load_rising_with_an_eta_then_loaded(start_lla
     assert told and all(isinstance(status["eta_s"], (int, float)) and status["eta_s"] >= 0 for status in told), seen
 
 
-async def test_without_progress_output_the_second_start_gets_its_eta_from_the_first(start_llama_swap, upstreams):
+async def test_without_progress_output_the_second_start_gets_its_eta_from_the_first(in_process, upstreams):
     delay = 2.0
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", str(delay), name="m")}}))
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd("--startup-delay", str(delay), name="m")}}))
     async with aiohttp.ClientSession() as s:
         first = await load_polling_status(s, ls, "m")
         async with s.post(ls.url + "/api/models/unload/m") as r:
@@ -288,8 +288,8 @@ async def test_load_times_kept_in_the_store_give_the_first_start_after_a_restart
     assert statuses and any(status["eta_s"] is not None for status in statuses), statuses
 
 
-async def test_events_republish_a_starting_models_load_every_second(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({
+async def test_events_republish_a_starting_models_load_every_second(in_process, upstreams):
+    ls = await in_process(config({
         "m": {"cmd": upstreams.cmd("--startup-delay", "3", "--load-progress", "dots", name="m")},
         "idle": {"cmd": upstreams.cmd(name="idle")}}))
     async with aiohttp.ClientSession() as s, watching_events(s, ls) as events:
@@ -307,9 +307,9 @@ async def test_events_republish_a_starting_models_load_every_second(start_llama_
                if entry(statuses, "m")["state"] != "starting")
 
 
-async def test_the_loading_stream_says_how_far_the_load_has_got(start_llama_swap, upstreams):
+async def test_the_loading_stream_says_how_far_the_load_has_got(in_process, upstreams):
     # Remarks come 2-5 s into the stream, then every 5-9 s: a ten-second load has room for one.
-    ls = start_llama_swap(config({"m": {"cmd": upstreams.cmd("--startup-delay", "10", "--load-progress", "dots",
+    ls = await in_process(config({"m": {"cmd": upstreams.cmd("--startup-delay", "10", "--load-progress", "dots",
                                                              name="m"),
                                         "sendLoadingState": True}}))
     reasoning, content = [], []

@@ -49,9 +49,9 @@ def base_config(upstreams, **models) -> dict:
             "models": {name: {"cmd": upstreams.cmd(*args, name=name)} for name, args in models.items()}}
 
 
-async def test_an_unchanged_model_keeps_its_process_and_a_new_model_appears(start_llama_swap, upstreams):
+async def test_an_unchanged_model_keeps_its_process_and_a_new_model_appears(in_process, upstreams):
     config = base_config(upstreams, a=())
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200
         pid = await upstream_pid(s, ls, "a")
@@ -71,9 +71,9 @@ async def test_an_unchanged_model_keeps_its_process_and_a_new_model_appears(star
         assert pid_alive(pid)
 
 
-async def test_a_changed_model_restarts_on_next_use(start_llama_swap, upstreams):
+async def test_a_changed_model_restarts_on_next_use(in_process, upstreams):
     config = base_config(upstreams, a=())
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200
         old_pid = await upstream_pid(s, ls, "a")
@@ -86,9 +86,9 @@ async def test_a_changed_model_restarts_on_next_use(start_llama_swap, upstreams)
         assert not pid_alive(old_pid)
 
 
-async def test_a_bad_edit_keeps_the_running_config_and_says_why(start_llama_swap, upstreams):
+async def test_a_bad_edit_keeps_the_running_config_and_says_why(in_process, upstreams):
     config = base_config(upstreams, a=())
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200
         pid = await upstream_pid(s, ls, "a")
@@ -106,10 +106,10 @@ async def test_a_bad_edit_keeps_the_running_config_and_says_why(start_llama_swap
     assert "failed to reload config" in ls.output()
 
 
-async def test_a_stream_running_across_a_reload_completes_and_the_next_request_gets_the_new_server(start_llama_swap,
+async def test_a_stream_running_across_a_reload_completes_and_the_next_request_gets_the_new_server(in_process,
                                                                                                    upstreams):
     config = base_config(upstreams, a=())
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200
         old_pid = await upstream_pid(s, ls, "a")
@@ -129,9 +129,9 @@ async def test_a_stream_running_across_a_reload_completes_and_the_next_request_g
         assert not pid_alive(old_pid)
 
 
-async def test_a_removed_model_finishes_its_requests_then_stops(start_llama_swap, upstreams):
+async def test_a_removed_model_finishes_its_requests_then_stops(in_process, upstreams):
     config = base_config(upstreams, a=(), b=())
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "b"))[0] == 200
         b_pid = await upstream_pid(s, ls, "b")
@@ -155,9 +155,9 @@ async def test_a_removed_model_finishes_its_requests_then_stops(start_llama_swap
 
 
 async def test_reload_removing_a_streaming_model_in_the_default_group_drains_it_then_serves_the_next(
-        start_llama_swap, upstreams):
+        in_process, upstreams):
     cfg = config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}})
-    ls = start_llama_swap(cfg)
+    ls = await in_process(cfg)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         body = {"model": "b", "stream": True, "responder_chunks": 30, "responder_delay": 0.1}
         async with s.post(ls.url + "/v1/chat/completions", json=body) as stream:
@@ -190,9 +190,9 @@ async def test_reload_removing_a_streaming_model_in_the_default_group_drains_it_
         assert await running_models(s, ls) == {"a": "ready"}
 
 
-async def test_unload_all_while_a_removed_model_is_still_draining_returns_200(start_llama_swap, upstreams):
+async def test_unload_all_while_a_removed_model_is_still_draining_returns_200(in_process, upstreams):
     cfg = config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}})
-    ls = start_llama_swap(cfg)
+    ls = await in_process(cfg)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         body = {"model": "b", "stream": True, "responder_chunks": 40, "responder_delay": 0.1}
         async with s.post(ls.url + "/v1/chat/completions", json=body) as stream:
@@ -256,12 +256,12 @@ async def test_unknown_keys_are_logged_at_start_with_the_key_probably_meant(star
     assert "models.a.ttll: unknown key, did you mean 'ttl'?" in ls.output()
 
 
-async def test_a_new_model_that_sorts_first_moves_no_other_models_port(start_llama_swap, upstreams):
+async def test_a_new_model_that_sorts_first_moves_no_other_models_port(in_process, upstreams):
     # Ports are handed out in model-ID order at the first load; a model added later takes a free
     # port instead of shifting everyone's ${PORT} (which would restart every running model).
     config = base_config(upstreams, m=(), n=())
     start = config["startPort"]
-    ls = start_llama_swap(config)
+    ls = await in_process(config)
     async with aiohttp.ClientSession() as s:
         for model in ("m", "n"):
             assert (await chat(s, ls, model))[0] == 200

@@ -676,8 +676,8 @@ def assert_rate_limited(status: int, headers, body: bytes) -> None:
     assert headers.get("Content-Type", "").split(";")[0].strip() == "application/json"
 
 
-async def test_request_over_the_concurrency_limit_gets_429_at_once(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a"), "concurrencyLimit": 2}}))
+async def test_request_over_the_concurrency_limit_gets_429_at_once(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a"), "concurrencyLimit": 2}}))
     finished: list[int] = []
 
     async def slow(s):
@@ -700,8 +700,8 @@ async def test_request_over_the_concurrency_limit_gets_429_at_once(start_llama_s
         assert [status for status, _, _ in results] == [200, 200]
 
 
-async def test_streaming_request_over_the_limit_gets_429_before_any_stream_bytes(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a"), "concurrencyLimit": 2,
+async def test_streaming_request_over_the_limit_gets_429_before_any_stream_bytes(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a"), "concurrencyLimit": 2,
                                         "sendLoadingState": True}}))
     stream = {"model": "a", "stream": True, "responder_chunks": 10, "responder_delay": 0.2}
     async with aiohttp.ClientSession() as s:
@@ -721,8 +721,8 @@ async def test_streaming_request_over_the_limit_gets_429_before_any_stream_bytes
         assert status == 200, body
 
 
-async def test_default_concurrency_limit_is_ten(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}}))
+async def test_default_concurrency_limit_is_ten(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a")}}))
     async with aiohttp.ClientSession() as s:
         assert (await chat(s, ls, "a"))[0] == 200
         await asyncio.sleep(RELEASE_GRACE)
@@ -739,8 +739,8 @@ async def test_default_concurrency_limit_is_ten(start_llama_swap, upstreams):
 # -- TTL -----------------------------------------------------------------------------------------
 
 
-async def test_ttl_unloads_an_idle_model_a_few_seconds_after_its_last_request(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a"), "ttl": 2, "unloadTimeout": 1}}))
+async def test_ttl_unloads_an_idle_model_a_few_seconds_after_its_last_request(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a"), "ttl": 2, "unloadTimeout": 1}}))
     async with aiohttp.ClientSession() as s:
         status, _ = await chat(s, ls, "a")
         assert status == 200
@@ -761,8 +761,8 @@ async def _empty(s, ls) -> bool:
     return await running_models(s, ls) == {}
 
 
-async def test_a_stream_longer_than_the_ttl_keeps_the_model_loaded_until_it_ends(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a"), "ttl": 1, "unloadTimeout": 1}}))
+async def test_a_stream_longer_than_the_ttl_keeps_the_model_loaded_until_it_ends(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a"), "ttl": 1, "unloadTimeout": 1}}))
     async with aiohttp.ClientSession() as s:
         body = {"model": "a", "stream": True, "responder_chunks": 12, "responder_delay": 0.3}  # ~3.6 s
         began = time.monotonic()
@@ -821,8 +821,8 @@ async def _models_are(s, ls, expected: dict) -> bool:
     return await running_models(s, ls) == expected
 
 
-async def test_preload_and_requests_at_startup_share_one_start(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"),
+async def test_preload_and_requests_at_startup_share_one_start(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd("--startup-delay", "0.5", name="a"),
                                         "concurrencyLimit": 20}},
                                  hooks={"on_startup": {"preload": ["a"]}}))
     async with aiohttp.ClientSession() as s:
@@ -833,8 +833,8 @@ async def test_preload_and_requests_at_startup_share_one_start(start_llama_swap,
     assert "preloading model: a" in ls.output()
 
 
-async def test_preloading_two_members_of_a_swap_group_leaves_the_last_loaded(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}},
+async def test_preloading_two_members_of_a_swap_group_leaves_the_last_loaded(in_process, upstreams):
+    ls = await in_process(config({"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}},
                                  hooks={"on_startup": {"preload": ["a", "b"]}}))
     async with aiohttp.ClientSession() as s:
         assert await eventually(lambda: len(upstreams.pids()) == 2, 2 * START_BOUND)
@@ -848,8 +848,8 @@ async def test_preloading_two_members_of_a_swap_group_leaves_the_last_loaded(sta
 # =========================================================================== 5. groups end to end
 
 
-async def test_groups_keep_models_of_non_exclusive_groups_and_swap_within_a_group(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({m: {"cmd": upstreams.cmd(name=m)} for m in "abcd"}, groups={
+async def test_groups_keep_models_of_non_exclusive_groups_and_swap_within_a_group(in_process, upstreams):
+    ls = await in_process(config({m: {"cmd": upstreams.cmd(name=m)} for m in "abcd"}, groups={
         "g1": {"swap": True, "exclusive": False, "members": ["a", "b"]},
         "g2": {"swap": False, "exclusive": False, "members": ["c", "d"]},
     }))
@@ -872,8 +872,8 @@ async def test_groups_keep_models_of_non_exclusive_groups_and_swap_within_a_grou
     assert len(upstreams.pids()) == 4
 
 
-async def test_a_persistent_group_survives_exclusive_loads(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({m: {"cmd": upstreams.cmd(name=m)} for m in ("x", "y", "p", "o", "z")}, routing={
+async def test_a_persistent_group_survives_exclusive_loads(in_process, upstreams):
+    ls = await in_process(config({m: {"cmd": upstreams.cmd(name=m)} for m in ("x", "y", "p", "o", "z")}, routing={
         "router": {"use": "group", "settings": {"groups": {
             "big": {"swap": True, "exclusive": True, "members": ["x", "y"]},
             "pinned": {"persistent": True, "exclusive": False, "members": ["p"]},
@@ -905,8 +905,8 @@ async def test_a_persistent_group_survives_exclusive_loads(start_llama_swap, ups
     assert len(upstreams.pids()) == 6  # p, o, x, o again, y, z
 
 
-async def test_matrix_router_swaps_end_to_end_and_logs_its_decisions(start_llama_swap, upstreams):
-    ls = start_llama_swap(config({m: {"cmd": upstreams.cmd(name=m)} for m in ("chat1", "chat2", "tts")}, matrix={
+async def test_matrix_router_swaps_end_to_end_and_logs_its_decisions(in_process, upstreams):
+    ls = await in_process(config({m: {"cmd": upstreams.cmd(name=m)} for m in ("chat1", "chat2", "tts")}, matrix={
         "vars": {"c1": "chat1", "c2": "chat2"},
         "evict_costs": {"c1": 3},
         "sets": {"talk": "(c1 | c2) & tts"},

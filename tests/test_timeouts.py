@@ -16,8 +16,8 @@ async def post(session: aiohttp.ClientSession, url: str, payload: dict, **kwargs
         return r.status, await r.json(content_type=None)
 
 
-async def test_a_model_that_sends_no_headers_within_response_header_gets_a_502(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+async def test_a_model_that_sends_no_headers_within_response_header_gets_a_502(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"), "timeouts": {"responseHeader": 1}}}})
     async with aiohttp.ClientSession() as s:
         status, reply = await post(s, ls.url, {"model": "m", "responder_sleep": 4})
@@ -30,17 +30,17 @@ async def test_a_model_that_sends_no_headers_within_response_header_gets_a_502(s
             assert b"data: [DONE]" in await r.read()
 
 
-async def test_without_a_response_header_timeout_a_slow_model_is_waited_for(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_without_a_response_header_timeout_a_slow_model_is_waited_for(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         status, reply = await post(s, ls.url, {"model": "m", "responder_sleep": 2})
     assert status == 200, reply
 
 
-async def test_a_peer_gets_its_own_response_header_timeout(start_llama_swap, upstreams, tmp_path):
+async def test_a_peer_gets_its_own_response_header_timeout(in_process, upstreams, tmp_path):
     # The peer is a bare responder, started as the upstream of a second model group would be.
     port = free_port()
-    ls = start_llama_swap({
+    ls = await in_process({
         "healthCheckTimeout": 15,
         "models": {"local": {"cmd": upstreams.cmd(name="local").replace("${PORT}", str(port)),
                              "proxy": f"http://127.0.0.1:{port}"}},
@@ -55,9 +55,9 @@ async def test_a_peer_gets_its_own_response_header_timeout(start_llama_swap, ups
         assert status == 200 and reply["echo"]["model"] == "remote"
 
 
-async def test_a_connect_timeout_of_zero_means_no_limit_and_idle_conn_zero_keeps_connections(start_llama_swap,
+async def test_a_connect_timeout_of_zero_means_no_limit_and_idle_conn_zero_keeps_connections(in_process,
                                                                                              upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd(name="m"), "timeouts": {"connect": 0, "idleConn": 0, "keepalive": 0}}}})
     async with aiohttp.ClientSession() as s:
         for _ in range(3):
@@ -87,8 +87,8 @@ def test_timeouts_are_values_that_compare_and_hash():
     assert Timeouts() != Timeouts(response_header=60)
 
 
-async def test_an_expect_100_continue_is_answered_here_and_not_forwarded(start_llama_swap, upstreams):
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+async def test_an_expect_100_continue_is_answered_here_and_not_forwarded(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
     async with aiohttp.ClientSession() as s:
         status, reply = await post(s, ls.url, {"model": "m"}, expect100=True)
     assert status == 200, reply
@@ -96,11 +96,11 @@ async def test_an_expect_100_continue_is_answered_here_and_not_forwarded(start_l
 
 
 @pytest.mark.parametrize("path, status", [("/upstream/m/health", 404), ("/upstream/m/", 200)])
-async def test_an_upstream_that_refuses_a_websocket_upgrade_is_answered_with_what_it_said(start_llama_swap, upstreams,
+async def test_an_upstream_that_refuses_a_websocket_upgrade_is_answered_with_what_it_said(in_process, upstreams,
                                                                                           path, status):
     # /health answers 404 here; the root page answers 200, which is no upgrade either: the client
     # gets each as the upstream sent it (the original passes a refusal through as it is).
-    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {"m": {
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {
         "cmd": upstreams.cmd("--health-status", "404", name="m"), "checkEndpoint": "none"}}})
     async with aiohttp.ClientSession() as s:
         async def listening() -> bool:  # "ready" at once without a health check: wait for the port

@@ -266,10 +266,10 @@ async def data_events(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 
 async def test_models_never_measured_run_alone_then_share_the_gpu_while_they_fit(
-        start_llama_swap, upstreams, tmp_path, monkeypatch):
+        in_process, upstreams, tmp_path, monkeypatch):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0))
     sizes = {"a": 8, "b": 8, "c": 12}
-    ls = start_llama_swap(vram_config({m: holder(upstreams, gpus, m, f"0:{size}GiB") for m, size in sizes.items()}))
+    ls = await in_process(vram_config({m: holder(upstreams, gpus, m, f"0:{size}GiB") for m, size in sizes.items()}))
     async with aiohttp.ClientSession() as s:
         for model, size in sizes.items():
             await served(s, ls, model)
@@ -285,10 +285,10 @@ async def test_models_never_measured_run_alone_then_share_the_gpu_while_they_fit
         assert await states(s, ls) == {"b": "ready", "c": "ready"}
 
 
-async def test_vram_hints_let_models_share_the_gpu_from_their_first_load(start_llama_swap, upstreams, tmp_path,
+async def test_vram_hints_let_models_share_the_gpu_from_their_first_load(in_process, upstreams, tmp_path,
                                                                          monkeypatch):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0))
-    ls = start_llama_swap(vram_config({m: holder(upstreams, gpus, m, "0:8GiB", hint="8GiB") for m in ("a", "b")}))
+    ls = await in_process(vram_config({m: holder(upstreams, gpus, m, "0:8GiB", hint="8GiB") for m in ("a", "b")}))
     async with aiohttp.ClientSession() as s:
         await served(s, ls, "a")
         await served(s, ls, "b")
@@ -306,9 +306,9 @@ def long_stream(chunks: int) -> dict:
     return {"model": "b", "stream": True, "responder_chunks": chunks, "responder_delay": 0.1}
 
 
-async def test_an_idle_model_makes_room_while_a_busy_one_keeps_streaming(start_llama_swap, upstreams, tmp_path,
+async def test_an_idle_model_makes_room_while_a_busy_one_keeps_streaming(in_process, upstreams, tmp_path,
                                                                          monkeypatch):
-    ls = start_llama_swap(busy_idle_config(upstreams, fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0)), c_size=12))
+    ls = await in_process(busy_idle_config(upstreams, fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0)), c_size=12))
     async with aiohttp.ClientSession() as s:
         await served(s, ls, "a")
         await served(s, ls, "b")
@@ -323,8 +323,8 @@ async def test_an_idle_model_makes_room_while_a_busy_one_keeps_streaming(start_l
 
 
 async def test_a_model_that_needs_a_busy_ones_room_waits_for_its_stream_to_end(
-        start_llama_swap, upstreams, tmp_path, monkeypatch):
-    ls = start_llama_swap(busy_idle_config(upstreams, fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0)), c_size=20))
+        in_process, upstreams, tmp_path, monkeypatch):
+    ls = await in_process(busy_idle_config(upstreams, fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0)), c_size=20))
     chunks = 40  # 4 s
     async with aiohttp.ClientSession() as s:
         await served(s, ls, "a")
@@ -359,28 +359,28 @@ async def swap_x_for_y(ls, upstreams, gpus: Path) -> float:
 
 @pytest.mark.parametrize("hint", [pytest.param("20GiB", id="hinted"), pytest.param(None, id="never-measured")])
 async def test_the_next_model_starts_once_the_evicted_ones_memory_shows_free(
-        start_llama_swap, upstreams, tmp_path, monkeypatch, hint):
+        in_process, upstreams, tmp_path, monkeypatch, hint):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0))
-    ls = start_llama_swap(x_then_y_config(upstreams, gpus, 3, hint))
+    ls = await in_process(x_then_y_config(upstreams, gpus, 3, hint))
     freed = await swap_x_for_y(ls, upstreams, gpus)
     assert spawned_at(ls, "y") >= freed, "y started while x's memory was still held"
     assert "still not free" not in ls.output()
 
 
-async def test_release_wait_bounds_the_wait_for_memory(start_llama_swap, upstreams, tmp_path, monkeypatch):
+async def test_release_wait_bounds_the_wait_for_memory(in_process, upstreams, tmp_path, monkeypatch):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0))
     release = 30
-    ls = start_llama_swap(x_then_y_config(upstreams, gpus, release, "20GiB", {"releaseWait": 1}))
+    ls = await in_process(x_then_y_config(upstreams, gpus, release, "20GiB", {"releaseWait": 1}))
     freed = await swap_x_for_y(ls, upstreams, gpus)
     stopped = freed - release  # x wrote `until` just before it exited
     assert stopped + 1 <= spawned_at(ls, "y") < freed
     assert "vram: memory for y still not free after 1s; starting it anyway" in ls.output()
 
 
-async def test_running_models_and_metrics_show_footprints_and_budgets(start_llama_swap, upstreams, tmp_path,
+async def test_running_models_and_metrics_show_footprints_and_budgets(in_process, upstreams, tmp_path,
                                                                       monkeypatch):
     gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 2 * GiB), (16 * GiB, 0))
-    ls = start_llama_swap(vram_config({"a": holder(upstreams, gpus, "a", "0:6GiB,1:2GiB"),
+    ls = await in_process(vram_config({"a": holder(upstreams, gpus, "a", "0:6GiB,1:2GiB"),
                                        "b": {"cmd": upstreams.cmd(name="b"), "vram": "6GiB"}},
                                       {"reserve": {0: "1GiB"}}))
     a_vram = {"0": 6 * GiB, "1": 2 * GiB}
@@ -461,7 +461,7 @@ def nvidia_smi_lists_a_gpu() -> bool:
     return any(line.startswith("GPU ") for line in listing.splitlines())
 
 
-async def test_a_real_gpu_process_is_measured_through_nvml(start_llama_swap, upstreams, tmp_path, monkeypatch):
+async def test_a_real_gpu_process_is_measured_through_nvml(in_process, upstreams, tmp_path, monkeypatch):
     monkeypatch.delenv("LLAMA_SWAP_FAKE_VRAM", raising=False)
     if not (nvidia_smi_lists_a_gpu() and nvml_gpu_count()):
         pytest.skip("needs an NVIDIA GPU listed by nvidia-smi and readable through NVML")
@@ -473,7 +473,7 @@ async def test_a_real_gpu_process_is_measured_through_nvml(start_llama_swap, ups
     script.write_text(GPU_HOLDER)
     allocated = 256 * MiB
     cmd = upstreams.cmd(name="g").replace(f"{PY} {RESPONDER}", f"{PY} {script} {allocated} {RESPONDER}", 1)
-    ls = start_llama_swap(vram_config({"g": {"cmd": cmd}}))
+    ls = await in_process(vram_config({"g": {"cmd": cmd}}))
     async with aiohttp.ClientSession() as s:
         await served(s, ls, "g")
 
