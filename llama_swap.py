@@ -7042,6 +7042,37 @@ class LoadingStream:
             await self.say(f"\nDone! ({time.monotonic() - self.began:.2f}s)\n{self.RULE}\n \n")
 
 
+async def stream_while_loading(request: web.Request, scheduler: Scheduler, model: str, path_qs: str,
+                               body: bytes) -> web.StreamResponse:
+    """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
+    stream at once that tells what happens while the model loads, then the answer itself."""
+    with scheduler.admitted(model):
+        ticket = scheduler.ticket(model, request_label(request))
+        processes = scheduler.processes
+        loading = LoadingStream(request, model, lambda: scheduler.position(ticket),
+                                lambda: processes[model].load_status() if model in processes else None)
+        response = await loading.open()
+        request[EXCHANGE].responding(response)
+        try:
+            async with scheduler.granted(ticket) as process:
+                await loading.finish()
+                if process.upstream is None:
+                    raise UpstreamError(Failure.NOT_READY, f"[{model}] process is not ready")
+                await relay_into(response, request, process.upstream, path_qs, body, forwarded_headers(request))
+        except (SchedulerError, UpstreamError) as e:
+            await loading.stop()
+            message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else \
+                f"upstream {model} unreachable: {e}"
+            request[EXCHANGE].failure = (503 if isinstance(e, QueueTimeout) else 500, message)
+            with contextlib.suppress(ConnectionError):  # no one left to tell
+                await response.write(stream_error_event(path_qs, message, "internal_error"))
+        finally:
+            await loading.stop()
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+
 ###############################################################################
 # 22. Runtime #################################################################
 ###############################################################################
@@ -7501,6 +7532,21 @@ class UiFiles:
         return web.Response(body=body, content_type=content_type, headers=headers)
 
 
+async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
+async def handle_version(request: web.Request) -> web.Response:
+    return json_response({"version": __version__, "commit": "python", "build_date": "unknown"})
+
+
+def redirect(kind: type[web.HTTPRedirection], location: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler that sends every request to `location`."""
+    async def handle(request: web.Request) -> web.Response:
+        raise kind(location)
+    return handle
+
+
 class Server:
     """The HTTP face of the proxy: the route table, its handlers, the middlewares and the steps
     of the hot path. What they act on is the Runtime's."""
@@ -7534,7 +7580,7 @@ class Server:
             # the model routes: a model is read from the request, started if need be, relayed to
             *(web.post(path, self.handle_model) for path in MODEL_POST_PATHS),
             *(web.get(path, self.handle_model) for path in MODEL_GET_PATHS),
-            web.get("/upstream", self.handle_upstream_index),
+            web.get("/upstream", redirect(web.HTTPFound, "/ui/models")),
             web.route("*", "/upstream/" + any_path, self.handle_upstream),
             web.route("*", "/comfyui", self.handle_comfyui),
             web.route("*", "/comfyui/" + any_path, self.handle_comfyui),
@@ -7552,8 +7598,8 @@ class Server:
             web.get("/api/inflight", self.handle_inflight),
             web.post("/api/inflight/{id}/cancel", self.handle_cancel_inflight),
             # watching
-            web.get("/health", self.handle_health),
-            web.get("/wol-health", self.handle_health),
+            web.get("/health", handle_health),
+            web.get("/wol-health", handle_health),
             web.get("/logs", self.handle_logs),
             web.get("/logs/stream", self.handle_log_stream),
             web.get("/logs/stream/{id:[\\s\\S]+}", self.handle_log_stream),
@@ -7565,11 +7611,11 @@ class Server:
             web.get("/api/metrics/stats", self.handle_activity_stats),
             web.get("/api/captures/{id}", self.handle_capture),
             # the web UI
-            web.get("/", self.handle_root),
-            web.get("/ui", self.handle_ui_index),
+            web.get("/", redirect(web.HTTPFound, "/ui")),
+            web.get("/ui", redirect(web.HTTPMovedPermanently, "/ui/")),
             web.get("/ui/{path:[\\s\\S]*}", self.handle_ui),
             web.get("/favicon.ico", self.handle_favicon),
-            web.get("/api/version", self.handle_version),
+            web.get("/api/version", handle_version),
         ])
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -7603,38 +7649,9 @@ class Server:
         with self.inflight.track(request, model, path_qs, body, metadata):
             if settings.send_loading_state and self.processes[model].state != READY and \
                     path_qs.startswith("/v1/chat/completions") and await self.wants_stream(request, body):
-                return await self.stream_while_loading(request, model, path_qs, body)
+                return await stream_while_loading(request, self.scheduler, model, path_qs, body)
             async with self.scheduler.lease(model, request_label(request)) as process:
                 return await self.relay_local(request, process, path_qs, body)
-
-    async def stream_while_loading(self, request: web.Request, model: str, path_qs: str,
-                                   body: bytes) -> web.StreamResponse:
-        """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
-        stream at once that tells what happens while the model loads, then the answer itself."""
-        with self.scheduler.admitted(model):
-            ticket = self.scheduler.ticket(model, request_label(request))
-            loading = LoadingStream(request, model, lambda: self.scheduler.position(ticket),
-                                    lambda: self.processes[model].load_status() if model in self.processes else None)
-            response = await loading.open()
-            request[EXCHANGE].responding(response)
-            try:
-                async with self.scheduler.granted(ticket) as process:
-                    await loading.finish()
-                    if process.upstream is None:
-                        raise UpstreamError(Failure.NOT_READY, f"[{model}] process is not ready")
-                    await relay_into(response, request, process.upstream, path_qs, body, forwarded_headers(request))
-            except (SchedulerError, UpstreamError) as e:
-                await loading.stop()
-                message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else \
-                    f"upstream {model} unreachable: {e}"
-                request[EXCHANGE].failure = (503 if isinstance(e, QueueTimeout) else 500, message)
-                with contextlib.suppress(ConnectionError):  # no one left to tell
-                    await response.write(stream_error_event(path_qs, message, "internal_error"))
-            finally:
-                await loading.stop()
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
-            return response
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,
                            metadata: dict[str, str]) -> web.StreamResponse:
@@ -7828,9 +7845,6 @@ class Server:
                       f"({printable(f'{exchange.model} {exchange.method} {exchange.path}')})")
         return json_response({"msg": "ok"})
 
-    async def handle_health(self, request: web.Request) -> web.Response:
-        return web.Response(text="OK")
-
     # -- activity, metrics, performance -------------------------------------------
 
     async def handle_activity(self, request: web.Request) -> web.Response:
@@ -7919,12 +7933,6 @@ class Server:
 
     # -- the web UI ---------------------------------------------------------------
 
-    async def handle_root(self, request: web.Request) -> web.Response:
-        raise web.HTTPFound("/ui")
-
-    async def handle_ui_index(self, request: web.Request) -> web.Response:
-        raise web.HTTPMovedPermanently("/ui/")
-
     async def handle_ui(self, request: web.Request) -> web.Response:
         """The web UI: files as they are, and index.html for the app's own paths."""
         path = request.match_info["path"]
@@ -7934,12 +7942,6 @@ class Server:
 
     async def handle_favicon(self, request: web.Request) -> web.Response:
         return self.ui.answer(request, "favicon.svg")
-
-    async def handle_upstream_index(self, request: web.Request) -> web.Response:
-        raise web.HTTPFound("/ui/models")
-
-    async def handle_version(self, request: web.Request) -> web.Response:
-        return json_response({"version": __version__, "commit": "python", "build_date": "unknown"})
 
     # -- middlewares --------------------------------------------------------------
 
