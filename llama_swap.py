@@ -13,24 +13,25 @@ Contents, in dependency order (each section opens with its concept and rules):
     5. Config: routing    groups, matrix DSL, vram router, priorities; peers, selectors, profiles
     6. Logging            ProxyLog: history rings, live readers, stdout that never blocks us
     7. Process groups     GroupRecord and its watcher: no model server outlives us
-    8. Model processes    ModelProcess: spawn, health, load progress, stop; Learnt; launch_settings
-    9. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
-   10. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
-   11. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
-   12. Virtual models     profiles' pins and selectors: names that stand for other models
-   13. Request bodies     finding and rewriting `model` without decoding the rest; BodyReader
-   14. In-flight          Exchange and InFlight: one request on its way, cancellable
-   15. Relay              bytes from upstream to client, chunk by chunk; websockets; peers
-   16. Activity: answers  tokens, speeds and errors read from a finished answer
-   17. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
-   18. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
-   19. Metrics            /metrics in Prometheus text
-   20. API answers        OpenAI error envelopes, model records, key/origin/host checks
-   21. Events             /api/events fan-out; the stream sent while a model loads
-   22. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
-   23. Reload             ConfigSource, reload(), --watch-config and SIGHUP
-   24. HTTP               Server: route table, middlewares, handlers, the hot path
-   25. CLI                flags, serve() (bind, start, wait, shut down), main()
+    8. KV cache           llama-server slots saved before a stop, restored after a start
+    9. Model processes    ModelProcess: spawn, health, load progress, stop; Learnt; launch_settings
+   10. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
+   11. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
+   12. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
+   13. Virtual models     profiles' pins and selectors: names that stand for other models
+   14. Request bodies     finding and rewriting `model` without decoding the rest; BodyReader
+   15. In-flight          Exchange and InFlight: one request on its way, cancellable
+   16. Relay              bytes from upstream to client, chunk by chunk; websockets; peers
+   17. Activity: answers  tokens, speeds and errors read from a finished answer
+   18. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
+   19. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
+   20. Metrics            /metrics in Prometheus text
+   21. API answers        OpenAI error envelopes, model records, key/origin/host checks
+   22. Events             /api/events fan-out; the stream sent while a model loads
+   23. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
+   24. Reload             ConfigSource, reload(), --watch-config and SIGHUP
+   25. HTTP               Server: route table, middlewares, handlers, the hot path
+   26. CLI                flags, serve() (bind, start, wait, shut down), main()
 
 How a request travels: the middlewares (access log, CORS, clean path, watch, errors, guard,
 keys) hand it to Server.handle_model, which reads the body (BodyReader), finds its model
@@ -268,11 +269,13 @@ DEFAULT_HEALTH_CHECK_TIMEOUT = 120
 MIN_HEALTH_CHECK_TIMEOUT = 15
 DEFAULT_UNLOAD_TIMEOUT = 10
 DEFAULT_CONCURRENCY_LIMIT = 10
+DEFAULT_KV_CACHE_MB = 8192  # per model: a few long conversations of a mid-size model
+DEFAULT_KV_SAVE_TIMEOUT = 30  # seconds a stop may wait for the slots to be saved
 DEFAULT_PROXY = "http://localhost:${PORT}"
 DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 DEFAULT_SESSION_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
 DEFAULT_GROUP = "(default)"
-RESERVED_MACROS = ("PID", "PORT", "MODEL_ID")
+RESERVED_MACROS = ("PID", "PORT", "MODEL_ID", "KV_CACHE_DIR")
 MODALITIES = ("text", "audio", "image")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 LOG_TIME_FORMATS = ("ansic", "unixdate", "rubydate", "rfc822", "rfc822z", "rfc850", "rfc1123", "rfc1123z",
@@ -393,7 +396,17 @@ class ModelConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     ignore_websockets: bool = False
     vram: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes (None: all GPUs, split evenly)
+    kv_cache: KvCache | None = None
     problem: str = ""  # why it cannot start, where the original would load the file anyway; "" when it can
+
+
+@dataclass
+class KvCache:
+    """kvCache: a llama-server's slots saved before it stops and restored after it starts."""
+
+    max_disk_mb: int = DEFAULT_KV_CACHE_MB  # all of the model's saved slots together
+    save_timeout: int = DEFAULT_KV_SAVE_TIMEOUT
+    directory: str = ""  # ${KV_CACHE_DIR}: ours, one per model and launch settings
 
 
 @dataclass
@@ -475,6 +488,7 @@ class Config:
     log_time_format: str = ""
     global_ttl: int = 0
     unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+    kv_cache_root: str = ""  # where the models' ${KV_CACHE_DIR}s are
     include_aliases_in_list: bool = False
     send_loading_state: bool = False
     metrics_max_in_memory: int = 1000
@@ -845,11 +859,11 @@ def leftover_macros(value: Any, path: str) -> Iterable[tuple[str, str]]:
             yield from leftover_macros(item, f"{path}.{key}")
 
 
-def check_no_leftover_macros(value: Any, path: str, in_model: bool = False, allow_pid: bool = False) -> None:
+def check_no_leftover_macros(value: Any, path: str, in_model: bool = False, allow: Iterable[str] = ()) -> None:
     for where, name in leftover_macros(value, path):
         if name.startswith("env."):
             raise ConfigError(f"{where}: environment variable '{name[4:]}' not set")
-        if allow_pid and name == "PID":
+        if name in allow:
             continue
         if in_model and name in ("PORT", "MODEL_ID"):
             raise ConfigError(f"{where}: macro '${{{name}}}' should have been substituted "
@@ -857,6 +871,11 @@ def check_no_leftover_macros(value: Any, path: str, in_model: bool = False, allo
         if in_model and name == "PID":
             raise ConfigError(f"{where}: ${{PID}} is only available in cmdStop")
         raise ConfigError(f"{where}: unknown macro '${{{name}}}'")
+
+
+# Macros filled in after the first pass: ${PID} when cmdStop runs, ${KV_CACHE_DIR} once the
+# store's place (and so the cache's) is known.
+LATE_MACROS = {"cmdStop": ("PID",), "cmd": ("KV_CACHE_DIR",), "env": ("KV_CACHE_DIR",)}
 
 
 @functools.cache
@@ -905,7 +924,8 @@ def build_config(doc: dict, previous: Config | None = None) -> Config:
     for model_id, (data, _macros) in models.items():
         for key, value in data.items():
             with errors.gather():
-                check_no_leftover_macros(value, f"models.{model_id}.{key}", in_model=True, allow_pid=key == "cmdStop")
+                check_no_leftover_macros(value, f"models.{model_id}.{key}", in_model=True,
+                                         allow=LATE_MACROS.get(key, ()))
     errors.check()
 
     with errors.gather():
@@ -940,6 +960,7 @@ def check_values(top: ConfigReader, config: Config, nodes: Mapping[str, ConfigRe
     for model_id, model in config.models.items():
         with errors.gather():
             check_model(model, nodes[model_id])
+            check_kv_cache(model, nodes[model_id], config.kv_cache_root)
             register_set_params_aliases(model, config)
     names_read = len(errors.messages)
     with errors.gather():
@@ -1049,6 +1070,7 @@ def check_globals(top: ConfigReader, config: Config, errors: ConfigErrors) -> No
     config.unload_timeout = config.unload_timeout or DEFAULT_UNLOAD_TIMEOUT
     with errors.gather():
         config.store_path = read_store_path(top)
+    config.kv_cache_root = kv_cache_root(config.store_path)
     if config.log_to_stdout not in LOG_TO_STDOUT:
         errors.messages.append(str(top.error("logToStdout", f"must be one of: {', '.join(LOG_TO_STDOUT)}")))
     for model in config.models.values():  # model defaults that come from globals
@@ -1159,6 +1181,7 @@ def read_model(model_id: str, node: ConfigReader, config: Config) -> ModelConfig
         timeouts=read_timeouts(node.mapping("timeouts"), Timeouts()),
         ignore_websockets=node.mapping("compat").boolean("ignoreWebsockets"),
         vram=read_sizes(node, "vram"),
+        kv_cache=read_kv_cache(node),
     )
     node.raw("healthCheckTimeout")
     if model.concurrency_limit <= 0:
@@ -1220,6 +1243,59 @@ def read_sizes(node: ConfigReader, key: str) -> dict[int | None, int]:
             raise node.error(key, f"{size!r} is not a size (like 20GiB, 512MiB or a number of bytes)")
         sizes[gpu] = parsed
     return sizes
+
+
+def read_kv_cache(node: ConfigReader) -> KvCache | None:
+    """kvCache: true, or a mapping of its settings; absent or false: none."""
+    value = node.raw("kvCache")
+    if value is None or value is False:
+        return None
+    if value is True:
+        return KvCache()
+    if not isinstance(value, dict):
+        raise node.error("kvCache", f"expected true, false or a mapping, got {_yaml_kind(value)} {value!r}")
+    settings = node.mapping("kvCache")
+    return KvCache(settings.integer("maxDiskMB", DEFAULT_KV_CACHE_MB),
+                   settings.integer("saveTimeout", DEFAULT_KV_SAVE_TIMEOUT))
+
+
+def kv_cache_root(store_path: str | None) -> str:
+    """Beside the store when it is a file, else under the user's cache directory."""
+    if store_path:
+        return os.path.join(os.path.dirname(os.path.abspath(store_path)), "kv-cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llama-swap-py", "kv-cache")
+
+
+def kv_cache_model_dir(root: str, model_id: str) -> str:
+    """The directory of one model's caches: its ID made safe for a file name, and a hash of it
+    so that two IDs that read alike never share one."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_id)[:64]
+    return os.path.join(root, f"{safe}-{hashlib.sha256(model_id.encode()).hexdigest()[:8]}")
+
+
+def check_kv_cache(model: ModelConfig, node: ConfigReader, root: str) -> None:
+    """kvCache needs llama-server told where to save (--slot-save-path ${KV_CACHE_DIR}); the
+    directory is then filled in: one per model and launch settings, so that a model whose cmd,
+    env or proxy changed never restores a cache made by other settings."""
+    uses = [key for key, text in (("cmd", model.cmd), ("env", " ".join(model.env))) if "${KV_CACHE_DIR}" in text]
+    if model.kv_cache is None:
+        if uses:
+            raise node.error(uses[0], "${KV_CACHE_DIR} is only set for a model with kvCache: true")
+        return
+    if model.kv_cache.max_disk_mb < 1:
+        raise ConfigError(f"models.{model.id}.kvCache.maxDiskMB: must be at least 1, got {model.kv_cache.max_disk_mb}")
+    if model.kv_cache.save_timeout < 1:
+        raise ConfigError(f"models.{model.id}.kvCache.saveTimeout: must be at least 1 (seconds), "
+                          f"got {model.kv_cache.save_timeout}")
+    if "--slot-save-path" not in model.cmd or "${KV_CACHE_DIR}" not in model.cmd:
+        raise node.error("kvCache", "cmd must pass --slot-save-path ${KV_CACHE_DIR} to llama-server "
+                                    "(the directory llama-swap keeps this model's saved slots in)")
+    launch = json.dumps([model.cmd, model.env, model.proxy])
+    directory = os.path.join(kv_cache_model_dir(root, model.id), hashlib.sha256(launch.encode()).hexdigest()[:16])
+    model.kv_cache.directory = directory
+    model.cmd = model.cmd.replace("${KV_CACHE_DIR}", shlex.quote(directory))
+    model.env = [entry.replace("${KV_CACHE_DIR}", directory) for entry in model.env]
 
 
 def read_capabilities(node: ConfigReader) -> Capabilities:
@@ -2267,7 +2343,103 @@ class GroupRecord:
 
 
 ###############################################################################
-# 8. Model processes ##########################################################
+# 8. KV cache #################################################################
+###############################################################################
+
+# kvCache: a llama-server's slots (the KV cache of each conversation it holds) are saved to
+# files before it stops, and restored after its next start before any request reaches it, so
+# that coming back to a model after a swap does not mean reading the whole conversation again.
+# Saving is bounded by saveTimeout and never holds up a swap longer; a file that does not
+# restore is dropped; the files of a model stay within maxDiskMB, oldest removed first.
+
+KV_SAVED_ON = ("swap", "ttl", "unload", "reload")  # stop reasons worth a save (not a crash or shutdown)
+
+
+@dataclass
+class SlotTransfer:
+    """One slot saved or restored, as llama-server reports it."""
+
+    slot: int
+    tokens: int
+    size: int  # bytes written or read
+    ms: float
+
+
+def slot_file(slot: int) -> str:
+    return f"slot-{slot}.bin"
+
+
+async def slots_holding_tokens(session: aiohttp.ClientSession, base_url: str) -> list[int]:
+    """The IDs of the slots that hold a conversation (GET /slots)."""
+    async with session.get(base_url + "/slots") as answer:
+        answer.raise_for_status()
+        slots = await answer.json(content_type=None)
+    return [int(s["id"]) for s in slots if isinstance(s, dict) and int(s.get("n_prompt_tokens") or 0) > 0]
+
+
+async def slot_action(session: aiohttp.ClientSession, base_url: str, slot: int, action: str) -> SlotTransfer:
+    """POST /slots/{id}?action=save|restore with the slot's file name; an error answer raises."""
+    async with session.post(f"{base_url}/slots/{slot}", params={"action": action},
+                            json={"filename": slot_file(slot)}) as answer:
+        reply = await answer.json(content_type=None)
+        if answer.status != 200 or not isinstance(reply, dict):
+            message = reply.get("error", {}).get("message") if isinstance(reply, dict) else None
+            raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status,
+                                              message=str(message or reply)[:300])
+    saved = action == "save"
+    timings = reply.get("timings") or {}
+    return SlotTransfer(slot, int(reply.get("n_saved" if saved else "n_restored") or 0),
+                        int(reply.get("n_written" if saved else "n_read") or 0),
+                        float(timings.get("save_ms" if saved else "restore_ms") or 0.0))
+
+
+def saved_slots(directory: str) -> list[int]:
+    """The slots with a file in `directory`, newest file first."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = [(os.path.getmtime(os.path.join(directory, n)), int(m.group(1)))
+             for n in names if (m := re.fullmatch(r"slot-(\d+)\.bin", n))]
+    return [slot for _, slot in sorted(found, reverse=True)]
+
+
+def prune_kv_files(model_dir: str, budget: int) -> list[str]:
+    """Files of one model (all its launch settings) removed, oldest first, until the rest fit
+    `budget` bytes; returns those removed. Blocking: call it in a worker thread."""
+    files = []
+    for folder, _dirs, names in os.walk(model_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                stat = os.stat(path)
+                files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, path in sorted(files):
+        if total <= budget:
+            break
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(path)
+            total -= size
+    return removed
+
+
+def remove_other_models_kv(root: str, model_dirs: set[str]) -> list[str]:
+    """At start: the caches of models no longer in the config are removed. Blocking."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    gone = [os.path.join(root, n) for n in names if os.path.join(root, n) not in model_dirs]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
+###############################################################################
+# 9. Model processes ##########################################################
 ###############################################################################
 
 # ModelProcess: one model's server through its states (stopped -> starting -> ready ->
@@ -2542,10 +2714,12 @@ class ModelProcess:
     """
 
     def __init__(self, model: ModelConfig, log: ProxyLog, on_change: Callable[[ModelProcess], None],
-                 groups: GroupRecord | None = None, learnt: Learnt | None = None):
+                 groups: GroupRecord | None = None, learnt: Learnt | None = None,
+                 on_kv: Callable[[str, str, SlotTransfer], None] = lambda model, action, transfer: None):
         self.model = model
         self.log = log
         self.on_change = on_change
+        self.on_kv = on_kv  # a slot saved or restored (kvCache)
         self.groups = groups or GroupRecord(None)
         self.state: State = STOPPED
         self.stop_reason = ""  # why the current run is ending: the first stop request names it
@@ -2663,8 +2837,58 @@ class ModelProcess:
     async def _load(self) -> None:
         await self.groups.settled.wait()  # a killed run's servers may still hold our port or memory
         await self._claim_port()
+        if self.model.kv_cache:  # llama-server refuses a --slot-save-path that is not a directory
+            await asyncio.to_thread(os.makedirs, self.model.kv_cache.directory, exist_ok=True)
         await self._spawn()
         await self._wait_healthy()
+        if self.model.kv_cache:
+            await self._restore_slots(self.model.kv_cache)
+
+    async def _restore_slots(self, settings: KvCache) -> None:
+        """After a healthy start, before any request: the slots the last run saved, back in. One
+        that does not restore is logged and its file dropped; the start goes on."""
+        base = self.model.proxy.rstrip("/")
+        for slot in await asyncio.to_thread(saved_slots, settings.directory):
+            try:
+                done = await asyncio.wait_for(slot_action(self._run.session, base, slot, "restore"),
+                                              settings.save_timeout)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError) as e:
+                self.log.warn(f"<{self.model.id}> KV cache: slot {slot} did not restore "
+                              f"({error_text(e)}); its file is dropped")
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(settings.directory, slot_file(slot)))
+                continue
+            self._kv_done("restore", done)
+
+    async def _save_slots(self, settings: KvCache) -> None:
+        """Before a stop: every slot that holds a conversation saved, within saveTimeout in all. A
+        failure or a server too slow is logged and the stop goes on; then the model's files are
+        kept within maxDiskMB."""
+        run, base = self._run, self.model.proxy.rstrip("/")
+        if run is None or run.session.closed:
+            return
+
+        async def save_all() -> None:
+            for slot in await slots_holding_tokens(run.session, base):
+                self._kv_done("save", await slot_action(run.session, base, slot, "save"))
+        try:
+            await asyncio.wait_for(save_all(), settings.save_timeout)
+        except asyncio.TimeoutError:
+            self.log.warn(f"<{self.model.id}> KV cache: saving took longer than {settings.save_timeout}s "
+                          "(kvCache.saveTimeout); stopping it anyway")
+        except (aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+            self.log.warn(f"<{self.model.id}> KV cache: could not save ({error_text(e)}); stopping it anyway")
+        removed = await asyncio.to_thread(prune_kv_files, os.path.dirname(settings.directory),
+                                          settings.max_disk_mb * MIB)
+        if removed:
+            self.log.info(f"<{self.model.id}> KV cache: {len(removed)} oldest file(s) removed to stay within "
+                          f"{settings.max_disk_mb} MB (kvCache.maxDiskMB)")
+
+    def _kv_done(self, action: str, transfer: SlotTransfer) -> None:
+        what = "saved" if action == "save" else "restored"
+        self.log.info(f"<{self.model.id}> KV cache: {what} slot {transfer.slot}, {transfer.tokens} tokens, "
+                      f"{format_bytes(transfer.size)} in {transfer.ms:.0f} ms")
+        self.on_kv(self.model.id, action, transfer)
 
     async def _claim_port(self) -> None:
         """A server on this machine needs its port free: whatever else answers there would pass
@@ -2791,6 +3015,8 @@ class ModelProcess:
 
     async def _run_stop(self, timeout: float) -> None:
         try:
+            if self.model.kv_cache and self.stop_reason in KV_SAVED_ON:
+                await self._save_slots(self.model.kv_cache)
             await self._terminate(timeout)
         finally:
             self._set_state(STOPPED)
@@ -2850,7 +3076,7 @@ def launch_settings(model: ModelConfig) -> tuple:
 
 
 ###############################################################################
-# 9. GPUs #####################################################################
+# 10. GPUs ####################################################################
 ###############################################################################
 
 # Everything read through NVML, in one place: memory for the vram router, samples for
@@ -3141,7 +3367,7 @@ def open_vram_source() -> VramSource | None:
 
 
 ###############################################################################
-# 10. Swap policy #############################################################
+# 11. Swap policy #############################################################
 ###############################################################################
 
 # Which running models must stop so that a target may run, as pure functions of plain data:
@@ -3457,7 +3683,7 @@ def swap_policy(config: Config) -> GroupPolicy | MatrixPolicy:
 
 
 ###############################################################################
-# 11. Scheduler ###############################################################
+# 12. Scheduler ###############################################################
 ###############################################################################
 
 # The one owner of swap decisions. Requests ask for a model; the scheduler grants it at once,
@@ -3944,7 +4170,7 @@ class Scheduler:
 
 
 ###############################################################################
-# 12. Virtual models ##########################################################
+# 13. Virtual models ##########################################################
 ###############################################################################
 
 # Names that stand for other models: a profile's pins and selectors that pick a target per
@@ -4035,7 +4261,7 @@ class VirtualModels:
 
 
 ###############################################################################
-# 13. Request bodies ##########################################################
+# 14. Request bodies ##########################################################
 ###############################################################################
 
 # Finding and rewriting `model` in a body without decoding the rest. Every scan is linear and
@@ -4538,7 +4764,7 @@ class BodyReader:
 
 
 ###############################################################################
-# 14. In-flight requests ######################################################
+# 15. In-flight requests ######################################################
 ###############################################################################
 
 # Exchange: one request on its way, from arrival to its last byte, listed by /api/inflight and
@@ -4717,7 +4943,7 @@ class InFlight:
 
 
 ###############################################################################
-# 15. Relay ###################################################################
+# 16. Relay ###################################################################
 ###############################################################################
 
 # Bytes from upstream to client, chunk by chunk, never parsed: HTTP answers, streams and
@@ -5049,7 +5275,7 @@ def error_text(error: BaseException) -> str:
 
 
 ###############################################################################
-# 16. Activity: what an answer says ###########################################
+# 17. Activity: what an answer says ###########################################
 ###############################################################################
 
 # Reading a finished answer for its tokens, speeds and error message, as the original's
@@ -5403,7 +5629,7 @@ def percentile(ordered: Sequence[float], p: float) -> float:
 
 
 ###############################################################################
-# 17. Activity: the store and captures ########################################
+# 18. Activity: the store and captures ########################################
 ###############################################################################
 
 # The activity rows in SQLite (the original's own schema, so its database can be read),
@@ -5839,7 +6065,7 @@ class Activity:
 
 
 ###############################################################################
-# 18. Performance and hardware ################################################
+# 19. Performance and hardware ################################################
 ###############################################################################
 
 # /api/performance: system samples from /proc and GPU samples, kept for HISTORY_SECONDS;
@@ -6201,7 +6427,7 @@ def memory_capacity() -> int:
 
 
 ###############################################################################
-# 19. Metrics #################################################################
+# 20. Metrics #################################################################
 ###############################################################################
 
 # /metrics in Prometheus text: the proxy's own counters and histograms, the system and GPU
@@ -6386,11 +6612,17 @@ class Metrics:
         self.tokens: Counter[tuple] = Counter()  # (model, "prompt" | "generated")
         self.starts: Counter[tuple] = Counter()  # (model, "ready" | "failed")
         self.stops: Counter[tuple] = Counter()  # (model, reason)
+        self.kv_tokens: Counter[tuple] = Counter()  # (model, "save" | "restore")
+        self.kv_seconds: Counter[tuple] = Counter()
         self.first_byte = Histogram(REQUEST_BUCKETS)
         self.duration = Histogram(REQUEST_BUCKETS)
         self.queue_wait = Histogram(REQUEST_BUCKETS)
         self.start_duration = Histogram(START_BUCKETS)
         self._states: dict[str, tuple[str, float]] = {}  # model -> (state, since)
+
+    def kv_transfer(self, model: str, action: str, tokens: int, seconds: float) -> None:
+        self.kv_tokens[(model, action)] += tokens
+        self.kv_seconds[(model, action)] += seconds
 
     def state_changed(self, model: str, state: State, stop_reason: str) -> None:
         previous, since = self._states.get(model, (STOPPED, 0.0))
@@ -6443,6 +6675,10 @@ class Metrics:
             metric_family("llamaswap_model_stops_total",
                           "Model stops by reason (swap, ttl, unload, crash, reload, shutdown).", "counter",
                           [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.stops.items())]),
+            metric_family("llamaswap_kv_cache_tokens_total", "Tokens of KV cache saved and restored (kvCache).",
+                          "counter", [({"model": m, "action": a}, n) for (m, a), n in sorted(self.kv_tokens.items())]),
+            metric_family("llamaswap_kv_cache_seconds_total", "Time spent saving and restoring KV cache (kvCache).",
+                          "counter", [({"model": m, "action": a}, n) for (m, a), n in sorted(self.kv_seconds.items())]),
             self.duration.render("llamaswap_request_duration_seconds",
                                  "Time from the request to the end of its answer."),
             self.first_byte.render("llamaswap_time_to_first_byte_seconds",
@@ -6469,7 +6705,7 @@ def vram_families(book: VramBook) -> str:
 
 
 ###############################################################################
-# 20. API answers #############################################################
+# 21. API answers #############################################################
 ###############################################################################
 
 # What the API speaks: OpenAI-format errors, model records for /v1/models and /running, and
@@ -6896,7 +7132,7 @@ def requested_profile(body: bytes, config: Config) -> str | None:
 
 
 ###############################################################################
-# 21. Events and loading streams ##############################################
+# 22. Events and loading streams ##############################################
 ###############################################################################
 
 # /api/events fan-out (model status, logs, activity, in-flight) and the SSE stream that a
@@ -7074,7 +7310,7 @@ async def stream_while_loading(request: web.Request, scheduler: Scheduler, model
 
 
 ###############################################################################
-# 22. Runtime #################################################################
+# 23. Runtime #################################################################
 ###############################################################################
 
 # What runs behind the HTTP face, wired once: the processes and their scheduler, logs,
@@ -7152,6 +7388,9 @@ class Runtime:
         self._monitor(self.config)
         self.hardware = self.tasks.start("hardware", asyncio.to_thread(hardware_snapshot, __version__))
         self.tasks.start("stalled clients", self._end_stalled_clients())
+        if any(m.kv_cache for m in self.config.models.values()):  # the caches of models now gone
+            dirs = {kv_cache_model_dir(self.config.kv_cache_root, m) for m in self.config.models}
+            self.tasks.start("kv cleanup", asyncio.to_thread(remove_other_models_kv, self.config.kv_cache_root, dirs))
         if watch_config_file:
             self.tasks.start("config watch", watch_config(self))
 
@@ -7168,7 +7407,7 @@ class Runtime:
                     response.transport.abort()
 
     def _process(self, model: ModelConfig) -> ModelProcess:
-        return ModelProcess(model, self.log, self._state_changed, self.groups, self.learnt)
+        return ModelProcess(model, self.log, self._state_changed, self.groups, self.learnt, self._kv_done)
 
     def _policy(self, config: Config) -> SwapPolicy:
         if config.routing.router is Router.VRAM:
@@ -7205,6 +7444,11 @@ class Runtime:
     def _publish_statuses(self) -> None:
         if self.events.streams:
             self.events.publish("modelStatus", model_statuses(self.config, self.states(), self.loading()))
+
+    def _kv_done(self, model: str, action: str, transfer: SlotTransfer) -> None:
+        self.metrics.kv_transfer(model, action, transfer.tokens, transfer.ms / 1000)
+        self.events.publish("kvCache", {"model": model, "action": action, "slot": transfer.slot,
+                                        "tokens": transfer.tokens, "bytes": transfer.size, "ms": transfer.ms})
 
     def _activity_recorded(self, row_id: int, model: str, tokens: Tokens) -> None:
         self.metrics.add_tokens(model, tokens)
@@ -7364,7 +7608,7 @@ class Runtime:
 
 
 ###############################################################################
-# 23. Reload ##################################################################
+# 24. Reload ##################################################################
 ###############################################################################
 
 # A changed config file, SIGHUP or /api/config/reload: the file is read and checked first (a
@@ -7455,7 +7699,7 @@ def reload_on_signal(runtime: Runtime) -> None:
 
 
 ###############################################################################
-# 24. HTTP ####################################################################
+# 25. HTTP ####################################################################
 ###############################################################################
 
 # The application: middlewares, the route table and its handlers. The hot path:
@@ -8051,7 +8295,7 @@ def forwarded_path(request: web.BaseRequest) -> str:
 
 
 ###############################################################################
-# 25. CLI #####################################################################
+# 26. CLI #####################################################################
 ###############################################################################
 
 # Flags, serve() (bind, start, wait, shut down) and main().
