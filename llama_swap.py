@@ -2848,29 +2848,29 @@ class ModelProcess:
         """After a healthy start, before any request: the slots the last run saved, back in. One
         that does not restore is logged and its file dropped; the start goes on."""
         base = self.model.proxy.rstrip("/")
-        for slot in await asyncio.to_thread(saved_slots, settings.directory):
-            try:
-                done = await asyncio.wait_for(slot_action(self._run.session, base, slot, "restore"),
-                                              settings.save_timeout)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError) as e:
-                self.log.warn(f"<{self.model.id}> KV cache: slot {slot} did not restore "
-                              f"({error_text(e)}); its file is dropped")
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(settings.directory, slot_file(slot)))
-                continue
-            self._kv_done("restore", done)
+        async with upstream_session(self.model.timeouts, base) as session:
+            for slot in await asyncio.to_thread(saved_slots, settings.directory):
+                try:
+                    done = await asyncio.wait_for(slot_action(session, base, slot, "restore"), settings.save_timeout)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError) as e:
+                    self.log.warn(f"<{self.model.id}> KV cache: slot {slot} did not restore "
+                                  f"({error_text(e)}); its file is dropped")
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(settings.directory, slot_file(slot)))
+                    continue
+                self._kv_done("restore", done)
 
     async def _save_slots(self, settings: KvCache) -> None:
         """Before a stop: every slot that holds a conversation saved, within saveTimeout in all. A
         failure or a server too slow is logged and the stop goes on; then the model's files are
-        kept within maxDiskMB."""
-        run, base = self._run, self.model.proxy.rstrip("/")
-        if run is None or run.session.closed:
-            return
+        kept within maxDiskMB. A session of its own: the run's may hold connections that
+        llama-server has closed after a stream."""
+        base = self.model.proxy.rstrip("/")
 
         async def save_all() -> None:
-            for slot in await slots_holding_tokens(run.session, base):
-                self._kv_done("save", await slot_action(run.session, base, slot, "save"))
+            async with upstream_session(self.model.timeouts, base) as session:
+                for slot in await slots_holding_tokens(session, base):
+                    self._kv_done("save", await slot_action(session, base, slot, "save"))
         try:
             await asyncio.wait_for(save_all(), settings.save_timeout)
         except asyncio.TimeoutError:
@@ -5079,21 +5079,35 @@ class SlicedBody(aiohttp.payload.BytesPayload):
         await self.write_with_length(writer, None)
 
 
+# llama-server closes a connection right after a streamed answer while it says keep-alive, so the
+# next request on that pooled connection finds it gone before anything was answered. As Go's
+# transport does for a server-closed idle connection, the request is sent again on another.
+STALE_CONNECTION_RETRIES = 2
+
+
 async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
                         headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
     """The upstream's response with its headers read, its body still to come."""
-    data = SlicedBody(body) if len(body) > SEND_STEP else body or None
-    pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=data,
-                                       allow_redirects=False, skip_auto_headers=unsent_default_headers(request))
-    try:
-        return await asyncio.wait_for(pending, upstream.header_timeout)
-    except asyncio.TimeoutError as e:
-        if isinstance(e, aiohttp.ClientError):  # the connect timeout
+    for attempt in range(STALE_CONNECTION_RETRIES + 1):
+        data = SlicedBody(body) if len(body) > SEND_STEP else body or None
+        pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=data,
+                                           allow_redirects=False, skip_auto_headers=unsent_default_headers(request))
+        try:
+            return await asyncio.wait_for(pending, upstream.header_timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            # A fresh connection that fails (ClientConnectorError) and the last try are final.
+            if attempt < STALE_CONNECTION_RETRIES and not isinstance(e, aiohttp.ClientConnectorError):
+                continue
             raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
-        raise UpstreamError(Failure.TIMED_OUT,
-                            f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") from None
-    except aiohttp.ClientError as e:
-        raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
+        except asyncio.TimeoutError as e:
+            if isinstance(e, aiohttp.ClientError):  # the connect timeout
+                raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
+            raise UpstreamError(Failure.TIMED_OUT,
+                                f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") \
+                from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
+    raise AssertionError("the last attempt returns or raises")
 
 
 async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,

@@ -114,3 +114,15 @@ async def test_token_figures_come_from_llama_servers_timings(start_llama_swap, u
         assert tokens["output_tokens"] == generated and tokens["input_tokens"] > 0, row
         assert tokens["prompt_per_second"] > 0 and tokens["tokens_per_second"] > 0, row
         assert tokens["cache_tokens"] >= 0, row  # llama-server reports cache_n
+
+
+async def test_streams_back_to_back_all_reach_the_model(in_process, upstreams, model_file):
+    """llama-server closes its connection just after a streamed answer: the next request must
+    still get through (it once met the closed connection and was answered 502)."""
+    ls = await in_process(llama_config(model_file))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.post(ls.url + "/completion", json={"model": "alpha", "prompt": "hello " * 300, "n_predict": 4,
+                                                             "stream": True, **GENERATE}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -703,3 +704,53 @@ async def test_model_after_a_12_mb_messages_array_is_found_quickly(in_process, u
     assert reply["model"] == "b"
     assert reply["echo"]["body_len"] == len(body)
     assert elapsed < 20, f"a 12 MB request took {elapsed:.1f}s"
+
+
+# -- an upstream that closes a kept-alive connection after a stream ---------------------------------
+
+CLOSES_AFTER_STREAMS = r'''
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Keep-Alive", "timeout=5, max=100")  # as llama-server says, and then closes
+        self.end_headers()
+        for event in (b"data: {}\n\n", b"data: [DONE]\n\n"):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.write(b"0\r\n\r\n")
+        time.sleep(0.2)  # the close comes a moment after the answer, once the connection is back in the pool
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+async def test_a_request_right_after_a_stream_is_sent_again_when_the_upstream_closed_the_connection(
+        in_process, upstreams, tmp_path):
+    """llama-server closes a connection right after a streamed answer while saying keep-alive:
+    the next request on it must go out again on a fresh connection, not end in a 502."""
+    script = tmp_path / "closes_after_streams.py"
+    script.write_text(CLOSES_AFTER_STREAMS)
+    ls = await in_process({"models": {"m": {"cmd": f"{sys.executable} {script} ${{PORT}}"}}})
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):  # back to back, as an agent's tool loop sends them
+            async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
