@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from helpers import running
+from helpers import eventually, running
 from llama_server import binary, tiny_model
 from llama_swap import ConfigError, parse_config, prune_kv_files
 
@@ -75,6 +75,14 @@ async def test_a_model_coming_back_after_a_swap_does_not_read_its_conversation_a
     assert again["cache_n"] >= first["prompt_n"] - 1, again
     output = ls.output()
     assert "<alpha> KV cache: saved slot 0," in output and "<alpha> KV cache: restored slot 0," in output, output
+
+    async def last_row() -> dict | None:  # the activity row of the request that came back
+        async with s.get(ls.url + "/api/metrics/activity?model=alpha&order=desc") as r:
+            rows = (await r.json())["data"]
+        return rows[0] if len(rows) == 2 else None
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        assert await eventually(last_row, 10)
+        assert (await last_row())["tokens"]["cache_tokens"] == again["cache_n"], await last_row()
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(ls.url + "/metrics") as r:
             metrics = await r.text()
