@@ -16,7 +16,7 @@ import yaml
 
 from helpers import eventually, running
 from llama_server import binary, tiny_model
-from llama_swap import ConfigError, parse_config, prune_kv_files
+from llama_swap import ConfigError, kv_cache_model_dir, parse_config, prune_kv_files, remove_other_models_kv
 
 needs_llama_server = pytest.mark.skipif(binary() is None,
                                         reason="llama-server is not built: python tests/llama_server.py --build")
@@ -212,3 +212,15 @@ def test_the_oldest_files_go_first_when_a_model_passes_its_disk_budget(tmp_path)
     assert prune_kv_files(str(tmp_path), 2000) == []
     assert prune_kv_files(str(tmp_path), 999) == [str(tmp_path / "current" / "slot-1.bin"),
                                                   str(tmp_path / "current" / "slot-0.bin")]
+
+
+def test_at_start_the_caches_of_models_no_longer_in_the_config_are_removed(tmp_path):
+    root = str(tmp_path)
+    kept, gone = kv_cache_model_dir(root, "coder"), kv_cache_model_dir(root, "old/model")
+    for directory in (kept, gone):
+        os.makedirs(os.path.join(directory, "settings"))
+        with open(os.path.join(directory, "settings", "slot-0.bin"), "wb") as f:
+            f.write(b"x")
+    assert remove_other_models_kv(root, {kept}) == [gone]
+    assert os.listdir(root) == [os.path.basename(kept)]
+    assert remove_other_models_kv(str(tmp_path / "none yet"), set()) == []
