@@ -224,3 +224,17 @@ def test_at_start_the_caches_of_models_no_longer_in_the_config_are_removed(tmp_p
     assert remove_other_models_kv(root, {kept}) == [gone]
     assert os.listdir(root) == [os.path.basename(kept)]
     assert remove_other_models_kv(str(tmp_path / "none yet"), set()) == []
+
+
+@needs_llama_server
+async def test_a_reload_that_changes_a_running_model_saves_its_slots_first(in_process, upstreams, model_file, tmp_path):
+    ls = await in_process(two_models(tmp_path, model_file, True))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        await complete(s, ls, "alpha", PROMPT)
+        changed = two_models(tmp_path, model_file, True, "--temp", "0.5")
+        changed["startPort"] = yaml.safe_load(ls.config_path.read_text())["startPort"]  # beta stays as it is
+        ls.config_path.write_text(yaml.safe_dump(changed))
+        async with s.post(ls.url + "/api/config/reload") as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["models"]["changed"] == ["alpha"]
+        assert await eventually(lambda: "<alpha> KV cache: saved slot 0," in ls.output(), 30), ls.output()
