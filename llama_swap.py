@@ -2399,8 +2399,11 @@ def saved_slots(directory: str) -> list[int]:
         names = os.listdir(directory)
     except OSError:
         return []
-    found = [(os.path.getmtime(os.path.join(directory, n)), int(m.group(1)))
-             for n in names if (m := re.fullmatch(r"slot-(\d+)\.bin", n))]
+    found = []
+    for name in names:
+        if m := re.fullmatch(r"slot-(\d+)\.bin", name):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                found.append((os.path.getmtime(os.path.join(directory, name)), int(m.group(1))))
     return [slot for _, slot in sorted(found, reverse=True)]
 
 
