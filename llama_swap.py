@@ -8423,6 +8423,14 @@ class QuietLoopErrors:
                           "they wait until some close")
 
 
+def app_runner(server: Server) -> web.AppRunner:
+    """The server's application as it is served: handlers cancelled when their client leaves,
+    bodies read as sent (we inflate them), our limits, aiohttp's complaints in our log."""
+    return web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False,
+                         auto_decompress=False, shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(server.log),
+                         **HTTP_LIMITS)
+
+
 async def serve(config: Config, source: ConfigSource, host: str | None, port: int, ssl_context: Any, log: ProxyLog,
                 watch: bool = False) -> int:
     """Run until SIGINT/SIGTERM, then shut down: in-flight requests first, then every upstream."""
@@ -8451,9 +8459,7 @@ async def serve(config: Config, source: ConfigSource, host: str | None, port: in
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, runtime)
     server = Server(runtime)
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, handle_signals=False,
-                           auto_decompress=False, shutdown_timeout=SHUTDOWN_BUDGET, logger=ProtocolLog.logger(log),
-                           **HTTP_LIMITS)
+    runner = app_runner(server)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     try:

@@ -28,7 +28,6 @@ from aiohttp import web
 
 from llama_swap import (
     DEFAULT_GROUP,
-    HTTP_LIMITS,
     READY,
     STARTING,
     STOPPED,
@@ -42,6 +41,7 @@ from llama_swap import (
     SchedulerError,
     Server,
     StartError,
+    app_runner,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,8 +166,7 @@ class InProcess:
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> InProcess:
-        self.runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None,
-                                    auto_decompress=False, **HTTP_LIMITS)
+        self.runner = app_runner(self.server)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         self.runtime.start()
