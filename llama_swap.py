@@ -397,6 +397,7 @@ class ModelConfig:
     ignore_websockets: bool = False
     vram: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes (None: all GPUs, split evenly)
     kv_cache: KvCache | None = None
+    sleep: Sleep | None = None
     problem: str = ""  # why it cannot start, where the original would load the file anyway; "" when it can
 
 
@@ -407,6 +408,26 @@ class KvCache:
     max_disk_mb: int = DEFAULT_KV_CACHE_MB  # all of the model's saved slots together
     save_timeout: int = DEFAULT_KV_SAVE_TIMEOUT
     directory: str = ""  # ${KV_CACHE_DIR}: ours, one per model and launch settings
+
+
+@dataclass(frozen=True)
+class HttpCall:
+    """A call sent to a model's own server, written in the config as `POST /sleep?level=1`."""
+
+    method: str
+    path: str  # with its query, as sent
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """sleep: the calls that put a model's server to sleep (its GPU memory released, its process
+    kept) and wake it again, used instead of a stop where the server has them (vLLM)."""
+
+    sleep: HttpCall
+    wake: HttpCall
 
 
 @dataclass
@@ -1182,6 +1203,7 @@ def read_model(model_id: str, node: ConfigReader, config: Config) -> ModelConfig
         ignore_websockets=node.mapping("compat").boolean("ignoreWebsockets"),
         vram=read_sizes(node, "vram"),
         kv_cache=read_kv_cache(node),
+        sleep=read_sleep(node),
     )
     node.raw("healthCheckTimeout")
     if model.concurrency_limit <= 0:
@@ -1257,6 +1279,32 @@ def read_kv_cache(node: ConfigReader) -> KvCache | None:
     settings = node.mapping("kvCache")
     return KvCache(settings.integer("maxDiskMB", DEFAULT_KV_CACHE_MB),
                    settings.integer("saveTimeout", DEFAULT_KV_SAVE_TIMEOUT))
+
+
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def read_sleep(node: ConfigReader) -> Sleep | None:
+    """sleep: {sleep: "POST /sleep?level=1", wake: "POST /wake_up"}; absent: the model stops."""
+    if node.raw("sleep") is None:
+        return None
+    if not isinstance(node.raw("sleep"), dict):
+        raise node.error("sleep", f"expected a mapping with the keys sleep and wake "
+                                  f'(e.g. {{sleep: "POST /sleep?level=1", wake: "POST /wake_up"}}), '
+                                  f"got {_yaml_kind(node.raw('sleep'))} {node.raw('sleep')!r}")
+    calls = node.mapping("sleep")
+    return Sleep(read_http_call(calls, "sleep"), read_http_call(calls, "wake"))
+
+
+def read_http_call(node: ConfigReader, key: str) -> HttpCall:
+    """`METHOD /path?query` (the method may be left out: POST)."""
+    text = node.string(key).strip()
+    match = re.fullmatch(r"(?:([A-Za-z]+)\s+)?(/\S*)", text)
+    if not text or match is None or (match[1] or "POST").upper() not in HTTP_METHODS:
+        example = {"sleep": "POST /sleep?level=1", "wake": "POST /wake_up"}[key]
+        raise node.error(key, f'expected "METHOD /path" such as "{example}", got {text!r}'
+                              if text else f'missing: the call that does it, such as "{example}"')
+    return HttpCall((match[1] or "POST").upper(), match[2])
 
 
 def kv_cache_root(store_path: str | None) -> str:
@@ -2446,8 +2494,9 @@ def remove_other_models_kv(root: str, model_dirs: set[str]) -> list[str]:
 ###############################################################################
 
 # ModelProcess: one model's server through its states (stopped -> starting -> ready ->
-# stopping -> stopped). It spawns, polls health, reads load progress and stops the group; it
-# decides nothing about which model runs: the scheduler does.
+# stopping -> stopped; with `sleep`, also ready -> sleeping -> waking -> ready). It spawns,
+# polls health, reads load progress, puts to sleep, wakes and stops the group; it decides
+# nothing about which model runs: the scheduler does.
 
 class State(Named):
     """Where a model's server is in its life; /running and the UI show these words."""
@@ -2456,9 +2505,11 @@ class State(Named):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
+    SLEEPING = "sleeping"  # its process lives, its GPU memory is given back (sleep: its calls)
+    WAKING = "waking"
 
 
-STOPPED, STARTING, READY, STOPPING = State
+STOPPED, STARTING, READY, STOPPING, SLEEPING, WAKING = State
 ABORTED_START_GRACE = 5.0
 MIN_PROBE_GAP = 0.025  # seconds between health probes at the least, however much the upstream prints
 START_ERROR_TAIL_LINES = 8
@@ -2466,6 +2517,10 @@ START_ERROR_TAIL_LINES = 8
 
 class StartError(Exception):
     """A model could not be made ready; the message is what the client is told."""
+
+
+class SleepError(Exception):
+    """A sleep or wake call the server did not answer with success in time."""
 
 
 def health_poll_interval(elapsed: float) -> float:
@@ -2660,6 +2715,7 @@ def load_eta(elapsed: float, progress: float | None, past: Sequence[float]) -> f
 # How a stop is announced in the log, by its reason (the metrics' label).
 STOP_REASONS = {"swap": "swapped out to make room", "unload": "unloaded on request",
                 "reload": "changed or removed by a config reload", "shutdown": "llama-swap is shutting down"}
+SLEEP_REASONS = {"swap": "to make room", "ttl": "its TTL passed"}
 
 
 class Learnt:
@@ -2671,6 +2727,7 @@ class Learnt:
     def __init__(self, changed: Callable[[str], None] = lambda model: None):
         self.load_times: dict[str, collections.deque[float]] = {}  # seconds, past starts
         self.vram: dict[str, dict[int, int]] = {}  # GPU -> bytes, the peak of a run once it was ready
+        self.vram_asleep: dict[str, dict[int, int]] = {}  # GPU -> bytes a sleeping server keeps
         self.changed = changed
 
     def loads(self, model: str) -> collections.deque[float]:
@@ -2685,14 +2742,22 @@ class Learnt:
             self.vram[model] = dict(vram)
             self.changed(model)
 
+    def measured_asleep(self, model: str, vram: Mapping[int, int]) -> None:
+        if self.vram_asleep.get(model) != vram:
+            self.vram_asleep[model] = dict(vram)
+            self.changed(model)
+
     def forget_vram(self, model: str) -> None:
         """Its launch settings changed (a reload): what was measured no longer holds."""
         self.vram.pop(model, None)
+        self.vram_asleep.pop(model, None)
 
     def figures(self, model: str) -> dict[str, Any]:
         """As the store keeps them."""
-        vram = self.vram.get(model, {})
-        return {"load_times": list(self.loads(model)), "vram": {str(g): b for g, b in vram.items()}}
+        figures: dict[str, Any] = {"load_times": list(self.loads(model))}
+        for key, known in (("vram", self.vram), ("vram_asleep", self.vram_asleep)):
+            figures[key] = {str(g): b for g, b in known.get(model, {}).items()}
+        return figures
 
     def recall(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
         """What earlier runs learnt (the store's rows), where this run has learnt nothing yet."""
@@ -2700,10 +2765,13 @@ class Learnt:
             with contextlib.suppress(ValueError, TypeError, AttributeError):  # a row from elsewhere
                 load_times = [float(t) for t in figures.get("load_times", [])]
                 vram = {int(g): int(b) for g, b in figures.get("vram", {}).items()}
+                vram_asleep = {int(g): int(b) for g, b in figures.get("vram_asleep", {}).items()}
                 if not self.loads(model):
                     self.loads(model).extend(load_times)
                 if vram:
                     self.vram.setdefault(model, vram)
+                if vram_asleep:
+                    self.vram_asleep.setdefault(model, vram_asleep)
 
 
 class ModelProcess:
@@ -2726,11 +2794,13 @@ class ModelProcess:
         self.groups = groups or GroupRecord(None)
         self.state: State = STOPPED
         self.stop_reason = ""  # why the current run is ending: the first stop request names it
+        self.sleep_reason = ""  # why it was last put to sleep (swap, ttl)
         self.output = LogMonitor(log.upstream.write)  # kept across restarts, as the original does
         self._run: Run | None = None
         self._starting: asyncio.Task | None = None
         self._loading: asyncio.Task | None = None  # spawn and health check: what an abort cancels
         self._stopping: asyncio.Task | None = None
+        self._sleeping: asyncio.Task | None = None  # the sleep call, and the stop if it fails
         self._wake = asyncio.Event()
         self.load_began = 0.0  # monotonic time of the current start
         self.load_progress = LoadProgress()
@@ -2771,18 +2841,32 @@ class ModelProcess:
             self.state = state
             self.on_change(self)
 
+    @property
+    def asleep(self) -> bool:
+        """Sleeping, its sleep call answered: it holds only what a sleeping server keeps."""
+        return self.state == SLEEPING and self._sleeping is not None and self._sleeping.done()
+
     async def start(self) -> None:
-        """Make the model ready, or raise StartError saying why it is not."""
+        """Make the model ready (a sleeping one is woken), or raise StartError saying why it is not."""
         if self.state == STOPPING:
             await asyncio.shield(self._stopping)
+        if self.state == SLEEPING:
+            await asyncio.shield(self._sleeping)  # a sleep under way is answered first
+        if self.state == SLEEPING:
+            self._starting = asyncio.create_task(self._run_wake())
+            self._set_state(WAKING)
         if self.state == STOPPED:
-            self.stop_reason = ""
-            self.load_began, self.load_progress = time.monotonic(), LoadProgress()
-            self._loading = asyncio.create_task(self._load())
-            self._starting = asyncio.create_task(self._run_start(self._loading))
+            loading = self._new_load()
+            self._starting = asyncio.create_task(self._run_start(loading))
             self._set_state(STARTING)
-        if self.state == STARTING:
+        if self.state in (STARTING, WAKING):
             await asyncio.shield(self._starting)
+
+    def _new_load(self) -> asyncio.Task:
+        self.stop_reason = ""
+        self.load_began, self.load_progress = time.monotonic(), LoadProgress()
+        self._loading = asyncio.create_task(self._load())
+        return self._loading
 
     async def stop(self, timeout: float, reason: str) -> None:
         """Stop the server and its process group: graceful for `timeout` seconds, then SIGKILL.
@@ -2795,19 +2879,94 @@ class ModelProcess:
                 self._loading.cancel()  # too late if loading just finished: then it is READY next time round
                 with contextlib.suppress(StartError):
                     await asyncio.shield(self._starting)
-            elif self.state == READY:
+            elif self.state == READY or self.asleep:
                 self.begin_stop(timeout, reason)
+            elif self.state == SLEEPING:
+                await asyncio.shield(self._sleeping)
+            elif self.state == WAKING:
+                with contextlib.suppress(StartError):
+                    await asyncio.shield(self._starting)
             else:
                 await asyncio.shield(self._stopping)
 
     def begin_stop(self, timeout: float, reason: str) -> asyncio.Task:
-        """Start stopping a ready server now: from this moment it is STOPPING, so no new request
-        can be handed to it (the scheduler decides synchronously, before any task runs)."""
+        """Start stopping a ready (or sleeping) server now: from this moment it is STOPPING, so no
+        new request can be handed to it (the scheduler decides synchronously, before any task runs)."""
         self.stop_reason = self.stop_reason or reason
         self._say_stop("stopping")
-        self._stopping = asyncio.create_task(self._run_stop(timeout))
+        self._stopping = asyncio.create_task(self._run_stop(timeout, save=self.state == READY))
         self._set_state(STOPPING)
         return self._stopping
+
+    # -- sleep and wake (sleep: its calls) ------------------------------------
+
+    async def sleep(self, timeout: float, reason: str) -> bool:
+        """Put the server to sleep (one waking is woken first); whether it now sleeps. A sleep
+        call that fails or takes longer than `timeout` stops the server instead."""
+        if self.state == WAKING:
+            with contextlib.suppress(StartError):
+                await asyncio.shield(self._starting)
+        if self.state == READY:
+            self.begin_sleep(timeout, reason)
+        if self.state == SLEEPING:
+            await asyncio.shield(self._sleeping)
+        return self.state == SLEEPING
+
+    def begin_sleep(self, timeout: float, reason: str) -> asyncio.Task:
+        """Begin putting a ready server to sleep: from this moment it is SLEEPING and takes no
+        request (as begin_stop)."""
+        self.sleep_reason = reason
+        self._sleeping = asyncio.create_task(self._run_sleep(timeout, reason))
+        self._set_state(SLEEPING)
+        return self._sleeping
+
+    async def _run_sleep(self, timeout: float, reason: str) -> None:
+        began = time.monotonic()
+        try:
+            await self._call(self.model.sleep.sleep, timeout)
+        except SleepError as e:
+            self.log.warn(f"<{self.model.id}> could not go to sleep ({e}); stopping it instead")
+            self.stop_reason = reason
+            self._say_stop("stopping")
+            self._stopping = asyncio.current_task()  # a stop() meanwhile waits for this one
+            self._set_state(STOPPING)
+            await self._run_stop(timeout, save=True)
+            return
+        self.log.info(f"<{self.model.id}> asleep ({SLEEP_REASONS.get(reason, reason)}), "
+                      f"{self.model.sleep.sleep} took {time.monotonic() - began:.2f}s")
+
+    async def _run_wake(self) -> None:
+        """Wake the sleeping server; where it does not wake, stop it and start it anew."""
+        began = time.monotonic()
+        try:
+            if self.model.sleep is None:
+                raise SleepError("a reload removed its sleep settings")
+            await self._call(self.model.sleep.wake, self.model.health_check_timeout)
+        except SleepError as e:
+            self.log.warn(f"<{self.model.id}> could not wake ({e}); starting it anew")
+            await self._terminate(ABORTED_START_GRACE)
+            loading = self._new_load()
+            self._set_state(STARTING)
+            await self._run_start(loading)
+            return
+        self.ready_since = time.monotonic()
+        self.log.info(f"<{self.model.id}> awake, woken in {self.ready_since - began:.2f}s")
+        self._set_state(READY)
+
+    async def _call(self, call: HttpCall, timeout: float) -> None:
+        """Send the server one of its sleep calls; SleepError unless it answers 2xx within `timeout`."""
+        base = self.model.proxy.rstrip("/")
+        try:
+            async with upstream_session(self.model.timeouts, base) as session:
+                async with session.request(call.method, URL(base + call.path, encoded=True),
+                                           timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
+                    if answer.status >= 300:
+                        said = (await answer.content.read(200)).decode(errors="replace").strip()
+                        raise SleepError(f"{call} answered {answer.status}{': ' + said if said else ''}")
+        except asyncio.TimeoutError:
+            raise SleepError(f"{call} was not answered within {go_duration(timeout)}") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise SleepError(f"{call}: {error_text(e)}") from None
 
     def _say_stop(self, what: str) -> None:
         if because := STOP_REASONS.get(self.stop_reason):  # a TTL stop has the original's own line
@@ -2961,8 +3120,9 @@ class ModelProcess:
     async def _watch_exit(self, run: Run) -> None:
         code = await run.proc.wait()
         self._wake.set()
-        if self.state == READY and run is self._run:
-            self.log.warn(f"<{self.model.id}> upstream process exited unexpectedly (exit status {code})")
+        if (self.state == READY or self.asleep) and run is self._run:
+            while_asleep = " while asleep" if self.state == SLEEPING else ""
+            self.log.warn(f"<{self.model.id}> upstream process exited unexpectedly{while_asleep} (exit status {code})")
             self.stop_reason = "crash"
             self._set_state(STOPPED)
             signal_group(run.proc.pid, signal.SIGKILL)  # leftovers of a crashed server still hold memory
@@ -3016,9 +3176,10 @@ class ModelProcess:
         lines = self.output.history.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
         return ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
 
-    async def _run_stop(self, timeout: float) -> None:
+    async def _run_stop(self, timeout: float, save: bool) -> None:
+        """`save`: the server is awake, so its KV cache can be saved (kvCache)."""
         try:
-            if self.model.kv_cache and self.stop_reason in KV_SAVED_ON:
+            if save and self.model.kv_cache and self.stop_reason in KV_SAVED_ON:
                 await self._save_slots(self.model.kv_cache)
             await self._terminate(timeout)
         finally:
@@ -3375,19 +3536,28 @@ def open_vram_source() -> VramSource | None:
 
 # Which running models must stop so that a target may run, as pure functions of plain data:
 # groups, the matrix's cheapest set of evictions, or (the vram router) what must go for the
-# target to fit in the GPUs' free memory.
+# target to fit in the GPUs' free memory. A model that can sleep (`sleep`) sleeps instead of
+# stopping; a sleeping one is not running for groups and the matrix, while the vram router
+# counts what it still holds and stops sleeping models first when room is short.
 
 
 class SwapPolicy:
     """Which running models must stop so that a target may run. `running` lists the models that
-    hold resources, cheapest to stop first (idle before busy, least recently used first)."""
+    are awake (hold or are about to hold resources), cheapest to stop first (idle before busy,
+    least recently used first); `asleep` the sleeping ones, least recently used first."""
 
     name = ""
 
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+    def evictions(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> frozenset[str]:
+        """The models that must make room: sleep where they can, else stop."""
         raise NotImplementedError
 
-    def explain(self, target: str, running: Sequence[str]) -> str:
+    def sleepers(self, target: str, running: Sequence[str], asleep: Sequence[str], evict: frozenset[str],
+                 can_sleep: Callable[[str], bool]) -> frozenset[str]:
+        """Which of `evict` go to sleep rather than stop: each awake one that can."""
+        return frozenset(m for m in evict if m in running and can_sleep(m))
+
+    def explain(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> str:
         """A log line about the swap about to happen; "" for none."""
         return ""
 
@@ -3403,7 +3573,7 @@ class GroupPolicy(SwapPolicy):
     def __init__(self, groups: Iterable[Group]):
         self.group_of = {member: group for group in groups for member in group.members}
 
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+    def evictions(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> frozenset[str]:
         group = self.group_of[target]
         evict = set()
         for model in running:
@@ -3440,14 +3610,14 @@ class MatrixPolicy(SwapPolicy):
                         best = (name, combo, cost)
         return best
 
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+    def evictions(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> frozenset[str]:
         running = frozenset(running)
         if target in running:
             return frozenset()
         choice = self.choose(target, running)
         return running - choice[1] if choice else running
 
-    def explain(self, target: str, running: Sequence[str]) -> str:
+    def explain(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> str:
         """The one info line per real swap."""
         running = frozenset(running) - {target}
         if not running:
@@ -3474,24 +3644,45 @@ def spread(sizes: Mapping[int | None, int], gpus: Iterable[int]) -> dict[int, in
     return per_gpu
 
 
-def vram_evictions(need: Mapping[int, int] | None, running: Sequence[tuple[str, Mapping[int, int] | None]],
-                   budget: Mapping[int, int]) -> frozenset[str]:
-    """Which running models to stop so that a model needing `need` (bytes per GPU) fits every
-    GPU's budget: in the order of `running` (cheapest to stop first), those that hold memory on
-    a GPU still short of room, until it fits. A footprint not known (None), a GPU not there, or
-    no GPU known at all fits nowhere: then the model runs alone, as in a group."""
+Footprint = Mapping[int, int]  # GPU -> bytes
+
+
+def vram_plan(need: Footprint | None, running: Sequence[tuple[str, Footprint | None, Footprint | None]],
+              budget: Mapping[int, int], asleep: Sequence[tuple[str, Footprint]] = ()
+              ) -> tuple[frozenset[str], frozenset[str]]:
+    """Which models to put to sleep and which to stop, (sleep, stop), so that a model needing
+    `need` (bytes per GPU) fits every GPU's budget. `running`: (model, footprint, what it keeps
+    asleep or None if it cannot sleep), cheapest to stop first; `asleep`: (model, what it keeps).
+    Sleeping models stop first, then the running ones, in order, sleep (or stop) while a GPU they
+    hold memory on is still short of room; if that is not enough, those just put to sleep stop
+    too. A footprint not known (None), a GPU not there, or no GPU known at all fits nowhere:
+    then the model runs alone, as in a group."""
     if need is None or not budget or any(size and gpu not in budget for gpu, size in need.items()):
-        return frozenset(name for name, _ in running)
-    kept = [(name, held) for name, held in running if held is not None]
-    evict = {name for name, held in running if held is None}
-    while short := {gpu for gpu, free in budget.items()
-                    if need.get(gpu, 0) + sum(held.get(gpu, 0) for _, held in kept) > free}:
-        helping = next((entry for entry in kept if any(entry[1].get(gpu, 0) for gpu in short)), None)
-        if helping is None:  # too big even alone: it gets the GPUs to itself and may fail to load
-            break
-        kept.remove(helping)
-        evict.add(helping[0])
-    return frozenset(evict)
+        return frozenset(), frozenset(name for name, *_ in running) | frozenset(name for name, _ in asleep)
+    held = {name: dict(footprint) for name, footprint in asleep}
+    held.update((name, dict(footprint)) for name, footprint, _ in running if footprint is not None)
+    sleep, stop = set(), {name for name, footprint, _ in running if footprint is None}
+
+    def holds_short_gpu(name: str) -> bool:
+        short = {gpu for gpu, free in budget.items()
+                 if need.get(gpu, 0) + sum(h.get(gpu, 0) for h in held.values()) > free}
+        return any(held[name].get(gpu, 0) for gpu in short)
+
+    order = [(name, None) for name, _ in asleep] + [(name, kept) for name, fp, kept in running if fp is not None]
+    for name, kept in order:
+        if holds_short_gpu(name):
+            if kept is None:
+                stop.add(name)
+                del held[name]
+            else:
+                sleep.add(name)
+                held[name] = dict(kept)
+    for name in [name for name, _ in order if name in sleep]:
+        if holds_short_gpu(name):  # sleeping is not enough: it stops too
+            sleep.remove(name)
+            stop.add(name)
+            del held[name]
+    return frozenset(sleep), frozenset(stop)
 
 
 @dataclass
@@ -3529,6 +3720,8 @@ class VramBook:
         self.peaks: dict[str, dict[int, int]] = {}  # the largest reading of each model's latest run
         self.runs: dict[str, int] = {}  # model -> the process group of its latest run
         self.starting: set[str] = set()  # models still loading at the latest reading
+        self.asleep: set[str] = set()  # models sleeping at the latest reading
+        self.sleepers: frozenset[str] = frozenset()  # models that can sleep (sleep: its calls)
         self.last_stop = -math.inf  # when a server of ours last stopped (monotonic)
 
     @classmethod
@@ -3542,6 +3735,7 @@ class VramBook:
         self.reserve = dict(config.routing.vram_reserve)
         self.hints = {m: c.vram for m, c in config.models.items()}
         self.release_wait = config.routing.vram_release_wait
+        self.sleepers = frozenset(m for m, c in config.models.items() if c.sleep)
 
     @property
     def measured(self) -> Mapping[str, dict[int, int]]:
@@ -3557,6 +3751,11 @@ class VramBook:
         if model in self.starting and model in self.peaks:  # a loading server holds less than it will
             return largest(known or {}, self.peaks[model]) if known is not None else None
         return known
+
+    def kept_asleep(self, model: str) -> dict[int, int]:
+        """Bytes per GPU the model's server keeps while it sleeps, as measured (none before its
+        first sleep was seen)."""
+        return self.learnt.vram_asleep.get(model, {})
 
     def forget(self, model: str) -> None:
         """Its launch settings changed (a reload): what was measured no longer holds."""
@@ -3583,14 +3782,18 @@ class VramBook:
                     held[model].update(gpu_bytes)
         return VramReading({d.index: d for d in devices}, {m: dict(c) for m, c in held.items()})
 
-    def apply(self, reading: VramReading, groups: Mapping[str, int], starting: Iterable[str]) -> None:
+    def apply(self, reading: VramReading, groups: Mapping[str, int], starting: Iterable[str],
+              asleep: Iterable[str] = ()) -> None:
         """Take a reading in (on the event loop, so decisions never see half of one). A run's
         peak becomes the model's measurement once it is ready: a loading server has not yet
-        allocated all it will."""
-        self.gpus, self.starting = reading.gpus, set(starting)
+        allocated all it will. What a sleeping server holds is what it keeps asleep."""
+        self.gpus, self.starting, self.asleep = reading.gpus, set(starting), set(asleep)
         ours = Counter()
         for model, held in reading.held.items():
             ours.update(held)
+            if model in self.asleep:
+                self.learnt.measured_asleep(model, held)
+                continue
             if not held:
                 continue  # nothing measurable (yet): keep what is known
             if self.runs.get(model) != groups[model]:  # a new run
@@ -3611,9 +3814,11 @@ class VramBook:
         except asyncio.TimeoutError:
             return None
 
-    async def refresh(self, groups: Mapping[str, int], starting: Iterable[str]) -> None:
+    async def refresh(self, groups: Mapping[str, int], starting: Iterable[str],
+                      asleep: Callable[[], Iterable[str]] = tuple) -> None:
+        """`asleep`: the models sleeping once the reading is in (a wake meanwhile is no sleep)."""
         if (reading := await self.reading(groups)) is not None:
-            self.apply(reading, groups, starting)
+            self.apply(reading, groups, starting, asleep())
 
     async def wait_free(self, need: Mapping[int, int] | None, timeout: float, groups: Callable[[], Mapping[str, int]],
                         still_wanted: Callable[[], bool]) -> bool:
@@ -3655,18 +3860,31 @@ class VramPolicy(SwapPolicy):
         self.groups = groups  # model -> process group of every running model
         self.log = log
 
-    def evictions(self, target: str, running: Sequence[str]) -> frozenset[str]:
+    def plan(self, target: str, running: Sequence[str], asleep: Sequence[str]) -> tuple[frozenset[str], frozenset[str]]:
+        """(sleep, stop): see vram_plan. A sleeping target's own memory counts as its own."""
         if target in running:
-            return frozenset()
-        return vram_evictions(self.book.need(target), [(m, self.book.need(m)) for m in running], self.book.budget())
+            return frozenset(), frozenset()
+        book = self.book
+        awake = [(m, book.need(m), book.kept_asleep(m) if m in book.sleepers else None) for m in running]
+        sleeping = [(m, book.kept_asleep(m)) for m in asleep if m != target]
+        return vram_plan(book.need(target), awake, book.budget(), sleeping)
 
-    def explain(self, target: str, running: Sequence[str]) -> str:
+    def evictions(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> frozenset[str]:
+        sleep, stop = self.plan(target, running, asleep)
+        return sleep | stop
+
+    def sleepers(self, target: str, running: Sequence[str], asleep: Sequence[str], evict: frozenset[str],
+                 can_sleep: Callable[[str], bool]) -> frozenset[str]:
+        return self.plan(target, running, asleep)[0] & evict
+
+    def explain(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> str:
         """Called once the swap is decided, when the target counts as running: left out here."""
         others = [m for m in running if m != target]
         need = self.book.need(target)
         needs = " ".join(f"{gpu}:{format_bytes(size)}" for gpu, size in sorted(need.items())) if need else "unknown"
-        evict = self.evictions(target, others)
-        return f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in others if m in evict)}]"
+        sleep, stop = self.plan(target, others, asleep)
+        line = f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in [*asleep, *others] if m in stop)}]"
+        return line + (f" sleep=[{' '.join(m for m in others if m in sleep)}]" if sleep else "")
 
     async def before_start(self, target: str, still_wanted: Callable[[], bool]) -> None:
         """Wait until the GPUs show room for the target, or (its need not known) until the memory
@@ -3727,13 +3945,24 @@ class Ticket:
 
 @dataclass
 class Swap:
-    """A swap in progress: stop `evict`, then start `target`, then grant its waiters."""
+    """A swap in progress: stop `evict` (those in `sleep` sleep instead), then start (or wake)
+    `target`, then grant its waiters."""
 
     target: str
     evict: frozenset[str]
     waiters: list[Ticket]
+    sleep: frozenset[str] = frozenset()
     task: asyncio.Task | None = None
     abandoned: bool = False  # unloaded, removed or shut down meanwhile: do not start the target
+
+
+def making_room(swap: Swap) -> str:
+    """The end of a swap's log line: what it puts to sleep and stops."""
+    parts = [f"{verb} {', '.join(sorted(models))}" for verb, models in
+             (("putting", swap.sleep), ("stopping", swap.evict - swap.sleep)) if models]
+    if swap.sleep:
+        parts[0] += " to sleep"
+    return f", {' and '.join(parts)} to make room" if parts else ""
 
 
 class Scheduler:
@@ -3867,10 +4096,18 @@ class Scheduler:
             swap.waiters.remove(ticket)
 
     def running(self) -> list[str]:
-        """Models that hold or are about to hold resources (live processes and swap targets),
+        """Models that hold or are about to hold resources (awake processes and swap targets),
         cheapest to stop first: idle before busy, least recently used first."""
-        models = {m for m, p in self.processes.items() if p.state != STOPPED} | set(self.swaps)
+        models = {m for m, p in self.processes.items() if p.state not in (STOPPED, SLEEPING)} | set(self.swaps)
         return sorted(models, key=lambda m: (self.in_flight[m] > 0 or m in self.swaps, self.last_use.get(m, 0.0)))
+
+    def asleep(self) -> list[str]:
+        """Sleeping models not being woken, least recently used first."""
+        models = [m for m, p in self.processes.items() if p.state == SLEEPING and m not in self.swaps]
+        return sorted(models, key=lambda m: self.last_use.get(m, 0.0))
+
+    def _can_sleep(self, model: str) -> bool:
+        return self.processes[model].model.sleep is not None
 
     def pump(self) -> None:
         """Re-read the queue front to back after anything changed."""
@@ -3907,7 +4144,8 @@ class Scheduler:
             return True
         if model in self.swaps or model in self.draining or self._port_still_held(model):
             return False  # it restarts with its new settings once the old server is gone
-        evict = self.policy.evictions(model, self.running())
+        running, asleep = self.running(), self.asleep()
+        evict = self.policy.evictions(model, running, asleep)
         being_evicted = any(model in swap.evict for swap in self.swaps.values())
         if self.processes[model].state == READY and not evict and not being_evicted:
             self._grant(ticket)
@@ -3919,21 +4157,21 @@ class Scheduler:
         if hold := self._hold(ticket, evict):
             self._pump_in(hold)
             return False
-        swap = Swap(model, evict, [ticket])
+        swap = Swap(model, evict, [ticket], self.policy.sleepers(model, running, asleep, evict, self._can_sleep))
         self.swaps[model] = swap
-        if explanation := self.policy.explain(model, self.running()):
+        if explanation := self.policy.explain(model, self.running(), self.asleep()):
             self.log.info(explanation)
-        making_room = f", stopping {', '.join(sorted(evict))} to make room" if evict else ""
-        self.log.info(f"<{model}> starting for {ticket.why}{making_room}")
+        verb = "waking" if self.processes[model].state == SLEEPING else "starting"
+        self.log.info(f"<{model}> {verb} for {ticket.why}{making_room(swap)}")
         swap.task = asyncio.create_task(self._run_swap(swap))
         return True
 
     def _wanted_gone(self, ticket: Ticket) -> bool:
         """Whether a request queued ahead of this one (same or higher priority) for max_wait or
         longer needs its model stopped: from then on the model takes no new requests, so it drains."""
-        now, running, model = self.clock(), self.running(), ticket.model
+        now, running, asleep, model = self.clock(), self.running(), self.asleep(), ticket.model
         return any(t.model != model and t.waiting() and t.priority >= ticket.priority and now - t.since >= self.max_wait
-                   and model in self.policy.evictions(t.model, running) for t in self.queue)
+                   and model in self.policy.evictions(t.model, running, asleep) for t in self.queue)
 
     def _hold(self, ticket: Ticket, evict: frozenset[str]) -> float:
         """Seconds the swap for `ticket` should still wait before stopping `evict`; 0 for none."""
@@ -4068,8 +4306,12 @@ class Scheduler:
             if any(model in swap.evict for swap in self.swaps.values()):
                 continue
             if now - self.last_use.setdefault(model, now) > ttl:
-                self.log.info(f"<{model}> Unloading model, TTL of {ttl}s reached")
-                task = process.begin_stop(process.model.unload_timeout, "ttl")
+                if process.model.sleep:
+                    self.log.info(f"<{model}> going to sleep, TTL of {ttl}s reached")
+                    task = process.begin_sleep(process.model.unload_timeout, "ttl")
+                else:
+                    self.log.info(f"<{model}> Unloading model, TTL of {ttl}s reached")
+                    task = process.begin_stop(process.model.unload_timeout, "ttl")
                 self.stops.add(task)
                 task.add_done_callback(self.stops.discard)
 
@@ -4078,8 +4320,7 @@ class Scheduler:
     async def _run_swap(self, swap: Swap) -> None:
         error = ""
         try:
-            await asyncio.gather(*(self.processes[m].stop(self.processes[m].model.health_check_timeout, "swap")
-                                   for m in swap.evict))
+            await asyncio.gather(*(self._make_room(m, m in swap.sleep) for m in swap.evict))
             if not swap.abandoned:
                 await self.policy.before_start(swap.target, lambda: not swap.abandoned)
             if not swap.abandoned:
@@ -4095,6 +4336,12 @@ class Scheduler:
             self.log.error(f"{self.policy.name}: starting {swap.target} failed unexpectedly: {error}")
         finally:
             self._finish_swap(swap, error)
+
+    async def _make_room(self, model: str, sleep: bool) -> None:
+        process = self.processes[model]
+        timeout = process.model.health_check_timeout
+        if not (sleep and await process.sleep(timeout, "swap")):
+            await process.stop(timeout, "swap")
 
     async def unload(self, models: Iterable[str]) -> None:
         """Stop these models now; requests waiting for them are told it was unloaded. The work
@@ -4236,7 +4483,7 @@ class VirtualModels:
         if selector.strategy == "pin":
             return selector.targets[0]
         if selector.strategy == "warm":
-            for wanted in (READY, STARTING):
+            for wanted in (READY, STARTING, WAKING, SLEEPING):  # a sleeping server wakes faster than a start
                 for target in selector.targets:
                     if self._state(target) == wanted:
                         return target
@@ -4250,7 +4497,7 @@ class VirtualModels:
             state, reserved = self._state(target), self.reservations[(selector.id, target)]
             if state == STOPPING:
                 continue
-            (active if state in (READY, STARTING) or reserved > 0 else cold).append(target)
+            (active if state in (READY, STARTING, WAKING) or reserved > 0 else cold).append(target)
         if not active:
             if not cold:
                 raise SelectorError(f'selector "{selector.id}" has no available spillover targets')
@@ -6629,29 +6876,40 @@ class Metrics:
         self.tokens: Counter[tuple] = Counter()  # (model, "prompt" | "generated")
         self.starts: Counter[tuple] = Counter()  # (model, "ready" | "failed")
         self.stops: Counter[tuple] = Counter()  # (model, reason)
+        self.sleeps: Counter[tuple] = Counter()  # (model, reason)
+        self.wakes: Counter[tuple] = Counter()  # (model, "ready" | "failed")
         self.kv_tokens: Counter[tuple] = Counter()  # (model, "save" | "restore")
         self.kv_seconds: Counter[tuple] = Counter()
         self.first_byte = Histogram(REQUEST_BUCKETS)
         self.duration = Histogram(REQUEST_BUCKETS)
         self.queue_wait = Histogram(REQUEST_BUCKETS)
         self.start_duration = Histogram(START_BUCKETS)
+        self.wake_duration = Histogram(START_BUCKETS)
         self._states: dict[str, tuple[str, float]] = {}  # model -> (state, since)
 
     def kv_transfer(self, model: str, action: str, tokens: int, seconds: float) -> None:
         self.kv_tokens[(model, action)] += tokens
         self.kv_seconds[(model, action)] += seconds
 
-    def state_changed(self, model: str, state: State, stop_reason: str) -> None:
+    def state_changed(self, model: str, state: State, reason: str) -> None:
+        """`reason`: why it sleeps (for SLEEPING), else why its run ends."""
         previous, since = self._states.get(model, (STOPPED, 0.0))
         now = time.monotonic()
         self._states[model] = (state, now)
         if previous == STARTING and state == READY:
             self.starts[(model, "ready")] += 1
             self.start_duration.observe((("model", model),), now - since)
-        elif previous == STARTING and state == STOPPED and not stop_reason:
+        elif previous == STARTING and state == STOPPED and not reason:
             self.starts[(model, "failed")] += 1
+        elif previous == WAKING and state == READY:
+            self.wakes[(model, "ready")] += 1
+            self.wake_duration.observe((("model", model),), now - since)
+        elif previous == WAKING:
+            self.wakes[(model, "failed")] += 1
+        elif state == SLEEPING:
+            self.sleeps[(model, reason or "unknown")] += 1
         elif state == STOPPED and previous != STOPPED:
-            self.stops[(model, stop_reason or "unknown")] += 1
+            self.stops[(model, reason or "unknown")] += 1
 
     def request_done(self, model: str, path: str, status: int, first_byte_after: float | None, seconds: float) -> None:
         self.requests[(model, path, str(status))] += 1
@@ -6675,7 +6933,7 @@ class Metrics:
         families = [
             metric_family("llamaswap_model_state", "Current state of each model (1 for the state it is in).", "gauge",
                           [({"model": m, "state": st}, int(scheduler.processes[m].state == st))
-                           for m in models for st in (STOPPED, STARTING, READY, STOPPING)]),
+                           for m in models for st in State]),
             metric_family("llamaswap_inflight_requests", "Requests being served by each model.", "gauge",
                           [({"model": m}, scheduler.in_flight[m]) for m in models]),
             metric_family("llamaswap_queue_depth", "Requests admitted and waiting for their model.", "gauge",
@@ -6692,6 +6950,11 @@ class Metrics:
             metric_family("llamaswap_model_stops_total",
                           "Model stops by reason (swap, ttl, unload, crash, reload, shutdown).", "counter",
                           [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.stops.items())]),
+            metric_family("llamaswap_model_sleeps_total", "Models put to sleep instead of stopped, by reason "
+                          "(swap, ttl).", "counter",
+                          [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.sleeps.items())]),
+            metric_family("llamaswap_model_wakes_total", "Sleeping models woken, by result (failed: started anew).",
+                          "counter", [({"model": m, "result": r}, n) for (m, r), n in sorted(self.wakes.items())]),
             metric_family("llamaswap_kv_cache_tokens_total", "Tokens of KV cache saved and restored (kvCache).",
                           "counter", [({"model": m, "action": a}, n) for (m, a), n in sorted(self.kv_tokens.items())]),
             metric_family("llamaswap_kv_cache_seconds_total", "Time spent saving and restoring KV cache (kvCache).",
@@ -6703,6 +6966,7 @@ class Metrics:
             self.queue_wait.render("llamaswap_queue_wait_seconds",
                                    "Time a request waited for its model (queue and load)."),
             self.start_duration.render("llamaswap_model_start_duration_seconds", "Time from spawn to healthy."),
+            self.wake_duration.render("llamaswap_model_wake_duration_seconds", "Time from a wake call to ready."),
         ]
         return "".join(families)
 
@@ -6930,10 +7194,12 @@ def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], s
 
 
 def model_status(state: State, loading: dict[str, Any] | None) -> dict[str, Any]:
-    """A /v1/models `status`: loaded or unloaded as the original says, and our `loading` with
-    its progress and ETA while the server starts."""
+    """A /v1/models `status`: loaded or unloaded as the original says, our `loading` with its
+    progress and ETA while the server starts, and `sleeping` or `waking` (sleep: its calls)."""
     if loading is not None:
         return {"value": "loading", **loading}
+    if state in (SLEEPING, WAKING):
+        return {"value": str(state)}
     return {"value": "loaded" if state in (STARTING, READY, STOPPING) else "unloaded"}
 
 
@@ -7112,9 +7378,10 @@ def add_vram_needs(records: list[dict[str, Any]], config: Config, book: VramBook
             record["meta"]["llamaswap"]["vram"] = {str(g): b for g, b in sorted((need or {}).items())}
 
 
-def running_records(scheduler: Scheduler, measured: Mapping[str, dict[int, int]]) -> list[dict[str, Any]]:
-    """/running: each model whose server is starting, ready or stopping, with its requests and,
-    where `measured` has it (the vram router), the memory it holds."""
+def running_records(scheduler: Scheduler, book: VramBook | None) -> list[dict[str, Any]]:
+    """/running: each model whose server is starting, ready, sleeping or stopping, with its
+    requests and, with the vram router (`book`), the memory it holds as measured: its footprint,
+    or what it keeps while it sleeps."""
     running = []
     for model_id, process in sorted(scheduler.processes.items(), key=lambda e: e[0].encode()):
         if process.state == STOPPED:
@@ -7124,8 +7391,9 @@ def running_records(scheduler: Scheduler, measured: Mapping[str, dict[int, int]]
         entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
         entry.update(in_flight=scheduler.in_flight[model_id], ttl_remaining=scheduler.ttl_remaining(model_id),
                      queued=scheduler.reserved[model_id] - scheduler.in_flight[model_id])
-        if model_id in measured:
-            entry["vram"] = {str(gpu): size for gpu, size in sorted(measured[model_id].items())}
+        held = None if book is None else book.kept_asleep(model_id) if process.asleep else book.measured.get(model_id)
+        if held:
+            entry["vram"] = {str(gpu): size for gpu, size in sorted(held.items())}
         running.append(entry)
     return running
 
@@ -7438,13 +7706,17 @@ class Runtime:
     def states(self) -> dict[str, State]:
         return {m: p.state for m, p in self.processes.items()}
 
+    def _asleep(self) -> set[str]:
+        return {m for m, p in self.processes.items() if p.asleep}
+
     def loading(self) -> dict[str, dict[str, Any]]:
         """The load status (elapsed, progress, ETA) of every model starting now."""
         return {m: status for m, p in self.processes.items() if (status := p.load_status()) is not None}
 
     def _state_changed(self, process: ModelProcess) -> None:
         self.log.debug(f"<{process.model.id}> state is now {process.state}")
-        self.metrics.state_changed(process.model.id, process.state, process.stop_reason)
+        reason = process.sleep_reason if process.state == SLEEPING else process.stop_reason
+        self.metrics.state_changed(process.model.id, process.state, reason)
         if process.state in (STOPPING, STOPPED):
             self.vram_book.stopped()
         self.scheduler.pump()
@@ -7523,7 +7795,7 @@ class Runtime:
             while True:
                 starting = {m for m, p in self.processes.items() if p.state == STARTING}
                 try:
-                    await book.refresh(self.running_groups(), starting)
+                    await book.refresh(self.running_groups(), starting, self._asleep)
                 except Exception as e:  # a bug or an odd driver: say so, and read again next time
                     self.log.error(f"vram router: reading the GPUs failed: {type(e).__name__}: {e}")
                 await asyncio.sleep(VRAM_EVERY)
@@ -8045,9 +8317,9 @@ class Server:
         return json_response({"object": "list", "data": records, **self.runtime.gpu_budgets()}, headers=headers)
 
     async def handle_running(self, request: web.Request) -> web.Response:
-        """Models whose server is starting, ready or stopping."""
-        measured = self.vram_book.measured if self.config.routing.router is Router.VRAM else {}
-        running = running_records(self.scheduler, measured)
+        """Models whose server is starting, ready, sleeping or stopping."""
+        book = self.vram_book if self.config.routing.router is Router.VRAM else None
+        running = running_records(self.scheduler, book)
         return json_response({"running": running, **self.runtime.gpu_budgets()})
 
     async def handle_unload_all(self, request: web.Request) -> web.Response:

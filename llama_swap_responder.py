@@ -62,6 +62,14 @@ Options
                          changed read-modify-write under an exclusive flock
                          on PATH.lock, and replaced whole, so neither another
                          responder nor llama-swap sees half of it
+--sleep-delay S          POST /sleep takes S seconds to answer (default 0)
+--wake-delay S           POST /wake_up takes S seconds to answer (default 0)
+--sleep-status CODE      status POST /sleep answers with (default 200; anything
+                         else: the server stays awake, as a sleep that failed)
+--wake-status CODE       status POST /wake_up answers with (default 200; anything
+                         else: the server stays asleep)
+--sleep-vram SPEC        with --fake-vram: what it keeps of the fake GPU memory
+                         while asleep, as --fake-vram (default: nothing)
 --fake-vram-release S    on exit (SIGTERM, SIGINT, --exit-after) set the
                          entry's "until" to now + S: a driver slow to free
                          the memory (default 0: free at once). A crash
@@ -78,7 +86,14 @@ GET /health             see --healthy-after / --health-status / --health-hang
 GET /                   small HTML page "responder NAME"
 GET /_responder/events  JSON list of recorded events
                         ({"event", "path", "time"}; events are "request",
-                        "stream_completed" and "client_disconnected")
+                        "stream_completed", "client_disconnected", "sleep",
+                        "wake" and "request_while_asleep")
+POST /sleep             vLLM's sleep: after --sleep-delay, the fake GPU memory
+                        shrinks to --sleep-vram and model requests answer 503
+                        until woken; {"asleep": true}. Already asleep: no change
+POST /wake_up           after --wake-delay, the memory is held again and requests
+                        are served; {"asleep": false}
+GET /is_sleeping        {"is_sleeping": bool}, as vLLM answers
 GET /ws                 a websocket echo ("echo: <text>"; binary as it came)
 GET /_responder/refuse  no upgrade, whatever is asked: status ?status= (default
                         403), header "X-Refused: yes", text "refused with <status>"
@@ -86,7 +101,8 @@ GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
                         "requests" counts echo (catch-all) requests only;
                         also "ready_at": time.time() at which /health starts
                         answering 200 (bind + --healthy-after), null before bind,
-                        and "streamed_bytes": bytes of "responder_bytes" filler
+                        "asleep", "sleeps" and "wakes" (sleep calls answered
+                        with success), and "streamed_bytes": bytes of "responder_bytes" filler
                         events whose write() returned, summed over the process
                         lifetime
 anything else           the "echo" reply: an OpenAI-shaped completion (or
@@ -219,9 +235,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fake-vram", type=parse_vram_spec, default=None)
     parser.add_argument("--fake-vram-file", default=None)
     parser.add_argument("--fake-vram-release", type=float, default=0.0)
+    parser.add_argument("--sleep-delay", type=float, default=0.0)
+    parser.add_argument("--wake-delay", type=float, default=0.0)
+    parser.add_argument("--sleep-status", type=int, default=200)
+    parser.add_argument("--wake-status", type=int, default=200)
+    parser.add_argument("--sleep-vram", type=parse_vram_spec, default={})
     args = parser.parse_args(argv)
     if args.fake_vram and not args.fake_vram_file:
         parser.error("--fake-vram needs --fake-vram-file")
+    if args.sleep_vram and not args.fake_vram:
+        parser.error("--sleep-vram needs --fake-vram")
     return args
 
 
@@ -256,6 +279,12 @@ def hold_fake_vram(args: argparse.Namespace) -> None:
         update_fake_vram(args.fake_vram_file, args.fake_vram)
 
 
+def hold_sleeping_vram(args: argparse.Namespace) -> None:
+    """What a sleeping server keeps: --sleep-vram of each GPU --fake-vram names, else nothing."""
+    if args.fake_vram:
+        update_fake_vram(args.fake_vram_file, {gpu: args.sleep_vram.get(gpu, 0) for gpu in args.fake_vram})
+
+
 def free_fake_vram(args: argparse.Namespace) -> None:
     """Our memory shown freed `--fake-vram-release` seconds from now: the entry stays, as a
     driver keeps showing a dead process's memory until it lets go."""
@@ -282,6 +311,9 @@ class State:
     health_checks: int = 0
     streamed_bytes: int = 0
     sigterm_pending: bool = False
+    asleep: bool = False
+    sleeps: int = 0
+    wakes: int = 0
 
     def request_stop(self, code: int) -> None:
         if not self.stop.is_set():
@@ -556,6 +588,9 @@ async def handle_info(request: web.Request) -> web.Response:
             "requests": state.requests,
             "health_checks": state.health_checks,
             "streamed_bytes": state.streamed_bytes,
+            "asleep": state.asleep,
+            "sleeps": state.sleeps,
+            "wakes": state.wakes,
             # wall-clock moment /health turns 200: the bind moment (monotonic) moved to time.time()
             "ready_at": None if state.listening_since is None
             else time.time() - (time.monotonic() - state.listening_since) + state.args.healthy_after,
@@ -568,8 +603,43 @@ async def handle_refuse(request: web.Request) -> web.Response:
     return web.Response(status=status, text=f"refused with {status}", headers={"X-Refused": "yes"})
 
 
+async def handle_sleep(request: web.Request) -> web.Response:
+    state, args = request.app[STATE], request.app[STATE].args
+    say(f"sleep requested ({request.query_string or 'no level'})")
+    await asyncio.sleep(args.sleep_delay)
+    if args.sleep_status != 200:
+        return web.json_response({"error": "sleep failed (simulated)"}, status=args.sleep_status)
+    if not state.asleep:
+        hold_sleeping_vram(args)
+        state.asleep, state.sleeps = True, state.sleeps + 1
+        state.record("sleep", request.path)
+        say("asleep")
+    return web.json_response({"asleep": True})
+
+
+async def handle_wake(request: web.Request) -> web.Response:
+    state, args = request.app[STATE], request.app[STATE].args
+    say("wake up requested")
+    await asyncio.sleep(args.wake_delay)
+    if args.wake_status != 200:
+        return web.json_response({"error": "wake up failed (simulated)"}, status=args.wake_status)
+    if state.asleep:
+        hold_fake_vram(args)
+        state.asleep, state.wakes = False, state.wakes + 1
+        state.record("wake", request.path)
+        say("awake")
+    return web.json_response({"asleep": False})
+
+
+async def handle_is_sleeping(request: web.Request) -> web.Response:
+    return web.json_response({"is_sleeping": request.app[STATE].asleep})
+
+
 async def handle_echo(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    if state.asleep:  # a request that reached a sleeping server: the proxy should have woken it
+        state.record("request_while_asleep", request.path)
+        return web.json_response({"error": {"message": f"responder {state.args.name} is asleep"}}, status=503)
     state.requests += 1
     body = await request.read()
     json_body = parse_json_object(body) if len(body) <= BIG_BODY else None
@@ -683,6 +753,9 @@ def make_app(state: State) -> web.Application:
     app.router.add_get("/_responder/info", handle_info)
     app.router.add_get("/ws", handle_websocket)
     app.router.add_get("/_responder/refuse", handle_refuse)
+    app.router.add_post("/sleep", handle_sleep)
+    app.router.add_post("/wake_up", handle_wake)
+    app.router.add_get("/is_sleeping", handle_is_sleeping)
     app.router.add_route("*", "/{tail:.*}", handle_echo)
     return app
 

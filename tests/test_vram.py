@@ -1,7 +1,7 @@
 """The vram router (issue 10): models load while they fit the GPUs' memory.
 
 Units first: sizes in the config (`parse_size`, the `vram` keys and their errors), `spread`,
-`vram_evictions` (the pure eviction decision) and `VramBook.apply` (what a reading of the GPUs
+`vram_plan` (the pure eviction decision, with sleepers) and `VramBook.apply` (what a reading of the GPUs
 teaches the router). Then a real llama-swap on fake GPUs (`LLAMA_SWAP_FAKE_VRAM`, a JSON file
 that responders started with `--fake-vram` enter their pid in once loaded): models never
 measured run alone, measured or hinted ones run side by side while they fit, the least
@@ -40,7 +40,7 @@ from llama_swap import (
     parse_size,
     shutdown_nvml,
     spread,
-    vram_evictions,
+    vram_plan,
 )
 
 GiB = 1024**3
@@ -138,12 +138,32 @@ def test_spread_splits_a_size_for_all_gpus_evenly(sizes, gpus, per_gpu):
     pytest.param({0: 30}, [("a", {0: 1}), ("b", {0: 1})], {0: 23}, {"a", "b"}, id="too-big-even-alone-runs-alone"),
 ])
 def test_vram_evictions_stop_the_cheapest_models_until_the_target_fits(need, running_models, budget, evicted):
-    assert vram_evictions(need, running_models, budget) == evicted
+    assert vram_plan(need, [(name, held, None) for name, held in running_models], budget) == (set(), evicted)
 
 
 def test_vram_evictions_spare_a_model_that_holds_nothing_where_room_is_short():
     # Stopping `a` frees GPU 0 only; the target needs room on GPU 1, which only `b` can give.
-    assert vram_evictions({1: 8}, [("a", {0: 8}), ("b", {1: 8})], {0: 10, 1: 10}) == {"b"}
+    assert vram_plan({1: 8}, [("a", {0: 8}, None), ("b", {1: 8}, None)], {0: 10, 1: 10}) == (set(), {"b"})
+
+
+@pytest.mark.parametrize("need, running_models, asleep, budget, plan", [
+    pytest.param({0: 12}, [("a", {0: 8}, {0: 1}), ("b", {0: 8}, None)], [], {0: 23}, ({"a"}, set()),
+                 id="a-model-that-can-sleep-sleeps"),
+    pytest.param({0: 12}, [("a", {0: 8}, None), ("b", {0: 8}, {0: 1})], [("s", {0: 4})], {0: 29}, (set(), {"s"}),
+                 id="sleeping-models-stop-first"),
+    pytest.param({0: 12}, [("a", {0: 8}, None)], [("s", {0: 1}), ("t", {0: 1})], {0: 23}, (set(), set()),
+                 id="what-sleepers-keep-counts-and-fits"),
+    pytest.param({0: 12}, [("a", {0: 8}, {0: 1})], [("s", {0: 1}), ("t", {0: 4})], {0: 20}, (set(), {"s", "t"}),
+                 id="all-sleepers-stop-before-an-awake-one-sleeps"),
+    pytest.param({0: 16}, [("a", {0: 8}, {0: 6}), ("b", {0: 8}, {0: 4})], [], {0: 23}, ({"b"}, {"a"}),
+                 id="sleeping-not-enough-stops-it"),
+    pytest.param({0: 12}, [("a", {0: 8}, {})], [], {0: 12}, ({"a"}, set()),
+                 id="never-seen-asleep-keeps-nothing"),
+    pytest.param(None, [("a", {0: 1}, {0: 1})], [("s", {0: 1})], {0: 23}, (set(), {"a", "s"}),
+                 id="target-never-measured-runs-alone-everything-stops"),
+])
+def test_vram_plan_puts_models_to_sleep_and_stops_sleeping_ones_first(need, running_models, asleep, budget, plan):
+    assert vram_plan(need, running_models, budget, asleep) == plan
 
 
 # -- what a reading teaches the router ---------------------------------------------------------

@@ -140,8 +140,8 @@ export function mount(root) {
     row.state.textContent = state || 'stopped';
     row.state.className = `badge state-${state || 'stopped'}`;
     const doing = busy.get(id);
-    row.load.disabled = Boolean(doing) || state === 'ready' || state === 'starting';
-    row.load.textContent = doing === 'loading' ? 'Loading…' : 'Load';
+    row.load.disabled = Boolean(doing) || state === 'ready' || state === 'starting' || state === 'waking';
+    row.load.textContent = doing === 'loading' ? 'Loading…' : state === 'sleeping' ? 'Wake' : 'Load';
     row.unload.disabled = Boolean(doing) || state === 'stopped' || !state;
     row.unload.textContent = doing === 'unloading' ? 'Unloading…' : 'Unload';
     const entry = running.get(id);
