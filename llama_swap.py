@@ -1286,12 +1286,13 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 def read_sleep(node: ConfigReader) -> Sleep | None:
     """sleep: {sleep: "POST /sleep?level=1", wake: "POST /wake_up"}; absent: the model stops."""
-    if node.raw("sleep") is None:
+    value = node.raw("sleep")
+    if value is None:
         return None
-    if not isinstance(node.raw("sleep"), dict):
+    if not isinstance(value, dict):
         raise node.error("sleep", f"expected a mapping with the keys sleep and wake "
                                   f'(e.g. {{sleep: "POST /sleep?level=1", wake: "POST /wake_up"}}), '
-                                  f"got {_yaml_kind(node.raw('sleep'))} {node.raw('sleep')!r}")
+                                  f"got {_yaml_kind(value)} {value!r}")
     calls = node.mapping("sleep")
     return Sleep(read_http_call(calls, "sleep"), read_http_call(calls, "wake"))
 
@@ -2726,6 +2727,7 @@ class Learnt:
 
     def __init__(self, changed: Callable[[str], None] = lambda model: None):
         self.load_times: dict[str, collections.deque[float]] = {}  # seconds, past starts
+        self.wake_times: dict[str, collections.deque[float]] = {}  # seconds, past wakes (sleep)
         self.vram: dict[str, dict[int, int]] = {}  # GPU -> bytes, the peak of a run once it was ready
         self.vram_asleep: dict[str, dict[int, int]] = {}  # GPU -> bytes a sleeping server keeps
         self.changed = changed
@@ -2736,6 +2738,9 @@ class Learnt:
     def loaded(self, model: str, seconds: float) -> None:
         self.loads(model).append(seconds)
         self.changed(model)
+
+    def wakes(self, model: str) -> collections.deque[float]:
+        return self.wake_times.setdefault(model, collections.deque(maxlen=LOAD_HISTORY))
 
     def measured(self, model: str, vram: Mapping[int, int]) -> None:
         if self.vram.get(model) != vram:
@@ -2811,6 +2816,11 @@ class ModelProcess:
     def load_times(self) -> collections.deque[float]:
         """Seconds its past starts took (the newest last), as learnt."""
         return self.learnt.loads(self.model.id)
+
+    @property
+    def wake_times(self) -> collections.deque[float]:
+        """Seconds its past wakes took (sleep), as learnt in this run."""
+        return self.learnt.wakes(self.model.id)
 
     @property
     def group(self) -> int | None:
@@ -2950,7 +2960,8 @@ class ModelProcess:
             await self._run_start(loading)
             return
         self.ready_since = time.monotonic()
-        self.log.info(f"<{self.model.id}> awake, woken in {self.ready_since - began:.2f}s")
+        self.wake_times.append(self.ready_since - began)
+        self.log.info(f"<{self.model.id}> awake, woken in {self.wake_times[-1]:.2f}s")
         self._set_state(READY)
 
     async def _call(self, call: HttpCall, timeout: float) -> None:
@@ -3891,8 +3902,12 @@ class VramPolicy(SwapPolicy):
         of the models just stopped shows free: a driver can take seconds to free it."""
         if self.book.source is None or not self.book.gpus:
             return
+        need = self.book.need(target)
+        if need is not None and target in self.book.asleep:  # what it keeps asleep is its own already
+            kept = self.book.kept_asleep(target)
+            need = {gpu: max(0, size - kept.get(gpu, 0)) for gpu, size in need.items()}
         wait = self.book.release_wait
-        if not await self.book.wait_free(self.book.need(target), wait, self.groups, still_wanted):
+        if not await self.book.wait_free(need, wait, self.groups, still_wanted):
             self.log.warn(f"vram: memory for {target} still not free after {go_duration(wait)}; starting it anyway")
 
 
@@ -4154,10 +4169,11 @@ class Scheduler:
             return False
         if any(self.in_flight[m] for m in evict):
             return False  # never stop a model that is still serving
-        if hold := self._hold(ticket, evict):
+        sleep = self.policy.sleepers(model, running, asleep, evict, self._can_sleep)
+        if hold := self._hold(ticket, evict, sleep):
             self._pump_in(hold)
             return False
-        swap = Swap(model, evict, [ticket], self.policy.sleepers(model, running, asleep, evict, self._can_sleep))
+        swap = Swap(model, evict, [ticket], sleep)
         self.swaps[model] = swap
         if explanation := self.policy.explain(model, self.running(), self.asleep()):
             self.log.info(explanation)
@@ -4173,8 +4189,9 @@ class Scheduler:
         return any(t.model != model and t.waiting() and t.priority >= ticket.priority and now - t.since >= self.max_wait
                    and model in self.policy.evictions(t.model, running, asleep) for t in self.queue)
 
-    def _hold(self, ticket: Ticket, evict: frozenset[str]) -> float:
-        """Seconds the swap for `ticket` should still wait before stopping `evict`; 0 for none."""
+    def _hold(self, ticket: Ticket, evict: frozenset[str], sleep: frozenset[str]) -> float:
+        """Seconds the swap for `ticket` should still wait before stopping `evict` (putting
+        `sleep` to sleep: then getting it back costs a wake, where one was seen); 0 for none."""
         now = self.clock()
         until = now
         for model in evict:
@@ -4183,7 +4200,8 @@ class Scheduler:
                 continue
             until = max(until, process.ready_since + self.min_residency)
             gap = self.usual_gap(model)
-            cost = statistics.median_high(process.load_times) if process.load_times else None
+            past = process.wake_times if model in sleep and process.wake_times else process.load_times
+            cost = statistics.median_high(past) if past else None
             if gap is not None and cost is not None and gap < cost:  # asked for more often than a reload takes
                 until = max(until, self.last_use.get(model, 0.0) + gap)
         return max(0.0, min(until, ticket.since + self.max_wait) - now)

@@ -29,6 +29,7 @@ from aiohttp import web
 from llama_swap import (
     DEFAULT_GROUP,
     READY,
+    SLEEPING,
     STARTING,
     STOPPED,
     ConfigSource,
@@ -250,9 +251,10 @@ async def settle(rounds: int = 100) -> None:
 
 
 class FakeProcess:
-    """Just the surface the scheduler uses: state, model, start(), stop(). A start or stop takes
-    one turn of the event loop, no real time; a test that must see a model STARTING clears its
-    `start_gate` and sets it when the start may finish. `ready_since` is read from `clock`."""
+    """Just the surface the scheduler uses: state, model, start(), stop(), sleep(). A start,
+    stop, sleep or wake takes one turn of the event loop, no real time; a test that must see a
+    model STARTING clears its `start_gate` and sets it when the start may finish. `ready_since`
+    is read from `clock`. It sleeps where its model has `sleep`, as a ModelProcess does."""
 
     def __init__(self, name: str, events: list[str], on_change, limit: int = 100, clock=time.monotonic):
         self.name = name
@@ -263,6 +265,7 @@ class FakeProcess:
         self.clock = clock
         self.state = STOPPED
         self.load_times: list[float] = []  # what the scheduler weighs a swap by
+        self.wake_times: list[float] = []  # ... or, for a model that sleeps, this
         self.ready_since = 0.0
         self.fail_next_start = ""
         self.start_gate = asyncio.Event()
@@ -272,8 +275,25 @@ class FakeProcess:
         self.state = state
         self.on_change(self)
 
+    @property
+    def asleep(self) -> bool:
+        return self.state == SLEEPING
+
+    async def sleep(self, timeout: float, reason: str = "") -> bool:
+        if self.state == READY:
+            self.events.append(f"sleep {self.name}")
+            self._set(SLEEPING)
+            await asyncio.sleep(0)
+        return self.state == SLEEPING
+
     async def start(self) -> None:
         if self.state == READY:
+            return
+        if self.state == SLEEPING:
+            self.events.append(f"wake {self.name}")
+            await asyncio.sleep(0)
+            self.ready_since = self.clock()
+            self._set(READY)
             return
         self.events.append(f"start {self.name}")
         self._set(STARTING)

@@ -17,7 +17,7 @@ import asyncio
 import pytest
 
 from helpers import Client, FakeClock, make_scheduler, one_at_a_time, settle
-from llama_swap import READY, STARTING, Group, GroupPolicy, SchedulerError
+from llama_swap import READY, STARTING, Group, GroupPolicy, HttpCall, SchedulerError, Sleep
 
 
 class Bench:
@@ -266,6 +266,47 @@ async def test_a_swap_waits_while_the_loaded_model_is_in_steady_use_and_it_keeps
     assert bench.served == ["a", "b"]
     assert bench.events == ["start a", "stop a", "start b"]
     await release_all([b])
+
+
+def can_sleep(bench: Bench, model: str) -> None:
+    bench.processes[model].model.sleep = Sleep(HttpCall("POST", "/sleep"), HttpCall("POST", "/wake_up"))
+
+
+async def test_a_model_that_sleeps_is_held_by_its_wake_time_not_its_load_time():
+    bench = Bench("a", "b")
+    can_sleep(bench, "a")
+    bench.processes["a"].wake_times = [0.5]  # getting a back costs 0.5 s, less than its usual gap
+    await steady_use(bench, "a", load_time=5.0, gap=2.0)
+    b = bench.client("b")
+    await settle()
+    assert b.granted, "a wakes faster than it is asked for again: no reason to hold b"
+    assert bench.events == ["start a", "sleep a", "start b"]
+    await release_all([b])
+
+
+async def test_a_model_that_sleeps_but_never_woke_is_weighed_by_its_load_time():
+    bench = Bench("a", "b")
+    can_sleep(bench, "a")
+    await steady_use(bench, "a", load_time=5.0, gap=2.0)
+    b = bench.client("b")
+    await settle()
+    assert not b.granted and bench.events == ["start a"], "no wake seen yet: a reload is what it may cost"
+    await bench.later(2.0)
+    assert b.granted and bench.events == ["start a", "sleep a", "start b"]
+    await release_all([b])
+
+
+async def test_sleeping_models_are_left_alone_by_group_swaps_and_woken_on_request():
+    bench = Bench("a", "b", "c")
+    for model in ("a", "b"):
+        can_sleep(bench, model)
+    for model in ("a", "b", "c", "a"):
+        request = bench.client(model)
+        await settle()
+        assert request.granted, model
+        await release_all([request])
+    assert bench.events == ["start a", "sleep a", "start b", "sleep b", "start c", "stop c", "wake a"]
+    assert bench.scheduler.asleep() == ["b"] and bench.scheduler.running() == ["a"]
 
 
 async def test_a_model_used_once_is_swapped_out_at_once():

@@ -316,3 +316,25 @@ async def test_sleep_added_by_a_reload_keeps_the_running_server(in_process, upst
         await served(s, ls, "b")
         assert await states(s, ls) == {"a": "sleeping", "b": "ready"}
         assert len(upstreams.pids()) == 2, "a kept its server through the reload, then slept"
+
+
+async def test_waking_waits_only_for_the_memory_a_sleeper_does_not_keep(in_process, upstreams, tmp_path,
+                                                                         monkeypatch):
+    gpus = fake_gpus(tmp_path, monkeypatch, (24 * GiB, 0))
+    ls = await in_process(vram_config({
+        "a": vram_sleeper(upstreams, gpus, "a", "0:16GiB", "0:4GiB", "16GiB"),
+        "b": vram_sleeper(upstreams, gpus, "b", "0:6GiB", None, "6GiB"),
+        "c": vram_sleeper(upstreams, gpus, "c", "0:4GiB", None, "4GiB"),
+    }, {"reserve": 0, "releaseWait": 10}))
+    async with aiohttp.ClientSession() as s:
+        for model in ("a", "c", "b"):  # 16 + 4 + 6 > 24: a sleeps, keeping 4 GiB
+            await served(s, ls, model)
+        assert await states(s, ls) == {"a": "sleeping", "b": "ready", "c": "ready"}
+
+        async def keeps_shown() -> bool:
+            return {e["model"]: e.get("vram") for e in await running(s, ls)}.get("a") == {"0": 4 * GiB}
+
+        assert await eventually(keeps_shown, 15), await running(s, ls)
+        await served(s, ls, "a")  # 16 + 6 + 4 > 24: c goes; a needs 12 GiB more, and 14 are free
+        assert await states(s, ls) == {"a": "ready", "b": "ready"}
+    assert "memory for a still not free" not in ls.output()
