@@ -175,6 +175,29 @@ async def test_load_on_the_models_page_shows_the_start_up_output_then_ready(star
         assert await model_states(s, ls) == {}
 
 
+async def test_a_sleeping_model_says_so_and_its_button_wakes_it(start_llama_swap, upstreams, tabs):
+    sleep = {"sleep": "POST /sleep?level=1", "wake": "POST /wake_up"}
+    ls = start_llama_swap({"healthCheckTimeout": 60, "models": {
+        "a": {"cmd": upstreams.cmd(name="a"), "sleep": sleep},
+        "b": {"cmd": upstreams.cmd(name="b"), "sleep": sleep}}})
+    page = await tabs.open(ls, "/ui/models")
+    await page.get_by_test_id("load-a").click()
+    await expect(page.get_by_test_id("model-state-a")).to_have_text("ready", timeout=MODEL_START_MS)
+    await page.get_by_test_id("load-b").click()  # one at a time: a goes to sleep
+    await expect(page.get_by_test_id("model-state-b")).to_have_text("ready", timeout=MODEL_START_MS)
+    state, wake = page.get_by_test_id("model-state-a"), page.get_by_test_id("load-a")
+    await expect(state).to_have_text("sleeping")
+    await expect(wake).to_have_text("Wake")
+    await expect(wake).to_be_enabled()
+    await tabs.shot(page, "sleeping")
+    await wake.click()
+    await expect(state).to_have_text("ready", timeout=MODEL_START_MS)
+    await expect(page.get_by_test_id("model-state-b")).to_have_text("sleeping")
+    await tabs.shot(page, "woken")
+    async with aiohttp.ClientSession() as s:
+        assert await model_states(s, ls) == {"a": "ready", "b": "sleeping"}
+
+
 async def test_a_starting_model_shows_how_far_its_load_has_got_and_what_is_left(start_llama_swap, upstreams, tabs):
     ls = start_llama_swap({"healthCheckTimeout": 60, "models": {
         "m": {"cmd": upstreams.cmd("--startup-delay", "6", "--load-progress", "dots", name="m")}}})
