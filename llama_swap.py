@@ -64,6 +64,7 @@ import decimal
 import difflib
 import enum
 import errno
+import fnmatch
 import functools
 import gzip
 import hashlib
@@ -398,6 +399,7 @@ class ModelConfig:
     vram: dict[int | None, int] = field(default_factory=dict)  # GPU -> bytes (None: all GPUs, split evenly)
     kv_cache: KvCache | None = None
     sleep: Sleep | None = None
+    protected: bool = False  # ours: requests never make it stop or sleep (an admin, its TTL or a reload may)
     problem: str = ""  # why it cannot start, where the original would load the file anyway; "" when it can
 
 
@@ -482,6 +484,37 @@ class Profile:
     pins: dict[str, str]  # pin name -> target ("" = disabled)
 
 
+class SwapRight(Named):
+    """What a key's requests may do to the models that run (apiKeys' `swap`)."""
+
+    EVICT = "evict"  # stop (or put to sleep) other models to start theirs: today's meaning
+    QUEUE = "queue"  # wait until their model runs or can start without stopping anything
+    RESIDENT = "resident"  # only a model that is ready now; otherwise 503 at once
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One entry of apiKeys or adminKeys. A plain string is a key with every right; a mapping
+    may scope it. `name` is how logs, activity and metrics show it: never the key itself."""
+
+    key: str = field(repr=False)
+    name: str
+    models: tuple[str, ...] = ()  # names or globs over model ids and aliases; none: every model
+    swap: SwapRight = SwapRight.EVICT
+    priority: int = 0  # added to the model's fifo priority for this key's requests
+    concurrency: int = 0  # at most this many of its requests admitted at once; 0: no limit
+    path: str = ""  # where the config has it: apiKeys[1]
+
+    @property
+    def restricted(self) -> bool:
+        """Scoped to some models or kept from swapping: such a key may not change the server's state."""
+        return bool(self.models) or self.swap is not SwapRight.EVICT
+
+    def allows(self, *names: str) -> bool:
+        """Whether the key may use a model known by any of these names."""
+        return not self.models or any(fnmatch.fnmatchcase(name, glob) for glob in self.models for name in names if name)
+
+
 @dataclass
 class Selector:
     """A virtual model ID that picks one of its targets per request."""
@@ -521,8 +554,8 @@ class Config:
     performance_disabled: bool = False
     performance_every: float = 5.0
     preload: list[str] = field(default_factory=list)
-    api_keys: list[str] = field(default_factory=list)
-    admin_keys: list[str] = field(default_factory=list)
+    api_keys: list[ApiKey] = field(default_factory=list)
+    admin_keys: list[ApiKey] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)  # ours: their host[:port], lower-case
     peers: dict[str, PeerConfig] = field(default_factory=dict)
     routing: Routing = field(default_factory=Routing)
@@ -1008,6 +1041,8 @@ def check_values(top: ConfigReader, config: Config, nodes: Mapping[str, ConfigRe
     if len(errors.messages) == names_read:
         with errors.gather():
             config.profiles = read_profiles(top.mapping("profiles"), config)
+        with errors.gather():
+            check_keys_config(config)
 
 
 def expand_models(top: ConfigReader, global_macros: list, readers: list, config: Config,
@@ -1204,6 +1239,7 @@ def read_model(model_id: str, node: ConfigReader, config: Config) -> ModelConfig
         vram=read_sizes(node, "vram"),
         kv_cache=read_kv_cache(node),
         sleep=read_sleep(node),
+        protected=node.boolean("protected"),
     )
     node.raw("healthCheckTimeout")
     if model.concurrency_limit <= 0:
@@ -1681,14 +1717,70 @@ def read_origins(top: ConfigReader) -> list[str]:
     return origins
 
 
-def read_keys(top: ConfigReader, key: str) -> list[str]:
-    keys = top.string_list(key)
-    for i, value in enumerate(keys):
-        if not value:
-            raise ConfigError(f"{key}[{i}]: empty api key found in {key}")
-        if " " in value:
-            raise ConfigError(f"{key}[{i}]: api key cannot contain spaces")
+def read_keys(top: ConfigReader, key: str) -> list[ApiKey]:
+    """apiKeys or adminKeys: each a string (a key with every right) or, ours, a mapping with the
+    key and its name, and for apiKeys its scope (models, swap, priority, concurrency)."""
+    entries = top.raw(key)
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise top.error(key, f"expected a list of keys, got {_yaml_kind(entries)}")
+    keys = []
+    for i, entry in enumerate(entries):
+        path = f"{key}[{i}]"
+        if isinstance(entry, dict):
+            keys.append(read_key_mapping(ConfigReader(entry, path, top.readers), path, admin=key == "adminKeys"))
+        elif entry is None or isinstance(entry, (list, bool)):
+            raise ConfigError(f"{path}: expected a key (a string) or a mapping with `key`, got {_yaml_kind(entry)}")
+        else:
+            keys.append(ApiKey(check_key_text(go_format(entry), path, key), path, path=path))
     return keys
+
+
+def check_key_text(text: str, path: str, section: str) -> str:
+    if not text:
+        raise ConfigError(f"{path}: empty api key found in {section}")
+    if " " in text:
+        raise ConfigError(f"{path}: api key cannot contain spaces")
+    return text
+
+
+def read_key_mapping(node: ConfigReader, path: str, admin: bool) -> ApiKey:
+    key = check_key_text(node.string("key"), f"{path}.key", path.partition("[")[0])
+    name = node.string("name").strip() or path
+    if admin:
+        return ApiKey(key, name, path=path)
+    swap = node.string("swap", "evict").strip().lower()
+    if swap not in {right.value for right in SwapRight}:
+        raise node.error("swap", f"expected evict, queue or resident, got {swap!r}")
+    concurrency = node.integer("concurrency")
+    if concurrency < 0:
+        raise node.error("concurrency", f"must be 0 (no limit) or more, got {concurrency}")
+    return ApiKey(key, name, tuple(node.string_list("models")), SwapRight(swap), node.integer("priority"), concurrency,
+                  path)
+
+
+def check_keys_config(config: Config) -> None:
+    """No key twice and no name twice (the name is what tells keys apart in logs and metrics);
+    a model a key names without a glob exists."""
+    by_key: dict[str, ApiKey] = {}
+    by_name: dict[str, str] = {}
+    known = set(config.models) | set(config.aliases) | set(config.peer_routes) | set(config.selectors)
+    for entry in config.api_keys:  # (a key in adminKeys too is an admin key, as it always was)
+        first = by_key.setdefault(entry.key, entry)
+        scope = (entry.models, entry.swap, entry.priority, entry.concurrency)
+        if first is not entry and (scope != (first.models, first.swap, first.priority, first.concurrency)
+                                   or first.name != first.path or entry.name != entry.path):
+            raise ConfigError(f"{entry.path}: the same key as {first.path}, which makes its name and scope ambiguous")
+    for entry in [*config.api_keys, *config.admin_keys]:
+        if entry.name in by_name and by_name[entry.name] != entry.path:
+            raise ConfigError(f"{entry.path}.name: {entry.name!r} is already the name of {by_name[entry.name]}")
+        by_name[entry.name] = entry.path
+        for name in entry.models:
+            if not any(c in name for c in "*?[") and name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{entry.path}.models: {name!r} is no model, alias, selector or peer model{hint}")
 
 
 # -- peers, selectors, profiles -----------------------------------------------
@@ -3936,23 +4028,39 @@ class ConcurrencyLimited(SchedulerError):
     """The model already has `concurrencyLimit` requests queued, waiting or being served."""
 
 
-class QueueTimeout(SchedulerError):
-    """A request waited `queueTimeoutMs` for its model without getting it (answered with 503)."""
+class Unavailable(SchedulerError):
+    """A request not served now, answered with 503 and a Retry-After of `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueTimeout(Unavailable):
+    """A request waited `queueTimeoutMs` for its model without getting it."""
+
+
+class NotResident(Unavailable):
+    """A key with `swap: resident` asked for a model that is not ready now."""
 
 
 class Ticket:
     """One request waiting for its model. Its future is resolved by a grant or an error. `why`
     names the request (`POST /v1/chat/completions from 10.0.0.7`, `preload`), for the log line
-    of a start it causes."""
+    of a start it causes; `key` the name of its API key ("" for none), `swap` what that key's
+    requests may do to the models that run."""
 
-    __slots__ = ("model", "priority", "why", "future", "since")
+    __slots__ = ("model", "priority", "why", "future", "since", "key", "swap")
 
-    def __init__(self, model: str, priority: int = 0, why: str = "a request", since: float | None = None):
+    def __init__(self, model: str, priority: int = 0, why: str = "a request", since: float | None = None,
+                 key: str = "", swap: SwapRight = SwapRight.EVICT):
         self.model = model
         self.priority = priority
         self.why = why
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
         self.since = time.monotonic() if since is None else since
+        self.key = key
+        self.swap = swap
 
     def waiting(self) -> bool:
         return not self.future.done()
@@ -4031,10 +4139,10 @@ class Scheduler:
     # -- a request's way in: admitted, a ticket, granted (it awaits only its ticket) ----------
 
     @contextlib.asynccontextmanager
-    async def lease(self, model: str, why: str = "a request") -> AsyncIterator[ModelProcess]:
+    async def lease(self, model: str, why: str = "a request", key: ApiKey | None = None) -> AsyncIterator[ModelProcess]:
         """The model's process, ready and counted as serving until the block ends."""
         with self.admitted(model):
-            async with self.granted(self.ticket(model, why)) as process:
+            async with self.granted(self.ticket(model, why, key)) as process:
                 yield process
 
     @contextlib.contextmanager
@@ -4053,8 +4161,12 @@ class Scheduler:
         finally:
             self.reserved[model] -= 1
 
-    def ticket(self, model: str, why: str = "a request") -> Ticket:
-        return Ticket(model, self.priority.get(model, 0), why, self.clock())
+    def ticket(self, model: str, why: str = "a request", key: ApiKey | None = None) -> Ticket:
+        """A request's place in line: the model's priority plus its key's."""
+        if key is None:
+            return Ticket(model, self.priority.get(model, 0), why, self.clock())
+        return Ticket(model, self.priority.get(model, 0) + key.priority, f"{why} (key {key.name})", self.clock(),
+                      key.name, key.swap)
 
     @contextlib.asynccontextmanager
     async def granted(self, ticket: Ticket) -> AsyncIterator[ModelProcess]:
@@ -4077,7 +4189,7 @@ class Scheduler:
             self._withdraw(ticket)
             raise QueueTimeout(f"{ticket.model} was not ready for this request within "
                                f"{go_duration(self.queue_timeout)} (queueTimeoutMs); it may still be loading: "
-                               "try again") from None
+                               "try again", self.retry_after(ticket.model)) from None
         except asyncio.CancelledError:
             self._withdraw(ticket)
             raise
@@ -4112,9 +4224,19 @@ class Scheduler:
 
     def running(self) -> list[str]:
         """Models that hold or are about to hold resources (awake processes and swap targets),
-        cheapest to stop first: idle before busy, least recently used first."""
+        cheapest to stop first: idle before busy, least recently used first, protected last."""
         models = {m for m, p in self.processes.items() if p.state not in (STOPPED, SLEEPING)} | set(self.swaps)
-        return sorted(models, key=lambda m: (self.in_flight[m] > 0 or m in self.swaps, self.last_use.get(m, 0.0)))
+        return sorted(models, key=lambda m: (self._protected(m), self.in_flight[m] > 0 or m in self.swaps,
+                                             self.last_use.get(m, 0.0)))
+
+    def _protected(self, model: str) -> bool:
+        return model in self.processes and self.processes[model].model.protected
+
+    def retry_after(self, model: str) -> int:
+        """Seconds a client refused for now might wait before it tries again: the model's usual
+        load time, else 10."""
+        loads = self.processes[model].load_times if model in self.processes else ()
+        return max(1, math.ceil(statistics.median_high(loads))) if loads else 10
 
     def asleep(self) -> list[str]:
         """Sleeping models not being woken, least recently used first."""
@@ -4145,12 +4267,8 @@ class Scheduler:
     def _place(self, ticket: Ticket) -> bool:
         """Grant, join a swap or start one; False means it must wait in the queue."""
         model = ticket.model
-        if model not in self.processes:  # removed by a reload while this request was read
-            ticket.future.set_exception(SchedulerError("model was removed from the config by a reload"))
-            return True
-        if problem := self.processes[model].model.problem:  # nothing is stopped for a start that cannot be
-            ticket.future.set_exception(
-                SchedulerError(f"model {model} cannot start until its config is fixed: {problem}"))
+        if (refusal := self._refusal(ticket)) is not None:
+            ticket.future.set_exception(refusal)
             return True
         if self._wanted_gone(ticket):  # even a start under way takes no more: the bound is kept
             return False  # a request ahead has waited max_wait for this model to stop
@@ -4169,6 +4287,8 @@ class Scheduler:
             return False
         if any(self.in_flight[m] for m in evict):
             return False  # never stop a model that is still serving
+        if evict and not self._may_evict(ticket, evict):
+            return False  # until the model runs, or can start beside what runs
         sleep = self.policy.sleepers(model, running, asleep, evict, self._can_sleep)
         if hold := self._hold(ticket, evict, sleep):
             self._pump_in(hold)
@@ -4182,12 +4302,39 @@ class Scheduler:
         swap.task = asyncio.create_task(self._run_swap(swap))
         return True
 
+    def _refusal(self, ticket: Ticket) -> SchedulerError | None:
+        """Why a request cannot be served at all, or not now for its key; None when it may wait."""
+        model = ticket.model
+        if model not in self.processes:  # removed by a reload while this request was read
+            return SchedulerError("model was removed from the config by a reload")
+        if problem := self.processes[model].model.problem:  # nothing is stopped for a start that cannot be
+            return SchedulerError(f"model {model} cannot start until its config is fixed: {problem}")
+        if ticket.swap is SwapRight.RESIDENT and not self._serves_now(ticket):
+            return NotResident(f"{model} is not loaded, and API key {ticket.key!r} may only use models that are "
+                               "(swap: resident)", self.retry_after(model))
+        return None
+
+    def _serves_now(self, ticket: Ticket) -> bool:
+        """Whether the ticket would be granted at once, nothing started, woken or stopped for it."""
+        model = ticket.model
+        return (self.processes[model].state == READY and model not in self.draining
+                and not any(model in swap.evict for swap in self.swaps.values())
+                and not self.policy.evictions(model, self.running(), self.asleep()) and not self._wanted_gone(ticket))
+
+    def _may_evict(self, ticket: Ticket, evict: frozenset[str]) -> bool:
+        """A key with `swap: queue` or `resident` stops nothing, and no request stops a protected model."""
+        return ticket.swap is SwapRight.EVICT and not any(self._protected(m) for m in evict)
+
     def _wanted_gone(self, ticket: Ticket) -> bool:
         """Whether a request queued ahead of this one (same or higher priority) for max_wait or
-        longer needs its model stopped: from then on the model takes no new requests, so it drains."""
+        longer needs its model stopped: from then on the model takes no new requests, so it drains
+        (never a protected model, and never for a request that may not evict)."""
         now, running, asleep, model = self.clock(), self.running(), self.asleep(), ticket.model
+        if self._protected(model):
+            return False
         return any(t.model != model and t.waiting() and t.priority >= ticket.priority and now - t.since >= self.max_wait
-                   and model in self.policy.evictions(t.model, running, asleep) for t in self.queue)
+                   and t.swap is SwapRight.EVICT and model in self.policy.evictions(t.model, running, asleep)
+                   for t in self.queue)
 
     def _hold(self, ticket: Ticket, evict: frozenset[str], sleep: frozenset[str]) -> float:
         """Seconds the swap for `ticket` should still wait before stopping `evict` (putting
@@ -5039,6 +5186,7 @@ class BodyReader:
 # cancellable from the UI.
 
 EXCHANGE = web.RequestKey("exchange", "Exchange")  # where the relay reports what it sent
+API_KEY = web.RequestKey("api_key", "ApiKey | None")  # the entry of apiKeys or adminKeys the request came with
 COPY_LIMIT = 64 * 1024 * 1024
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 
@@ -7102,14 +7250,16 @@ def request_api_key(request: web.BaseRequest) -> str:
     return request.headers.get("x-api-key", "")
 
 
-def key_matches(key: str, keys: Iterable[str]) -> bool:
-    """Constant-time comparison against every key, so timing tells nothing about them: digests
-    are compared, not the keys, since compare_digest gives away a difference in length."""
+def find_key(key: str, keys: Iterable[ApiKey]) -> ApiKey | None:
+    """The entry whose key this is. Constant-time against every key, so timing tells nothing
+    about them: digests are compared, not the keys, since compare_digest gives away a
+    difference in length."""
     digest = hashlib.sha256(key.encode()).digest()
-    matched = False
-    for candidate in keys:
-        matched |= hmac.compare_digest(digest, hashlib.sha256(candidate.encode()).digest())
-    return matched
+    found = None
+    for entry in keys:
+        if hmac.compare_digest(digest, hashlib.sha256(entry.key.encode()).digest()):
+            found = entry
+    return found
 
 
 class ApiError(Exception):
@@ -7234,6 +7384,8 @@ def model_records(config: Config, states: Mapping[str, State], created: int, pro
         internal: dict[str, Any] = {"type": "model"}
         if model.aliases:
             internal["aliases"] = model.aliases
+        if model.protected:
+            internal["protected"] = True
         records.append(model_record(model_id, model, internal, status, created))
         if config.include_aliases_in_list:
             for alias in (a for a in model.aliases if a.strip()):
@@ -7267,6 +7419,8 @@ def model_statuses(config: Config, states: Mapping[str, State],
                   "unlisted": model.unlisted, "peerID": ""}
         if model.aliases:
             status["aliases"] = model.aliases
+        if model.protected:
+            status["protected"] = True
         rendered = capability_fields(model.capabilities)
         status.update({k: rendered[k] for k in ("capabilities", "context_length") if k in rendered})
         if model_id in loading:
@@ -7313,8 +7467,10 @@ def error_answer(request: web.Request, error: Exception, body_limit_mb: int) -> 
     if isinstance(error, ConcurrencyLimited):
         return web.Response(status=429, body=CONCURRENCY_LIMIT_BODY,
                             headers={"Content-Type": "application/json", "Retry-After": "1"})
-    if isinstance(error, QueueTimeout):
-        return error_response(request, 503, str(error))
+    if isinstance(error, Unavailable):
+        response = error_response(request, 503, str(error))
+        response.headers["Retry-After"] = str(error.retry_after)
+        return response
     if isinstance(error, SchedulerError):
         return error_response(request, 500, f"unspecific error: {error}")
     if isinstance(error, BodyError):
@@ -7350,24 +7506,60 @@ def check_host_and_origin(request: web.BaseRequest, config: Config) -> None:
                             "web pages); if it should, add its origin to allowedOrigins")
 
 
-def check_keys(request: web.Request, config: Config) -> None:
-    """ApiError 401/403 unless the request may pass: with `adminKeys`, the admin surface takes
-    only those, and keys from `apiKeys` are for model routes alone."""
+def check_keys(request: web.Request, config: Config) -> ApiKey | None:
+    """The request's key, or ApiError 401/403 unless the request may pass: with `adminKeys`, the
+    admin surface takes only those, and keys from `apiKeys` are for model routes alone; a key
+    scoped to some models or kept from swapping never changes the server's state. None where no
+    key is needed or none was matched."""
     unknown_route = request.match_info.http_exception is not None  # 404/405 answer as they are
     if not (config.api_keys or config.admin_keys) or unknown_route or request.path in OPEN_PATHS:
-        return
-    key = request_api_key(request)
+        return None
+    sent = request_api_key(request)
     model_route = request.path in MODEL_ROUTE_PATHS or request.path.startswith(("/upstream/", "/comfyui"))
-    if key_matches(key, config.admin_keys):
-        return
-    if key_matches(key, config.api_keys):
-        if model_route or not config.admin_keys:
-            return
-        raise ApiError(403, "this API key may only call model routes; the admin API needs a key from adminKeys")
+    if admin := find_key(sent, config.admin_keys):
+        return admin
+    if key := find_key(sent, config.api_keys):
+        if model_route:
+            return key
+        if config.admin_keys:
+            raise ApiError(403, "this API key may only call model routes; the admin API needs a key from adminKeys")
+        if key.restricted and changes_state(request):
+            raise ApiError(403, f"API key {key.name!r} is limited (models or swap), so it may not change "
+                                "what runs; that takes an unlimited key or one from adminKeys")
+        return key
     if model_route and not config.api_keys:
-        return
+        return None
     raise ApiError(401, "unauthorized: invalid or missing API key",
                    {"WWW-Authenticate": 'Basic realm="llama-swap"'})
+
+
+class KeySlots:
+    """How many requests each API key has admitted (being read, queued, served): a key with
+    `concurrency` gets a 429 past it."""
+
+    def __init__(self) -> None:
+        self.taken_by: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def taken(self, key: ApiKey | None) -> Iterator[None]:
+        if key is None:
+            yield
+            return
+        if key.concurrency and self.taken_by[key.name] >= key.concurrency:
+            raise ApiError(429, f"API key {key.name!r} already has {key.concurrency} requests in flight "
+                                "(its concurrency); try again when one ends", {"Retry-After": "1"})
+        self.taken_by[key.name] += 1
+        try:
+            yield
+        finally:
+            self.taken_by[key.name] -= 1
+
+
+def check_scope(key: ApiKey | None, *names: str) -> None:
+    """403 unless the request's key may use the model known by these names (as asked for, as
+    chosen by a pin or selector, its ID)."""
+    if key is not None and not key.allows(*names):
+        raise ApiError(403, f"API key {key.name!r} may not use model {names[0]!r}")
 
 
 def split_upstream_path(config: Config, raw_tail: str) -> tuple[str | None, str]:
@@ -7406,6 +7598,8 @@ def running_records(scheduler: Scheduler, book: VramBook | None) -> list[dict[st
             continue
         model = process.model
         entry = {"model": model_id, "state": process.state, "cmd": model.cmd, "proxy": model.proxy, "ttl": model.ttl}
+        if model.protected:
+            entry["protected"] = True
         entry.update({k: v for k, v in (("name", model.name), ("description", model.description)) if v})
         entry.update(in_flight=scheduler.in_flight[model_id], ttl_remaining=scheduler.ttl_remaining(model_id),
                      queued=scheduler.reserved[model_id] - scheduler.in_flight[model_id])
@@ -7582,11 +7776,11 @@ class LoadingStream:
 
 
 async def stream_while_loading(request: web.Request, scheduler: Scheduler, model: str, path_qs: str,
-                               body: bytes) -> web.StreamResponse:
+                               body: bytes, key: ApiKey | None) -> web.StreamResponse:
     """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
     stream at once that tells what happens while the model loads, then the answer itself."""
     with scheduler.admitted(model):
-        ticket = scheduler.ticket(model, request_label(request))
+        ticket = scheduler.ticket(model, request_label(request), key)
         processes = scheduler.processes
         loading = LoadingStream(request, model, lambda: scheduler.position(ticket),
                                 lambda: processes[model].load_status() if model in processes else None)
@@ -7602,7 +7796,7 @@ async def stream_while_loading(request: web.Request, scheduler: Scheduler, model
             await loading.stop()
             message = f"unspecific error: {e}" if isinstance(e, SchedulerError) else \
                 f"upstream {model} unreachable: {e}"
-            request[EXCHANGE].failure = (503 if isinstance(e, QueueTimeout) else 500, message)
+            request[EXCHANGE].failure = (503 if isinstance(e, Unavailable) else 500, message)
             with contextlib.suppress(ConnectionError):  # no one left to tell
                 await response.write(stream_error_event(path_qs, message, "internal_error"))
         finally:
@@ -8112,6 +8306,7 @@ class Server:
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()  # closed at shutdown
         self.peers = PeerSessions()
         self.bodies = BodyReader()
+        self.key_slots = KeySlots()
         self.handling: set[asyncio.Task] = set()  # requests being handled: what a shutdown ends
 
     @property
@@ -8177,6 +8372,10 @@ class Server:
 
     async def handle_model(self, request: web.Request) -> web.StreamResponse:
         """request -> model (via profile pin or selector) -> scheduler.lease(model) -> relay -> release."""
+        with self.key_slots.taken(request[API_KEY]):
+            return await self.model_request(request)
+
+    async def model_request(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_body(request)
         requested = await self.bodies.off_loop(body, request_model, request.method,
                                                request.headers.get("Content-Type", ""), request.query.get("model", ""),
@@ -8187,6 +8386,7 @@ class Server:
         with self.virtual.selecting(name) as chosen:
             metadata = {"selector": name} if chosen != name else {}
             model = self.config.real_model_id(chosen)
+            check_scope(request[API_KEY], requested, name, chosen, model or "")
             if model is None:
                 return await self.peer_request(request, body, requested, chosen, metadata)
             return await self.local_request(request, body, requested, chosen, model, metadata)
@@ -8196,12 +8396,15 @@ class Server:
         settings = self.config.models[model]
         path_qs, body = await self.for_upstream(request, body, requested, name, settings.filters,
                                                 settings.use_model_name)
-        metadata = {**metadata, "fifo_priority": str(self.scheduler.priority.get(model, 0))}
+        key = request[API_KEY]
+        priority = self.scheduler.priority.get(model, 0) + (key.priority if key else 0)
+        metadata = {**metadata, "fifo_priority": str(priority)}
         with self.inflight.track(request, model, path_qs, body, metadata):
             if settings.send_loading_state and self.processes[model].state != READY and \
+                    (key is None or key.swap is not SwapRight.RESIDENT) and \
                     path_qs.startswith("/v1/chat/completions") and await self.wants_stream(request, body):
-                return await stream_while_loading(request, self.scheduler, model, path_qs, body)
-            async with self.scheduler.lease(model, request_label(request)) as process:
+                return await stream_while_loading(request, self.scheduler, model, path_qs, body, key)
+            async with self.scheduler.lease(model, request_label(request), key) as process:
                 return await self.relay_local(request, process, path_qs, body)
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,
@@ -8278,6 +8481,7 @@ class Server:
         model, rest = split_upstream_path(self.config, self.virtual.pinned_path(raw_tail))
         if model is None:
             raise ApiError(404, "model not found")
+        check_scope(request[API_KEY], model)
         query = mark + raw_query
         if model not in self.processes and rest:  # not local: a peer's (local always wins)
             peer = self.config.peers[self.config.peer_routes[model][0]]
@@ -8308,8 +8512,9 @@ class Server:
             if process.state != READY:
                 raise ApiError(409, f"model {model} is not loaded; ignored websocket requests cannot start it")
             return await self.relay_local(request, process, path_qs, b"")
-        async with self.scheduler.lease(model, request_label(request)) as process:
-            return await self.relay_local(request, process, path_qs, body)
+        with self.key_slots.taken(request[API_KEY]):
+            async with self.scheduler.lease(model, request_label(request), request[API_KEY]) as process:
+                return await self.relay_local(request, process, path_qs, body)
 
     async def handle_comfyui(self, request: web.Request) -> web.StreamResponse:
         """/comfyui/<path> to the model `comfyui_auto`; only the root page may start it."""
@@ -8318,6 +8523,7 @@ class Server:
             return add_trailing_slash(request, f"/comfyui/{mark}{raw_query}")
         if COMFYUI_MODEL not in self.processes:
             raise ApiError(404, f"local model {COMFYUI_MODEL} not found")
+        check_scope(request[API_KEY], COMFYUI_MODEL)
         rest = raw_path[len("/comfyui"):]
         if rest != "/" and self.processes[COMFYUI_MODEL].state != READY:
             raise ApiError(409, f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it")
@@ -8331,6 +8537,8 @@ class Server:
         records = model_records(self.config, self.runtime.states(), int(time.time()), profile, self.runtime.loading())
         if self.config.routing.router is Router.VRAM:
             add_vram_needs(records, self.config, self.vram_book)
+        if (key := request[API_KEY]) is not None:  # a scoped key sees what it may use
+            records = [r for r in records if key.allows(r["id"], r["meta"]["llamaswap"].get("modelID", ""))]
         headers = {"Access-Control-Allow-Origin": request.headers["Origin"]} if "Origin" in request.headers else None
         return json_response({"object": "list", "data": records, **self.runtime.gpu_budgets()}, headers=headers)
 
@@ -8530,7 +8738,7 @@ class Server:
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
         """The guards against other web pages and DNS rebinding, then API keys."""
         check_host_and_origin(request, self.config)
-        check_keys(request, self.config)
+        request[API_KEY] = check_keys(request, self.config)
         return await handler(request)
 
     @web.middleware

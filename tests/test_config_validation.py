@@ -505,7 +505,7 @@ def test_peer_and_api_key_errors(yaml_text, needles):
 def test_api_keys_and_peer_defaults():
     config = load("apiKeys: [k1, k2]\npeers:\n  p: {proxy: 'http://127.0.0.1:9', models: [x, x, y], apiKey: secret}\n"
                   "  q: {proxy: 'http://127.0.0.1:8', models: [z], timeouts: {responseHeader: 0, connect: 3}}\n")
-    assert config.api_keys == ["k1", "k2"]
+    assert [k.key for k in config.api_keys] == ["k1", "k2"]
     p, q = config.peers["p"], config.peers["q"]
     assert p.models == ["x", "y"]
     assert p.api_key == "secret"
@@ -1002,12 +1002,12 @@ def test_config_dir_merges_models_lists_and_macros(tmp_path):
     assert set(config.models) == {"a", "b", "c"}
     assert config.models["a"].cmd == "srv --port 5800 --ctx 4096"
     assert config.models["b"].cmd == "srv --port 5801 --ctx 4096"
-    assert config.api_keys == ["k1", "k2", "k3"]  # --config first, then the directory sorted by path
+    assert [k.key for k in config.api_keys] == ["k1", "k2", "k3"]  # --config first, then the directory sorted by path
     assert config.health_check_timeout == 30
 
     alone = load_config(None, str(d))
     assert set(alone.models) == {"b", "c"}
-    assert alone.api_keys == ["k2", "k3"]
+    assert [k.key for k in alone.api_keys] == ["k2", "k3"]
 
 
 def test_config_dir_null_yields_to_a_value(tmp_path):
