@@ -3660,6 +3660,11 @@ class SwapPolicy:
         """Which of `evict` go to sleep rather than stop: each awake one that can."""
         return frozenset(m for m in evict if m in running and can_sleep(m))
 
+    def reasons(self, target: str, running: Sequence[str], asleep: Sequence[str],
+                evict: frozenset[str]) -> dict[str, str]:
+        """Why each of `evict` must make room for the target, in words."""
+        return {m: f"the {self.name} router" for m in evict}
+
     def explain(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> str:
         """A log line about the swap about to happen; "" for none."""
         return ""
@@ -3687,6 +3692,18 @@ class GroupPolicy(SwapPolicy):
                     (other is not group and group.exclusive and not other.persistent):
                 evict.add(model)
         return frozenset(evict)
+
+    def reasons(self, target: str, running: Sequence[str], asleep: Sequence[str],
+                evict: frozenset[str]) -> dict[str, str]:
+        group = self.group_of[target]
+        said = {}
+        for model in evict:
+            other = self.group_of.get(model)
+            said[model] = ("removed from the config" if other is None else
+                           "one model at a time (no groups configured)" if group.name == DEFAULT_GROUP else
+                           f"group {group.name} runs one member at a time" if other is group else
+                           f"group {group.name} is exclusive")
+        return said
 
 
 class MatrixPolicy(SwapPolicy):
@@ -3720,6 +3737,14 @@ class MatrixPolicy(SwapPolicy):
         choice = self.choose(target, running)
         return running - choice[1] if choice else running
 
+    def reasons(self, target: str, running: Sequence[str], asleep: Sequence[str],
+                evict: frozenset[str]) -> dict[str, str]:
+        choice = self.choose(target, frozenset(running) - {target})
+        if choice is None:
+            return {m: f"matrix: {target} is in no set, so it runs alone" for m in evict}
+        name, _combo, cost = choice
+        return {m: f"matrix set {name} ({self.matrix.sets[name]}, cost {cost}) leaves it out" for m in evict}
+
     def explain(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> str:
         """The one info line per real swap."""
         running = frozenset(running) - {target}
@@ -3748,6 +3773,10 @@ def spread(sizes: Mapping[int | None, int], gpus: Iterable[int]) -> dict[int, in
 
 
 Footprint = Mapping[int, int]  # GPU -> bytes
+
+
+def footprint_text(footprint: Footprint) -> str:
+    return " ".join(f"{gpu}:{format_bytes(size)}" for gpu, size in sorted(footprint.items()))
 
 
 def vram_plan(need: Footprint | None, running: Sequence[tuple[str, Footprint | None, Footprint | None]],
@@ -3980,11 +4009,23 @@ class VramPolicy(SwapPolicy):
                  can_sleep: Callable[[str], bool]) -> frozenset[str]:
         return self.plan(target, running, asleep)[0] & evict
 
+    def reasons(self, target: str, running: Sequence[str], asleep: Sequence[str],
+                evict: frozenset[str]) -> dict[str, str]:
+        need, budget = self.book.need(target), self.book.budget()
+        if need is None:
+            return {m: f"vram: {target} has no measured or hinted size, so it runs alone" for m in evict}
+        said = {}
+        for model in evict:
+            held = self.book.kept_asleep(model) if model in asleep else self.book.need(model)
+            said[model] = f"vram: {target} needs [{footprint_text(need)}] of budget [{footprint_text(budget)}], " \
+                          f"{model} holds [{footprint_text(held) if held else 'unknown'}]"
+        return said
+
     def explain(self, target: str, running: Sequence[str], asleep: Sequence[str] = ()) -> str:
         """Called once the swap is decided, when the target counts as running: left out here."""
         others = [m for m in running if m != target]
         need = self.book.need(target)
-        needs = " ".join(f"{gpu}:{format_bytes(size)}" for gpu, size in sorted(need.items())) if need else "unknown"
+        needs = footprint_text(need) if need else "unknown"
         sleep, stop = self.plan(target, others, asleep)
         line = f"vram: model={target} needs [{needs}] evict=[{' '.join(m for m in [*asleep, *others] if m in stop)}]"
         return line + (f" sleep=[{' '.join(m for m in others if m in sleep)}]" if sleep else "")
@@ -4067,6 +4108,45 @@ class Ticket:
 
 
 @dataclass
+class Decision:
+    """What the scheduler would do with a request now: refuse it, make it wait, grant it, let it
+    join a start under way, or swap (stop `evict`, putting `sleep` to sleep instead, for `reasons`)."""
+
+    action: Literal["refuse", "wait", "grant", "join", "swap"]
+    why: str = ""  # for a refusal or a wait, in words
+    error: SchedulerError | None = None
+    evict: frozenset[str] = frozenset()
+    sleep: frozenset[str] = frozenset()
+    reasons: dict[str, str] = field(default_factory=dict)  # evicted model -> why it must make room
+    hold: float = 0.0  # seconds a wait for models in steady use lasts
+
+
+@dataclass
+class SwapRecord:
+    """One decision that started, woke or stopped models, as GET /api/swaps and the `swap`
+    event show it. `stops`: model -> (stop | sleep, why)."""
+
+    id: int
+    time: float  # unix seconds
+    kind: str  # swap, ttl, unload, reload
+    model: str  # started or woken; "" where models only stop
+    wake: bool
+    stops: dict[str, tuple[str, str]]
+    key: str = ""  # the name of the API key of the request that caused it
+    request: str = ""  # the request that caused it
+    expected_s: float | None = None  # its load (or wake) time, from past ones
+    duration_s: float | None = None
+    result: str = "pending"  # pending, ok, failed: <why>, abandoned
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "time": go_timestamp(self.time), "kind": self.kind, "model": self.model,
+                "action": "wake" if self.wake else "start" if self.model else "stop",
+                "stops": [{"model": m, "action": action, "why": why} for m, (action, why) in self.stops.items()],
+                "key": self.key, "request": self.request, "expected_s": self.expected_s,
+                "duration_s": self.duration_s, "result": self.result}
+
+
+@dataclass
 class Swap:
     """A swap in progress: stop `evict` (those in `sleep` sleep instead), then start (or wake)
     `target`, then grant its waiters."""
@@ -4076,16 +4156,25 @@ class Swap:
     waiters: list[Ticket]
     sleep: frozenset[str] = frozenset()
     task: asyncio.Task | None = None
+    record: SwapRecord | None = None  # what /api/swaps and the swap event say of it
     abandoned: bool = False  # unloaded, removed or shut down meanwhile: do not start the target
 
 
-def making_room(swap: Swap) -> str:
-    """The end of a swap's log line: what it puts to sleep and stops."""
-    parts = [f"{verb} {', '.join(sorted(models))}" for verb, models in
-             (("putting", swap.sleep), ("stopping", swap.evict - swap.sleep)) if models]
-    if swap.sleep:
+def making_room(record: SwapRecord) -> str:
+    """The middle of a swap's log line: what it puts to sleep and stops, and why."""
+    sleep = sorted(m for m, (action, _) in record.stops.items() if action == "sleep")
+    stop = sorted(m for m, (action, _) in record.stops.items() if action == "stop")
+    parts = [f"{verb} {', '.join(models)}" for verb, models in (("putting", sleep), ("stopping", stop)) if models]
+    if sleep:
         parts[0] += " to sleep"
-    return f", {' and '.join(parts)} to make room" if parts else ""
+    why = "; ".join(f"{m}: {reason}" for m, (_, reason) in record.stops.items() if reason)
+    return (f", {' and '.join(parts)} to make room" + (f" ({why})" if why else "")) if parts else ""
+
+
+def expected(record: SwapRecord) -> str:
+    if record.expected_s is None:
+        return ""
+    return f"; {'a wake' if record.wake else 'a load'} takes about {record.expected_s:.1f}s"
 
 
 class Scheduler:
@@ -4109,6 +4198,7 @@ class Scheduler:
                  priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0,
                  queue_timeout: float = 0.0, on_grant: Callable[[str, float], None] = lambda model, waited: None,
                  on_refuse: Callable[[str], None] = lambda model: None,
+                 on_swap: Callable[[SwapRecord], None] = lambda record: None,
                  new_process: Callable[[ModelConfig], ModelProcess] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.processes = processes  # changed here alone: models come with configure(), go when retired
@@ -4133,8 +4223,10 @@ class Scheduler:
         self.retiring: dict[str, asyncio.Task] = {}
         self.unloads: set[asyncio.Task] = set()
         self.ttl_task: asyncio.Task | None = None
-        # What the metrics hear of: a grant with its wait in seconds, a request refused with 429.
-        self.on_grant, self.on_refuse = on_grant, on_refuse
+        # What the metrics hear of: a grant with its wait in seconds, a request refused with 429;
+        # and each swap decision, when it is made and when it is done.
+        self.on_grant, self.on_refuse, self.on_swap = on_grant, on_refuse, on_swap
+        self.swap_ids = itertools.count(1)
 
     # -- a request's way in: admitted, a ticket, granted (it awaits only its ticket) ----------
 
@@ -4266,41 +4358,104 @@ class Scheduler:
 
     def _place(self, ticket: Ticket) -> bool:
         """Grant, join a swap or start one; False means it must wait in the queue."""
+        decision = self.decide(ticket)
+        if decision.action == "refuse":
+            ticket.future.set_exception(decision.error)
+        elif decision.action == "grant":
+            self._grant(ticket)
+        elif decision.action == "join":
+            self.swaps[ticket.model].waiters.append(ticket)
+        elif decision.action == "swap":
+            self._begin_swap(ticket, decision)
+        else:
+            if decision.hold:
+                self._pump_in(decision.hold)
+            return False
+        return True
+
+    def decide(self, ticket: Ticket) -> Decision:
+        """What serving this request would take now; changes nothing (so /api/plan asks it too)."""
         model = ticket.model
         if (refusal := self._refusal(ticket)) is not None:
-            ticket.future.set_exception(refusal)
-            return True
+            return Decision("refuse", str(refusal), refusal)
         if self._wanted_gone(ticket):  # even a start under way takes no more: the bound is kept
-            return False  # a request ahead has waited max_wait for this model to stop
+            return Decision("wait", f"a request that waited {go_duration(self.max_wait)} needs {model} stopped; "
+                                    "it finishes what it serves first")
         if model in self.swaps and not self.swaps[model].abandoned:
-            self.swaps[model].waiters.append(ticket)
-            return True
+            return Decision("join", "its start is under way")
         if model in self.swaps or model in self.draining or self._port_still_held(model):
-            return False  # it restarts with its new settings once the old server is gone
+            return Decision("wait", "its server restarts with new settings once the old one is gone")
         running, asleep = self.running(), self.asleep()
         evict = self.policy.evictions(model, running, asleep)
         being_evicted = any(model in swap.evict for swap in self.swaps.values())
         if self.processes[model].state == READY and not evict and not being_evicted:
-            self._grant(ticket)
-            return True
+            return Decision("grant")
         if being_evicted or any(s.target in evict or s.evict & evict for s in self.swaps.values()):
-            return False
-        if any(self.in_flight[m] for m in evict):
-            return False  # never stop a model that is still serving
+            return Decision("wait", "another swap is under way", evict=evict)
+        if busy := sorted(m for m in evict if self.in_flight[m]):
+            return Decision("wait", f"{', '.join(busy)} must finish serving first", evict=evict)
         if evict and not self._may_evict(ticket, evict):
-            return False  # until the model runs, or can start beside what runs
+            return Decision("wait", self._kept_from_evicting(ticket, evict), evict=evict)
         sleep = self.policy.sleepers(model, running, asleep, evict, self._can_sleep)
+        reasons = self.policy.reasons(model, running, asleep, evict)
         if hold := self._hold(ticket, evict, sleep):
-            self._pump_in(hold)
-            return False
-        swap = Swap(model, evict, [ticket], sleep)
+            return Decision("wait", f"held {hold:.1f}s: a model it would stop is in steady use", None, evict, sleep,
+                            reasons, hold)
+        return Decision("swap", "", None, evict, sleep, reasons)
+
+    def _kept_from_evicting(self, ticket: Ticket, evict: frozenset[str]) -> str:
+        if protected := sorted(m for m in evict if self._protected(m)):
+            return f"it would stop {', '.join(protected)}, which is protected"
+        return f"API key {ticket.key!r} may not stop models (swap: {ticket.swap})"
+
+    def _begin_swap(self, ticket: Ticket, decision: Decision) -> None:
+        model = ticket.model
+        waking = self.processes[model].state == SLEEPING
+        record = SwapRecord(next(self.swap_ids), time.time(), "swap", model, waking,
+                            {m: ("sleep" if m in decision.sleep else "stop", decision.reasons.get(m, ""))
+                             for m in sorted(decision.evict)},
+                            ticket.key, ticket.why, self.expected_load(model))
+        swap = Swap(model, decision.evict, [ticket], decision.sleep, record=record)
         self.swaps[model] = swap
         if explanation := self.policy.explain(model, self.running(), self.asleep()):
             self.log.info(explanation)
-        verb = "waking" if self.processes[model].state == SLEEPING else "starting"
-        self.log.info(f"<{model}> {verb} for {ticket.why}{making_room(swap)}")
+        self.log.info(f"<{model}> {'waking' if waking else 'starting'} for {ticket.why}{making_room(record)}"
+                      f"{expected(record)}")
+        self.on_swap(record)
         swap.task = asyncio.create_task(self._run_swap(swap))
-        return True
+
+    def plan(self, model: str, key: ApiKey | None = None) -> dict[str, Any]:
+        """GET /api/plan: what a request for `model` (with `key`) would take now, as decide() says."""
+        ticket = self.ticket(model, "a plan", key)
+        decision = self.decide(ticket)
+        process = self.processes[model]
+        action = decision.action
+        if action == "swap":
+            action = "wake" if process.state == SLEEPING else "swap" if decision.evict else "start"
+        answer: dict[str, Any] = {
+            "model": model, "state": process.state, "action": {"grant": "serve", "wait": "queue"}.get(action, action),
+            "reason": decision.why,
+            "stops": [{"model": m, "action": "sleep" if m in decision.sleep else "stop",
+                       "why": decision.reasons.get(m, "")} for m in sorted(decision.evict)],
+            "queue_position": None, "expected_wait_s": None}
+        if action == "wait":
+            answer["queue_position"] = 1 + sum(1 for t in self.queue if t.waiting() and t.priority >= ticket.priority)
+        if action == "grant":
+            answer["expected_wait_s"] = 0.0
+        elif action == "join":
+            status = process.load_status() or {}
+            answer["expected_wait_s"] = status.get("eta_s", self.expected_load(model))
+        elif action in ("swap", "start", "wake") and (load := self.expected_load(model)) is not None:
+            answer["expected_wait_s"] = load
+        elif action == "wait" and decision.hold and (load := self.expected_load(model)) is not None:
+            answer["expected_wait_s"] = round(decision.hold + load, 2)
+        return answer
+
+    def expected_load(self, model: str) -> float | None:
+        """Seconds a start (or, for a sleeping model, a wake) usually takes, as measured; None before the first."""
+        process = self.processes[model]
+        past = process.wake_times if process.state == SLEEPING and process.wake_times else process.load_times
+        return round(statistics.median_high(past), 2) if past else None
 
     def _refusal(self, ticket: Ticket) -> SchedulerError | None:
         """Why a request cannot be served at all, or not now for its key; None when it may wait."""
@@ -4370,6 +4525,11 @@ class Scheduler:
 
     def _finish_swap(self, swap: Swap, error: str) -> None:
         del self.swaps[swap.target]
+        if (record := swap.record) is not None:
+            record.duration_s = round(time.time() - record.time, 2)
+            ready = swap.target in self.processes and self.processes[swap.target].state == READY
+            record.result = f"failed: {error}" if error else "ok" if ready else "abandoned"
+            self.on_swap(record)
         waiters = [t for t in swap.waiters if t.waiting()]
         if error:
             for ticket in waiters:
@@ -4428,6 +4588,9 @@ class Scheduler:
         """After a reload: these models changed how they launch (or left the config). Their
         requests in flight finish on the old server; then it stops, and the next request starts
         the new one. Requests still waiting for a removed model are told it is gone."""
+        if running := [m for m in changes if self.processes[m].state != STOPPED]:
+            self._record_stops("reload", {m: ("stop", "removed by a config reload" if changes[m] is None else
+                                              "its launch settings changed in a config reload") for m in running})
         for model, next_config in changes.items():
             self.draining[model] = next_config
             swap = self.swaps.get(model)
@@ -4471,6 +4634,8 @@ class Scheduler:
             if any(model in swap.evict for swap in self.swaps.values()):
                 continue
             if now - self.last_use.setdefault(model, now) > ttl:
+                action = "sleep" if process.model.sleep else "stop"
+                self._record_stops("ttl", {model: (action, f"idle for its ttl of {ttl}s")})
                 if process.model.sleep:
                     self.log.info(f"<{model}> going to sleep, TTL of {ttl}s reached")
                     task = process.begin_sleep(process.model.unload_timeout, "ttl")
@@ -4508,10 +4673,17 @@ class Scheduler:
         if not (sleep and await process.sleep(timeout, "swap")):
             await process.stop(timeout, "swap")
 
-    async def unload(self, models: Iterable[str]) -> None:
+    def _record_stops(self, kind: str, stops: dict[str, tuple[str, str]], who: str = "") -> None:
+        """A decision that only stops (or puts to sleep): a TTL, an unload, a reload."""
+        self.on_swap(SwapRecord(next(self.swap_ids), time.time(), kind, "", False, stops, request=who,
+                                result="ok"))
+
+    async def unload(self, models: Iterable[str], who: str = "") -> None:
         """Stop these models now; requests waiting for them are told it was unloaded. The work
         runs in its own task, so a client that hangs up does not leave it half done."""
         models = [m for m in models if m in self.processes]
+        if running := [m for m in models if self.processes[m].state != STOPPED]:
+            self._record_stops("unload", {m: ("stop", "unloaded by an admin action") for m in running}, who)
         self._fail_waiting(f"{self.policy.name}: model unloaded", models)
         task = asyncio.create_task(self._stop_models(models))
         self.unloads.add(task)
@@ -7845,6 +8017,9 @@ class Tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+SWAP_HISTORY = 200  # swap records kept for GET /api/swaps
+
+
 class Runtime:
     """Everything behind the HTTP face, wired once: the model processes and their scheduler, the
     logs, activity, metrics, event fan-out, GPU watching, and every background task (in one
@@ -7865,7 +8040,8 @@ class Runtime:
         self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
                                    config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout,
                                    on_grant=self.metrics.waited, on_refuse=self.metrics.refuse,
-                                   new_process=self._process)
+                                   on_swap=self._swapped, new_process=self._process)
+        self.swap_history: collections.deque[SwapRecord] = collections.deque(maxlen=SWAP_HISTORY)
         self.activity = Activity(config, log, self._activity_recorded)
         self.virtual = VirtualModels(config, self.processes)
         self.inflight = InFlight(lambda event: self.events.publish("inflight", event),
@@ -7902,6 +8078,12 @@ class Runtime:
                     self.log.warn(f"{response.label}: the client took nothing of its answer for "
                                   f"{go_duration(timeout)}, hanging up (stalledClientTimeout)")
                     response.transport.abort()
+
+    def _swapped(self, record: SwapRecord) -> None:
+        """A swap decided or done: kept for /api/swaps (once), and told to /api/events watchers."""
+        if not self.swap_history or self.swap_history[-1].id < record.id:
+            self.swap_history.append(record)
+        self.events.publish("swap", record.as_json())
 
     def _process(self, model: ModelConfig) -> ModelProcess:
         return ModelProcess(model, self.log, self._state_changed, self.groups, self.learnt, self._kv_done)
@@ -8342,6 +8524,8 @@ class Server:
             web.put("/api/profiles/active", self.handle_set_profile),
             web.post("/api/config/reload", self.handle_reload),
             web.get("/api/inflight", self.handle_inflight),
+            web.get("/api/swaps", self.handle_swaps),
+            web.get("/api/plan", self.handle_plan),
             web.post("/api/inflight/{id}/cancel", self.handle_cancel_inflight),
             # watching
             web.get("/health", handle_health),
@@ -8549,11 +8733,11 @@ class Server:
         return json_response({"running": running, **self.runtime.gpu_budgets()})
 
     async def handle_unload_all(self, request: web.Request) -> web.Response:
-        await self.scheduler.unload(list(self.processes))
+        await self.scheduler.unload(list(self.processes), request_label(request))
         return json_response({"msg": "ok"})
 
     async def handle_unload_text(self, request: web.Request) -> web.Response:
-        await self.scheduler.unload(list(self.processes))
+        await self.scheduler.unload(list(self.processes), request_label(request))
         return web.Response(text="OK")
 
     async def handle_load_one(self, request: web.Request) -> web.Response:
@@ -8569,8 +8753,25 @@ class Server:
         model = self.config.real_model_id(request.match_info["model"].lstrip("/"))
         if model is None:
             raise ApiError(404, "model not found")
-        await self.scheduler.unload([model])
+        await self.scheduler.unload([model], request_label(request))
         return web.Response(text="OK")
+
+    async def handle_swaps(self, request: web.Request) -> web.Response:
+        """The latest swap decisions (SWAP_HISTORY), newest last: what started, what stopped and why."""
+        return json_response({"swaps": [record.as_json() for record in self.runtime.swap_history]})
+
+    async def handle_plan(self, request: web.Request) -> web.Response:
+        """What a request for ?model= would take now, without doing anything (as a key: ?key=name)."""
+        name = request.query.get("model", "")
+        model = self.config.real_model_id(name)
+        if model is None:
+            raise ApiError(404, unknown_model_message(name, self.config))
+        key = None
+        if key_name := request.query.get("key", ""):
+            key = next((k for k in self.config.api_keys if k.name == key_name), None)
+            if key is None:
+                raise ApiError(400, f"no API key is named {key_name!r}")
+        return json_response(self.scheduler.plan(model, key))
 
     async def handle_reload(self, request: web.Request) -> web.Response:
         """Reload now: 200 with what changed, or 400 saying why the running config was kept."""

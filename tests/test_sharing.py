@@ -213,3 +213,73 @@ def test_a_keys_priority_is_added_to_the_models():
         return ticket.priority, scheduler.ticket("a").priority, ticket.why
 
     assert asyncio.run(tickets()) == (-2, 3, "POST /v1/chat/completions (key agents)")
+
+
+# -- swaps that explain themselves: the log line, /api/swaps, the swap event, /api/plan -----------
+
+async def get_json(s: aiohttp.ClientSession, ls, path: str) -> dict:
+    async with s.get(ls.url + path, headers={"Authorization": f"Bearer {PLAIN}"}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def test_each_swap_is_one_line_and_a_record_with_its_reasons_key_and_expected_load(in_process, upstreams):
+    ls = await in_process(shared_config(upstreams))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.get(ls.url + "/api/events", headers={"Authorization": f"Bearer {PLAIN}"}) as events:
+            assert (await ask(s, ls, PLAIN, "a"))[0] == 200
+            assert (await ask(s, ls, AGENTS, "c"))[0] == 200
+            assert (await ask(s, ls, PLAIN, "a"))[0] == 200
+            async with s.post(ls.url + "/api/models/unload", headers={"Authorization": f"Bearer {PLAIN}"}) as r:
+                assert r.status == 200
+            seen = b""
+            while seen.count(b'"type":"swap"') < 7:  # three swaps decided and done, one unload
+                seen += await asyncio.wait_for(events.content.readany(), 10)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        swaps = (await get_json(s, ls, "/api/swaps"))["swaps"]
+    assert [(w["kind"], w["model"], w["action"], w["key"], w["result"]) for w in swaps] == [
+        ("swap", "a", "start", "apiKeys[0]", "ok"), ("swap", "c", "start", "agents", "ok"),
+        ("swap", "a", "start", "apiKeys[0]", "ok"), ("unload", "", "stop", "", "ok")]
+    assert swaps[1]["stops"] == [{"model": "a", "action": "stop", "why": "one model at a time (no groups configured)"}]
+    assert swaps[1]["expected_s"] is None and swaps[2]["expected_s"] > 0, "a's first load is what the second expects"
+    assert all(w["duration_s"] >= 0 for w in swaps[:3])
+    assert swaps[3]["stops"] == [{"model": "a", "action": "stop", "why": "unloaded by an admin action"}]
+    assert swaps[3]["request"].startswith("POST /api/models/unload from 127.0.0.1")
+    output = ls.output()
+    assert "<c> starting for POST /v1/chat/completions from 127.0.0.1 (key agents), stopping a to make room " \
+           "(a: one model at a time (no groups configured))" in output
+    expected = swaps[2]["expected_s"]
+    assert "<a> starting for POST /v1/chat/completions from 127.0.0.1 (key apiKeys[0]), stopping c to make room " \
+           f"(c: one model at a time (no groups configured)); a load takes about {expected:.1f}s" in output
+    assert_no_key_in(output)
+    assert_no_key_in(seen.decode())
+
+
+async def test_the_plan_says_what_a_request_would_take_and_the_swap_then_does_it(in_process, upstreams):
+    config = shared_config(upstreams)
+    config["groups"] = {"pair": {"swap": True, "members": ["a", "b"]}, "side": {"swap": False, "exclusive": False,
+                                                                               "members": ["c"]}}
+    ls = await in_process(config)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        plan = await get_json(s, ls, "/api/plan?model=alpha")
+        assert (plan["model"], plan["action"], plan["stops"], plan["expected_wait_s"]) == ("a", "start", [], None)
+        for model in ("a", "b", "a"):
+            assert (await ask(s, ls, PLAIN, model))[0] == 200
+        plan = await get_json(s, ls, "/api/plan?model=b")
+        assert plan["action"] == "swap" and plan["state"] == "stopped"
+        assert plan["stops"] == [{"model": "a", "action": "stop", "why": "group pair runs one member at a time"}]
+        assert plan["expected_wait_s"] > 0, "b has loaded before: its load time is known"
+        assert (await get_json(s, ls, "/api/plan?model=a"))["action"] == "serve"
+        assert (await get_json(s, ls, "/api/plan?model=c"))["action"] == "start", "c starts beside a"
+        queued = await get_json(s, ls, "/api/plan?model=b&key=background")
+        assert (queued["action"], queued["queue_position"]) == ("queue", 1)
+        assert queued["reason"] == "API key 'background' may not stop models (swap: queue)"
+        assert (await get_json(s, ls, "/api/plan?model=b&key=live"))["action"] == "refuse"
+
+        assert (await ask(s, ls, PLAIN, "b"))[0] == 200
+        done = (await get_json(s, ls, "/api/swaps"))["swaps"][-1]
+        assert (done["model"], done["stops"]) == ("b", plan["stops"]), "the swap did what the plan said"
+        async with s.get(ls.url + "/api/plan?model=nope", headers={"Authorization": f"Bearer {PLAIN}"}) as r:
+            assert r.status == 404
+        async with s.get(ls.url + "/api/plan?model=a&key=nobody", headers={"Authorization": f"Bearer {PLAIN}"}) as r:
+            assert r.status == 400
