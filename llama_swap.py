@@ -4091,10 +4091,11 @@ class Ticket:
     of a start it causes; `key` the name of its API key ("" for none), `swap` what that key's
     requests may do to the models that run."""
 
-    __slots__ = ("model", "priority", "why", "future", "since", "key", "swap")
+    __slots__ = ("model", "priority", "why", "future", "since", "key", "swap", "caused")
 
     def __init__(self, model: str, priority: int = 0, why: str = "a request", since: float | None = None,
-                 key: str = "", swap: SwapRight = SwapRight.EVICT):
+                 key: str = "", swap: SwapRight = SwapRight.EVICT,
+                 caused: Callable[[SwapRecord], None] = lambda record: None):
         self.model = model
         self.priority = priority
         self.why = why
@@ -4102,6 +4103,7 @@ class Ticket:
         self.since = time.monotonic() if since is None else since
         self.key = key
         self.swap = swap
+        self.caused = caused  # told of the swap this request causes
 
     def waiting(self) -> bool:
         return not self.future.done()
@@ -4196,7 +4198,8 @@ class Scheduler:
 
     def __init__(self, processes: dict[str, ModelProcess], policy: SwapPolicy, log: ProxyLog,
                  priority: Mapping[str, int] | None = None, max_wait: float = 10.0, min_residency: float = 0.0,
-                 queue_timeout: float = 0.0, on_grant: Callable[[str, float], None] = lambda model, waited: None,
+                 queue_timeout: float = 0.0,
+                 on_grant: Callable[[str, float, str], None] = lambda model, waited, key: None,
                  on_refuse: Callable[[str], None] = lambda model: None,
                  on_swap: Callable[[SwapRecord], None] = lambda record: None,
                  new_process: Callable[[ModelConfig], ModelProcess] | None = None,
@@ -4231,10 +4234,12 @@ class Scheduler:
     # -- a request's way in: admitted, a ticket, granted (it awaits only its ticket) ----------
 
     @contextlib.asynccontextmanager
-    async def lease(self, model: str, why: str = "a request", key: ApiKey | None = None) -> AsyncIterator[ModelProcess]:
-        """The model's process, ready and counted as serving until the block ends."""
+    async def lease(self, model: str, why: str = "a request", key: ApiKey | None = None,
+                    caused: Callable[[SwapRecord], None] | None = None) -> AsyncIterator[ModelProcess]:
+        """The model's process, ready and counted as serving until the block ends. `caused`
+        hears of the swap this request causes, if it does."""
         with self.admitted(model):
-            async with self.granted(self.ticket(model, why, key)) as process:
+            async with self.granted(self.ticket(model, why, key, caused)) as process:
                 yield process
 
     @contextlib.contextmanager
@@ -4253,12 +4258,16 @@ class Scheduler:
         finally:
             self.reserved[model] -= 1
 
-    def ticket(self, model: str, why: str = "a request", key: ApiKey | None = None) -> Ticket:
+    def ticket(self, model: str, why: str = "a request", key: ApiKey | None = None,
+               caused: Callable[[SwapRecord], None] | None = None) -> Ticket:
         """A request's place in line: the model's priority plus its key's."""
-        if key is None:
-            return Ticket(model, self.priority.get(model, 0), why, self.clock())
-        return Ticket(model, self.priority.get(model, 0) + key.priority, f"{why} (key {key.name})", self.clock(),
-                      key.name, key.swap)
+        ticket = Ticket(model, self.priority.get(model, 0), why, self.clock())
+        if key is not None:
+            ticket.priority += key.priority
+            ticket.why, ticket.key, ticket.swap = f"{why} (key {key.name})", key.name, key.swap
+        if caused is not None:
+            ticket.caused = caused
+        return ticket
 
     @contextlib.asynccontextmanager
     async def granted(self, ticket: Ticket) -> AsyncIterator[ModelProcess]:
@@ -4422,6 +4431,7 @@ class Scheduler:
         self.log.info(f"<{model}> {'waking' if waking else 'starting'} for {ticket.why}{making_room(record)}"
                       f"{expected(record)}")
         self.on_swap(record)
+        ticket.caused(record)
         swap.task = asyncio.create_task(self._run_swap(swap))
 
     def plan(self, model: str, key: ApiKey | None = None) -> dict[str, Any]:
@@ -4521,7 +4531,7 @@ class Scheduler:
         self.in_flight[ticket.model] += 1
         self.last_use[ticket.model] = now = self.clock()
         ticket.future.set_result(None)
-        self.on_grant(ticket.model, now - ticket.since)
+        self.on_grant(ticket.model, now - ticket.since, ticket.key)
 
     def _finish_swap(self, swap: Swap, error: str) -> None:
         del self.swaps[swap.target]
@@ -5429,6 +5439,11 @@ class Exchange:
     failure: tuple[int, str] | None = None  # (status, message) of an error told inside a stream begun as a 200
     announced_at: float = 0.0  # when watchers last heard of it (byte counts are throttled)
     trailing: asyncio.TimerHandle | None = None
+    key: str = ""  # the name of its API key
+    swap: SwapRecord | None = None  # the swap this request caused, if it did
+
+    def caused(self, record: SwapRecord) -> None:
+        self.swap = record
 
     def responding(self, response: web.StreamResponse) -> None:
         self.response = response
@@ -5479,7 +5494,8 @@ class InFlight:
         exchange = Exchange(str(next(self._ids)), model, path_qs.partition("?")[0], request.method,
                             header_snapshot(request.headers), client_ip(request), metadata or {},
                             asyncio.current_task(), self._changed, body,
-                            copy=bytearray() if request.method == "POST" else None)
+                            copy=bytearray() if request.method == "POST" else None,
+                            key=key.name if (key := request.get(API_KEY)) else "")
         self.exchanges[exchange.id] = request[EXCHANGE] = exchange
         self._upsert(exchange)
         try:
@@ -6238,7 +6254,7 @@ def percentile(ordered: Sequence[float], p: float) -> float:
 # what we learnt of each model across restarts, and captured request/response bodies.
 
 # `sort` parameter -> column. Only these fixed names ever reach the SQL text.
-SORT_COLUMNS = {"id": "id", "time": "ts_created", "model": "model_id", "req_path": "req_path",
+SORT_COLUMNS = {"id": "id", "time": "ts_created", "model": "model_id", "key": "key_name", "req_path": "req_path",
                 "resp_status_code": "resp_status_code", "resp_content_type": "resp_content_type",
                 "cached": "cache_tokens", "prompt": "input_tokens", "generated": "output_tokens",
                 "drafted": "draft_tokens", "prompt_speed": "prompt_per_second",
@@ -6293,7 +6309,12 @@ FIGURES_SCHEMA = "CREATE TABLE IF NOT EXISTS model_figures (model_id TEXT PRIMAR
 INSERT_COLUMNS = ("ts_created, model_id, req_path, resp_content_type, resp_status_code, "
                   "cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens, "
                   "prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json")
-ROW_COLUMNS = "id, " + INSERT_COLUMNS
+# Ours, beside the original's table, which stays exactly its own (so the original opens the file
+# as it made it): the name of each row's API key. A store made before gains the table, empty.
+KEYS_SCHEMA = ("CREATE TABLE IF NOT EXISTS activity_key "
+               "(activity_id INTEGER PRIMARY KEY, key_name TEXT NOT NULL)")
+ROWS = "activity LEFT JOIN activity_key ON activity_id = id"  # every row, with its key's name where it has one
+ROW_COLUMNS = "id, " + INSERT_COLUMNS + ", COALESCE(key_name, '')"
 
 _INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -6303,12 +6324,16 @@ class QueryError(Exception):
     """A bad query parameter; the message is the 400 envelope's text."""
 
 
+GROUP_COLUMNS = {"": "", "key": "key_name", "model": "model_id"}
+
+
 @dataclass(frozen=True)
 class ActivityQuery:
     """`GET /api/metrics/activity` parameters, checked. Times are Unix seconds; bounds are
     inclusive; `sort_column` is always one of SORT_COLUMNS' values."""
 
     models: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # ours: API key names
     start: int | None = None
     end: int | None = None
     min_id: int | None = None
@@ -6317,12 +6342,14 @@ class ActivityQuery:
     page: int = 1
     sort_column: str = "id"
     descending: bool = True
+    group: str = ""  # ours: "key" or "model": totals per value instead of rows
 
     @classmethod
     def parse(cls, params: Mapping[str, Any]) -> ActivityQuery:
         """Read the query string, raising QueryError with the spec's message. An
         empty value counts as absent; of a repeated single-valued parameter the first wins."""
         models = tuple(value for value in _values(params, "model") if value)
+        keys = tuple(value for value in _values(params, "key") if value)
         start = _parse_time(_first(params, "start"), "start")
         end = _parse_time(_first(params, "end"), "end")
         if start is not None and end is not None and start > end:
@@ -6349,17 +6376,21 @@ class ActivityQuery:
         order = (_first(params, "order") or "desc").lower()
         if order not in ("asc", "desc"):
             raise QueryError("order must be asc or desc")
-        return cls(models=models, start=_unix_seconds(start), end=_unix_seconds(end),
-                   min_id=min_id, max_id=max_id, limit=limit, page=page,
+        group = _first(params, "group")
+        if group not in GROUP_COLUMNS:
+            raise QueryError("group must be key or model")
+        return cls(group=GROUP_COLUMNS[group], models=models, keys=keys, start=_unix_seconds(start),
+                   end=_unix_seconds(end), min_id=min_id, max_id=max_id, limit=limit, page=page,
                    sort_column=SORT_COLUMNS[sort], descending=order == "desc")
 
     def where(self) -> tuple[str, list[Any]]:
         """The WHERE clause (or "") and its parameters."""
         clauses: list[str] = []
         args: list[Any] = []
-        if self.models:
-            clauses.append(f"model_id IN ({', '.join('?' * len(self.models))})")
-            args.extend(self.models)
+        for column, values in (("model_id", self.models), ("key_name", self.keys)):
+            if values:
+                clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
         for clause, value in (("ts_created >= ?", self.start), ("ts_created <= ?", self.end),
                               ("id >= ?", self.min_id), ("id <= ?", self.max_id)):
             if value is not None:
@@ -6392,6 +6423,7 @@ class ActivityStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._db.execute(KEYS_SCHEMA)
         self._db.execute(FIGURES_SCHEMA)
 
     def close(self) -> None:
@@ -6410,9 +6442,9 @@ class ActivityStore:
 
     def add(self, *, model: str, req_path: str, resp_content_type: str, resp_status_code: int,
             tokens: Tokens, duration_ms: int, error_msg: str = "",
-            metadata: Mapping[str, str] | None = None, ts_created: int | None = None) -> int:
+            metadata: Mapping[str, str] | None = None, ts_created: int | None = None, key: str = "") -> int:
         """Store one request and return its id (ids start at 1 and are never reused).
-        `ts_created` is Unix seconds, now by default."""
+        `ts_created` is Unix seconds, now by default; `key` the name of its API key."""
         cursor = self._db.execute(
             f"INSERT INTO activity ({INSERT_COLUMNS})"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -6422,13 +6454,16 @@ class ActivityStore:
              tokens.prompt_per_second, tokens.tokens_per_second, duration_ms, error_msg,
              json.dumps(dict(metadata)) if metadata else ""))
         row_id = cursor.lastrowid
+        if key:
+            self._db.execute("INSERT OR REPLACE INTO activity_key VALUES (?, ?)", (row_id, key))
         if self.path is None:
-            self._db.execute("DELETE FROM activity WHERE id <= ?", (row_id - self.max_in_memory,))
+            for table, column in (("activity", "id"), ("activity_key", "activity_id")):
+                self._db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (row_id - self.max_in_memory,))
         return row_id
 
     def row(self, row_id: int, has_capture: Callable[[int], bool] | None = None) -> dict | None:
         """One row as the API renders it (for the `activity` event), or None if gone."""
-        found = self._db.execute(f"SELECT {ROW_COLUMNS} FROM activity WHERE id = ?", (row_id,)).fetchone()
+        found = self._db.execute(f"SELECT {ROW_COLUMNS} FROM {ROWS} WHERE id = ?", (row_id,)).fetchone()
         return None if found is None else _render_row(found, has_capture)
 
     def query(self, params: Mapping[str, Any],
@@ -6438,14 +6473,28 @@ class ActivityStore:
         QueryError for a bad parameter."""
         query = ActivityQuery.parse(params)
         where, args = query.where()
-        total = self._db.execute(f"SELECT COUNT(*) FROM activity{where}", args).fetchone()[0]
+        if query.group:
+            return self.totals(query.group, where, args)
+        total = self._db.execute(f"SELECT COUNT(*) FROM {ROWS}{where}", args).fetchone()[0]
         # A page far past the end must not overflow SQLite's OFFSET; it is empty anyway.
         offset = min((query.page - 1) * query.limit, INT64_MAX)
-        found = self._db.execute(f"SELECT {ROW_COLUMNS} FROM activity{where}{query.order_by()}"
+        found = self._db.execute(f"SELECT {ROW_COLUMNS} FROM {ROWS}{where}{query.order_by()}"
                                  " LIMIT ? OFFSET ?", [*args, query.limit, offset]).fetchall()
         return {"data": [_render_row(row, has_capture) for row in found], "page": query.page,
                 "limit": query.limit, "total": total,
                 "total_pages": (total + query.limit - 1) // query.limit}
+
+    def totals(self, column: str, where: str, args: list[Any]) -> dict:
+        """Per key (or model) of the rows a query selects: requests, tokens, time, errors, swaps caused."""
+        found = self._db.execute(
+            f"SELECT COALESCE({column}, ''), COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),"
+            " COALESCE(SUM(duration_ms), 0), SUM(resp_status_code >= 400), SUM(metadata_json LIKE '%\"swap_id\"%')"
+            f" FROM {ROWS}{where} GROUP BY 1 ORDER BY COUNT(*) DESC, 1", args).fetchall()
+        name = "key" if column == "key_name" else "model"
+        return {"groups": [{name: value, "requests": requests, "input_tokens": input_tokens,
+                            "output_tokens": output_tokens, "duration_ms": duration_ms, "errors": errors,
+                            "swaps": swaps} for value, requests, input_tokens, output_tokens, duration_ms, errors, swaps
+                           in found]}
 
     def stats(self, model: str | None = None) -> dict:
         """The body of `GET /api/metrics/stats`, over one model's rows or all of them."""
@@ -6467,7 +6516,7 @@ class ActivityStore:
 
 def _render_row(row: Sequence[Any], has_capture: Callable[[int], bool] | None) -> dict:
     (row_id, ts_created, model, req_path, content_type, status, cached, draft, accepted,
-     input_tokens, output_tokens, prompt_speed, gen_speed, duration_ms, error_msg, metadata_json) = row
+     input_tokens, output_tokens, prompt_speed, gen_speed, duration_ms, error_msg, metadata_json, key) = row
     tokens = Tokens(cache_tokens=cached, draft_tokens=draft, draft_acc_tokens=accepted,
                     input_tokens=input_tokens, output_tokens=output_tokens,
                     prompt_per_second=float(prompt_speed), tokens_per_second=float(gen_speed))
@@ -6477,6 +6526,8 @@ def _render_row(row: Sequence[Any], has_capture: Callable[[int], bool] | None) -
                 "has_capture": bool(has_capture and has_capture(row_id))}
     if error_msg:
         rendered["error_msg"] = error_msg
+    if key:
+        rendered["key"] = key
     metadata = _loads_or_none(metadata_json.encode()) if metadata_json else None
     if isinstance(metadata, dict) and metadata:
         rendered["metadata"] = metadata
@@ -6595,7 +6646,7 @@ class Activity:
 
     BACKLOG = 64  # answers waiting for the worker; past this, rows are written without reading the answer
 
-    def __init__(self, config: Config, log: ProxyLog, on_recorded: Callable[[int, str, Tokens], None]):
+    def __init__(self, config: Config, log: ProxyLog, on_recorded: Callable[[int, str, Tokens, str], None]):
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-swap-activity")
         self.log = log
         self.store = ActivityStore(config.store_path, config.metrics_max_in_memory)
@@ -6621,18 +6672,22 @@ class Activity:
         future.add_done_callback(self._recorded)
 
     def _record(self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes,
-                wall_ms: int) -> tuple[int, str, Tokens]:
+                wall_ms: int) -> tuple[int, str, Tokens, str]:
         tokens, duration_ms, error = measure_response(exchange.path, status, headers, body, wall_ms)
         error = exchange.failure[1] if exchange.failure else error
+        metadata = exchange.metadata
+        if (swap := exchange.swap) is not None:  # it caused a swap: which, and how long that took
+            metadata = {**metadata, "swap_id": str(swap.id), "swap_seconds": f"{swap.duration_s or 0:.2f}",
+                        "swap_stopped": ",".join(swap.stops)}
         row_id = self.store.add(model=exchange.model, req_path=exchange.path,
                                 resp_content_type=header_value(headers, "Content-Type"), resp_status_code=status,
-                                tokens=tokens, duration_ms=duration_ms, error_msg=error, metadata=exchange.metadata,
-                                ts_created=int(exchange.began))
+                                tokens=tokens, duration_ms=duration_ms, error_msg=error, metadata=metadata,
+                                ts_created=int(exchange.began), key=exchange.key)
         raw = len(exchange.request_body) + len(body)
         if raw <= min(self.captures.capacity, BIGGEST_CAPTURE) and (capture := make_capture(row_id, exchange, status,
                                                                                              headers, body)):
             self.captures.add(row_id, capture)
-        return row_id, exchange.model, tokens
+        return row_id, exchange.model, tokens, exchange.key
 
     def _recorded(self, future: asyncio.Future) -> None:
         self.pending.discard(future)
@@ -7217,6 +7272,11 @@ class Metrics:
         self.sleeps: Counter[tuple] = Counter()  # (model, reason)
         self.wakes: Counter[tuple] = Counter()  # (model, "ready" | "failed")
         self.kv_tokens: Counter[tuple] = Counter()  # (model, "save" | "restore")
+        # Per API key (by name; requests without a key are not counted here):
+        self.key_requests: Counter[str] = Counter()
+        self.key_tokens: Counter[tuple] = Counter()  # (key, "prompt" | "generated")
+        self.key_swaps: Counter[str] = Counter()  # swaps its requests caused
+        self.key_wait: Counter[str] = Counter()  # seconds its requests waited for their model
         self.kv_seconds: Counter[tuple] = Counter()
         self.first_byte = Histogram(REQUEST_BUCKETS)
         self.duration = Histogram(REQUEST_BUCKETS)
@@ -7249,22 +7309,34 @@ class Metrics:
         elif state == STOPPED and previous != STOPPED:
             self.stops[(model, reason or "unknown")] += 1
 
-    def request_done(self, model: str, path: str, status: int, first_byte_after: float | None, seconds: float) -> None:
+    def request_done(self, model: str, path: str, status: int, first_byte_after: float | None, seconds: float,
+                     key: str = "") -> None:
         self.requests[(model, path, str(status))] += 1
+        if key:
+            self.key_requests[key] += 1
         labels = (("model", model),)
         self.duration.observe(labels, seconds)
         if first_byte_after is not None:
             self.first_byte.observe(labels, first_byte_after)
 
-    def waited(self, model: str, seconds: float) -> None:
+    def waited(self, model: str, seconds: float, key: str = "") -> None:
         self.queue_wait.observe((("model", model),), seconds)
+        if key:
+            self.key_wait[key] += seconds
+
+    def swapped(self, record: SwapRecord) -> None:
+        if record.kind == "swap" and record.result == "pending" and record.key:
+            self.key_swaps[record.key] += 1
 
     def refuse(self, model: str) -> None:
         self.refused[model] += 1
 
-    def add_tokens(self, model: str, tokens: Tokens) -> None:
-        self.tokens[(model, "prompt")] += max(tokens.input_tokens, 0)
-        self.tokens[(model, "generated")] += max(tokens.output_tokens, 0)
+    def add_tokens(self, model: str, tokens: Tokens, key: str = "") -> None:
+        counts = (("prompt", max(tokens.input_tokens, 0)), ("generated", max(tokens.output_tokens, 0)))
+        for kind, count in counts:
+            self.tokens[(model, kind)] += count
+            if key:
+                self.key_tokens[(key, kind)] += count
 
     def render(self, scheduler: Scheduler) -> str:
         models = sorted(scheduler.processes, key=str.encode)
@@ -7293,6 +7365,15 @@ class Metrics:
                           [({"model": m, "reason": r}, n) for (m, r), n in sorted(self.sleeps.items())]),
             metric_family("llamaswap_model_wakes_total", "Sleeping models woken, by result (failed: started anew).",
                           "counter", [({"model": m, "result": r}, n) for (m, r), n in sorted(self.wakes.items())]),
+            metric_family("llamaswap_key_requests_total", "Model requests by API key name (apiKeys).", "counter",
+                          [({"key": k}, n) for k, n in sorted(self.key_requests.items())]),
+            metric_family("llamaswap_key_tokens_total", "Prompt and generated tokens by API key name.", "counter",
+                          [({"key": k, "kind": kind}, n) for (k, kind), n in sorted(self.key_tokens.items())]),
+            metric_family("llamaswap_key_swaps_total", "Swaps caused by each API key's requests.", "counter",
+                          [({"key": k}, n) for k, n in sorted(self.key_swaps.items())]),
+            metric_family("llamaswap_key_wait_seconds_total", "Time each API key's requests waited for their model "
+                          "(queue, swaps and loads).", "counter",
+                          [({"key": k}, round(n, 3)) for k, n in sorted(self.key_wait.items())]),
             metric_family("llamaswap_kv_cache_tokens_total", "Tokens of KV cache saved and restored (kvCache).",
                           "counter", [({"model": m, "action": a}, n) for (m, a), n in sorted(self.kv_tokens.items())]),
             metric_family("llamaswap_kv_cache_seconds_total", "Time spent saving and restoring KV cache (kvCache).",
@@ -7952,7 +8033,7 @@ async def stream_while_loading(request: web.Request, scheduler: Scheduler, model
     """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
     stream at once that tells what happens while the model loads, then the answer itself."""
     with scheduler.admitted(model):
-        ticket = scheduler.ticket(model, request_label(request), key)
+        ticket = scheduler.ticket(model, request_label(request), key, request[EXCHANGE].caused)
         processes = scheduler.processes
         loading = LoadingStream(request, model, lambda: scheduler.position(ticket),
                                 lambda: processes[model].load_status() if model in processes else None)
@@ -8083,6 +8164,7 @@ class Runtime:
         """A swap decided or done: kept for /api/swaps (once), and told to /api/events watchers."""
         if not self.swap_history or self.swap_history[-1].id < record.id:
             self.swap_history.append(record)
+            self.metrics.swapped(record)
         self.events.publish("swap", record.as_json())
 
     def _process(self, model: ModelConfig) -> ModelProcess:
@@ -8133,8 +8215,8 @@ class Runtime:
         self.events.publish("kvCache", {"model": model, "action": action, "slot": transfer.slot,
                                         "tokens": transfer.tokens, "bytes": transfer.size, "ms": transfer.ms})
 
-    def _activity_recorded(self, row_id: int, model: str, tokens: Tokens) -> None:
-        self.metrics.add_tokens(model, tokens)
+    def _activity_recorded(self, row_id: int, model: str, tokens: Tokens, key: str) -> None:
+        self.metrics.add_tokens(model, tokens, key)
         self.events.publish("activity", {"id": row_id})
 
     def _publish_log(self, source: str, data: bytes) -> None:
@@ -8247,7 +8329,8 @@ class Runtime:
     def request_done(self, exchange: Exchange, response: web.StreamResponse | None, status: int) -> None:
         """A model request's metrics and, for a POST, its activity row and capture."""
         seconds = time.monotonic() - exchange.clock
-        self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds)
+        self.metrics.request_done(exchange.model, exchange.path, status, exchange.first_byte_after, seconds,
+                                  exchange.key)
         if exchange.method != "POST" or status == 101:
             return
         relayed = response is not None and response is exchange.response
@@ -8588,7 +8671,7 @@ class Server:
                     (key is None or key.swap is not SwapRight.RESIDENT) and \
                     path_qs.startswith("/v1/chat/completions") and await self.wants_stream(request, body):
                 return await stream_while_loading(request, self.scheduler, model, path_qs, body, key)
-            async with self.scheduler.lease(model, request_label(request), key) as process:
+            async with self.scheduler.lease(model, request_label(request), key, request[EXCHANGE].caused) as process:
                 return await self.relay_local(request, process, path_qs, body)
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,

@@ -53,7 +53,9 @@ async def test_each_request_gets_an_activity_row_with_its_tokens(in_process, ups
     assert failed["resp_status_code"] == 503 and failed["error_msg"] == "503 Service Unavailable"
     assert failed["tokens"]["input_tokens"] == 0
     assert all(r["model"] == "m" and r["req_path"] == "/v1/chat/completions" for r in rows)
-    assert plain["metadata"] == {"fifo_priority": "0"}
+    loaded = {"fifo_priority": "0", "swap_id": "1", "swap_stopped": ""}  # the request that started m says so
+    assert {k: v for k, v in plain["metadata"].items() if k != "swap_seconds"} == loaded
+    assert float(plain["metadata"]["swap_seconds"]) > 0 and streamed["metadata"] == {"fifo_priority": "0"}
     assert stats["total_requests"] == 3 and stats["total_output_tokens"] == 7
 
 

@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from helpers import make_scheduler
+from helpers import eventually, make_scheduler
 from llama_swap import ApiKey, ConfigError, SwapRight, parse_config
 
 PLAIN, AGENTS, QUEUE, RESIDENT, ONE_AT_A_TIME = ("sk-plain-0001", "sk-agents-0002", "sk-queue-0003",
@@ -283,3 +283,65 @@ async def test_the_plan_says_what_a_request_would_take_and_the_swap_then_does_it
             assert r.status == 404
         async with s.get(ls.url + "/api/plan?model=a&key=nobody", headers={"Authorization": f"Bearer {PLAIN}"}) as r:
             assert r.status == 400
+
+
+# -- accounting per key ------------------------------------------------------------------------
+
+async def test_activity_and_metrics_are_kept_per_key_after_a_mixed_workload(in_process, upstreams):
+    ls = await in_process(shared_config(upstreams))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for key, model in ((PLAIN, "a"), (AGENTS, "c"), (AGENTS, "c"), (AGENTS, "a"), (PLAIN, "b"), (RESIDENT, "b")):
+            assert (await ask(s, ls, key, model))[0] == 200, (key, model)
+
+        async def recorded() -> bool:
+            return (await get_json(s, ls, "/api/metrics/activity"))["total"] == 6
+
+        assert await eventually(recorded, 10)
+        rows = (await get_json(s, ls, "/api/metrics/activity?order=asc"))["data"]
+        assert [(r["key"], r["model"]) for r in rows] == [
+            ("apiKeys[0]", "a"), ("agents", "c"), ("agents", "c"), ("agents", "a"), ("apiKeys[0]", "b"), ("live", "b")]
+        swapping = rows[3]["metadata"]
+        assert (swapping["swap_stopped"], float(swapping["swap_seconds"]) > 0) == ("c", True), \
+            "the request that swapped c for a says so, with the swap's duration"
+        assert "swap_id" not in rows[2]["metadata"], "c was ready: nothing was swapped for it"
+        only_agents = (await get_json(s, ls, "/api/metrics/activity?key=agents"))["data"]
+        assert [r["id"] for r in only_agents] == [rows[3]["id"], rows[2]["id"], rows[1]["id"]]
+        groups = (await get_json(s, ls, "/api/metrics/activity?group=key"))["groups"]
+        assert [(g["key"], g["requests"], g["swaps"]) for g in groups] == [
+            ("agents", 3, 2), ("apiKeys[0]", 2, 2), ("live", 1, 0)]
+        assert groups[0]["output_tokens"] == 9 and groups[0]["input_tokens"] == 21
+        async with s.get(ls.url + "/api/metrics/activity?group=colour",
+                         headers={"Authorization": f"Bearer {PLAIN}"}) as r:
+            assert r.status == 400
+        async with s.get(ls.url + "/metrics", headers={"Authorization": f"Bearer {PLAIN}"}) as r:
+            metrics = await r.text()
+    assert 'llamaswap_key_requests_total{key="agents"} 3' in metrics
+    assert 'llamaswap_key_tokens_total{key="agents",kind="generated"} 9' in metrics
+    assert 'llamaswap_key_swaps_total{key="agents"} 2' in metrics
+    assert 'llamaswap_key_swaps_total{key="live"}' not in metrics
+    assert 'llamaswap_key_wait_seconds_total{key="agents"}' in metrics
+    assert_no_key_in(metrics)
+
+
+def test_a_store_made_before_keys_gains_them_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    from llama_swap import ActivityStore, Tokens
+
+    path = str(tmp_path / "activity.db")
+    store = ActivityStore(path, 1000)
+    store.add(model="m", req_path="/v1/chat/completions", resp_content_type="application/json", resp_status_code=200,
+              tokens=Tokens(), duration_ms=5)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE activity_key")  # as a store of an earlier version, or the original's, has it
+    db.commit()
+    db.close()
+    store = ActivityStore(path, 1000)
+    try:
+        store.add(model="m", req_path="/v1/chat/completions", resp_content_type="application/json",
+                  resp_status_code=200, tokens=Tokens(), duration_ms=5, key="agents")
+        assert [r.get("key") for r in store.query({"order": ["asc"]})["data"]] == [None, "agents"]
+        assert [r["id"] for r in store.query({"key": ["agents"]})["data"]] == [2]
+    finally:
+        store.close()
