@@ -99,7 +99,7 @@ def test_every_documented_block_loads_in_llama_swap(monkeypatch, tmp_path):
     from llama_swap import parse_config
 
     for name in re.findall(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}", EXAMPLE_PATH.read_text()):
-        monkeypatch.setenv(name, "example-key")
+        monkeypatch.setenv(name, f"example-key-{name.lower()}")  # keys differ, as real ones do
     monkeypatch.chdir(tmp_path)
     for label, text in documented_blocks().items():
         config = parse_config(text)
