@@ -4264,7 +4264,7 @@ class Scheduler:
         ticket = Ticket(model, self.priority.get(model, 0), why, self.clock())
         if key is not None:
             ticket.priority += key.priority
-            ticket.why, ticket.key, ticket.swap = f"{why} (key {key.name})", key.name, key.swap
+            ticket.key, ticket.swap = key.name, key.swap
         if caused is not None:
             ticket.caused = caused
         return ticket
@@ -4428,7 +4428,8 @@ class Scheduler:
         self.swaps[model] = swap
         if explanation := self.policy.explain(model, self.running(), self.asleep()):
             self.log.info(explanation)
-        self.log.info(f"<{model}> {'waking' if waking else 'starting'} for {ticket.why}{making_room(record)}"
+        by = f" (key {ticket.key})" if ticket.key else ""
+        self.log.info(f"<{model}> {'waking' if waking else 'starting'} for {ticket.why}{by}{making_room(record)}"
                       f"{expected(record)}")
         self.on_swap(record)
         ticket.caused(record)

@@ -210,9 +210,9 @@ def test_a_keys_priority_is_added_to_the_models():
         scheduler, _processes, _events = make_scheduler("a", priority={"a": 3})
         key = ApiKey("k", "agents", priority=-5)
         ticket = scheduler.ticket("a", "POST /v1/chat/completions", key)
-        return ticket.priority, scheduler.ticket("a").priority, ticket.why
+        return ticket.priority, scheduler.ticket("a").priority, ticket.key
 
-    assert asyncio.run(tickets()) == (-2, 3, "POST /v1/chat/completions (key agents)")
+    assert asyncio.run(tickets()) == (-2, 3, "agents")
 
 
 # -- swaps that explain themselves: the log line, /api/swaps, the swap event, /api/plan -----------

@@ -480,3 +480,36 @@ async def test_a_capture_opens_from_the_activity_page_and_by_id(start_llama_swap
     await page.get_by_test_id("capture-open").click()
     await expect(page.get_by_test_id("capture-error")).to_contain_text("capture not found")
     await tabs.shot(page, "capture-missing")
+
+
+async def test_the_models_page_says_why_models_swapped_and_what_a_load_would_cost_and_activity_filters_by_key(
+        start_llama_swap, upstreams, tabs):
+    plain, agents = "sk-ui-plain-1", "sk-ui-agents-2"
+    ls = start_llama_swap({"healthCheckTimeout": 30, "apiKeys": [plain, {"key": agents, "name": "agents"}],
+                           "models": {"a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")},
+                                      "p": {"cmd": upstreams.cmd(name="p"), "protected": True}}})
+    async with aiohttp.ClientSession() as s:
+        for key, model in ((agents, "a"), (plain, "b")):
+            async with s.post(ls.url + "/v1/chat/completions", json={"model": model},
+                              headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+    page = await tabs.open(ls, "/ui/models", http_credentials={"username": "me", "password": plain})
+    await expect(page.get_by_test_id("model-swap-a")).to_contain_text(
+        re.compile(r"stopped at .* for b: one model at a time \(no groups configured\) "
+                   r"\(key apiKeys\[0\], POST /v1/chat/completions from 127.0.0.1\)$"))
+    await expect(page.get_by_test_id("model-swap-b")).to_contain_text("started at")
+    await expect(page.get_by_test_id("model-protected-p")).to_have_text("protected")
+    await page.get_by_test_id("load-a").hover()
+    await expect(page.get_by_test_id("load-a")).to_have_attribute(
+        "title", re.compile(r"^Load stops b \(one model at a time \(no groups configured\)\) · about \d\.\d s$"))
+    await tabs.shot(page, "swap-notes-and-plan")
+
+    await page.goto(ls.url + "/ui/activity")
+    key_filter = page.get_by_test_id("activity-key")
+    await expect(key_filter).to_be_visible()
+    await expect(page.get_by_test_id("activity-table").locator("tbody tr")).to_have_count(2)
+    await key_filter.select_option("agents")
+    rows = page.get_by_test_id("activity-table").locator("tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("agents")
+    await tabs.shot(page, "activity-by-key")

@@ -218,6 +218,9 @@ function handleMessage(text) {
     case 'activity':
       publish('activity', data);
       break;
+    case 'swap':
+      publish('swap', data);
+      break;
     default:
       break;  // logData, uiConfig and newer types: no page shows them from here
   }

@@ -14,13 +14,17 @@ export function mount(root) {
   let page = 1;
   let limit = PAGE_SIZES[0];
   let model = '';  // '' = every model
+  let key = '';    // '' = every API key (or none)
 
   const modelSelect = h('select', { 'data-testid': 'activity-model' });
+  const keySelect = h('select', { 'data-testid': 'activity-key' });
+  const keyField = field('API key', keySelect);
+  keyField.hidden = true;  // until some row carries a key
   const limitSelect = h('select', {}, PAGE_SIZES.map((n) => h('option', { value: n }, n)));
   const tableBody = h('tbody');
   const table = h('table', { 'data-testid': 'activity-table' },
     h('thead', {}, h('tr', {},
-      h('th', { class: 'num' }, 'ID'), h('th', {}, 'Time'), h('th', {}, 'Model'), h('th', {}, 'Path'),
+      h('th', { class: 'num' }, 'ID'), h('th', {}, 'Time'), h('th', {}, 'Model'), h('th', {}, 'Key'), h('th', {}, 'Path'),
       h('th', { class: 'num' }, 'Status'), h('th', { class: 'num' }, 'In'), h('th', { class: 'num' }, 'Out'),
       h('th', { class: 'num' }, 'Cached'), h('th', { class: 'num' }, 'Prompt t/s'), h('th', { class: 'num' }, 'Gen t/s'),
       h('th', { class: 'num' }, 'Duration'), h('th', {}, 'Capture'))),
@@ -35,7 +39,7 @@ export function mount(root) {
 
   root.append(
     h('h1', {}, 'Activity'),
-    h('div', { class: 'toolbar' }, field('Model', modelSelect), field('Rows per page', limitSelect)),
+    h('div', { class: 'toolbar' }, field('Model', modelSelect), keyField, field('Rows per page', limitSelect)),
     error,
     h('div', { class: 'grid-2' },
       h('section', { class: 'panel' },
@@ -63,6 +67,27 @@ export function mount(root) {
     modelSelect.value = model;
   }
 
+  // The keys' names, from the totals per key; shown only once a row has one.
+  async function refreshKeyOptions() {
+    let groups;
+    try {
+      groups = (await getJSON('/api/metrics/activity?group=key')).groups || [];
+    } catch {
+      return;
+    }
+    if (!alive) return;
+    const names = groups.map((g) => g.key).filter(Boolean);
+    if (key && !names.includes(key)) names.push(key);
+    keyField.hidden = names.length === 0;
+    replace(keySelect, h('option', { value: '' }, 'all keys'), names.sort().map((name) => h('option', { value: name }, name)));
+    keySelect.value = key;
+  }
+
+  keySelect.addEventListener('change', () => {
+    key = keySelect.value;
+    page = 1;
+    refreshRows();
+  });
   modelSelect.addEventListener('change', () => {
     model = modelSelect.value;
     page = 1;
@@ -79,6 +104,7 @@ export function mount(root) {
   function activityQuery(extra) {
     const params = new URLSearchParams(extra);
     if (model) params.append('model', model);
+    if (key) params.append('key', key);
     return `/api/metrics/activity?${params}`;
   }
 
@@ -119,6 +145,7 @@ export function mount(root) {
       h('td', { class: 'num' }, row.id),
       h('td', { style: 'white-space:nowrap' }, fmtTime(row.timestamp)),
       h('td', {}, h('span', { class: 'model-id' }, row.model)),
+      h('td', {}, row.key ? h('span', { class: 'tag' }, row.key) : h('span', { class: 'muted' }, '—')),
       h('td', {}, h('span', { class: 'mono' }, row.req_path)),
       h('td', { class: failed ? 'num status-error' : 'num' }, row.resp_status_code,
         row.error_msg ? h('div', { class: 'muted', style: 'font-weight:normal;white-space:normal;max-width:20em' }, row.error_msg) : null),
@@ -189,6 +216,7 @@ export function mount(root) {
 
   async function refreshAll() {
     renderModelOptions();
+    refreshKeyOptions();
     refreshRows();
     const recentRows = await refreshChart();
     if (alive) refreshSummary(recentRows);

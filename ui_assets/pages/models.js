@@ -3,6 +3,11 @@
 // model has got and the last lines of its output; and the requests in flight, each with a
 // cancel button.
 //
+// Under each model: why it last started, stopped or went to sleep (GET /api/swaps, then swap
+// events), and, when the pointer or focus reaches its Load button, what loading it would cost
+// (GET /api/plan: the models it would stop and why, the expected wait) as the button's tooltip:
+// nothing on the page moves under a pointer on its way to click.
+//
 // States come from modelStatus events; so does a starting model's `loading` (seconds so far,
 // progress 0..1 or null, ETA in seconds or null), sent again every second while it starts.
 // In-flight and queued counts and the TTL come from GET /running, fetched again whenever
@@ -30,6 +35,7 @@ export function mount(root) {
   const busy = new Map();         // id -> 'loading' | 'unloading'
   const tails = new Map();        // id -> {controller, lines} while the model starts
   const lastState = new Map();    // id -> state seen by this page (to spot fresh starts)
+  const lastSwap = new Map();     // id -> the latest swap record that started or stopped it
 
   const modelBody = h('tbody');
   const modelTable = h('table', { class: 'stack' },
@@ -82,6 +88,8 @@ export function mount(root) {
       }
       modelBody.append(row.tr, row.tailTr);  // (re)appending keeps the server's order
       describe(row, model);
+      showSwap(model.id);
+      if (lastState.get(model.id) !== model.state) row.load.removeAttribute('title');  // what it said no longer holds
       updateRow(model.id, model.state);
       showLoad(row, model.state === 'starting' ? model.loading : null);
       followStart(model.id, model.state);
@@ -104,6 +112,8 @@ export function mount(root) {
     const queued = h('td', { class: 'num', 'data-label': 'Queued' });
     const ttl = h('td', { class: 'num', 'data-label': 'TTL left' });
     const load = h('button', { type: 'button', class: 'small primary', 'data-testid': `load-${id}`, onclick: () => loadModel(id) }, 'Load');
+    const swapNote = h('div', { class: 'muted swap-note', 'data-testid': `model-swap-${id}`, hidden: true });
+    for (const kind of ['pointerenter', 'focus']) load.addEventListener(kind, () => showPlan(id));
     const unload = h('button', { type: 'button', class: 'small', 'data-testid': `unload-${id}`, onclick: () => unloadModel(id) }, 'Unload');
     const logs = h('a', { href: `/ui/logs?source=${encodeURIComponent(id)}`, class: 'button small' }, 'Logs');
     const fill = h('span', { class: 'load-fill' });
@@ -111,14 +121,14 @@ export function mount(root) {
     const text = h('div', { 'data-testid': `model-load-text-${id}` });
     const progress = { box: h('div', { class: 'load-progress', 'data-testid': `model-load-${id}`, hidden: true }, bar, text), bar, fill, text };
     const tr = h('tr', { 'data-testid': `model-row-${id}` },
-      h('td', { 'data-label': '' }, info),
+      h('td', { 'data-label': '' }, info, swapNote),
       h('td', { 'data-label': 'State' }, h('div', { class: 'state-cell' }, state, progress.box)),
       inFlight, queued, ttl,
       h('td', { 'data-label': '' }, h('div', { class: 'actions' }, load, unload, logs)));
     const tail = h('pre', { class: 'tail', 'data-testid': `model-tail-${id}`, 'aria-live': 'off' });
     const tailTr = h('tr', { class: 'tail-row', hidden: true }, h('td', { colspan: 6, 'data-label': '' },
       h('div', { class: 'muted' }, `Starting ${id}: last lines of its output`), tail));
-    return { tr, tailTr, tail, info, state, inFlight, queued, ttl, load, unload, progress };
+    return { tr, tailTr, tail, info, state, inFlight, queued, ttl, load, unload, progress, swapNote };
   }
 
   function describe(row, model) {
@@ -131,7 +141,58 @@ export function mount(root) {
         Object.entries(model.capabilities || {}).filter(([, on]) => on)
           .map(([name]) => h('span', { class: 'tag' }, name.replace(/_/g, ' '))),
         model.context_length ? h('span', { class: 'tag' }, `ctx ${model.context_length.toLocaleString()}`) : null,
-        model.unlisted ? h('span', { class: 'tag' }, 'unlisted') : null));
+        model.unlisted ? h('span', { class: 'tag' }, 'unlisted') : null,
+        model.protected ? h('span', { class: 'tag', title: 'requests never stop it', 'data-testid': `model-protected-${model.id}` }, 'protected') : null));
+  }
+
+  // Swaps: why each model last started or stopped, and what loading one would cost ###########
+
+  function noteSwap(record) {
+    if (record.model) lastSwap.set(record.model, record);
+    for (const stop of record.stops || []) lastSwap.set(stop.model, record);
+    for (const id of new Set([record.model, ...(record.stops || []).map((s) => s.model)])) showSwap(id);
+  }
+
+  function showSwap(id) {
+    const row = rows.get(id);
+    const record = lastSwap.get(id);
+    if (!row || !record) return;
+    const time = new Date(record.time).toLocaleTimeString();
+    const stop = (record.stops || []).find((s) => s.model === id);
+    const by = [record.key ? `key ${record.key}` : '', record.request].filter(Boolean).join(', ');
+    row.swapNote.textContent = stop
+      ? `${stop.action === 'sleep' ? 'put to sleep' : 'stopped'} at ${time}${record.model ? ` for ${record.model}` : ''}: ${stop.why}${by ? ` (${by})` : ''}`
+      : `${record.action === 'wake' ? 'woken' : 'started'} at ${time}${by ? ` for ${by}` : ''}${record.result.startsWith('failed') ? `: ${record.result}` : ''}`;
+    row.swapNote.hidden = false;
+  }
+
+  async function refreshSwaps() {
+    try {
+      const body = await getJSON('/api/swaps');
+      if (alive) (body.swaps || []).forEach(noteSwap);
+    } catch {
+      // an older server or a key without the right: the notes stay empty
+    }
+  }
+
+  async function showPlan(id) {
+    const row = rows.get(id);
+    if (!row || row.load.disabled) return;
+    let plan;
+    try {
+      plan = await getJSON(`/api/plan?model=${encodeURIComponent(id)}`);
+    } catch {
+      return;
+    }
+    if (!alive) return;
+    const seconds = plan.expected_wait_s;
+    const wait = typeof seconds === 'number' ? ` · about ${seconds < 10 ? `${seconds.toFixed(1)} s` : roughSeconds(seconds)}` : '';
+    const stops = (plan.stops || []).map((s) => `${s.action === 'sleep' ? 'puts to sleep' : 'stops'} ${s.model} (${s.why})`);
+    const words = {
+      serve: 'ready: a request is served at once', join: 'already starting',
+      queue: `would wait: ${plan.reason}`, refuse: `refused: ${plan.reason}`,
+    }[plan.action] || (stops.length ? `Load ${stops.join(', ')}` : `Load ${plan.action === 'wake' ? 'wakes' : 'starts'} it beside what runs`);
+    row.load.title = words + wait;
   }
 
   function updateRow(id, state) {
@@ -443,6 +504,7 @@ export function mount(root) {
   // Wiring ################################################################################
 
   function refreshAll() {
+    refreshSwaps();
     refreshRunning();
     refreshVirtual();
     refreshProfiles();
@@ -458,6 +520,7 @@ export function mount(root) {
     on('inflight', (entries) => { renderInflight(entries); refreshRunningSoon(); }),
     on('profileChanged', () => { refreshProfiles(); refreshVirtual(); }),
     on('reconnected', refreshAll),
+    on('swap', noteSwap),
   );
   const tick = setInterval(() => {
     for (const id of rows.keys()) rows.get(id).ttl.textContent = ttlText(running.get(id), stateOf(id));
