@@ -2903,6 +2903,7 @@ class ModelProcess:
         self.load_progress = LoadProgress()
         self.learnt = learnt or Learnt()
         self.ready_since = 0.0  # monotonic time it last became ready
+        self.failure: dict[str, Any] | None = None  # why its last start failed, until the next attempt
 
     @property
     def load_times(self) -> collections.deque[float]:
@@ -2965,7 +2966,7 @@ class ModelProcess:
             await asyncio.shield(self._starting)
 
     def _new_load(self) -> asyncio.Task:
-        self.stop_reason = ""
+        self.stop_reason, self.failure = "", None
         self.load_began, self.load_progress = time.monotonic(), LoadProgress()
         self._loading = asyncio.create_task(self._load())
         return self._loading
@@ -3086,9 +3087,9 @@ class ModelProcess:
         except asyncio.CancelledError:
             error = StartError("aborted")
         except StartError as e:
-            error = e
+            error = self._failed(e)
         except Exception as e:  # whatever went wrong, the client is told and nothing is left behind
-            error = StartError(f"{type(e).__name__}: {e}")
+            error = self._failed(StartError(f"{type(e).__name__}: {e}"))
         else:
             self.ready_since = time.monotonic()
             self.learnt.loaded(self.model.id, self.ready_since - self.load_began)
@@ -3098,6 +3099,11 @@ class ModelProcess:
         await self._terminate(ABORTED_START_GRACE)
         self._set_state(STOPPED)
         raise error
+
+    def _failed(self, error: StartError) -> StartError:
+        """A start that failed (not one a stop aborted): shown with the model until the next attempt."""
+        self.failure = {"error": str(error), "at": go_timestamp(time.time())}
+        return error
 
     async def _load(self) -> None:
         await self.groups.settled.wait()  # a killed run's servers may still hold our port or memory
@@ -7615,18 +7621,23 @@ def model_record(record_id: str, model: ModelConfig, internal: dict[str, Any], s
     return record
 
 
-def model_status(state: State, loading: dict[str, Any] | None) -> dict[str, Any]:
+def model_status(state: State, loading: dict[str, Any] | None, failure: dict[str, Any] | None = None) -> dict[str, Any]:
     """A /v1/models `status`: loaded or unloaded as the original says, our `loading` with its
-    progress and ETA while the server starts, and `sleeping` or `waking` (sleep: its calls)."""
+    progress and ETA while the server starts, `sleeping` or `waking` (sleep: its calls), and
+    the `error` of a start that failed (until the next attempt)."""
     if loading is not None:
         return {"value": "loading", **loading}
     if state in (SLEEPING, WAKING):
         return {"value": str(state)}
-    return {"value": "loaded" if state in (STARTING, READY, STOPPING) else "unloaded"}
+    status = {"value": "loaded" if state in (STARTING, READY, STOPPING) else "unloaded"}
+    if failure is not None and state == STOPPED:
+        status["error"] = failure["error"]
+    return status
 
 
 def model_records(config: Config, states: Mapping[str, State], created: int, profile: Profile | None = None,
-                  loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                  loading: Mapping[str, dict[str, Any]] | None = None,
+                  failures: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every /v1/models entry: listed models, their aliases if asked for, peers, selectors and the
     active profile's pins; by ID. `loading`: the load status of models starting."""
     loading = loading or {}
@@ -7634,7 +7645,7 @@ def model_records(config: Config, states: Mapping[str, State], created: int, pro
     for model_id, model in config.models.items():
         if model.unlisted:
             continue
-        status = model_status(states[model_id], loading.get(model_id))
+        status = model_status(states[model_id], loading.get(model_id), (failures or {}).get(model_id))
         internal: dict[str, Any] = {"type": "model"}
         if model.aliases:
             internal["aliases"] = model.aliases
@@ -7662,10 +7673,12 @@ def model_records(config: Config, states: Mapping[str, State], created: int, pro
 
 
 def model_statuses(config: Config, states: Mapping[str, State],
-                   loading: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   loading: Mapping[str, dict[str, Any]] | None = None,
+                   failures: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The modelStatus event: local models by ID, then every peer model. A model starting
-    also has our `loading` (elapsed_s, progress, eta_s)."""
-    loading = loading or {}
+    also has our `loading` (elapsed_s, progress, eta_s); one whose start failed, `failed`
+    (error, at) until its next attempt."""
+    loading, failures = loading or {}, failures or {}
     statuses = []
     for model_id in sorted(config.models, key=str.encode):
         model = config.models[model_id]
@@ -7679,6 +7692,8 @@ def model_statuses(config: Config, states: Mapping[str, State],
         status.update({k: rendered[k] for k in ("capabilities", "context_length") if k in rendered})
         if model_id in loading:
             status["loading"] = loading[model_id]
+        if model_id in failures and states[model_id] == STOPPED:
+            status["failed"] = failures[model_id]
         statuses.append(status)
     for peer in config.peers.values():
         statuses += [{"id": f"{peer.id}/{m}", "name": "", "description": "", "state": "", "unlisted": False,
@@ -8186,6 +8201,10 @@ class Runtime:
     def _asleep(self) -> set[str]:
         return {m for m, p in self.processes.items() if p.asleep}
 
+    def failures(self) -> dict[str, dict[str, Any]]:
+        """Why the last start of each model whose start failed did (until its next attempt)."""
+        return {m: p.failure for m, p in self.processes.items() if p.failure is not None}
+
     def loading(self) -> dict[str, dict[str, Any]]:
         """The load status (elapsed, progress, ETA) of every model starting now."""
         return {m: status for m, p in self.processes.items() if (status := p.load_status()) is not None}
@@ -8209,7 +8228,8 @@ class Runtime:
 
     def _publish_statuses(self) -> None:
         if self.events.streams:
-            self.events.publish("modelStatus", model_statuses(self.config, self.states(), self.loading()))
+            statuses = model_statuses(self.config, self.states(), self.loading(), self.failures())
+            self.events.publish("modelStatus", statuses)
 
     def _kv_done(self, model: str, action: str, transfer: SlotTransfer) -> None:
         self.metrics.kv_transfer(model, action, transfer.tokens, transfer.ms / 1000)
@@ -8353,7 +8373,7 @@ class Runtime:
         return [
             *(sse_event("logData", {"source": source, "data": log.history.history().decode("utf-8", "replace")})
               for source, log in (("proxy", self.log.proxy), ("upstream", self.log.upstream))),
-            sse_event("modelStatus", model_statuses(self.config, self.states(), self.loading())),
+            sse_event("modelStatus", model_statuses(self.config, self.states(), self.loading(), self.failures())),
             sse_event("uiConfig", {"activity": {"session_id": self.config.session_headers}}),
             sse_event("profileChanged", {"active": self.virtual.active}),
             sse_event("inflight", self.inflight.snapshot()),
@@ -8802,7 +8822,8 @@ class Server:
     async def handle_models(self, request: web.Request) -> web.Response:
         """The OpenAI model list, with each model's loaded status."""
         profile = self.config.profiles.get(self.virtual.active) if self.virtual.active else None
-        records = model_records(self.config, self.runtime.states(), int(time.time()), profile, self.runtime.loading())
+        records = model_records(self.config, self.runtime.states(), int(time.time()), profile, self.runtime.loading(),
+                                self.runtime.failures())
         if self.config.routing.router is Router.VRAM:
             add_vram_needs(records, self.config, self.vram_book)
         if (key := request[API_KEY]) is not None:  # a scoped key sees what it may use
@@ -8814,7 +8835,10 @@ class Server:
         """Models whose server is starting, ready, sleeping or stopping."""
         book = self.vram_book if self.config.routing.router is Router.VRAM else None
         running = running_records(self.scheduler, book)
-        return json_response({"running": running, **self.runtime.gpu_budgets()})
+        failed = [{"model": m, **failure} for m, failure in sorted(self.runtime.failures().items())
+                  if self.processes[m].state == STOPPED]
+        return json_response({"running": running, **({"failed": failed} if failed else {}),
+                              **self.runtime.gpu_budgets()})
 
     async def handle_unload_all(self, request: web.Request) -> web.Response:
         await self.scheduler.unload(list(self.processes), request_label(request))
@@ -9053,7 +9077,8 @@ class Server:
                 version = f"HTTP/{request.version.major}.{request.version.minor}"
                 agent = request.headers.get("User-Agent", "")
                 line = f'{client_ip(request)} "{request.method} {request.path} {version}" {status} {size} "{agent}"'
-                self.log.info(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
+                say = self.log.debug if quiet_read(request, status) else self.log.info
+                say(f"Request {printable(line)} {go_duration(time.monotonic() - started)}")
 
     # -- shutdown -----------------------------------------------------------------
 
@@ -9069,6 +9094,18 @@ class Server:
         await self.peers.close()
         await self.activity.close()
         self.bodies.close()
+
+QUIET_READS = ("/ui", "/api/", "/favicon.ico")
+
+
+def quiet_read(request: web.BaseRequest, status: int) -> bool:
+    """A successful read of the web UI's files or of /api/*, or any read the UI says is its own
+    (X-Llama-Swap-UI: /running, /logs, ...): logged at debug, so a page left open does not fill
+    the proxy log with its polling. Model requests, changes, errors and a person's curl of
+    /running stay at info."""
+    return request.method in ("GET", "HEAD") and status < 400 and \
+        (request.path.startswith(QUIET_READS) or "X-Llama-Swap-UI" in request.headers)
+
 
 def stalled_clients(timeout: float) -> Iterator[CountedResponse]:
     """The answers whose client has taken none of their bytes for `timeout` seconds."""

@@ -517,3 +517,14 @@ async def test_starts_stops_and_swaps_are_told_at_the_default_log_level(start_ll
     assert not any("[DEBUG]" in line for line in lines)  # all of it at info
     progress = [line for line in lines if "<b> loading: " in line]
     assert 1 <= len(progress) <= 4, progress  # when first known, then a line a quarter
+
+
+async def test_the_uis_own_reads_are_logged_at_debug_and_a_persons_at_info(in_process, upstreams):
+    ls = await in_process({"logLevel": "info", "models": {"m": model(upstreams, "m")}})
+    async with aiohttp.ClientSession() as s:
+        for path, headers in (("/running", {"X-Llama-Swap-UI": "1"}), ("/api/swaps", {}), ("/ui/", {}),
+                              ("/running", {}), ("/v1/models", {})):
+            async with s.get(ls.url + path, headers=headers) as r:
+                assert r.status == 200
+    lines = [line for line in ls.output().splitlines() if "Request 127.0.0.1" in line]
+    assert [line.split('"')[1] for line in lines] == ["GET /running HTTP/1.1", "GET /v1/models HTTP/1.1"]

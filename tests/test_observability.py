@@ -214,3 +214,27 @@ async def test_a_metered_request_asks_only_for_encodings_we_can_read(in_process,
             passthrough = (await r.json())["echo"]["headers"]
     assert metered["Accept-Encoding"] == "gzip;q=0.8, deflate"
     assert passthrough["Accept-Encoding"] == "br, gzip"  # not a model route: untouched
+
+
+async def test_a_failed_start_is_shown_with_its_reason_until_the_next_attempt(in_process, upstreams, tmp_path):
+    flag = tmp_path / "broken"
+    flag.write_text("yes")
+    cmd = f"sh -c 'test -e {flag} && {{ echo cannot open model file; exit 3; }}; exec {upstreams.cmd(name='m')}'"
+    ls = await in_process({"healthCheckTimeout": 15, "models": {"m": {"cmd": cmd}}})
+    async with aiohttp.ClientSession() as s:
+        assert (await chat(s, ls, "m"))[0] == 500
+        async with s.get(ls.url + "/v1/models") as r:
+            status = (await r.json())["data"][0]["status"]
+        assert status["value"] == "unloaded" and "exited prematurely with exit status 3" in status["error"]
+        assert "cannot open model file" in status["error"]
+        async with s.get(ls.url + "/running") as r:
+            running = await r.json()
+        assert running["running"] == [] and running["failed"][0]["model"] == "m"
+        assert "cannot open model file" in running["failed"][0]["error"] and running["failed"][0]["at"]
+        assert ls.runtime.processes["m"].failure is not None
+        flag.unlink()
+        assert (await chat(s, ls, "m"))[0] == 200, "the next attempt"
+        async with s.get(ls.url + "/v1/models") as r:
+            assert (await r.json())["data"][0]["status"] == {"value": "loaded"}
+        async with s.get(ls.url + "/running") as r:
+            assert "failed" not in await r.json()

@@ -513,3 +513,39 @@ async def test_the_models_page_says_why_models_swapped_and_what_a_load_would_cos
     await expect(rows).to_have_count(1)
     await expect(rows.first).to_contain_text("agents")
     await tabs.shot(page, "activity-by-key")
+
+
+async def test_a_failed_start_reads_failed_with_its_reason_and_a_silent_start_says_no_output_yet(
+        start_llama_swap, upstreams, tabs):
+    quiet = f"sh -c 'sleep 3; exec {upstreams.cmd(name='quiet')}'"  # prints nothing for 3 s
+    ls = start_llama_swap({"healthCheckTimeout": 15, "models": {
+        "broken": {"cmd": upstreams.cmd("--startup-delay", "5", "--exit-after", "0.3", name="broken")},
+        "quiet": {"cmd": quiet}}})
+    page = await tabs.open(ls, "/ui/models")
+    await page.get_by_test_id("load-broken").click()
+    state = page.get_by_test_id("model-state-broken")
+    await expect(state).to_have_text("failed", timeout=MODEL_START_MS)
+    failure = page.get_by_test_id("model-failure-broken")
+    await expect(failure).to_contain_text("upstream command exited prematurely")
+    await expect(failure).to_contain_text("out of memory (simulated)")
+    await tabs.shot(page, "failed")
+
+    await page.get_by_test_id("load-quiet").click()
+    await expect(page.get_by_test_id("model-state-quiet")).to_have_text("starting")
+    await expect(page.get_by_test_id("model-tail-quiet")).to_have_text("no output yet")
+    await tabs.shot(page, "no-output-yet")
+    await expect(page.get_by_test_id("model-state-quiet")).to_have_text("ready", timeout=MODEL_START_MS)
+    await expect(state).to_have_text("failed"), "until its next attempt"
+
+
+async def test_the_playground_speed_counts_from_the_models_first_token_not_its_load(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"healthCheckTimeout": 15, "sendLoadingState": True, "models": {
+        "m": {"cmd": upstreams.cmd("--startup-delay", "3", "--chunks", "10", "--chunk-delay", "0.05", name="m")}}})
+    page = await tabs.open(ls, "/ui/playground?model=m")
+    await page.get_by_test_id("pg-input").fill("hello")
+    await page.get_by_test_id("pg-send").click()
+    meta = page.locator(".msg.assistant .meta").last
+    await expect(meta).to_contain_text("10 tokens", timeout=MODEL_START_MS)
+    speed = float(re.search(r"([\d.]+) t/s", await meta.text_content())[1])
+    # 10 tokens over ~0.5 s once the model answers; counted from the loading text, over 3.5 s or more.
+    assert speed > 5, await meta.text_content()

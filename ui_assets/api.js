@@ -22,9 +22,11 @@ class ApiError extends Error {
 }
 
 // fetch with same-origin credentials (the browser's Basic login travels with it); resolves to
-// the Response when it is 2xx, else throws ApiError. `json` is sent as a JSON body.
+// the Response when it is 2xx, else throws ApiError. `json` is sent as a JSON body. Reads say
+// they are the UI's (X-Llama-Swap-UI), so the proxy logs its polling at debug, not info.
 export async function request(path, { method = 'GET', json, body, headers = {}, signal } = {}) {
-  const init = { method, headers: { ...headers }, signal, credentials: 'same-origin' };
+  const ours = method === 'GET' ? { 'X-Llama-Swap-UI': '1' } : {};
+  const init = { method, headers: { ...ours, ...headers }, signal, credentials: 'same-origin' };
   if (json !== undefined) {
     init.body = JSON.stringify(json);
     init.headers['Content-Type'] = 'application/json';

@@ -112,6 +112,7 @@ export function mount(root) {
     const queued = h('td', { class: 'num', 'data-label': 'Queued' });
     const ttl = h('td', { class: 'num', 'data-label': 'TTL left' });
     const load = h('button', { type: 'button', class: 'small primary', 'data-testid': `load-${id}`, onclick: () => loadModel(id) }, 'Load');
+    const failure = h('pre', { class: 'tail failure', 'data-testid': `model-failure-${id}`, hidden: true });
     const swapNote = h('div', { class: 'muted swap-note', 'data-testid': `model-swap-${id}`, hidden: true });
     for (const kind of ['pointerenter', 'focus']) load.addEventListener(kind, () => showPlan(id));
     const unload = h('button', { type: 'button', class: 'small', 'data-testid': `unload-${id}`, onclick: () => unloadModel(id) }, 'Unload');
@@ -121,14 +122,14 @@ export function mount(root) {
     const text = h('div', { 'data-testid': `model-load-text-${id}` });
     const progress = { box: h('div', { class: 'load-progress', 'data-testid': `model-load-${id}`, hidden: true }, bar, text), bar, fill, text };
     const tr = h('tr', { 'data-testid': `model-row-${id}` },
-      h('td', { 'data-label': '' }, info, swapNote),
+      h('td', { 'data-label': '' }, info, swapNote, failure),
       h('td', { 'data-label': 'State' }, h('div', { class: 'state-cell' }, state, progress.box)),
       inFlight, queued, ttl,
       h('td', { 'data-label': '' }, h('div', { class: 'actions' }, load, unload, logs)));
     const tail = h('pre', { class: 'tail', 'data-testid': `model-tail-${id}`, 'aria-live': 'off' });
     const tailTr = h('tr', { class: 'tail-row', hidden: true }, h('td', { colspan: 6, 'data-label': '' },
       h('div', { class: 'muted' }, `Starting ${id}: last lines of its output`), tail));
-    return { tr, tailTr, tail, info, state, inFlight, queued, ttl, load, unload, progress, swapNote };
+    return { tr, tailTr, tail, info, state, inFlight, queued, ttl, load, unload, progress, swapNote, failure };
   }
 
   function describe(row, model) {
@@ -162,7 +163,7 @@ export function mount(root) {
     const by = [record.key ? `key ${record.key}` : '', record.request].filter(Boolean).join(', ');
     row.swapNote.textContent = stop
       ? `${stop.action === 'sleep' ? 'put to sleep' : 'stopped'} at ${time}${record.model ? ` for ${record.model}` : ''}: ${stop.why}${by ? ` (${by})` : ''}`
-      : `${record.action === 'wake' ? 'woken' : 'started'} at ${time}${by ? ` for ${by}` : ''}${record.result.startsWith('failed') ? `: ${record.result}` : ''}`;
+      : `${record.action === 'wake' ? 'woken' : 'started'} at ${time}${by ? ` for ${by}` : ''}${record.result.startsWith('failed') ? ' (the start failed)' : ''}`;
     row.swapNote.hidden = false;
   }
 
@@ -198,8 +199,10 @@ export function mount(root) {
   function updateRow(id, state) {
     const row = rows.get(id);
     if (!row) return;
-    row.state.textContent = state || 'stopped';
-    row.state.className = `badge state-${state || 'stopped'}`;
+    const shown = state === 'stopped' && failureOf(id) ? 'failed' : state || 'stopped';
+    row.state.textContent = shown;
+    row.state.className = `badge state-${shown}`;
+    showFailure(row, state === 'stopped' ? failureOf(id) : null);
     const doing = busy.get(id);
     row.load.disabled = Boolean(doing) || state === 'ready' || state === 'starting' || state === 'waking';
     row.load.textContent = doing === 'loading' ? 'Loading…' : state === 'sleeping' ? 'Wake' : 'Load';
@@ -244,6 +247,16 @@ export function mount(root) {
 
   function stateOf(id) {
     return (live.models || []).find((m) => m.id === id)?.state;
+  }
+
+  function failureOf(id) {
+    return (live.models || []).find((m) => m.id === id)?.failed || null;
+  }
+
+  // A start that failed: its reason (which ends with the server's last lines), until the next attempt.
+  function showFailure(row, failed) {
+    row.failure.hidden = !failed;
+    if (failed) row.failure.replaceChildren(renderAnsi(failed.error));
   }
 
   async function refreshRunning() {
@@ -314,7 +327,7 @@ export function mount(root) {
     const tail = { controller: new AbortController(), lines: [] };
     tails.set(id, tail);
     const row = rows.get(id);
-    row.tail.replaceChildren();
+    row.tail.replaceChildren(h('span', { class: 'muted' }, 'no output yet'));
     row.tailTr.hidden = false;
     const feed = lineSplitter((line) => {
       tail.lines.push(line);

@@ -204,6 +204,7 @@ export function mount(root, { query }) {
       setStreaming(true);
       const started = performance.now();
       let firstToken = null;
+      let loadingText = false;  // llama-swap's own words while the model loads (sendLoadingState)
       let usage = null;
       let timings = null;
       let frame = 0;
@@ -216,7 +217,12 @@ export function mount(root, { query }) {
         const delta = choice.delta || choice.message || {};
         const reasoning = delta.reasoning_content || delta.reasoning || '';
         const content = typeof delta.content === 'string' ? delta.content : '';
-        if ((reasoning || content) && firstToken === null) firstToken = performance.now();
+        if (firstToken === null && reasoning.startsWith(LOADING_RULE)) loadingText = true;
+        if (loadingText) {
+          if (reasoning.includes('Done! (')) loadingText = false;  // the model's own tokens come next
+        } else if ((reasoning || content) && firstToken === null) {
+          firstToken = performance.now();
+        }
         reply.reasoning += reasoning;
         reply.content += content;
         usage = chunk.usage || usage;
@@ -389,8 +395,11 @@ async function readServerSentEvents(response, onChunk) {
   feed.flush();
 }
 
+// How llama-swap's loading text (sendLoadingState) begins: its time is the load's, not the model's.
+const LOADING_RULE = '\u2501\u2501\u2501\u2501\u2501';
+
 // "12 tokens · 41.3 t/s · 0.6 s": speed from llama-server's timings when it sends them, else
-// measured from the first token to the end.
+// measured from the first token (of the model's own, not the loading text) to the end.
 function summary(reply, usage, timings, started, firstToken) {
   const parts = [];
   if (reply.stopped) parts.push('stopped');
