@@ -7688,6 +7688,7 @@ def model_statuses(config: Config, states: Mapping[str, State],
             status["aliases"] = model.aliases
         if model.protected:
             status["protected"] = True
+        status.update(routing_of(config.routing, model_id))
         rendered = capability_fields(model.capabilities)
         status.update({k: rendered[k] for k in ("capabilities", "context_length") if k in rendered})
         if model_id in loading:
@@ -7699,6 +7700,20 @@ def model_statuses(config: Config, states: Mapping[str, State],
         statuses += [{"id": f"{peer.id}/{m}", "name": "", "description": "", "state": "", "unlisted": False,
                       "peerID": peer.id} for m in peer.models]
     return statuses
+
+
+def routing_of(routing: Routing, model_id: str) -> dict[str, Any]:
+    """Where the swap rules put a model, for the UI: its group (name, swap, exclusive,
+    persistent) or the matrix sets it is in; nothing for the default group or the vram router."""
+    if routing.router is Router.MATRIX and routing.matrix is not None:
+        sets = [name for name, combos in routing.matrix.combinations.items() if any(model_id in c for c in combos)]
+        return {"matrix_sets": sets}
+    if routing.router is Router.GROUP:
+        for group in routing.groups:
+            if model_id in group.members and group.name != DEFAULT_GROUP:
+                return {"group": {"name": group.name, "swap": group.swap, "exclusive": group.exclusive,
+                                  "persistent": group.persistent}}
+    return {}
 
 
 def selector_record(selector: Selector, config: Config, states: Mapping[str, str], created: int) -> dict[str, Any]:

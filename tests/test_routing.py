@@ -34,6 +34,7 @@ from llama_swap import (
     Scheduler,
     SchedulerError,
     Ticket,
+    model_statuses,
     parse_config,
 )
 
@@ -62,6 +63,16 @@ def matrix_config(sets: dict, variables: dict | None = None, costs: dict | None 
     matrix["sets"] = sets
     doc = {"models": {m: {"cmd": SRV} for m in sorted(names)}, "matrix": matrix}
     return parse_config(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+
+
+def test_the_model_status_names_each_models_matrix_sets_and_group():
+    config = matrix_config({"pair": "a & b"}, extra_models=("c",))
+    found = {s["id"]: s.get("matrix_sets") for s in model_statuses(config, dict.fromkeys(config.models, STOPPED))}
+    assert found == {"a": ["pair"], "b": ["pair"], "c": []}, "c is in no set: it runs alone"
+    grouped = parse_config(yaml.safe_dump({"models": {"a": {"cmd": SRV}, "b": {"cmd": SRV}},
+                                           "groups": {"g": {"swap": False, "members": ["a"]}}}))
+    found = {s["id"]: s.get("group") for s in model_statuses(grouped, dict.fromkeys(grouped.models, STOPPED))}
+    assert found == {"a": {"name": "g", "swap": False, "exclusive": True, "persistent": False}, "b": None}
 
 
 def distinct(combos) -> list[frozenset]:

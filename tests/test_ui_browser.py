@@ -549,3 +549,31 @@ async def test_the_playground_speed_counts_from_the_models_first_token_not_its_l
     speed = float(re.search(r"([\d.]+) t/s", await meta.text_content())[1])
     # 10 tokens over ~0.5 s once the model answers; counted from the loading text, over 3.5 s or more.
     assert speed > 5, await meta.text_content()
+
+
+async def test_the_models_page_shows_groups_and_finds_and_orders_models(start_llama_swap, upstreams, tabs):
+    models = {name: {"cmd": upstreams.cmd(name=name)} for name in ("zeta", "alpha", "coder")}
+    models["coder"]["aliases"] = ["dev"]
+    ls = start_llama_swap({"healthCheckTimeout": 30, "models": models, "groups": {
+        "pair": {"swap": True, "members": ["zeta", "alpha"]},
+        "side": {"swap": False, "exclusive": False, "members": ["coder"]}}})
+    page = await tabs.open(ls, "/ui/models")
+    await expect(page.get_by_test_id("model-group-zeta")).to_have_text("group: pair")
+    await expect(page.get_by_test_id("model-group-coder")).to_have_attribute(
+        "title", "members run together; runs beside other groups")
+    rows = page.locator("[data-testid^='model-row-']")
+    await expect(rows).to_have_count(3)
+    ids = [await r.get_attribute("data-testid") for r in await rows.all()]
+    assert ids == ["model-row-alpha", "model-row-coder", "model-row-zeta"], "the server's order: by ID"
+    await page.get_by_test_id("model-sort").select_option("state")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "zeta"}) as r:
+            assert r.status == 200
+    await expect(rows.first).to_have_attribute("data-testid", "model-row-zeta")  # ready first
+    await page.get_by_test_id("model-search").fill("dev")  # an alias finds its model
+    await expect(page.get_by_test_id("model-row-coder")).to_be_visible()
+    await expect(page.get_by_test_id("model-row-zeta")).to_be_hidden()
+    await page.get_by_test_id("model-search").fill("nothing like it")
+    await expect(page.get_by_text("No model matches.")).to_be_visible()
+    await tabs.shot(page, "search")
+

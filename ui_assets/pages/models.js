@@ -44,6 +44,12 @@ export function mount(root) {
       h('th', { class: 'num' }, 'Queued'), h('th', { class: 'num' }, 'TTL left'), h('th', {}, 'Actions'))),
     modelBody);
   const noModels = h('p', { class: 'empty' }, 'Waiting for the model list from the server…');
+  const search = h('input', { type: 'search', placeholder: 'Find a model', 'aria-label': 'Find a model', 'data-testid': 'model-search' });
+  const sortSelect = h('select', { 'aria-label': 'Order', 'data-testid': 'model-sort' },
+    h('option', { value: 'config' }, 'as configured'), h('option', { value: 'name' }, 'by name'), h('option', { value: 'state' }, 'by state'));
+  const noMatch = h('p', { class: 'empty', hidden: true }, 'No model matches.');
+  search.addEventListener('input', applyFilter);
+  sortSelect.addEventListener('change', () => renderModels(live.models));
 
   const unloadAllButton = h('button', { type: 'button', 'data-testid': 'unload-all', onclick: unloadAll }, 'Unload all');
   const profileBox = h('div', { class: 'inline-field', hidden: true });
@@ -61,8 +67,10 @@ export function mount(root) {
   root.append(
     h('div', { class: 'page-head' }, h('h1', {}, 'Models'), profileBox, unloadAllButton),
     systemStrip,
+    h('div', { class: 'toolbar' }, search, sortSelect),
     h('div', { class: 'table-wrap' }, modelTable),
     noModels,
+    noMatch,
     peersSection,
     virtualSection,
     h('h2', {}, 'In-flight requests'),
@@ -75,7 +83,7 @@ export function mount(root) {
   // `models` is null until the event stream has sent the first list.
   function renderModels(models) {
     if (!models) return;
-    const local = models.filter((m) => !m.peerID);
+    const local = sortedModels(models.filter((m) => !m.peerID));
     noModels.hidden = local.length > 0;
     noModels.textContent = 'No local models configured.';
     const seen = new Set();
@@ -102,6 +110,7 @@ export function mount(root) {
       rows.delete(id);
       stopTail(id);
     }
+    applyFilter();
     renderPeers(models.filter((m) => m.peerID));
   }
 
@@ -143,7 +152,41 @@ export function mount(root) {
           .map(([name]) => h('span', { class: 'tag' }, name.replace(/_/g, ' '))),
         model.context_length ? h('span', { class: 'tag' }, `ctx ${model.context_length.toLocaleString()}`) : null,
         model.unlisted ? h('span', { class: 'tag' }, 'unlisted') : null,
-        model.protected ? h('span', { class: 'tag', title: 'requests never stop it', 'data-testid': `model-protected-${model.id}` }, 'protected') : null));
+        model.protected ? h('span', { class: 'tag', title: 'requests never stop it', 'data-testid': `model-protected-${model.id}` }, 'protected') : null,
+        model.group ? h('span', { class: 'tag', title: groupRules(model.group), 'data-testid': `model-group-${model.id}` }, `group: ${model.group.name}`) : null,
+        (model.matrix_sets || []).length ? h('span', { class: 'tag', title: 'matrix sets that may run it', 'data-testid': `model-sets-${model.id}` }, `sets: ${model.matrix_sets.join(', ')}`)
+          : model.matrix_sets ? h('span', { class: 'tag', title: 'in no matrix set: it runs alone' }, 'runs alone') : null));
+  }
+
+  function groupRules(group) {
+    return [group.swap ? 'one member at a time' : 'members run together',
+      group.exclusive ? 'stops other groups' : 'runs beside other groups',
+      group.persistent ? 'never stopped by other groups' : ''].filter(Boolean).join('; ');
+  }
+
+  // Search and sort: with many models, find one by ID, name or alias; order by name or state.
+  function applyFilter() {
+    const words = search.value.trim().toLowerCase();
+    const models = (live.models || []).filter((m) => !m.peerID);
+    let shown = 0;
+    for (const model of models) {
+      const row = rows.get(model.id);
+      if (!row) continue;
+      const text = [model.id, model.name, model.description, ...(model.aliases || [])].join(' ').toLowerCase();
+      const visible = !words || text.includes(words);
+      row.tr.hidden = !visible;
+      if (!visible) row.tailTr.hidden = true;
+      shown += visible;
+    }
+    noMatch.hidden = !words || shown > 0;
+  }
+
+  function sortedModels(models) {
+    const order = sortSelect.value;
+    if (order === 'config') return models;
+    const rank = { ready: 0, starting: 1, waking: 1, stopping: 2, sleeping: 3, stopped: 4 };
+    return [...models].sort((a, b) => (order === 'state' ? (rank[a.state] ?? 5) - (rank[b.state] ?? 5) : 0)
+      || a.id.localeCompare(b.id));
   }
 
   // Swaps: why each model last started or stopped, and what loading one would cost ###########
