@@ -4241,11 +4241,14 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def lease(self, model: str, why: str = "a request", key: ApiKey | None = None,
-                    caused: Callable[[SwapRecord], None] | None = None) -> AsyncIterator[ModelProcess]:
-        """The model's process, ready and counted as serving until the block ends. `caused`
-        hears of the swap this request causes, if it does."""
+                    watch: Callable[[Ticket], None] | None = None) -> AsyncIterator[ModelProcess]:
+        """The model's process, ready and counted as serving until the block ends. `watch` is
+        handed the request's ticket (its place in the queue, the swap it causes)."""
         with self.admitted(model):
-            async with self.granted(self.ticket(model, why, key, caused)) as process:
+            ticket = self.ticket(model, why, key)
+            if watch is not None:
+                watch(ticket)
+            async with self.granted(ticket) as process:
                 yield process
 
     @contextlib.contextmanager
@@ -4264,15 +4267,12 @@ class Scheduler:
         finally:
             self.reserved[model] -= 1
 
-    def ticket(self, model: str, why: str = "a request", key: ApiKey | None = None,
-               caused: Callable[[SwapRecord], None] | None = None) -> Ticket:
+    def ticket(self, model: str, why: str = "a request", key: ApiKey | None = None) -> Ticket:
         """A request's place in line: the model's priority plus its key's."""
         ticket = Ticket(model, self.priority.get(model, 0), why, self.clock())
         if key is not None:
             ticket.priority += key.priority
             ticket.key, ticket.swap = key.name, key.swap
-        if caused is not None:
-            ticket.caused = caused
         return ticket
 
     @contextlib.asynccontextmanager
@@ -5448,9 +5448,27 @@ class Exchange:
     trailing: asyncio.TimerHandle | None = None
     key: str = ""  # the name of its API key
     swap: SwapRecord | None = None  # the swap this request caused, if it did
+    ticket: Ticket | None = None  # its place in line while it waits for its model
+    position: Callable[[Ticket], int] | None = None  # the scheduler's: its place in the queue
+
+    def waiting_on(self, ticket: Ticket, position: Callable[[Ticket], int]) -> None:
+        """Its ticket, for the in-flight entry's phase; told again once it is granted."""
+        self.ticket, self.position = ticket, position
+        ticket.caused = self.caused
+        ticket.future.add_done_callback(lambda _: self.on_change(self, True))
 
     def caused(self, record: SwapRecord) -> None:
         self.swap = record
+
+    def phase(self) -> dict[str, Any]:
+        """Ours: where the request is: queued (and where), loading (its model starting for it),
+        waiting (for the first byte) or answering."""
+        if self.response is not None or self.response_bytes:
+            return {"phase": "answering"}
+        if self.ticket is not None and self.ticket.waiting():
+            place = self.position(self.ticket) if self.position else 0
+            return {"phase": "queued", "queue_position": place} if place else {"phase": "loading"}
+        return {"phase": "waiting"}
 
     def responding(self, response: web.StreamResponse) -> None:
         self.response = response
@@ -5474,6 +5492,7 @@ class Exchange:
             "method": self.method, "req_headers": self.request_headers, "remote_ip": self.remote_ip,
             "resp_headers": header_snapshot(self.response.headers) if self.response is not None else {},
             "resp_bytes": self.response_bytes, "elapsed_ms": int((time.monotonic() - self.clock) * 1000),
+            **self.phase(),
         }
         if self.metadata:
             record["metadata"] = self.metadata
@@ -5518,6 +5537,12 @@ class InFlight:
             if exchange.trailing:
                 exchange.trailing.cancel()
             self.announce({"operation": "remove", "id": exchange.id})
+
+    def waiting_moved(self) -> None:
+        """Models changed state: the requests still waiting may have moved in the queue."""
+        for exchange in self.exchanges.values():
+            if exchange.ticket is not None and exchange.ticket.waiting():
+                self._upsert(exchange)
 
     def _upsert(self, exchange: Exchange) -> None:
         exchange.trailing = None
@@ -8064,7 +8089,8 @@ async def stream_while_loading(request: web.Request, scheduler: Scheduler, model
     """sendLoadingState: admitted first (a 429 is never inside a stream), then an SSE
     stream at once that tells what happens while the model loads, then the answer itself."""
     with scheduler.admitted(model):
-        ticket = scheduler.ticket(model, request_label(request), key, request[EXCHANGE].caused)
+        ticket = scheduler.ticket(model, request_label(request), key)
+        request[EXCHANGE].waiting_on(ticket, scheduler.position)
         processes = scheduler.processes
         loading = LoadingStream(request, model, lambda: scheduler.position(ticket),
                                 lambda: processes[model].load_status() if model in processes else None)
@@ -8232,6 +8258,7 @@ class Runtime:
             self.vram_book.stopped()
         self.scheduler.pump()
         self._publish_statuses()
+        self.inflight.waiting_moved()
         if process.state == STARTING and not self.tasks.alive("load ticker"):
             self.tasks.start("load ticker", self._tick_loads())
 
@@ -8707,7 +8734,8 @@ class Server:
                     (key is None or key.swap is not SwapRight.RESIDENT) and \
                     path_qs.startswith("/v1/chat/completions") and await self.wants_stream(request, body):
                 return await stream_while_loading(request, self.scheduler, model, path_qs, body, key)
-            async with self.scheduler.lease(model, request_label(request), key, request[EXCHANGE].caused) as process:
+            watch = functools.partial(request[EXCHANGE].waiting_on, position=self.scheduler.position)
+            async with self.scheduler.lease(model, request_label(request), key, watch) as process:
                 return await self.relay_local(request, process, path_qs, body)
 
     async def peer_request(self, request: web.Request, body: bytes, requested: str, name: str,

@@ -164,3 +164,29 @@ async def test_cancelling_during_the_loading_stream_cuts_it(in_process, upstream
                 while await r.content.readany():
                     pass
         assert await inflight(s, ls) == []
+
+
+async def test_an_entry_says_whether_it_is_queued_loading_or_answering(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {
+        "a": {"cmd": upstreams.cmd("--startup-delay", "2", name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}})
+    async with aiohttp.ClientSession() as s:
+        to_a = asyncio.create_task(s.post(ls.url + "/v1/chat/completions", json={"model": "a", "responder_sleep": 1}))
+        assert await eventually(lambda: ls.runtime.processes["a"].state == "starting", 5)
+        to_b = asyncio.create_task(s.post(ls.url + "/v1/chat/completions", json={"model": "b"}))
+
+        async def phases() -> dict[str, dict]:
+            return {e["model"]: {k: e.get(k) for k in ("phase", "queue_position")} for e in await inflight(s, ls)}
+
+        assert await eventually(lambda: phases_are(phases, {"a": {"phase": "loading", "queue_position": None},
+                                                            "b": {"phase": "queued", "queue_position": 1}}), 5)
+        assert await eventually(lambda: phases_are(phases, {"a": {"phase": "waiting", "queue_position": None},
+                                                            "b": {"phase": "queued", "queue_position": 1}}), 10), \
+            "a's model is up and its answer not begun (it sleeps 1 s); b still waits for a to finish"
+        for task in (to_a, to_b):
+            response = await task
+            assert response.status == 200
+            response.release()
+
+
+async def phases_are(phases, expected: dict) -> bool:
+    return await phases() == expected

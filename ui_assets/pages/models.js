@@ -522,7 +522,9 @@ export function mount(root) {
   function updateInflightRow(row) {
     const { entry } = row;
     const answering = Object.keys(entry.resp_headers || {}).length > 0 || entry.resp_bytes > 0;
-    row.status.textContent = answering ? 'answering' : 'waiting';
+    row.status.textContent = answering ? 'answering'
+      : entry.phase === 'queued' ? `queued (position ${entry.queue_position})`
+        : entry.phase === 'loading' ? 'waiting for its model to load' : 'waiting';
     // elapsed_ms was right when the event was sent: add the time since.
     row.elapsed.textContent = fmtSeconds(((entry.elapsed_ms || 0) + Date.now() - row.seenAt) / 1000);
     row.sent.textContent = fmtBytes(entry.resp_bytes || 0);
