@@ -7,17 +7,17 @@ untouched. A drop-in for the Go llama-swap: same config file, same endpoints, sa
 
 Contents, in dependency order (each section opens with its concept and rules):
     1. Helpers            Go's formats of values, durations and times; sizes; Named enums
-    2. Config: shapes     Config, ModelConfig, Routing, ...: plain data; ConfigError
+    2. Config: shapes     Config, ModelConfig, ApiKey, Routing, ...: plain data; ConfigError
     3. Config: the file   YAML -> Config in three passes: files, macros, values
     4. Config: models     each model's keys, its command checked, its aliases
     5. Config: routing    groups, matrix DSL, vram router, priorities; peers, selectors, profiles
     6. Logging            ProxyLog: history rings, live readers, stdout that never blocks us
     7. Process groups     GroupRecord and its watcher: no model server outlives us
     8. KV cache           llama-server slots saved before a stop, restored after a start
-    9. Model processes    ModelProcess: spawn, health, load progress, stop; Learnt; launch_settings
+    9. Model processes    ModelProcess: spawn, health, load progress, sleep, wake, stop; Learnt
    10. GPUs               Nvml, the one NVML reader (opened here); FakeVram for tests
-   11. Swap policy        which models must stop for a target: groups, matrix, vram (pure)
-   12. Scheduler          the one owner of swap decisions: grant, join, queue, swap, retire
+   11. Swap policy        which models must stop (or sleep) for a target, and why (pure)
+   12. Scheduler          the one owner of swap decisions: decide(), then grant, join, queue, swap
    13. Virtual models     profiles' pins and selectors: names that stand for other models
    14. Request bodies     finding and rewriting `model` without decoding the rest; BodyReader
    15. In-flight          Exchange and InFlight: one request on its way, cancellable
@@ -26,7 +26,7 @@ Contents, in dependency order (each section opens with its concept and rules):
    18. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
    19. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
    20. Metrics            /metrics in Prometheus text
-   21. API answers        OpenAI error envelopes, model records, key/origin/host checks
+   21. API answers        OpenAI error envelopes, model records, key scopes, origin/host checks
    22. Events             /api/events fan-out; the stream sent while a model loads
    23. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
    24. Reload             ConfigSource, reload(), --watch-config and SIGHUP
