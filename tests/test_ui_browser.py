@@ -577,3 +577,103 @@ async def test_the_models_page_shows_groups_and_finds_and_orders_models(start_ll
     await expect(page.get_by_text("No model matches.")).to_be_visible()
     await tabs.shot(page, "search")
 
+
+
+# Performance and hardware ##################################################################
+
+async def performance_requests_while(page: Page, seconds: float) -> int:
+    """How many /api/performance requests the page makes in the next `seconds`."""
+    seen = []
+
+    def note(request) -> None:
+        if "/api/performance" in request.url:
+            seen.append(request.url)
+    page.on("request", note)
+    await asyncio.sleep(seconds)
+    page.remove_listener("request", note)
+    return len(seen)
+
+
+async def test_the_performance_page_charts_the_samples_follows_them_and_changes_its_window(start_llama_swap, upstreams,
+                                                                                            tabs):
+    # Five seconds is the shortest interval the monitor takes (performance.every); its first sample comes one in.
+    ls = start_llama_swap({"performance": {"every": "5s"}, "models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    page = await tabs.open(ls, "/ui/models")
+    await page.get_by_test_id("nav-performance").click()
+    await expect(page).to_have_url(f"{ls.url}/ui/performance")
+    await expect(page.locator("main h1")).to_have_text("Performance")
+    await expect(page.get_by_test_id("nav-performance")).to_have_attribute("aria-current", "page")
+    await expect(page).to_have_title("Performance · llama-swap")
+    for chart in ("cpu", "memory", "load", "network"):  # drawn by uPlot, on a canvas
+        await expect(page.get_by_test_id(f"perf-chart-{chart}").locator("canvas")).to_have_count(1)
+    await expect(page.get_by_test_id("perf-chart-cpu")).to_contain_text(re.compile(r"busy\s*\d+\.\d %"))
+    await expect(page.get_by_test_id("perf-chart-memory")).to_contain_text(re.compile(r"used\s*\d+\.\d GiB"))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/api/performance") as r:
+            gpu_samples = (await r.json())["gpu_stats"]
+    if gpu_samples:  # a machine with an NVIDIA GPU
+        await expect(page.get_by_test_id("perf-chart-gpu-util").locator("canvas")).to_have_count(1)
+    else:
+        await expect(page.get_by_test_id("perf-gpu-note")).to_have_text("No GPU samples (no NVIDIA GPU or NVML).")
+
+    # New samples arrive (each poll asks only for those after the newest it has): the newest time moves on.
+    summary = page.get_by_test_id("perf-summary")
+    await expect(summary).to_have_text(re.compile(r"^\d+ samples? in view"))
+    await expect(summary).not_to_have_text(await summary.text_content(), timeout=20000)
+    await tabs.shot(page, "light")
+
+    window = page.get_by_test_id("perf-window")
+    await window.select_option("1h")
+    await expect(page).to_have_url(f"{ls.url}/ui/performance?window=1h")
+    await expect(summary).to_have_text(re.compile(r"^\d+ samples? in view"))
+    await expect(page.get_by_test_id("perf-chart-cpu").locator("canvas")).to_have_count(1)
+    await window.select_option("all")
+    await window.select_option("5m")
+    await expect(page.get_by_test_id("perf-chart-memory").locator("canvas")).to_have_count(1)
+    await tabs.shot(page, "window-changed")
+
+    # Another page: the charts and the polling stop with it.
+    await page.get_by_test_id("nav-hardware").click()
+    await expect(page.locator("main h1")).to_have_text("Hardware")
+    assert await page.locator(".uplot").count() == 0
+    assert await performance_requests_while(page, 6) == 0
+
+    # Dark, on a phone: the charts fit its width.
+    phone = {"width": 390, "height": 844}
+    dark = await tabs.open(ls, "/ui/performance?window=15m", color_scheme="dark", viewport=phone)
+    await expect(dark.get_by_test_id("perf-window")).to_have_value("15m")
+    await expect(dark.get_by_test_id("perf-chart-network").locator("canvas")).to_have_count(1)
+    assert await dark.evaluate("document.documentElement.scrollWidth") <= 390
+    await tabs.shot(dark, "dark-390px", full_page=True)
+
+
+async def test_the_hardware_page_says_what_the_machine_is(start_llama_swap, upstreams, tabs):
+    ls = start_llama_swap({"models": {"m": {"cmd": upstreams.cmd(name="m")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(ls.url + "/api/hardware") as r:
+            assert r.status == 200
+            report = await r.json()
+    page = await tabs.open(ls, "/ui/models")
+    await page.get_by_test_id("nav-hardware").click()
+    await expect(page).to_have_url(f"{ls.url}/ui/hardware")
+    await expect(page.get_by_test_id("nav-hardware")).to_have_attribute("aria-current", "page")
+    await expect(page).to_have_title("Hardware · llama-swap")
+
+    cpu, memory = page.get_by_test_id("hw-cpu"), page.get_by_test_id("hw-memory")
+    await expect(cpu).to_contain_text(f"Logical threads{report['cpu']['logical_thread_count']}")
+    if report["cpu"]["model"]:
+        await expect(cpu).to_contain_text(report["cpu"]["model"])
+    await expect(memory).to_contain_text(re.compile(r"Capacity\s*\d+(\.\d)? [KMGT]iB"))
+    await expect(page.get_by_test_id("hw-os")).to_contain_text(report["operating_system"]["kernel"])
+    gpus = page.get_by_test_id("hw-gpus")
+    if report["accelerators"]:
+        await expect(gpus).to_contain_text(report["accelerators"][0]["model"])
+    else:  # said in words, not left blank
+        await expect(gpus).to_contain_text("No GPU found")
+    await expect(page.get_by_test_id("hw-drivers")).to_contain_text("CUDA version")
+    await tabs.shot(page, "light")
+
+    dark = await tabs.open(ls, "/ui/hardware", color_scheme="dark", viewport={"width": 390, "height": 844})
+    await expect(dark.get_by_test_id("hw-cpu")).to_contain_text("Physical cores")
+    assert await dark.evaluate("document.documentElement.scrollWidth") <= 390
+    await tabs.shot(dark, "dark-390px", full_page=True)

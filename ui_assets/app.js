@@ -13,6 +13,8 @@ import * as logs from '/ui/pages/logs.js';
 import * as activity from '/ui/pages/activity.js';
 import * as playground from '/ui/pages/playground.js';
 import * as captures from '/ui/pages/captures.js';
+import * as performancePage from '/ui/pages/performance.js';  // not `performance`: the browser's global
+import * as hardware from '/ui/pages/hardware.js';
 
 const PAGES = {
   models: { module: models, title: 'Models' },
@@ -20,6 +22,8 @@ const PAGES = {
   activity: { module: activity, title: 'Activity' },
   playground: { module: playground, title: 'Playground' },
   captures: { module: captures, title: 'Captures' },
+  performance: { module: performancePage, title: 'Performance' },
+  hardware: { module: hardware, title: 'Hardware' },
 };
 
 const view = document.getElementById('view');
