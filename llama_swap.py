@@ -5534,6 +5534,7 @@ class InFlight:
             raise RequestCancelled(exchange) from None
         finally:
             del self.exchanges[exchange.id]
+            exchange.ticket = None  # (it refers back to the exchange: freed now, not by a later gc pass)
             if exchange.trailing:
                 exchange.trailing.cancel()
             self.announce({"operation": "remove", "id": exchange.id})

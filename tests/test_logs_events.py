@@ -411,10 +411,12 @@ async def test_events_start_with_the_state_of_things_then_follow_a_request(start
         assert [t for t, _ in first] == ["logData", "logData", "modelStatus", "uiConfig", "profileChanged", "inflight"]
         assert first[0][1]["source"] == "proxy" and "llama-swap listening on" in first[0][1]["data"]
         assert first[1][1] == {"source": "upstream", "data": ""}
+        group = {"name": "all", "swap": False, "exclusive": False, "persistent": False}  # ours, for the UI
         assert first[2][1] == [
-            {"id": "b", "name": "", "description": "", "state": "stopped", "unlisted": False, "peerID": ""},
+            {"id": "b", "name": "", "description": "", "state": "stopped", "unlisted": False, "peerID": "",
+             "group": group},
             {"id": "m", "name": "", "description": "", "state": "stopped", "unlisted": False, "peerID": "",
-             "aliases": ["m-alias"]},
+             "aliases": ["m-alias"], "group": group},
             {"id": "p/far", "name": "", "description": "", "state": "", "unlisted": False, "peerID": "p"}]
         assert first[3][1] == {"activity": {"session_id": ["X-Session-ID", "X-Litellm-Session-Id"]}}
         assert first[4][1] == {"active": None}
