@@ -24,10 +24,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,13 +35,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harness import free_port, running_llama_swap  # noqa: E402
 from llama_server import binary, tiny_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(model_file: Path, store: Path, kv_cache: bool) -> dict:
@@ -83,30 +75,13 @@ async def rounds(url: str, count: int, tokens: int) -> list[tuple[float, dict]]:
 
 
 def run(model_file: Path, kv_cache: bool, count: int, tokens: int) -> list[tuple[float, dict]]:
-    with tempfile.TemporaryDirectory(prefix="bench-kv-") as scratch:
-        work = Path(scratch)
-        (work / "config.yaml").write_text(json.dumps(config(model_file, work / "activity.db", kv_cache)))
-        port = free_port()
-        log = open(work / "llama-swap.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "llama_swap", "--config", str(work / "config.yaml"),
-                                 "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "XDG_RUNTIME_DIR": scratch})
+    with tempfile.TemporaryDirectory(prefix="bench-kv-store-") as store, \
+            running_llama_swap(config(model_file, Path(store) / "activity.db", kv_cache), "bench-kv-") as (url, log):
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while b"listening on" not in (work / "llama-swap.log").read_bytes():
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((work / "llama-swap.log").read_text())
-                time.sleep(0.1)
-            try:
-                return asyncio.run(rounds(url, count, tokens))
-            except aiohttp.ClientError:
-                sys.stderr.write((work / "llama-swap.log").read_text()[-3000:])
-                raise
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-            log.close()
+            return asyncio.run(rounds(url, count, tokens))
+        except aiohttp.ClientError:
+            sys.stderr.write(log.read_text()[-3000:])
+            raise
 
 
 def main() -> None:

@@ -24,24 +24,16 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from harness import free_port, running_llama_swap
+
 ROOT = Path(__file__).resolve().parent.parent
 RESPONDER = ROOT / "llama_swap_responder.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(args: argparse.Namespace, sleep: bool) -> dict:
@@ -68,28 +60,10 @@ def chat(url: str, model: str) -> float:
 
 
 def run(args: argparse.Namespace, sleep: bool) -> list[float]:
-    with tempfile.TemporaryDirectory(prefix="bench-sleep-") as scratch:
-        work = Path(scratch)
-        (work / "config.yaml").write_text(json.dumps(config(args, sleep)))
-        port = free_port()
-        log = open(work / "llama-swap.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "llama_swap", "--config", str(work / "config.yaml"),
-                                 "--listen", f"127.0.0.1:{port}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "XDG_RUNTIME_DIR": scratch})
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while b"listening on" not in (work / "llama-swap.log").read_bytes():
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((work / "llama-swap.log").read_text())
-                time.sleep(0.1)
-            chat(url, "a")
-            chat(url, "b")  # both loaded once: from here on, b sleeps or stops whenever a comes back
-            return [chat(url, "ab"[i % 2]) for i in range(args.swaps)]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-            log.close()
+    with running_llama_swap(config(args, sleep), "bench-sleep-") as (url, _log):
+        chat(url, "a")
+        chat(url, "b")  # both loaded once: from here on, b sleeps or stops whenever a comes back
+        return [chat(url, "ab"[i % 2]) for i in range(args.swaps)]
 
 
 def main() -> None:
