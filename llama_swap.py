@@ -2808,6 +2808,7 @@ def load_eta(elapsed: float, progress: float | None, past: Sequence[float]) -> f
 # How a stop is announced in the log, by its reason (the metrics' label).
 STOP_REASONS = {"swap": "swapped out to make room", "unload": "unloaded on request",
                 "reload": "changed or removed by a config reload", "shutdown": "llama-swap is shutting down"}
+STOPPED_BECAUSE = {**STOP_REASONS, "ttl": "its TTL passed", "crash": "its server exited by itself"}
 SLEEP_REASONS = {"swap": "to make room", "ttl": "its TTL passed"}
 
 
@@ -2943,6 +2944,18 @@ class ModelProcess:
         if state != self.state:
             self.state = state
             self.on_change(self)
+
+    @property
+    def state_reason(self) -> str:
+        """Why it is in its state, in words, where that says something: why it sleeps or stops,
+        or why its start failed."""
+        if self.state == SLEEPING:
+            return SLEEP_REASONS.get(self.sleep_reason, self.sleep_reason)
+        if self.state not in (STOPPING, STOPPED):
+            return ""
+        if self.failure is not None:
+            return f"its start failed: {self.failure['error']}"
+        return STOPPED_BECAUSE.get(self.stop_reason, self.stop_reason)
 
     @property
     def asleep(self) -> bool:
@@ -4208,6 +4221,7 @@ class Scheduler:
                  on_grant: Callable[[str, float, str], None] = lambda model, waited, key: None,
                  on_refuse: Callable[[str], None] = lambda model: None,
                  on_swap: Callable[[SwapRecord], None] = lambda record: None,
+                 on_count: Callable[[str, int, int], None] = lambda model, serving, waiting: None,
                  new_process: Callable[[ModelConfig], ModelProcess] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.processes = processes  # changed here alone: models come with configure(), go when retired
@@ -4233,8 +4247,9 @@ class Scheduler:
         self.unloads: set[asyncio.Task] = set()
         self.ttl_task: asyncio.Task | None = None
         # What the metrics hear of: a grant with its wait in seconds, a request refused with 429;
-        # and each swap decision, when it is made and when it is done.
-        self.on_grant, self.on_refuse, self.on_swap = on_grant, on_refuse, on_swap
+        # and each swap decision, when it is made and when it is done. The timeline hears of
+        # each change of a model's requests being served and waiting.
+        self.on_grant, self.on_refuse, self.on_swap, self.on_count = on_grant, on_refuse, on_swap, on_count
         self.swap_ids = itertools.count(1)
 
     # -- a request's way in: admitted, a ticket, granted (it awaits only its ticket) ----------
@@ -4262,10 +4277,15 @@ class Scheduler:
             raise ConcurrencyLimited("Too many requests")
         self.reserved[model] += 1
         self.arrivals.setdefault(model, collections.deque(maxlen=9)).append(self.clock())
+        self._counted(model)
         try:
             yield
         finally:
             self.reserved[model] -= 1
+            self._counted(model)
+
+    def _counted(self, model: str) -> None:
+        self.on_count(model, self.in_flight[model], self.reserved[model] - self.in_flight[model])
 
     def ticket(self, model: str, why: str = "a request", key: ApiKey | None = None) -> Ticket:
         """A request's place in line: the model's priority plus its key's."""
@@ -4315,6 +4335,7 @@ class Scheduler:
     def _release(self, model: str) -> None:
         self.in_flight[model] -= 1
         self.last_use[model] = self.clock()
+        self._counted(model)
         if self.in_flight[model] == 0:
             self.pump()
 
@@ -4537,6 +4558,7 @@ class Scheduler:
     def _grant(self, ticket: Ticket) -> None:
         self.in_flight[ticket.model] += 1
         self.last_use[ticket.model] = now = self.clock()
+        self._counted(ticket.model)
         ticket.future.set_result(None)
         self.on_grant(ticket.model, now - ticket.since, ticket.key)
 
@@ -7920,6 +7942,67 @@ def running_records(scheduler: Scheduler, book: VramBook | None) -> list[dict[st
     return running
 
 
+# A flag or variable whose name says it holds a secret; its value is not shown on a model's page.
+SECRET_WORD = r"(?:keys?|tokens?|secrets?|passw(?:or)?d|passphrase|auth\w*|credentials?)"
+SECRET_NAME = rf"(?:[\w.]*[-_.])?{SECRET_WORD}(?:[-_.][\w.-]*)?"
+SECRET_IN_COMMAND = re.compile(rf"(?i)((?<![\w-])-{{1,2}}{SECRET_NAME}(?:=|\s+)|(?<![\w-])[a-z_]{SECRET_NAME}=)"
+                               r"(?!-)(\"[^\"]*\"|'[^']*'|\S+)")
+
+
+def masked_command(command: str) -> str:
+    """A command with the values of its secret-looking flags and variables shown as [REDACTED]."""
+    return SECRET_IN_COMMAND.sub(r"\1[REDACTED]", command)
+
+
+def masked_env(env: Iterable[str]) -> list[str]:
+    return [f"{name}=[REDACTED]" if sep and re.fullmatch(SECRET_NAME, name, re.I) else
+            f"{name}{sep}{value}" for name, sep, value in (item.partition("=") for item in env)]
+
+
+def model_settings(model: ModelConfig) -> dict[str, Any]:
+    """A model's settings as loaded (macros expanded, defaults filled in), in the config's own
+    key names, secrets masked: what the UI's model page shows."""
+    settings: dict[str, Any] = {
+        "cmd": masked_command(model.cmd), "cmdStop": masked_command(model.cmd_stop), "proxy": model.proxy,
+        "checkEndpoint": model.check_endpoint, "env": masked_env(model.env), "ttl": model.ttl,
+        "unloadTimeout": model.unload_timeout, "concurrencyLimit": model.concurrency_limit,
+        "useModelName": model.use_model_name, "sendLoadingState": model.send_loading_state,
+        "unlisted": model.unlisted, "protected": model.protected,
+        "filters": {"stripParams": model.filters.strip_params, "setParams": model.filters.set_params},
+        "kvCache": None if model.kv_cache is None else {"maxDiskMB": model.kv_cache.max_disk_mb,
+                                                         "saveTimeout": model.kv_cache.save_timeout},
+        "sleep": None if model.sleep is None else {"sleep": str(model.sleep.sleep), "wake": str(model.sleep.wake)},
+        "vram": {"all" if gpu is None else str(gpu): size for gpu, size in model.vram.items()},
+    }
+    if model.metadata:
+        settings["metadata"] = model.metadata
+    return settings
+
+
+def model_detail(runtime: Runtime, model_id: str) -> dict[str, Any]:
+    """GET /api/models/<id>: one model's page: state and why, settings, what was learnt of its
+    loads, wakes and memory, what a request would take now, and its recent swaps."""
+    process, scheduler, learnt = runtime.processes[model_id], runtime.scheduler, runtime.learnt
+    model = process.model
+    loads = list(learnt.loads(model_id))
+    serving = scheduler.in_flight[model_id]
+    return {
+        "id": model_id, "name": model.name, "description": model.description, "state": process.state,
+        "state_reason": process.state_reason, "aliases": model.aliases,
+        **routing_of(runtime.config.routing, model_id), **capability_fields(model.capabilities),
+        "loading": process.load_status(), "failed": process.failure if process.state == STOPPED else None,
+        "in_flight": serving, "queued": scheduler.reserved[model_id] - serving,
+        "ttl_remaining": scheduler.ttl_remaining(model_id), "settings": model_settings(model),
+        "learnt": {"load_times": [round(t, 3) for t in loads],
+                   "usual_load_s": round(statistics.median_high(loads), 3) if loads else None,
+                   "wake_times": [round(t, 3) for t in learnt.wakes(model_id)],
+                   "vram": {str(g): b for g, b in learnt.vram.get(model_id, {}).items()},
+                   "vram_asleep": {str(g): b for g, b in learnt.vram_asleep.get(model_id, {}).items()}},
+        "plan": scheduler.plan(model_id),
+        "swaps": [r.as_json() for r in runtime.swap_history if r.model == model_id or model_id in r.stops][-50:],
+    }
+
+
 def requested_profile(body: bytes, config: Config) -> str | None:
     """The profile a PUT /api/profiles/active names ({"name": "<profile>"} or {"name": null})."""
     try:
@@ -7982,6 +8065,72 @@ class Events:
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
+
+
+class Timeline:
+    """The box's last hour for the UI's timeline page: each model's state changes (with why),
+    when it began and stopped serving requests, and how many requests waited for it, per
+    second. Bounded in time (WINDOW) and in entries (LIMIT), whatever the load; each new
+    entry (or a second's queue figure that changed) goes to `publish` as it is recorded."""
+
+    WINDOW = 3600.0
+    LIMIT = 20000
+
+    def __init__(self, publish: Callable[[dict[str, Any]], None] = lambda entry: None,
+                 clock: Callable[[], float] = time.time):
+        self.entries: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.LIMIT)
+        self.latest: dict[str, dict[str, Any]] = {}  # model -> its last state entry, however old
+        self.serving: set[str] = set()
+        self.queues: dict[str, dict[str, Any]] = {}  # model -> its newest queue entry
+        self.publish, self.clock = publish, clock
+        self.ids = itertools.count(1)
+
+    def _add(self, entry: dict[str, Any]) -> dict[str, Any]:
+        entry = {"id": next(self.ids), "at": round(self.clock(), 3), **entry}
+        self.entries.append(entry)
+        self.publish(entry)
+        return entry
+
+    def state(self, model: str, state: State, reason: str = "") -> None:
+        self.latest[model] = self._add({"kind": "state", "model": model, "state": str(state), "reason": reason})
+
+    def counted(self, model: str, serving: int, waiting: int) -> None:
+        """The scheduler's counts of a model changed. A serving span opens and closes with its
+        first and last request; waiting requests are kept per second (its most, and its last)."""
+        if (serving > 0) != (model in self.serving):
+            if serving:
+                self.serving.add(model)
+            else:
+                self.serving.discard(model)
+            self._add({"kind": "serving", "model": model, "serving": serving > 0})
+        entry = self.queues.get(model)
+        second = int(self.clock())
+        if entry is None or entry["second"] != second:
+            if entry is None and not waiting or entry is not None and entry["last"] == waiting == 0:
+                return  # nothing waits, and nothing did in the last second recorded
+            self.queues[model] = self._add({"kind": "queue", "model": model, "second": second,
+                                            "most": waiting, "last": waiting})
+        elif waiting > entry["most"] or waiting != entry["last"] and (waiting == 0 or entry["last"] == 0):
+            entry.update(most=max(entry["most"], waiting), last=waiting)
+            self.publish(entry)  # the same id: a watcher replaces what it had
+        else:
+            entry["last"] = waiting
+
+    def since(self, after: float) -> dict[str, Any]:
+        """GET /api/timeline: entries newer than `after` (unix seconds) within the window, and
+        each model's state when the answer's first entry begins, so its lanes can be drawn."""
+        now = self.clock()
+        start = max(after, now - self.WINDOW)
+        entries = [e for e in self.entries if e["at"] > start]
+        first_id = entries[0]["id"] if entries else next(self.ids)
+        earlier: dict[str, dict[str, Any]] = {}
+        for entry in self.entries:
+            if entry["kind"] == "state" and entry["id"] < first_id:
+                earlier[entry["model"]] = entry
+        before = {m: e for m, e in self.latest.items() if e["id"] < first_id}
+        return {"now": round(now, 3), "window_s": self.WINDOW, "from": round(start, 3),
+                "before": {m: {"state": e["state"], "at": e["at"]} for m, e in sorted({**before, **earlier}.items())},
+                "entries": entries}
 
 
 def wants_stream(body: bytes) -> bool:
@@ -8172,6 +8321,7 @@ class Runtime:
         self.groups = groups or GroupRecord(None)
         self.tasks = Tasks()
         self.events = Events()
+        self.timeline = Timeline(lambda entry: self.events.publish("timeline", entry))
         self.metrics = Metrics()
         self.learnt = Learnt(self._remember)
         self.vram_book = VramBook.of(config, self.learnt)
@@ -8179,7 +8329,7 @@ class Runtime:
         self.scheduler = Scheduler(self.processes, self._policy(config), log, config.routing.priority,
                                    config.routing.max_wait, config.routing.min_residency, config.routing.queue_timeout,
                                    on_grant=self.metrics.waited, on_refuse=self.metrics.refuse,
-                                   on_swap=self._swapped, new_process=self._process)
+                                   on_swap=self._swapped, on_count=self.timeline.counted, new_process=self._process)
         self.swap_history: collections.deque[SwapRecord] = collections.deque(maxlen=SWAP_HISTORY)
         self.activity = Activity(config, log, self._activity_recorded)
         self.virtual = VirtualModels(config, self.processes)
@@ -8255,6 +8405,7 @@ class Runtime:
         self.log.debug(f"<{process.model.id}> state is now {process.state}")
         reason = process.sleep_reason if process.state == SLEEPING else process.stop_reason
         self.metrics.state_changed(process.model.id, process.state, reason)
+        self.timeline.state(process.model.id, process.state, process.state_reason)
         if process.state in (STOPPING, STOPPED):
             self.vram_book.stopped()
         self.scheduler.pump()
@@ -8672,6 +8823,8 @@ class Server:
             web.post("/api/config/reload", self.handle_reload),
             web.get("/api/inflight", self.handle_inflight),
             web.get("/api/swaps", self.handle_swaps),
+            web.get("/api/timeline", self.handle_timeline),
+            web.get("/api/models/{model:[\\s\\S]+}", self.handle_model_detail),
             web.get("/api/plan", self.handle_plan),
             web.post("/api/inflight/{id}/cancel", self.handle_cancel_inflight),
             # watching
@@ -8911,6 +9064,23 @@ class Server:
     async def handle_swaps(self, request: web.Request) -> web.Response:
         """The latest swap decisions (SWAP_HISTORY), newest last: what started, what stopped and why."""
         return json_response({"swaps": [record.as_json() for record in self.runtime.swap_history]})
+
+    async def handle_timeline(self, request: web.Request) -> web.Response:
+        """The last hour's state changes, serving spans and queue depth (?after=<unix seconds>: newer only)."""
+        try:
+            after = float(request.query.get("after", "0"))
+        except ValueError:
+            raise ApiError(400, "after must be a time in unix seconds") from None
+        return json_response(self.runtime.timeline.since(after if math.isfinite(after) else 0.0))
+
+    async def handle_model_detail(self, request: web.Request) -> web.Response:
+        """Ours, for the UI's model page: everything known of one model (see model_detail)."""
+        name = request.match_info["model"].lstrip("/")
+        model = self.config.real_model_id(name)
+        if model is None:
+            raise ApiError(404, unknown_model_message(name, self.config))
+        check_scope(request[API_KEY], name, model)
+        return json_response(model_detail(self.runtime, model))
 
     async def handle_plan(self, request: web.Request) -> web.Response:
         """What a request for ?model= would take now, without doing anything (as a key: ?key=name)."""

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 # Before helpers is imported: its asserts (running, assert_envelope, LoopProber) get pytest's
 # detailed failure messages, as they did when they lived in this file.
@@ -64,3 +65,27 @@ async def in_process(tmp_path: Path, upstreams: Upstreams):
     for proxy in proxies:
         await proxy.stop()
     assert await eventually(lambda: not upstreams.alive(), 5), f"upstreams alive after shutdown: {upstreams.alive()}"
+
+
+# The web UI's browser tests (tests/test_ui_*.py): imported when first used, so that a machine
+# without Chromium or playwright skips those modules (tests/ui_harness.py) and nothing else.
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    """Headless Chromium, one per module."""
+    import ui_harness
+    async with ui_harness.launched_browser() as launched:
+        yield launched
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tabs(browser, start_llama_swap, request):
+    """The test's browser pages; no page may end with an uncaught script error. Depends on
+    start_llama_swap so that the pages close before the server stops."""
+    import ui_harness
+    tabs = ui_harness.Tabs(browser, request.node.name)
+    try:
+        yield tabs
+    finally:
+        await tabs.close()
+    assert not tabs.errors, f"uncaught errors in the page: {tabs.errors}"

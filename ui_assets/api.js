@@ -6,6 +6,9 @@
 //   modelStatus    array of model status objects (local models, then peers)
 //   inflight       Map id -> in-flight entry, after each snapshot/upsert/remove was applied
 //   activity       {id} of a newly recorded activity row
+//   swap           a swap record (as GET /api/swaps has them), when decided and when done
+//   timeline       a timeline entry (as GET /api/timeline has them); one with a known id replaces it
+//   kvCache        {model, action, slot, tokens, bytes, ms} of a KV cache save or restore
 //   profileChanged {active: name|null}
 //   connection     'connecting' | 'connected' | 'reconnecting' | 'offline'
 //   reconnected    (no data) the stream is back after a loss: re-fetch what you show
@@ -221,7 +224,9 @@ function handleMessage(text) {
       publish('activity', data);
       break;
     case 'swap':
-      publish('swap', data);
+    case 'timeline':
+    case 'kvCache':
+      publish(type, data);
       break;
     default:
       break;  // logData, uiConfig and newer types: no page shows them from here

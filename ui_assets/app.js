@@ -15,6 +15,9 @@ import * as playground from '/ui/pages/playground.js';
 import * as captures from '/ui/pages/captures.js';
 import * as performancePage from '/ui/pages/performance.js';  // not `performance`: the browser's global
 import * as hardware from '/ui/pages/hardware.js';
+import * as modelPage from '/ui/pages/model.js';
+import * as timeline from '/ui/pages/timeline.js';
+import * as settingsPage from '/ui/pages/settings.js';
 
 const PAGES = {
   models: { module: models, title: 'Models' },
@@ -24,6 +27,9 @@ const PAGES = {
   captures: { module: captures, title: 'Captures' },
   performance: { module: performancePage, title: 'Performance' },
   hardware: { module: hardware, title: 'Hardware' },
+  timeline: { module: timeline, title: 'Timeline' },
+  settings: { module: settingsPage, title: 'Settings' },
+  model: { module: modelPage, title: 'Model', nav: 'models' },  // /ui/model/<id>, from the models page
 };
 
 const view = document.getElementById('view');
@@ -48,7 +54,7 @@ function render() {
   if (unmount) { unmount(); unmount = null; }
   view.replaceChildren();
   for (const link of nav.querySelectorAll('a')) {
-    if (link.dataset.page === name) link.setAttribute('aria-current', 'page');
+    if (link.dataset.page === (page?.nav || name)) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
   }
 
