@@ -143,7 +143,7 @@ export function mount(root) {
 
   function describe(row, model) {
     replace(row.info,
-      h('div', { class: 'model-id' }, model.id),
+      h('div', { class: 'model-id' }, h('a', { href: `/ui/model/${modelPath(model.id)}`, 'data-testid': `model-link-${model.id}` }, model.id)),
       model.name ? h('div', {}, model.name) : null,
       model.description ? h('div', { class: 'model-desc' }, model.description) : null,
       h('div', {},
