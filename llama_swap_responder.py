@@ -94,11 +94,22 @@ POST /sleep             vLLM's sleep: after --sleep-delay, the fake GPU memory
 POST /wake_up           after --wake-delay, the memory is held again and requests
                         are served; {"asleep": false}
 GET /is_sleeping        {"is_sleeping": bool}, as vLLM answers
+POST /v1/rerank         llama.cpp's reranker (also /rerank, /reranking and
+                        /v1/reranking): a JSON body {"query": str, "documents":
+                        [str, ...] (or "texts"), "top_n": int (optional)} is
+                        answered {"model", "object": "list", "usage":
+                        {"prompt_tokens", "total_tokens"}, "results": [{"index",
+                        "relevance_score"}, ...], "echo"}. The score is the
+                        share of the query's distinct words (case folded)
+                        the document holds, 0 to 1; results best first (ties
+                        in document order), cut to the first top_n. A body that
+                        is not that: 400 {"error": {"code", "message", "type"}}.
+                        responder_status and responder_sleep apply as to echo
 GET /ws                 a websocket echo ("echo: <text>"; binary as it came)
 GET /_responder/refuse  no upgrade, whatever is asked: status ?status= (default
                         403), header "X-Refused: yes", text "refused with <status>"
 GET /_responder/info    {"name", "pid", "port", "requests", "health_checks"};
-                        "requests" counts echo (catch-all) requests only;
+                        "requests" counts echo (catch-all) and rerank requests;
                         also "ready_at": time.time() at which /health starts
                         answering 200 (bind + --healthy-after), null before bind,
                         "asleep", "sleeps" and "wakes" (sleep calls answered
@@ -155,6 +166,7 @@ LOADING_TICK = 0.1
 SHARDS = 7  # checkpoint shards the "percent" load pretends to read
 SHUTDOWN_TIMEOUT = 0.5
 MAX_BODY = 1024**3
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/reranking", "/v1/reranking")  # llama.cpp's names for it
 # Size units as llama-swap's parse_size reads them: a bare K/M/G/T is binary.
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
               "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
@@ -502,6 +514,43 @@ def embeddings(name: str, echo: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+WORD = re.compile(r"\w+")
+
+
+def rerank_words(text: str) -> set[str]:
+    return set(WORD.findall(text.casefold()))
+
+
+def rerank(name: str, body: dict[str, Any] | None, echo: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(status, reply) for a rerank request: llama.cpp's answer, scored by word overlap with the
+    query, or its 400 error envelope for a body that is not a rerank request."""
+    body = body or {}
+    query, top_n = body.get("query"), body.get("top_n")
+    documents = body.get("documents", body.get("texts"))
+    problem = None
+    if not isinstance(query, str):
+        problem = '"query" must be a string'
+    elif not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+        problem = '"documents" must be a non-empty array of strings'
+    elif top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        problem = '"top_n" must be a non-negative integer'
+    if problem:
+        return 400, {"error": {"code": 400, "message": problem, "type": "invalid_request_error"}}
+    wanted = rerank_words(query)
+    scores = [round(len(wanted & rerank_words(d)) / len(wanted), 6) if wanted else 0.0 for d in documents]
+    order = sorted(range(len(documents)), key=lambda i: -scores[i])  # stable: ties keep document order
+    if top_n is not None:
+        order = order[:top_n]
+    tokens = len(WORD.findall(query)) + sum(len(WORD.findall(d)) for d in documents)
+    return 200, {
+        "model": name,
+        "object": "list",
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "results": [{"index": i, "relevance_score": scores[i]} for i in order],
+        "echo": echo,
+    }
+
+
 def stream_chunk(name: str, path: str, choice: dict[str, Any]) -> dict[str, Any]:
     text = is_text_completion(path)
     return {
@@ -656,6 +705,29 @@ async def handle_echo(request: web.Request) -> web.StreamResponse:
     return web.json_response(reply, status=controls.status)
 
 
+async def handle_rerank(request: web.Request) -> web.Response:
+    """POST /v1/rerank and its other names: see rerank()."""
+    state = request.app[STATE]
+    if state.asleep:
+        state.record("request_while_asleep", request.path)
+        return web.json_response({"error": {"message": f"responder {state.args.name} is asleep"}}, status=503)
+    state.requests += 1
+    body = await request.read()
+    json_body = parse_json_object(body) if len(body) <= BIG_BODY else None
+    echo = build_echo(request, body, json_body)
+    state.record("request", echo["path"])
+    say(f"request {request.method} {request.raw_path}")
+    try:
+        controls = read_controls(state.args, json_body)
+    except (TypeError, ValueError):  # a control of the wrong type: a bad request, never a 500
+        return web.json_response({"error": {"code": 400, "message": "unreadable responder_* control",
+                                             "type": "invalid_request_error"}}, status=400)
+    if controls.sleep > 0:
+        await asyncio.sleep(controls.sleep)
+    status, reply = rerank(state.args.name, json_body, echo)
+    return web.json_response(reply, status=controls.status if status == 200 else status)
+
+
 # -- streams ------------------------------------------------------------------
 
 async def send_stream(
@@ -756,6 +828,8 @@ def make_app(state: State) -> web.Application:
     app.router.add_post("/sleep", handle_sleep)
     app.router.add_post("/wake_up", handle_wake)
     app.router.add_get("/is_sleeping", handle_is_sleeping)
+    for path in RERANK_PATHS:
+        app.router.add_post(path, handle_rerank)
     app.router.add_route("*", "/{tail:.*}", handle_echo)
     return app
 

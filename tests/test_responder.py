@@ -178,6 +178,35 @@ def test_multipart_echo_lists_fields(spawn: Spawn) -> None:
     assert echo["body_len"] == len(body)
 
 
+def test_rerank_scores_documents_by_the_query_words_they_hold_best_first(spawn: Spawn) -> None:
+    _proc, port = spawn("--name", "ranker")
+    documents = ["a cat sat", "nothing here", "The CAT sat on the mat", "mat"]
+    status, reply = post_json(port, "/v1/rerank", {"model": "r", "query": "cat on mat", "documents": documents})
+    assert status == 200
+    assert reply["model"] == "ranker" and reply["object"] == "list"
+    # The share of the query's words each document holds; ties stay in document order.
+    assert reply["results"] == [{"index": 2, "relevance_score": 1.0}, {"index": 0, "relevance_score": 0.333333},
+                                {"index": 3, "relevance_score": 0.333333}, {"index": 1, "relevance_score": 0.0}]
+    assert reply["usage"] == {"prompt_tokens": 3 + 3 + 2 + 6 + 1, "total_tokens": 15}
+    assert reply["echo"]["model"] == "r" and reply["echo"]["path"] == "/v1/rerank"
+
+    # top_n keeps the best; llama.cpp's other names and "texts" answer the same.
+    status, reply = post_json(port, "/rerank", {"query": "cat on mat", "texts": documents, "top_n": 2})
+    assert status == 200
+    assert [r["index"] for r in reply["results"]] == [2, 0]
+    assert post_json(port, "/v1/reranking", {"query": "x", "documents": ["x"], "top_n": 0})[1]["results"] == []
+
+    for bad in ({"documents": ["a"]}, {"query": "a", "documents": []}, {"query": "a", "documents": [1]},
+                {"query": "a", "documents": ["a"], "top_n": -1}, {"query": "a", "documents": ["a"], "top_n": "2"}):
+        status, reply = post_json(port, "/v1/rerank", bad)
+        assert status == 400, bad
+        assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"], reply
+    status, reply = post_json(port, "/v1/rerank", {"query": "a", "documents": ["a"], "responder_status": 503})
+    assert status == 503 and reply["results"] == [{"index": 0, "relevance_score": 1.0}]
+    info = json.loads(get(port, "/_responder/info")[1])
+    assert info["requests"] == 9
+
+
 def read_sse(port: int, payload: dict[str, Any]) -> tuple[dict[str, str], list[tuple[float, str]]]:
     """POST payload and return (headers, [(arrival time, data)]) read line by line."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

@@ -2,23 +2,33 @@
 // and the server then cancels the upstream request); reasoning deltas go to a collapsible
 // block apart from the answer, and the answer is rendered by markdown.js, which escapes
 // everything the model wrote. Image generation, speech and transcription tabs appear only for
-// models whose capabilities (/v1/models) say they can do it.
+// models whose capabilities (/v1/models) say they can do it; so does Rerank (POST /v1/rerank,
+// for a model marked `reranker`). Concurrency sends one prompt to several models at once and
+// shows each request's way through llama-swap as it happens: queued, its model loading,
+// waiting, reasoning, answering, with the time each step took.
 //
-// The conversation and settings live at module level, so they survive a visit to another page;
-// a reply still streaming when the page is left is stopped.
+// The conversation, the settings and the last results live at module level, so they survive a
+// visit to another page; a reply still streaming when the page is left is stopped.
 
-import { getJSON, request, lineSplitter } from '/ui/api.js';
-import { h, field, toast } from '/ui/dom.js';
+import { getJSON, request, lineSplitter, live, on } from '/ui/api.js';
+import { h, field, toast, fmtMs } from '/ui/dom.js';
 import { renderMarkdown } from '/ui/markdown.js';
 
 const settings = { model: '', system: '', temperature: '', maxTokens: '', tab: 'chat' };
 let conversation = [];  // {role: 'user'|'assistant', content, reasoning, error, meta, stopped}
+const rerankSettings = { query: '', documents: '', topN: '' };
+let rerankShown = null;  // the last ranking: {rows: [{index, score, text}], summary}
+const concurrencySettings = { models: new Set(), prompt: '', maxTokens: '256' };
+let lanes = [];          // the last "Send to all": one lane per model (see newLane)
+let lanesView = null;    // the mounted Concurrency tab's {draw(lane), refresh()}; null when none is
 
 const TABS = [
   { id: 'chat', label: 'Chat', capability: null },
   { id: 'images', label: 'Images', capability: 'image_generation' },
   { id: 'speech', label: 'Speech', capability: 'audio_speech' },
   { id: 'transcription', label: 'Transcription', capability: 'audio_transcriptions' },
+  { id: 'rerank', label: 'Rerank', capability: 'reranker' },
+  { id: 'concurrency', label: 'Concurrency', capability: null },  // picks its own models
 ];
 
 export function mount(root, { query }) {
@@ -32,7 +42,10 @@ export function mount(root, { query }) {
     images: imagesPanel(),
     speech: speechPanel(),
     transcription: transcriptionPanel(),
+    rerank: rerankPanel(),
+    concurrency: concurrencyPanel(),
   };
+  const modelBar = h('div', { class: 'toolbar' }, field('Model', modelSelect));
   const tabButtons = {};
   for (const tab of TABS) {
     const button = h('button', {
@@ -47,7 +60,7 @@ export function mount(root, { query }) {
 
   root.append(
     h('h1', {}, 'Playground'),
-    h('div', { class: 'toolbar' }, field('Model', modelSelect)),
+    modelBar,
     tabList,
     ...Object.values(panels));
 
@@ -66,6 +79,7 @@ export function mount(root, { query }) {
     if (models.some((m) => m.id === wanted)) modelSelect.value = wanted;
     settings.model = modelSelect.value;
     updateTabs();
+    panels.concurrency.listModels(models);
   }
 
   modelSelect.addEventListener('change', () => {
@@ -91,6 +105,7 @@ export function mount(root, { query }) {
       tabButtons[tab.id].setAttribute('aria-selected', String(selected));
       panels[tab.id].hidden = !selected;
     }
+    modelBar.hidden = id === 'concurrency';  // that tab has its own choice of models
   }
 
   // Chat ##################################################################################
@@ -356,6 +371,396 @@ export function mount(root, { query }) {
       h('div', { class: 'toolbar', style: 'margin-top:8px' }, send), status, transcript);
   }
 
+  // Rerank ################################################################################
+
+  function rerankPanel() {
+    const queryInput = h('textarea', { rows: 2, 'data-testid': 'pg-rerank-query', value: rerankSettings.query,
+      placeholder: 'What the documents are ranked by' });
+    const documentsInput = h('textarea', { rows: 6, 'data-testid': 'pg-rerank-documents',
+      value: rerankSettings.documents, placeholder: 'One document per line' });
+    const topN = h('input', { type: 'number', min: 1, step: 1, placeholder: 'all', 'data-testid': 'pg-rerank-top-n',
+      value: rerankSettings.topN });
+    const send = h('button', { type: 'button', class: 'primary', 'data-testid': 'pg-rerank-send' }, 'Rerank');
+    const status = h('p', { class: 'muted', 'aria-live': 'polite', 'data-testid': 'pg-rerank-status' });
+    const list = h('ol', { class: 'rerank-results', 'data-testid': 'pg-rerank-results' });
+
+    queryInput.addEventListener('input', () => { rerankSettings.query = queryInput.value; });
+    documentsInput.addEventListener('input', () => { rerankSettings.documents = documentsInput.value; });
+    topN.addEventListener('input', () => { rerankSettings.topN = topN.value; });
+
+    send.addEventListener('click', () => run(send, status, async () => {
+      const query = queryInput.value.trim();
+      const documents = documentsInput.value.split('\n').map((line) => line.trim()).filter(Boolean);
+      if (!query) throw new Error('Write a query first.');
+      if (!documents.length) throw new Error('Add at least one document, one per line.');
+      const body = { model: settings.model, query, documents };
+      if (topN.value !== '') body.top_n = Number(topN.value);
+      rerankShown = null;
+      showRanking();
+      const started = performance.now();
+      const text = await (await request('/v1/rerank', { method: 'POST', json: body, signal: page.signal })).text();
+      const took = fmtMs(performance.now() - started);
+      let answer;
+      try { answer = JSON.parse(text); } catch { answer = null; }
+      // llama.cpp answers {results: [{index, relevance_score}]}; others name them data / score.
+      const results = answer?.results ?? answer?.data;
+      if (!Array.isArray(results)) throw new Error(`The answer held no results (${took}): ${text.slice(0, 300)}`);
+      const rows = results.map((r) => ({
+        index: r.index,
+        score: Number(r.relevance_score ?? r.score),
+        text: documents[r.index] ?? r.document?.text ?? (typeof r.document === 'string' ? r.document : ''),
+      })).sort((a, b) => sortable(b.score) - sortable(a.score));
+      const cut = rows.length < documents.length ? ` of ${documents.length} documents` : '';
+      rerankShown = { rows, summary: `${rows.length} result${rows.length === 1 ? '' : 's'}${cut} · ${took}` };
+      showRanking();
+      return rerankShown.summary;
+    }));
+
+    // The bar spans 0..1 for scores in that range (most rerankers); raw logits, which may be
+    // negative or above 1, stretch the scale to the lowest and the highest of the answer.
+    function showRanking() {
+      const rows = rerankShown?.rows || [];
+      const scores = rows.map((r) => r.score).filter(Number.isFinite);
+      const low = Math.min(0, ...scores);
+      const high = Math.max(1, ...scores);
+      list.replaceChildren(...rows.map((row, rank) => {
+        const share = Number.isFinite(row.score) ? (row.score - low) / (high - low) : 0;
+        const fill = h('span', { class: 'score-fill' });
+        fill.style.width = `${Math.max(0, Math.min(1, share)) * 100}%`;
+        return h('li', { class: 'rerank-result', 'data-testid': 'pg-rerank-result' },
+          h('div', { class: 'rerank-head' },
+            h('span', { class: 'rank' }, `${rank + 1}.`),
+            h('span', { class: 'score', 'data-testid': 'pg-rerank-score' },
+              Number.isFinite(row.score) ? row.score.toFixed(3) : String(row.score)),
+            h('span', { class: 'muted' }, `document #${row.index}`)),
+          h('div', { class: 'score-bar', 'aria-hidden': 'true' }, fill),
+          h('div', { class: 'rerank-doc', 'data-testid': 'pg-rerank-doc' }, row.text));
+      }));
+    }
+
+    showRanking();
+    status.textContent = rerankShown?.summary || '';
+    return h('section', {},
+      field('Query', queryInput),
+      field('Documents (one per line)', documentsInput, 'field pg-gap'),
+      h('div', { class: 'toolbar', style: 'margin-top:8px' }, field('Top N', topN), send),
+      status, list);
+  }
+
+  // Concurrency ###########################################################################
+  //
+  // The same streaming chat request to each chosen model at once, each with its own
+  // AbortController. Until its answer begins, a lane learns where its request is from the
+  // in-flight list (api.js `live.inflight`, the `inflight` topic): queued (and where), loading
+  // (its model starting for it) or waiting (for the first token). A lane finds its entry by
+  // the X-Playground-Run header it sent, a marker unique to the lane: the server lists each
+  // request's headers in its entry, so the match is exact even when several requests go to one
+  // model at once, from this page or another client; times or model names alone could not tell
+  // them apart. Once the answer streams, the stream says the rest: llama-swap's loading text
+  // (sendLoadingState), the model's reasoning, then its answer.
+  //
+  // The event stream announces an entry when the request arrives and when its turn comes, not
+  // when it joins the queue: until their answers begin, the lanes also read GET /api/inflight
+  // once a second. What that says of an entry counts only where no event spoke of the entry
+  // since the read was asked for (an upsert replaces the entry's object in live.inflight).
+
+  function concurrencyPanel() {
+    const picker = h('fieldset', { class: 'conc-models', 'data-testid': 'pg-conc-models' },
+      h('legend', {}, 'Models'));
+    const choices = h('div', { class: 'conc-choices' });
+    picker.append(choices);
+    const prompt = h('textarea', { rows: 3, 'data-testid': 'pg-conc-prompt', value: concurrencySettings.prompt,
+      placeholder: 'The prompt every model gets' });
+    const maxTokens = h('input', { type: 'number', min: 1, step: 1, placeholder: 'server default',
+      'data-testid': 'pg-conc-max-tokens', value: concurrencySettings.maxTokens });
+    const send = h('button', { type: 'button', class: 'primary', 'data-testid': 'pg-conc-send' }, 'Send to all');
+    const stop = h('button', { type: 'button', 'data-testid': 'pg-conc-stop', disabled: true }, 'Stop');
+    const status = h('p', { class: 'muted', 'aria-live': 'polite', 'data-testid': 'pg-conc-status' });
+    const board = h('div', { class: 'lanes', 'data-testid': 'pg-lanes' });
+    let local = [];                 // the local models of /v1/models
+    const details = new Map();      // model id -> its state/group line in the picker
+    const views = new Map();        // lane -> its elements
+    let ticker = null;              // redraws the running lanes' clocks
+
+    prompt.addEventListener('input', () => { concurrencySettings.prompt = prompt.value; });
+    maxTokens.addEventListener('input', () => { concurrencySettings.maxTokens = maxTokens.value; });
+    send.addEventListener('click', sendToAll);
+    stop.addEventListener('click', stopAll);
+
+    const offInflight = on('inflight', (entries) => followInflight(entries, null));
+    const offStatus = on('modelStatus', describeModels);
+    lanesView = { draw: scheduleDraw, refresh };
+    page.signal.addEventListener('abort', () => {
+      for (const lane of lanes) lane.controller?.abort();
+      offInflight();
+      offStatus();
+      clearInterval(ticker);
+      for (const view of views.values()) cancelAnimationFrame(view.frame);
+      if (lanesView?.refresh === refresh) lanesView = null;
+    });
+
+    function listModels(records) {
+      local = records.filter((m) => (m.meta?.llamaswap?.type ?? 'model') === 'model');
+      for (const id of [...concurrencySettings.models]) {
+        if (!local.some((m) => m.id === id)) concurrencySettings.models.delete(id);
+      }
+      details.clear();
+      choices.replaceChildren(...local.map((m) => {
+        const box = h('input', { type: 'checkbox', value: m.id, checked: concurrencySettings.models.has(m.id),
+          'data-testid': `pg-conc-model-${m.id}` });
+        box.addEventListener('change', () => {
+          if (box.checked) concurrencySettings.models.add(m.id);
+          else concurrencySettings.models.delete(m.id);
+        });
+        const detail = h('span', { class: 'muted' });
+        details.set(m.id, detail);
+        return h('label', { class: 'conc-model' }, box, h('span', { class: 'mono' }, m.id), detail);
+      }));
+      if (!local.length) choices.append(h('span', { class: 'muted' }, 'No local models.'));
+      describeModels(live.models || []);
+    }
+
+    // Each model's state and swap group beside its name: what a swap will do is easier to read.
+    function describeModels(statuses) {
+      for (const entry of statuses) {
+        const detail = details.get(entry.id);
+        if (!detail) continue;
+        detail.textContent = [entry.state, entry.group ? `group ${entry.group.name}` : ''].filter(Boolean).join(' · ');
+      }
+    }
+
+    function sendToAll() {
+      if (lanes.some(running)) return;
+      const chosen = local.map((m) => m.id).filter((id) => concurrencySettings.models.has(id));
+      status.className = 'error-text';
+      if (!chosen.length) { status.textContent = 'Pick at least one model.'; return; }
+      if (!prompt.value.trim()) { status.textContent = 'Write a prompt first.'; return; }
+      status.className = 'muted';
+      status.textContent = chosen.length === 1 ? 'Sent to 1 model.' : `Sent to ${chosen.length} models at once.`;
+      const batch = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+      lanes = chosen.map((model, i) => newLane(model, `${batch}-${i}`));
+      renderBoard();
+      for (const lane of lanes) runLane(lane, prompt.value, maxTokens.value);
+      refresh();
+    }
+
+    // Requests still waiting are cut first, the answering ones once the server has let the
+    // waiting ones go (or after a second): cut in the other order, the server would hand the
+    // freed turn to a waiting request and start swapping its model in, just before that
+    // request is cut too.
+    async function stopAll() {
+      const active = lanes.filter(running);
+      const waiting = active.filter((lane) => !ANSWERING.has(lane.phase));
+      const answering = active.filter((lane) => ANSWERING.has(lane.phase));
+      for (const lane of waiting) lane.controller?.abort();
+      if (waiting.length && answering.length) await leftTheServer(waiting.map((lane) => lane.marker), 1000);
+      for (const lane of answering) lane.controller?.abort();
+    }
+
+    // entries: live.inflight after an event (asked: null), or a read of /api/inflight asked for
+    // at performance.now() `asked`.
+    function followInflight(entries, asked) {
+      for (const lane of lanes) {
+        if (!running(lane) || lane.responded) continue;
+        const entry = [...entries.values()].find((e) => headerOf(e.req_headers, RUN_HEADER) === lane.marker);
+        if (!entry) continue;
+        if (asked === null) {
+          if (entry === lane.entry) continue;  // an event about another request
+          lane.entry = entry;
+          lane.entryHeardAt = performance.now();
+        } else if (lane.entryHeardAt > asked) {
+          continue;  // an event told of it after the read was asked for: that is newer
+        }
+        // "answering" means the answer's headers are on their way: the stream takes it from there.
+        if (entry.phase === 'queued') setPhase(lane, 'queued', entry.queue_position ?? null);
+        else if (entry.phase === 'loading' || entry.phase === 'waiting') setPhase(lane, entry.phase);
+        scheduleDraw(lane);
+      }
+    }
+
+    // The Send/Stop buttons and the clock that keeps the running lanes' times moving.
+    function refresh() {
+      const busy = lanes.some(running);
+      send.disabled = busy;
+      stop.disabled = !busy;
+      if (busy && ticker === null) {
+        let ticks = 0;
+        ticker = setInterval(() => {
+          for (const lane of lanes) if (running(lane)) scheduleDraw(lane);
+          if (++ticks % 5 === 1) readInflight();  // 0.2 s after the send, then every second
+        }, 200);
+      } else if (!busy && ticker !== null) {
+        clearInterval(ticker);
+        ticker = null;
+      }
+    }
+
+    let reading = false;
+    async function readInflight() {
+      if (reading || !lanes.some((lane) => running(lane) && !lane.responded)) return;
+      reading = true;
+      const asked = performance.now();
+      try {
+        const body = await getJSON('/api/inflight', { signal: page.signal });
+        followInflight(new Map((body.requests || []).map((entry) => [entry.id, entry])), asked);
+      } catch { /* the events still tell; the next read may work */ } finally {
+        reading = false;
+      }
+    }
+
+    function renderBoard() {
+      for (const view of views.values()) cancelAnimationFrame(view.frame);
+      views.clear();
+      board.replaceChildren(...lanes.map(laneElement));
+    }
+
+    function laneElement(lane) {
+      const id = lane.model;
+      const view = {
+        phase: h('span', { class: 'badge', 'data-testid': `pg-lane-phase-${id}` }),
+        phases: h('div', { class: 'lane-phases', 'data-testid': `pg-lane-phases-${id}` }),
+        loadingText: h('div', { class: 'reasoning-text' }),
+        reasoningText: h('div', { class: 'reasoning-text' }),
+        answer: h('div', { class: 'lane-answer', 'data-testid': `pg-lane-answer-${id}` }),
+        error: h('div', { class: 'error-text', 'data-testid': `pg-lane-error-${id}`, hidden: true }),
+        stats: {},
+        frame: 0,
+      };
+      view.loading = h('details', { class: 'reasoning', hidden: true, 'data-testid': `pg-lane-loading-${id}` },
+        h('summary', {}, 'loading text'), view.loadingText);
+      view.reasoning = h('details', { class: 'reasoning', hidden: true, 'data-testid': `pg-lane-reasoning-${id}` },
+        h('summary', {}, 'reasoning'), view.reasoningText);
+      const stats = h('dl', { class: 'lane-stats', 'data-testid': `pg-lane-stats-${id}` });
+      for (const [key, label] of [['firstByte', 'First byte'], ['tokens', 'Tokens'], ['speed', 'Speed'],
+        ['total', 'Total']]) {
+        view.stats[key] = h('dd', { 'data-testid': `pg-lane-${key}-${id}` });
+        stats.append(h('div', {}, h('dt', {}, label), view.stats[key]));
+      }
+      view.root = h('article', { class: 'lane', 'data-testid': `pg-lane-${id}` },
+        h('div', { class: 'lane-head' }, h('h3', { class: 'lane-model' }, id), view.phase),
+        view.phases, view.loading, view.reasoning, view.answer, view.error, stats);
+      views.set(lane, view);
+      draw(lane);
+      return view.root;
+    }
+
+    // Open while its step lasts, folded once when it ends; the user's own clicks win after that.
+    function fold(details, now, view, key) {
+      if (now && !view[key]) { details.open = true; view[key] = 'opened'; }
+      if (!now && view[key] === 'opened') { details.open = false; view[key] = 'folded'; }
+    }
+
+    function scheduleDraw(lane) {
+      const view = views.get(lane);
+      if (view && !view.frame) view.frame = requestAnimationFrame(() => { view.frame = 0; draw(lane); });
+    }
+
+    function draw(lane) {
+      const view = views.get(lane);
+      if (!view) return;
+      const now = lane.ended ?? performance.now();
+      view.root.dataset.phase = lane.phase;
+      view.phase.className = `badge phase-${lane.phase}`;
+      view.phase.textContent = lane.phase === 'queued' && lane.queuePosition
+        ? `queued #${lane.queuePosition}` : lane.phase;
+      view.phases.textContent = lane.phases
+        .filter((p, i) => i === lane.phases.length - 1 || (p.end - p.start) >= 50)  // blinks left out
+        .map((p) => `${p.name}${p.position ? ` #${p.position}` : ''} ${fmtMs((p.end ?? now) - p.start)}`)
+        .join(' → ');
+      view.loading.hidden = !lane.loading;
+      view.loadingText.textContent = lane.loading;
+      fold(view.loading, lane.phase === 'loading', view, 'loadingFold');
+      view.reasoning.hidden = !lane.reasoning;
+      fold(view.reasoning, lane.phase === 'reasoning', view, 'reasoningFold');
+      view.reasoningText.textContent = lane.reasoning;
+      view.answer.textContent = lane.content;
+      view.error.hidden = !lane.error;
+      view.error.textContent = lane.error || '';
+      const s = laneStats(lane);
+      view.stats.firstByte.textContent = lane.firstByte !== null ? fmtMs(lane.firstByte - lane.started)
+        : running(lane) ? '…' : '—';
+      view.stats.tokens.textContent = s.tokens ? String(s.tokens) : '—';
+      view.stats.speed.textContent = s.speed ? `${s.speed.toFixed(1)} t/s` : '—';
+      view.stats.total.textContent = fmtMs(now - lane.started);
+    }
+
+    async function runLane(lane, text, max) {
+      const body = { model: lane.model, messages: [{ role: 'user', content: text }], stream: true };
+      if (max !== '') body.max_tokens = Number(max);
+      lane.controller = new AbortController();  // Stop and leaving the page abort it (stopAll)
+      let loadingText = false;  // inside llama-swap's own words while the model loads
+      const onChunk = (chunk) => {
+        if (chunk.error) lane.error = chunk.error.message || JSON.stringify(chunk.error);
+        const choice = chunk.choices?.[0] || {};
+        const delta = choice.delta || choice.message || {};
+        const reasoning = delta.reasoning_content || delta.reasoning || '';
+        const content = typeof delta.content === 'string' ? delta.content : '';
+        if (!lane.loading && !lane.reasoning && !lane.content && reasoning.startsWith(LOADING_RULE)) loadingText = true;
+        if (loadingText) {
+          lane.loading += reasoning;
+          setPhase(lane, 'loading');
+          if (reasoning.includes('Done! (')) {  // loaded: the model's own tokens come next
+            loadingText = false;
+            setPhase(lane, 'waiting');
+          }
+        } else {
+          if (reasoning) {
+            lane.reasoning += reasoning;
+            if (!lane.content) setPhase(lane, 'reasoning');
+          }
+          if (content) {
+            if (lane.firstContent === null) lane.firstContent = performance.now();
+            lane.content += content;
+            lane.contentChunks += 1;
+            lane.lastContent = performance.now();
+            setPhase(lane, 'answering');
+          }
+        }
+        lane.usage = chunk.usage || lane.usage;
+        lane.timings = chunk.timings || lane.timings;
+        lanesView?.draw(lane);
+      };
+      const firstBytes = () => { if (lane.firstByte === null) lane.firstByte = performance.now(); };
+      try {
+        const response = await request('/v1/chat/completions', {
+          method: 'POST', json: body, signal: lane.controller.signal, headers: { [RUN_HEADER]: lane.marker } });
+        lane.responded = true;
+        if ((response.headers.get('Content-Type') || '').includes('text/event-stream')) {
+          await readServerSentEvents(response, onChunk, firstBytes);
+        } else {
+          const answer = await response.json();
+          firstBytes();
+          onChunk(answer);
+        }
+        lane.final = lane.error ? 'error' : 'done';
+      } catch (error) {
+        if (error.name === 'AbortError') {
+          lane.final = 'stopped';
+        } else {
+          lane.error = error.message;
+          lane.final = 'error';
+        }
+      } finally {
+        finishLane(lane);
+        lanesView?.draw(lane);
+        lanesView?.refresh();
+      }
+    }
+
+    renderBoard();
+    refresh();
+    const section = h('section', {},
+      h('p', { class: 'muted conc-intro' }, 'One prompt to every chosen model at once: each lane shows where its ',
+        'request is — queued behind others, its model loading, waiting for the first token, reasoning, ',
+        'answering — and how long each step took. Models that cannot run together take turns.'),
+      picker,
+      field('Prompt', prompt),
+      h('div', { class: 'toolbar', style: 'margin-top:8px' }, field('Max tokens', maxTokens), send, stop),
+      status, board);
+    section.listModels = listModels;
+    return section;
+  }
+
   // Runs one request of the image/speech/transcription tabs with its button busy; the task
   // returns a line for the status, or throws with the message to show.
   async function run(button, status, task) {
@@ -378,8 +783,9 @@ export function mount(root, { query }) {
   return () => page.abort();
 }
 
-// Reads an event stream of chat completion chunks and hands each JSON payload to onChunk.
-async function readServerSentEvents(response, onChunk) {
+// Reads an event stream of chat completion chunks and hands each JSON payload to onChunk;
+// onBytes (optional) hears of every piece of the body as it arrives.
+async function readServerSentEvents(response, onChunk, onBytes) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   const feed = lineSplitter((line) => {
     if (!line.startsWith('data:')) return;
@@ -390,6 +796,7 @@ async function readServerSentEvents(response, onChunk) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
+    if (onBytes) onBytes();
     feed(value);
   }
   feed.flush();
@@ -411,4 +818,89 @@ function summary(reply, usage, timings, started, firstToken) {
   if (speed) parts.push(`${speed.toFixed(1)} t/s`);
   parts.push(`${((end - started) / 1000).toFixed(1)} s`);
   return parts.join(' · ');
+}
+
+// Concurrency lanes #########################################################################
+
+// The header that ties a request to its in-flight entry (the server lists it in req_headers).
+const RUN_HEADER = 'X-Playground-Run';
+
+// One model's request of a "Send to all". `phase` is where it is now: waiting, queued, loading,
+// reasoning, answering, then done, stopped or error; `phases` the steps so far with their
+// times (performance.now()), the last one open until the request ends.
+function newLane(model, marker) {
+  const now = performance.now();
+  return {
+    model, marker, phase: 'waiting', queuePosition: null,
+    phases: [{ name: 'waiting', start: now, end: null, position: null }],
+    started: now, firstByte: null, firstContent: null, ended: null,
+    loading: '', reasoning: '', content: '', contentChunks: 0, lastContent: null, usage: null, timings: null,
+    entry: null, entryHeardAt: -Infinity,  // its in-flight entry as the last event had it, and when
+    error: null, final: null, responded: false, controller: null,
+  };
+}
+
+const ANSWERING = new Set(['reasoning', 'answering']);
+
+// Resolves once no in-flight entry carries one of these markers any more, or after `ms`.
+function leftTheServer(markers, ms) {
+  const present = (entries) => [...entries.values()].some((e) => markers.includes(headerOf(e.req_headers, RUN_HEADER)));
+  if (!present(live.inflight)) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { off(); clearTimeout(timer); resolve(); };
+    const off = on('inflight', (entries) => { if (!present(entries)) done(); });
+    const timer = setTimeout(done, ms);
+  });
+}
+
+// A score to sort by: one that is not a number goes last.
+function sortable(score) {
+  return Number.isFinite(score) ? score : -Infinity;
+}
+
+function running(lane) {
+  return lane.ended === null;
+}
+
+function setPhase(lane, name, position = null) {
+  if (!running(lane)) return;
+  const last = lane.phases.at(-1);
+  if (last?.name === name) {  // the same step; only its place in the queue may have moved
+    last.position = position;
+    lane.queuePosition = position;
+    return;
+  }
+  const now = performance.now();
+  if (last) last.end = now;
+  lane.phases.push({ name, start: now, end: null, position });
+  lane.phase = name;
+  lane.queuePosition = position;
+}
+
+function finishLane(lane) {
+  if (!running(lane)) return;
+  lane.ended = performance.now();
+  const last = lane.phases.at(-1);
+  if (last) last.end = lane.ended;
+  lane.phase = lane.final || 'stopped';
+  lane.queuePosition = null;
+  lane.controller = null;
+}
+
+// Tokens as the server counted them when it says, else the content deltas streamed; speed from
+// the server's timings, else measured from the first content token: the deltas after it over
+// the time to the last one (a delta is a token as llama-server streams them).
+function laneStats(lane) {
+  const tokens = lane.usage?.completion_tokens ?? lane.timings?.predicted_n ?? lane.contentChunks;
+  const seconds = lane.contentChunks > 1 ? (lane.lastContent - lane.firstContent) / 1000 : 0;
+  const speed = lane.timings?.predicted_per_second ?? (seconds > 0 ? (lane.contentChunks - 1) / seconds : null);
+  return { tokens, speed };
+}
+
+// A header of an in-flight entry, whatever case the server spelled its name in.
+function headerOf(headers, name) {
+  if (!headers) return undefined;
+  if (name in headers) return headers[name];
+  const key = Object.keys(headers).find((k) => k.toLowerCase() === name.toLowerCase());
+  return key === undefined ? undefined : headers[key];
 }
