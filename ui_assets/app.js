@@ -4,6 +4,8 @@
 // the page into `root` and returns a function that stops everything it started; params are
 // {rest: the path after the page name, query: URLSearchParams}.
 
+// First: the chosen theme goes on <html> (applyTheme, below) before any page is built.
+import { applyTheme } from '/ui/prefs.js';
 import { connectEvents, on, live } from '/ui/api.js';
 import { navigate } from '/ui/dom.js';
 // Every page is imported up front (they are small): a page module fetched later, after the
@@ -18,6 +20,8 @@ import * as hardware from '/ui/pages/hardware.js';
 import * as modelPage from '/ui/pages/model.js';
 import * as timeline from '/ui/pages/timeline.js';
 import * as settingsPage from '/ui/pages/settings.js';
+
+applyTheme();
 
 const PAGES = {
   models: { module: models, title: 'Models' },

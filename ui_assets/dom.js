@@ -1,6 +1,8 @@
 // Small helpers every page uses: building elements, formatting numbers and times, toasts and
 // in-app navigation. Text always goes in as text nodes, so nothing here can inject markup.
 
+import { prefs } from '/ui/prefs.js';
+
 // Properties set as DOM properties rather than attributes (they reflect live state).
 const PROPERTIES = new Set(['value', 'checked', 'disabled', 'hidden', 'selected', 'open', 'multiple']);
 
@@ -102,9 +104,43 @@ export function fmtBytes(bytes) {
   return unit === 0 ? `${bytes} B` : `${bytes.toFixed(1)} ${units[unit]}`;
 }
 
-export function fmtTime(timestamp) {
-  const date = new Date(timestamp);
-  return isNaN(date) ? String(timestamp) : date.toLocaleString();
+// Times follow the time format chosen on the settings page (prefs.js): the browser's
+// locale, its locale with a 24-hour or 12-hour clock, or ISO 8601 (local time,
+// "2026-01-05 15:04:05"). fmtTime gives the date and time, fmtClock the time of day.
+// `timestamp` is anything Date takes: milliseconds, an RFC 3339 string, a Date.
+const HOUR_CYCLES = { '24h': 'h23', '12h': 'h12' };
+const DATE_PARTS = { year: 'numeric', month: 'numeric', day: 'numeric' };
+const CLOCK_PARTS = { hour: 'numeric', minute: '2-digit', second: '2-digit' };
+
+function asDate(timestamp) {
+  const date = timestamp instanceof Date ? timestamp : new Date(timestamp);
+  return isNaN(date) ? null : date;
+}
+
+const pad = (n) => String(n).padStart(2, '0');
+
+function isoDate(date) {
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+}
+
+function isoClock(date) {
+  return `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
+}
+
+export function fmtTime(timestamp, format = prefs.get().timeFormat) {
+  const date = asDate(timestamp);
+  if (!date) return String(timestamp);
+  if (format === 'iso') return `${isoDate(date)} ${isoClock(date)}`;
+  const hourCycle = HOUR_CYCLES[format];
+  return hourCycle ? date.toLocaleString(undefined, { ...DATE_PARTS, ...CLOCK_PARTS, hourCycle }) : date.toLocaleString();
+}
+
+export function fmtClock(timestamp, format = prefs.get().timeFormat) {
+  const date = asDate(timestamp);
+  if (!date) return String(timestamp);
+  if (format === 'iso') return isoClock(date);
+  const hourCycle = HOUR_CYCLES[format];
+  return hourCycle ? date.toLocaleTimeString(undefined, { ...CLOCK_PARTS, hourCycle }) : date.toLocaleTimeString();
 }
 
 // Coalesce bursts of calls (events) into one call of fn at the end of a window of `ms`:

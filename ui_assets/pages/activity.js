@@ -1,18 +1,23 @@
 // Activity page: the recorded requests, newest first, a page at a time
 // (/api/metrics/activity), refreshed when an `activity` event says a row was recorded; a
 // per-model summary (/api/metrics/stats?model=...: totals and p50/p95 speeds); and a chart of
-// tokens per second over time drawn as inline SVG from the latest rows.
+// the prompt and generation tokens per second of the latest requests over time (uPlot, as on
+// the performance page). Rows per page and the time format are the settings page's
+// (prefs.js); choosing rows per page here changes that setting.
 
+import uPlot from '/ui/vendor/uPlot.esm.js';
 import { getJSON, on, live } from '/ui/api.js';
-import { h, replace, field, fmtCount, fmtSpeed, fmtMs, fmtTime, coalesce } from '/ui/dom.js';
+import { h, replace, field, fmtCount, fmtSpeed, fmtMs, fmtTime, fmtClock, coalesce } from '/ui/dom.js';
+import { prefs, CHOICES } from '/ui/prefs.js';
 
 const CHART_ROWS = 200;
-const PAGE_SIZES = [25, 50, 100];
+const CHART_HEIGHT = 200;
+const PAGE_SIZES = CHOICES.activityPageSize;
 
 export function mount(root) {
   let alive = true;
   let page = 1;
-  let limit = PAGE_SIZES[0];
+  let limit = prefs.get().activityPageSize;
   let model = '';  // '' = every model
   let key = '';    // '' = every API key (or none)
 
@@ -20,7 +25,8 @@ export function mount(root) {
   const keySelect = h('select', { 'data-testid': 'activity-key' });
   const keyField = field('API key', keySelect);
   keyField.hidden = true;  // until some row carries a key
-  const limitSelect = h('select', {}, PAGE_SIZES.map((n) => h('option', { value: n }, n)));
+  const limitSelect = h('select', { 'data-testid': 'activity-limit' }, PAGE_SIZES.map((n) => h('option', { value: n }, n)));
+  limitSelect.value = limit;
   const tableBody = h('tbody');
   const table = h('table', { 'data-testid': 'activity-table' },
     h('thead', {}, h('tr', {},
@@ -36,6 +42,7 @@ export function mount(root) {
   const error = h('p', { class: 'error-text', hidden: true });
   const summaryBody = h('tbody');
   const chartBox = h('div');
+  const chartFigure = h('div', { class: 'chart-box', role: 'figure', 'data-testid': 'speed-chart' });
 
   root.append(
     h('h1', {}, 'Activity'),
@@ -93,11 +100,9 @@ export function mount(root) {
     page = 1;
     refreshAll();
   });
-  limitSelect.addEventListener('change', () => {
-    limit = Number(limitSelect.value);
-    page = 1;
-    refreshRows();
-  });
+  // The choice is the setting: the next visit (and the settings page) shows it too; the
+  // page follows it in onPrefs below.
+  limitSelect.addEventListener('change', () => prefs.set({ activityPageSize: Number(limitSelect.value) }));
   prev.addEventListener('click', () => { page -= 1; refreshRows(); });
   next.addEventListener('click', () => { page += 1; refreshRows(); });
 
@@ -110,15 +115,20 @@ export function mount(root) {
 
   // Rows ##################################################################################
 
+  // Only the latest request's answer is shown: one for an earlier page or page size may come
+  // back after it.
+  let rowsRequest = 0;
+
   async function refreshRows() {
+    const request = ++rowsRequest;
     let body;
     try {
       body = await getJSON(activityQuery({ page, limit }));
     } catch (err) {
-      showError(err);
+      if (request === rowsRequest) showError(err);
       return;
     }
-    if (!alive) return;
+    if (!alive || request !== rowsRequest) return;
     error.hidden = true;
     // Rows may have gone (in-memory store pruned): step back to the last page there is.
     if (body.total_pages > 0 && page > body.total_pages) {
@@ -202,6 +212,11 @@ export function mount(root) {
 
   // Chart #################################################################################
 
+  // One point per request with a measured speed, oldest first; the chart is built once and
+  // given new data after that (built again for a new theme or time format).
+  let chartPoints = [];
+  let plot = null;
+
   // Draws the chart and returns the rows it was drawn from.
   async function refreshChart() {
     let rows;
@@ -210,8 +225,123 @@ export function mount(root) {
     } catch {
       return [];  // refreshRows reports the same failure
     }
-    if (alive) chartBox.replaceChildren(speedChart(rows));
+    if (alive) drawChart(speedPoints(rows));
     return rows;
+  }
+
+  function drawChart(points) {
+    chartPoints = points;
+    if (!points.length) {
+      destroyChart();
+      replace(chartBox, h('p', { class: 'empty', 'data-testid': 'speed-chart-empty' },
+        'No speed measurements yet (the upstream reports none).'));
+      return;
+    }
+    const data = [points.map((p) => p.t), points.map((p) => p.gen), points.map((p) => p.prompt)];
+    chartFigure.setAttribute('aria-label', `Prompt and generation tokens per second of ${points.length} requests`);
+    if (plot) {
+      plot.setData(data);
+      plot.setLegend();  // the newest request, unless the pointer is on the chart
+      return;
+    }
+    replace(chartBox, chartFigure);
+    plot = new uPlot(chartOptions(readTheme()), data, chartFigure);
+    resizeObserver.observe(chartBox);
+  }
+
+  function destroyChart() {
+    if (!plot) return;
+    resizeObserver.unobserve(chartBox);
+    plot.destroy();
+    plot = null;
+  }
+
+  function rebuildChart() {
+    destroyChart();
+    if (chartPoints.length) drawChart(chartPoints);
+  }
+
+  function chartOptions(theme) {
+    const axis = {
+      stroke: theme.muted,
+      font: theme.font,
+      grid: { stroke: theme.grid, width: 1 },
+      ticks: { stroke: theme.grid, width: 1, size: 4 },
+    };
+    const line = (label, colour) => ({
+      label,
+      stroke: colour,
+      width: 1.5,
+      spanGaps: true,  // a request that measured only the other speed leaves no gap
+      points: { show: true, size: 5, fill: colour },
+      value: (u, v, sidx, idx) => {
+        const shown = atRest(idx) ? u.data[sidx].at(-1) : v;
+        return shown === null || shown === undefined ? '—' : `${fmtSpeed(shown)} t/s`;
+      },
+    });
+    return {
+      width: chartWidth(),
+      height: CHART_HEIGHT,
+      cursor: { drag: { x: false, y: false } },
+      legend: { live: true },
+      scales: {
+        x: { time: true, range: timeRange },
+        y: { range: (u, min, max) => [0, max > 0 ? max * 1.15 : 1] },
+      },
+      axes: [
+        { ...axis, space: 90, values: (u, splits) => splits.map((t) => fmtClock(t * 1000)) },
+        { ...axis, size: 52, values: (u, splits) => splits.map((v) => String(Number(v.toFixed(1)))) },
+      ],
+      series: [
+        // The legend names the request under the pointer (at rest: the newest) by its id,
+        // model and time.
+        {
+          label: 'request',
+          value: (u, v, sidx, idx) => {
+            const point = chartPoints[atRest(idx) ? chartPoints.length - 1 : idx];
+            return point ? `#${point.row.id} ${point.row.model} · ${fmtTime(point.t * 1000)}` : '—';
+          },
+        },
+        line('generation', theme.generation),
+        line('prompt', theme.prompt),
+      ],
+    };
+  }
+
+  // Sized to its box, a few pixels narrower so that rounding never widens the panel.
+  function chartWidth() {
+    return Math.max(200, Math.floor(chartBox.clientWidth) - 2);
+  }
+
+  let resizeFrame = null;
+  const resizeObserver = new ResizeObserver(() => {
+    if (resizeFrame !== null) return;
+    resizeFrame = requestAnimationFrame(() => {
+      resizeFrame = null;
+      const width = plot ? chartWidth() : 0;
+      if (plot && width !== plot.width) plot.setSize({ width, height: CHART_HEIGHT });
+    });
+  });
+
+  // The system switching between light and dark (theme "system"): the colours are read again.
+  const darkQuery = matchMedia('(prefers-color-scheme: dark)');
+  darkQuery.addEventListener('change', rebuildChart);
+
+  // Settings ##############################################################################
+
+  function onPrefs(now, before) {
+    if (now.activityPageSize !== limit) {
+      limit = now.activityPageSize;
+      limitSelect.value = limit;
+      page = 1;
+      refreshRows();
+    }
+    if (now.timeFormat !== before.timeFormat) {
+      refreshRows();
+      rebuildChart();
+    } else if (now.theme !== before.theme) {
+      rebuildChart();
+    }
   }
 
   async function refreshAll() {
@@ -228,81 +358,65 @@ export function mount(root) {
     on('activity', refreshSoon),
     on('reconnected', refreshAll),
     on('modelStatus', renderModelOptions),
+    prefs.onChange(onPrefs),
   ];
   return () => {
     alive = false;
     refreshSoon.cancel();
     offs.forEach((off) => off());
+    darkQuery.removeEventListener('change', rebuildChart);
+    cancelAnimationFrame(resizeFrame);
+    resizeObserver.disconnect();
+    destroyChart();
   };
 }
 
 // Speed chart #############################################################################
 
-const SVG = 'http://www.w3.org/2000/svg';
-const W = 480;
-const H = 200;
-const PAD = { left: 44, right: 12, top: 12, bottom: 28 };
-
-function svg(tag, attributes = {}, ...children) {
-  const element = document.createElementNS(SVG, tag);
-  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, String(value));
-  element.append(...children);
-  return element;
+// The requests with a measured speed (a value above 0; the server writes 0 or -1 for none),
+// oldest first, their times in Unix seconds. Rows' times are whole seconds: requests of one
+// second go in the order of their ids.
+export function speedPoints(rows) {
+  const measured = (value) => (typeof value === 'number' && value > 0 ? value : null);
+  return rows
+    .map((row) => ({
+      t: Date.parse(row.timestamp) / 1000,
+      gen: measured(row.tokens?.tokens_per_second),
+      prompt: measured(row.tokens?.prompt_per_second),
+      row,
+    }))
+    .filter((p) => !isNaN(p.t) && (p.gen !== null || p.prompt !== null))
+    .sort((a, b) => a.t - b.t || a.row.id - b.row.id);
 }
 
-// Generation and prompt speed of each request (when measured) against its time.
-function speedChart(rows) {
-  const points = (key) => rows
-    .filter((row) => row.tokens?.[key] > 0)
-    .map((row) => ({ t: Date.parse(row.timestamp), v: row.tokens[key], row }))
-    .sort((a, b) => a.t - b.t);
-  const series = [
-    { name: 'generation', className: 'gen', colour: '--accent', points: points('tokens_per_second') },
-    { name: 'prompt', className: 'prompt', colour: '--ok', points: points('prompt_per_second') },
-  ];
-  const all = series.flatMap((s) => s.points);
-  if (!all.length) {
-    return h('p', { class: 'empty', 'data-testid': 'speed-chart-empty' }, 'No speed measurements yet (the upstream reports none).');
-  }
-  let t0 = Math.min(...all.map((p) => p.t));
-  let t1 = Math.max(...all.map((p) => p.t));
-  if (t0 === t1) { t0 -= 30000; t1 += 30000; }  // one moment: centre it
-  const vMax = niceCeiling(Math.max(...all.map((p) => p.v)));
-  const x = (t) => PAD.left + ((t - t0) / (t1 - t0)) * (W - PAD.left - PAD.right);
-  const y = (v) => H - PAD.bottom - (v / vMax) * (H - PAD.top - PAD.bottom);
+// The requests' times, a minute at least (uPlot would make one moment a day, and a few
+// seconds would be labelled with the same second over and over), with a little room at the
+// ends so the first and last points are not cut in half. From the data, not uPlot's min and
+// max, which it has already widened for one moment.
+const MIN_SPAN_S = 60;
 
-  const chart = svg('svg', { viewBox: `0 0 ${W} ${H}`, class: 'chart', role: 'img', 'data-testid': 'speed-chart',
-    'aria-label': `Tokens per second of ${all.length} measurements` });
-  // Axes with three horizontal guides and the first/last time.
-  for (const fraction of [0, 0.5, 1]) {
-    const v = vMax * fraction;
-    chart.append(
-      svg('line', { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v), class: 'axis' }),
-      svg('text', { x: PAD.left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'label' }, formatValue(v)));
-  }
-  const timeLabel = (t) => new Date(t).toLocaleTimeString();
-  chart.append(
-    svg('text', { x: PAD.left, y: H - 8, class: 'label' }, timeLabel(t0)),
-    svg('text', { x: W - PAD.right, y: H - 8, 'text-anchor': 'end', class: 'label' }, timeLabel(t1)));
-  for (const s of series) {
-    if (!s.points.length) continue;
-    chart.append(svg('polyline', { class: s.className, points: s.points.map((p) => `${x(p.t)},${y(p.v)}`).join(' ') }));
-    for (const p of s.points) {
-      chart.append(svg('circle', { cx: x(p.t), cy: y(p.v), r: 2.5, class: s.className },
-        svg('title', {}, `#${p.row.id} ${p.row.model}: ${p.v.toFixed(1)} t/s ${s.name}`)));
-    }
-  }
-  const legend = h('div', { class: 'legend' }, series.filter((s) => s.points.length).map((s) =>
-    h('span', {}, h('span', { class: 'swatch', style: `background:var(${s.colour})` }), s.name)));
-  return h('div', {}, chart, legend);
+function timeRange(u) {
+  const times = u.data[0];
+  const first = times[0];
+  const last = times[times.length - 1];
+  const pad = Math.max((MIN_SPAN_S - (last - first)) / 2, (last - first) * 0.02);
+  return [first - pad, last + pad];
 }
 
-// 1, 2 or 5 times a power of ten, at least `value`: round numbers on the axis.
-function niceCeiling(value) {
-  const power = 10 ** Math.floor(Math.log10(value));
-  return [1, 2, 5, 10].map((m) => m * power).find((n) => n >= value);
+// The legend asks for the values at no index while the pointer is off the chart.
+function atRest(idx) {
+  return idx === null || idx === undefined;
 }
 
-function formatValue(value) {
-  return value.toFixed(value >= 10 ? 0 : 1);
+function readTheme() {
+  const style = getComputedStyle(document.documentElement);
+  const css = (name) => style.getPropertyValue(name).trim();
+  return {
+    muted: css('--muted'),
+    grid: css('--border'),
+    font: `12px ${getComputedStyle(document.body).fontFamily}`,
+    generation: css('--chart-1'),
+    prompt: css('--chart-2'),
+  };
 }
+

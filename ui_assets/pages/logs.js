@@ -2,13 +2,15 @@
 // the combined log, or one model's output), read with fetch and a stream reader so it can be
 // switched or stopped with an AbortController. Pause keeps reading but holds new lines back;
 // Follow keeps the view at the bottom; the filter hides lines without the text; ANSI colours
-// are rendered. At most MAX_LINES lines stay in the page.
+// are rendered. At most the settings page's "log lines kept" (prefs.js logLines) stay in the
+// page, the oldest going first; as many again may wait while paused. The page's own notes
+// (stream lost, reconnected) carry the time of day in the chosen time format.
 
 import { streamText, lineSplitter, on, live, modelPath } from '/ui/api.js';
-import { h, replace, field } from '/ui/dom.js';
+import { h, replace, field, fmtClock } from '/ui/dom.js';
 import { renderAnsi, AnsiState } from '/ui/ansi.js';
+import { prefs } from '/ui/prefs.js';
 
-const MAX_LINES = 5000;
 const RETRY_MS = 2000;
 
 // Fixed sources; every local model is added after them.
@@ -32,6 +34,7 @@ export function mount(root, { query }) {
   let paused = false;
   let pending = [];           // lines held back while paused
   let ansi = new AnsiState(); // colours run on from one line to the next
+  let maxLines = prefs.get().logLines;
 
   const select = h('select', { 'data-testid': 'log-source' });
   const filter = h('input', { type: 'search', placeholder: 'text to keep', 'data-testid': 'log-filter' });
@@ -135,23 +138,37 @@ export function mount(root, { query }) {
     if (!elements.length) return;
     if (paused) {
       pending.push(...elements);
-      if (pending.length > MAX_LINES) pending.splice(0, pending.length - MAX_LINES);
+      if (pending.length > maxLines) pending.splice(0, pending.length - maxLines);
     } else {
       show(elements);
     }
   }
 
   function addNote(text) {
-    deliver([lineElement(text, true)]);
+    deliver([lineElement(`${fmtClock(Date.now())} ${text}`, true)]);
   }
 
   function show(elements) {
     const needle = filter.value.toLowerCase();
     for (const element of elements) element.hidden = Boolean(needle) && !element.textContent.toLowerCase().includes(needle);
     output.append(...elements);
-    let excess = output.childElementCount - MAX_LINES;
-    while (excess-- > 0) output.firstElementChild.remove();
+    trim();
     if (followBox.checked) output.scrollTop = output.scrollHeight;
+  }
+
+  // The oldest lines go past maxLines.
+  function trim() {
+    let excess = output.childElementCount - maxLines;
+    while (excess-- > 0) output.firstElementChild.remove();
+    if (pending.length > maxLines) pending.splice(0, pending.length - maxLines);
+  }
+
+  // A smaller number on the settings page takes effect at once; a larger one keeps what comes.
+  function onPrefs(now) {
+    if (now.logLines === maxLines) return;
+    maxLines = now.logLines;
+    trim();
+    if (paused) updatePauseButton();
   }
 
   function clearView() {
@@ -203,6 +220,7 @@ export function mount(root, { query }) {
     on('modelStatus', renderSources),
     // The event stream is back, so is the server: do not wait for the next retry.
     on('reconnected', () => { if (lost) start(false); }),
+    prefs.onChange(onPrefs),
   ];
   start(true);
 
