@@ -6,7 +6,7 @@ make room, wait until it is healthy and relay the request and its streamed answe
 untouched. A drop-in for the Go llama-swap: same config file, same endpoints, same JSON.
 
 Contents, in dependency order (each section opens with its concept and rules):
-    1. Helpers            Go's formats of values, durations and times; sizes; Named enums
+    1. Helpers            Go's formats of values, durations and times; sizes; Named enums; secrets masked
     2. Config: shapes     Config, ModelConfig, ApiKey, Routing, ...: plain data; ConfigError
     3. Config: the file   YAML -> Config in three passes: files, macros, values
     4. Config: models     each model's keys, its command checked, its aliases
@@ -27,7 +27,7 @@ Contents, in dependency order (each section opens with its concept and rules):
    19. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
    20. Metrics            /metrics in Prometheus text
    21. API answers        OpenAI error envelopes, model records, key scopes, origin/host checks
-   22. Events             /api/events fan-out; the stream sent while a model loads
+   22. Events             /api/events fan-out; the timeline's last hour; the stream sent while a model loads
    23. Runtime            Runtime: wiring, background Tasks, configure(), GPU watching
    24. Reload             ConfigSource, reload(), --watch-config and SIGHUP
    25. HTTP               Server: route table, middlewares, handlers, the hot path
@@ -253,6 +253,24 @@ def read_text(path: str) -> str:
             return file.read()
     except OSError:
         return ""
+
+
+# A flag or variable whose name says it holds a secret: its value is not shown on a model's
+# page, nor in the output a failed start shows.
+SECRET_WORD = r"(?:keys?|tokens?|secrets?|passw(?:or)?d|passphrase|auth\w*|credentials?)"
+SECRET_NAME = rf"(?:[\w.]*[-_.])?{SECRET_WORD}(?:[-_.][\w.-]*)?"
+SECRET_IN_COMMAND = re.compile(rf"(?i)((?<![\w-])-{{1,2}}{SECRET_NAME}(?:=|\s+)|(?<![\w-])[a-z_]{SECRET_NAME}=)"
+                               r"(?!-)(\"[^\"]*\"|'[^']*'|\S+)")
+
+
+def masked_command(command: str) -> str:
+    """A command with the values of its secret-looking flags and variables shown as [REDACTED]."""
+    return SECRET_IN_COMMAND.sub(r"\1[REDACTED]", command)
+
+
+def masked_env(env: Iterable[str]) -> list[str]:
+    return [f"{name}=[REDACTED]" if sep and re.fullmatch(SECRET_NAME, name, re.I) else
+            f"{name}{sep}{value}" for name, sep, value in (item.partition("=") for item in env)]
 
 
 ###############################################################################
@@ -2150,7 +2168,8 @@ class Stdout:
             with self.lock:
                 while not self.pending:
                     self.lock.wait()
-                data = self.pending.popleft()
+                data = b"".join(self.pending)  # what came meanwhile goes out in one write
+                self.pending.clear()
             try:
                 view = memoryview(data)
                 while view:
@@ -3208,7 +3227,7 @@ class ModelProcess:
         except (OSError, ValueError) as e:
             os.close(read_fd)
             reason = getattr(e, "strerror", None) or e
-            raise StartError(f"failed to start command '{' '.join(argv)}': {reason}") from None
+            raise StartError(f"failed to start command '{masked_command(' '.join(argv))}': {reason}") from None
         finally:
             os.close(write_fd)
         self.groups.add(proc.pid)
@@ -3294,9 +3313,10 @@ class ModelProcess:
         return f"upstream command exited prematurely with exit status {code}{self._output_tail()}"
 
     def _output_tail(self) -> str:
-        """The last lines this run printed, to end a start error with: usually the reason."""
+        """The last lines this run printed, to end a start error with: usually the reason. They
+        may echo the command line, so a key in them is masked (the error reaches clients)."""
         lines = self.output.history.tail_lines(START_ERROR_TAIL_LINES, since=self._run.output_mark)
-        return ("; last output:\n" + "\n".join(lines)) if lines else " (it printed nothing)"
+        return ("; last output:\n" + masked_command("\n".join(lines))) if lines else " (it printed nothing)"
 
     async def _run_stop(self, timeout: float, save: bool) -> None:
         """`save`: the server is awake, so its KV cache can be saved (kvCache)."""
@@ -4522,9 +4542,9 @@ class Scheduler:
         """Whether a request queued ahead of this one (same or higher priority) for max_wait or
         longer needs its model stopped: from then on the model takes no new requests, so it drains
         (never a protected model, and never for a request that may not evict)."""
-        now, running, asleep, model = self.clock(), self.running(), self.asleep(), ticket.model
-        if self._protected(model):
+        if not self.queue or self._protected(ticket.model):
             return False
+        now, running, asleep, model = self.clock(), self.running(), self.asleep(), ticket.model
         return any(t.model != model and t.waiting() and t.priority >= ticket.priority and now - t.since >= self.max_wait
                    and t.swap is SwapRight.EVICT and model in self.policy.evictions(t.model, running, asleep)
                    for t in self.queue)
@@ -5452,7 +5472,7 @@ class Exchange:
     model: str
     path: str
     method: str
-    request_headers: dict[str, str]
+    headers: Mapping[str, str]  # the request's, as it came (read-only)
     remote_ip: str
     metadata: dict[str, str]
     task: asyncio.Task
@@ -5473,11 +5493,24 @@ class Exchange:
     ticket: Ticket | None = None  # its place in line while it waits for its model
     position: Callable[[Ticket], int] | None = None  # the scheduler's: its place in the queue
 
+    @functools.cached_property
+    def request_headers(self) -> dict[str, str]:
+        """As the in-flight entry and the capture show them: made when first asked for, which
+        for most requests (nobody watching, no capture) is never."""
+        return header_snapshot(self.headers)
+
     def waiting_on(self, ticket: Ticket, position: Callable[[Ticket], int]) -> None:
         """Its ticket, for the in-flight entry's phase; told again once it is granted."""
         self.ticket, self.position = ticket, position
         ticket.caused = self.caused
         ticket.future.add_done_callback(lambda _: self.on_change(self, True))
+        # Once the scheduler has placed it (synchronously, right after this): queued or
+        # waiting for a start, watchers hear so at once.
+        asyncio.get_running_loop().call_soon(self._placed)
+
+    def _placed(self) -> None:
+        if self.ticket is not None and self.ticket.waiting():
+            self.on_change(self, True)
 
     def caused(self, record: SwapRecord) -> None:
         self.swap = record
@@ -5540,7 +5573,7 @@ class InFlight:
         """Listed while the block runs; a cancel turns into RequestCancelled at its end. The
         answer to a POST is copied as it is relayed, for its activity row and capture."""
         exchange = Exchange(str(next(self._ids)), model, path_qs.partition("?")[0], request.method,
-                            header_snapshot(request.headers), client_ip(request), metadata or {},
+                            request.headers, client_ip(request), metadata or {},
                             asyncio.current_task(), self._changed, body,
                             copy=bytearray() if request.method == "POST" else None,
                             key=key.name if (key := request.get(API_KEY)) else "")
@@ -7511,7 +7544,8 @@ def authority_name(authority: str) -> str:
     return authority.rpartition(":")[0] if authority.count(":") == 1 else authority
 
 
-def known_host(authority: str, allowed: Sequence[str]) -> bool:
+@functools.lru_cache(maxsize=256)  # every request asks, with one of a few names
+def known_host(authority: str, allowed: tuple[str, ...]) -> bool:
     """Whether a Host header names us in a way no outsider's DNS can."""
     authority = authority.strip().lower()
     name = authority_name(authority)
@@ -7830,7 +7864,7 @@ def check_host_and_origin(request: web.BaseRequest, config: Config) -> None:
     `known_host`), or one that would change state from another origin's page (`foreign_origin`)."""
     host = request.headers.get("Host", "")
     if not (config.api_keys or config.admin_keys) and request.path not in ("/health", "/wol-health") and \
-            not known_host(host, config.allowed_origins):
+            not known_host(host, tuple(config.allowed_origins)):
         raise ApiError(403, f"refused: {printable(host[:200])!r} is not a name this server answers to without keys "
                             "(a guard against DNS rebinding); if it is yours, add its origin to allowedOrigins")
     if changes_state(request) and (origin := foreign_origin(request, config.allowed_origins)):
@@ -7942,23 +7976,6 @@ def running_records(scheduler: Scheduler, book: VramBook | None) -> list[dict[st
     return running
 
 
-# A flag or variable whose name says it holds a secret; its value is not shown on a model's page.
-SECRET_WORD = r"(?:keys?|tokens?|secrets?|passw(?:or)?d|passphrase|auth\w*|credentials?)"
-SECRET_NAME = rf"(?:[\w.]*[-_.])?{SECRET_WORD}(?:[-_.][\w.-]*)?"
-SECRET_IN_COMMAND = re.compile(rf"(?i)((?<![\w-])-{{1,2}}{SECRET_NAME}(?:=|\s+)|(?<![\w-])[a-z_]{SECRET_NAME}=)"
-                               r"(?!-)(\"[^\"]*\"|'[^']*'|\S+)")
-
-
-def masked_command(command: str) -> str:
-    """A command with the values of its secret-looking flags and variables shown as [REDACTED]."""
-    return SECRET_IN_COMMAND.sub(r"\1[REDACTED]", command)
-
-
-def masked_env(env: Iterable[str]) -> list[str]:
-    return [f"{name}=[REDACTED]" if sep and re.fullmatch(SECRET_NAME, name, re.I) else
-            f"{name}{sep}{value}" for name, sep, value in (item.partition("=") for item in env)]
-
-
 def model_settings(model: ModelConfig) -> dict[str, Any]:
     """A model's settings as loaded (macros expanded, defaults filled in), in the config's own
     key names, secrets masked: what the UI's model page shows."""
@@ -8068,21 +8085,24 @@ class Events:
 
 
 class Timeline:
-    """The box's last hour for the UI's timeline page: each model's state changes (with why),
-    when it began and stopped serving requests, and how many requests waited for it, per
-    second. Bounded in time (WINDOW) and in entries (LIMIT), whatever the load; each new
-    entry (or a second's queue figure that changed) goes to `publish` as it is recorded."""
+    """The box's last hour for the UI's timeline page: each model's state changes (with why)
+    and, per second, how many of its requests were served and how many waited (the most at
+    once, and how many at the second's end: a figure holds until the next second recorded).
+    Bounded in time (WINDOW) and in entries (LIMIT) whatever the load: a busy model adds one
+    entry a second, however many requests it serves. Each entry goes to `publish` when it is
+    recorded, and again (same id) when its most rises or, once, when its second is over."""
 
     WINDOW = 3600.0
     LIMIT = 20000
 
     def __init__(self, publish: Callable[[dict[str, Any]], None] = lambda entry: None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 later: Callable[[float, Callable[[], None]], Any] | None = None):
         self.entries: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.LIMIT)
         self.latest: dict[str, dict[str, Any]] = {}  # model -> its last state entry, however old
-        self.serving: set[str] = set()
-        self.queues: dict[str, dict[str, Any]] = {}  # model -> its newest queue entry
+        self.loads: dict[str, dict[str, Any]] = {}  # model -> its newest load entry
         self.publish, self.clock = publish, clock
+        self.later = later or (lambda delay, call: asyncio.get_running_loop().call_later(delay, call))
         self.ids = itertools.count(1)
 
     def _add(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -8095,42 +8115,47 @@ class Timeline:
         self.latest[model] = self._add({"kind": "state", "model": model, "state": str(state), "reason": reason})
 
     def counted(self, model: str, serving: int, waiting: int) -> None:
-        """The scheduler's counts of a model changed. A serving span opens and closes with its
-        first and last request; waiting requests are kept per second (its most, and its last)."""
-        if (serving > 0) != (model in self.serving):
-            if serving:
-                self.serving.add(model)
-            else:
-                self.serving.discard(model)
-            self._add({"kind": "serving", "model": model, "serving": serving > 0})
-        entry = self.queues.get(model)
-        second = int(self.clock())
-        if entry is None or entry["second"] != second:
-            if entry is None and not waiting or entry is not None and entry["last"] == waiting == 0:
-                return  # nothing waits, and nothing did in the last second recorded
-            self.queues[model] = self._add({"kind": "queue", "model": model, "second": second,
-                                            "most": waiting, "last": waiting})
-        elif waiting > entry["most"] or waiting != entry["last"] and (waiting == 0 or entry["last"] == 0):
-            entry.update(most=max(entry["most"], waiting), last=waiting)
-            self.publish(entry)  # the same id: a watcher replaces what it had
-        else:
-            entry["last"] = waiting
+        """The scheduler's counts of a model changed (a request arrived, was granted, ended)."""
+        entry = self.loads.get(model)
+        if entry is not None and entry["open"]:  # the common case, one dict update
+            entry["serving"][1], entry["waiting"][1] = serving, waiting
+            if serving > entry["serving"][0] or waiting > entry["waiting"][0]:
+                entry["serving"][0], entry["waiting"][0] = max(serving, entry["serving"][0]), \
+                    max(waiting, entry["waiting"][0])
+                self.publish(entry)
+            return
+        if not (serving or waiting or entry and (entry["serving"][1] or entry["waiting"][1])):
+            return  # idle, and it was at the end of its last second recorded
+        self.loads[model] = entry = self._add({"kind": "load", "model": model, "second": int(self.clock()),
+                                               "serving": [serving, serving], "waiting": [waiting, waiting],
+                                               "open": True})
+        self.later(entry["second"] + 1 - self.clock(), functools.partial(self._seal, entry))
+
+    def _seal(self, entry: dict[str, Any]) -> None:
+        """Its second is over: told once more with the figures it ended with."""
+        entry["open"] = False
+        self.publish(entry)
 
     def since(self, after: float) -> dict[str, Any]:
         """GET /api/timeline: entries newer than `after` (unix seconds) within the window, and
-        each model's state when the answer's first entry begins, so its lanes can be drawn."""
+        what held before the first of them (each model's state, and its requests served and
+        waiting where its last load entry is older), so that its lanes can be drawn."""
         now = self.clock()
         start = max(after, now - self.WINDOW)
         entries = [e for e in self.entries if e["at"] > start]
-        first_id = entries[0]["id"] if entries else next(self.ids)
-        earlier: dict[str, dict[str, Any]] = {}
-        for entry in self.entries:
-            if entry["kind"] == "state" and entry["id"] < first_id:
-                earlier[entry["model"]] = entry
-        before = {m: e for m, e in self.latest.items() if e["id"] < first_id}
+        first_id = entries[0]["id"] if entries else math.inf
+        states = {m: e for m, e in self.latest.items() if e["id"] < first_id}
+        for entry in self.entries:  # where a model's latest state is in the answer, the one before it
+            if entry["id"] >= first_id:
+                break
+            if entry["kind"] == "state":
+                states[entry["model"]] = entry
+        before = {m: {"state": e["state"], "at": e["at"]} for m, e in states.items()}
+        for model, load in self.loads.items():
+            if load["id"] < first_id and (load["serving"][1] or load["waiting"][1]):
+                before.setdefault(model, {}).update(serving=load["serving"][1], waiting=load["waiting"][1])
         return {"now": round(now, 3), "window_s": self.WINDOW, "from": round(start, 3),
-                "before": {m: {"state": e["state"], "at": e["at"]} for m, e in sorted({**before, **earlier}.items())},
-                "entries": entries}
+                "before": dict(sorted(before.items())), "entries": entries}
 
 
 def wants_stream(body: bytes) -> bool:

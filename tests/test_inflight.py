@@ -190,3 +190,33 @@ async def test_an_entry_says_whether_it_is_queued_loading_or_answering(in_proces
 
 async def phases_are(phases, expected: dict) -> bool:
     return await phases() == expected
+
+
+async def test_watchers_hear_at_once_that_a_request_joined_the_queue(in_process, upstreams):
+    ls = await in_process({"healthCheckTimeout": 15, "models": {
+        "a": {"cmd": upstreams.cmd(name="a")}, "b": {"cmd": upstreams.cmd(name="b")}}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(ls.url + "/v1/chat/completions", json={"model": "a"}) as r:
+            assert r.status == 200
+        # a streams for 4 s: nothing changes state meanwhile, so only joining the queue can tell b's phase.
+        to_a = asyncio.create_task(s.post(ls.url + "/v1/chat/completions", json={
+            "model": "a", "stream": True, "responder_chunks": 40, "responder_delay": 0.1}))
+        async with s.get(ls.url + "/api/events") as events:
+            assert await eventually(lambda: ls.runtime.scheduler.in_flight["a"] == 1, 5)
+            to_b = asyncio.create_task(s.post(ls.url + "/v1/chat/completions", json={"model": "b"}))
+            await asyncio.wait_for(told_queued(events, "b"), 3)
+            assert ls.runtime.scheduler.in_flight["a"] == 1, "told while a still answers"
+        for task in (to_a, to_b):
+            response = await task
+            assert response.status == 200
+            await response.read()
+
+
+async def told_queued(events: aiohttp.ClientResponse, model: str) -> None:
+    """Until an in-flight event says a request for `model` is queued."""
+    async for line in events.content:
+        message = json.loads(line[5:]) if line.startswith(b"data:") else {}
+        data = json.loads(message.get("data", "{}"))
+        entry = data.get("request") or {} if isinstance(data, dict) else {}
+        if message.get("type") == "inflight" and entry.get("model") == model and entry["phase"] == "queued":
+            return

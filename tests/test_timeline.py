@@ -27,33 +27,54 @@ class Clock:
 
 # -- Timeline, by itself ---------------------------------------------------------------------
 
-def test_serving_spans_open_and_close_with_the_first_and_last_request():
-    clock, heard = Clock(), []
-    timeline = Timeline(heard.append, clock)
-    for serving in (1, 2, 3, 2, 1, 0, 0):
-        timeline.counted("m", serving, 0)
-        clock.now += 0.1
-    spans = [(e["serving"], e["at"]) for e in timeline.entries if e["kind"] == "serving"]
-    assert spans == [(True, 1_000_000.0), (False, 1_000_000.5)]
-    assert heard == list(timeline.entries), "each entry is published as it is recorded"
+class Later:
+    """What the timeline asks to run later, run when the test says."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, delay, call):
+        self.calls.append((delay, call))
+
+    def run(self):
+        calls, self.calls = self.calls, []
+        for _, call in calls:
+            call()
 
 
-def test_queue_depth_is_kept_per_second_with_its_most_and_its_last():
-    clock, heard = Clock(), []
-    timeline = Timeline(heard.append, clock)
-    timeline.counted("m", 0, 0)  # nothing waits: nothing to record
+def test_requests_served_and_waiting_are_kept_per_second_with_the_most_and_the_last():
+    clock, heard, later = Clock(1_000_000.25), [], Later()
+    timeline = Timeline(heard.append, clock, later)
+    timeline.counted("m", 0, 0)  # idle: nothing to record
     assert not timeline.entries
-    for waiting in (1, 2, 5, 3):
-        timeline.counted("m", 0, waiting)
+    for serving, waiting in ((0, 1), (0, 2), (1, 1), (2, 0), (1, 3), (0, 1)):
+        timeline.counted("m", serving, waiting)
+    assert len(timeline.entries) == 1, "one entry a second, however many requests"
+    entry = timeline.entries[0]
+    assert (entry["second"], entry["serving"], entry["waiting"]) == (1_000_000, [2, 0], [3, 1])
+    assert [d for d, _ in later.calls] == [0.75], "sealed when its second is over"
+    published = len(heard)
+    later.run()
+    assert heard[published:] == [entry] and entry["open"] is False
     clock.now += 1
-    timeline.counted("m", 1, 2)
     timeline.counted("m", 1, 0)
+    timeline.counted("m", 0, 0)
     clock.now += 1
-    timeline.counted("m", 1, 0)  # still nothing waiting: no new second recorded
-    queue = [(e["second"], e["most"], e["last"]) for e in timeline.entries if e["kind"] == "queue"]
-    assert queue == [(1_000_000, 5, 3), (1_000_001, 2, 0)]
-    # The drop to 0 within a second was told to watchers (the same entry again).
-    assert heard[-1]["kind"] == "queue" and heard[-1]["last"] == 0
+    later.run()
+    timeline.counted("m", 0, 0)  # idle, and it ended its last second idle: nothing new
+    assert [(e["serving"], e["waiting"]) for e in timeline.entries] == [([2, 0], [3, 1]), ([1, 0], [0, 0])]
+
+
+def test_a_busy_model_adds_at_most_one_entry_a_second():
+    clock, later = Clock(), Later()
+    timeline = Timeline(clock=clock, later=later)
+    for request in range(10_000):  # 1,000 requests a second, one after another, for ten seconds
+        timeline.counted("m", 1, 0)
+        timeline.counted("m", 0, 0)
+        clock.now += 0.001
+        if request % 1000 == 999:
+            later.run()
+    assert len(timeline.entries) == 10
 
 
 def test_the_answer_keeps_the_window_and_says_each_models_state_before_it():
@@ -74,12 +95,22 @@ def test_the_answer_keeps_the_window_and_says_each_models_state_before_it():
     assert newer["before"]["b"]["state"] == "starting"
 
 
+def test_the_answer_says_what_a_model_served_before_its_first_entry():
+    clock, later = Clock(), Later()
+    timeline = Timeline(clock=clock, later=later)
+    timeline.counted("m", 1, 2)  # a long request, still served an hour later
+    later.run()
+    clock.now += 4000
+    assert timeline.since(0)["before"] == {"m": {"serving": 1, "waiting": 2}}
+
+
 def test_the_timeline_is_bounded_however_busy_the_box_is():
-    clock = Clock()
-    timeline = Timeline(clock=clock)
+    clock, later = Clock(), Later()
+    timeline = Timeline(clock=clock, later=later)
     for i in range(Timeline.LIMIT + 500):
-        timeline.counted("m", i % 2, 0)
-        clock.now += 0.001
+        timeline.counted(f"m{i % 2}", 1, 0)
+        clock.now += 1
+        later.run()
     assert len(timeline.entries) == Timeline.LIMIT
 
 
@@ -123,7 +154,8 @@ async def test_a_swap_draws_itself_on_the_timeline(start_llama_swap, upstreams):
         # b waits for a's slow answer and then for its own load: its queue shows.
         slow = asyncio.create_task(chat(s, ls, "a", responder_chunks=20, responder_delay=0.1, stream=True))
         async def a_serves_again() -> bool:
-            return sum(e["kind"] == "serving" and e["serving"] for e in (await timeline(s, ls))["entries"]) == 2
+            async with s.get(ls.url + "/running") as r:
+                return any(e["model"] == "a" and e["in_flight"] for e in (await r.json())["running"])
         assert await eventually(a_serves_again, 20)
         assert await asyncio.gather(chat(s, ls, "b"), chat(s, ls, "b"), slow) == [200, 200, 200]
         answer = await timeline(s, ls)
@@ -132,10 +164,10 @@ async def test_a_swap_draws_itself_on_the_timeline(start_llama_swap, upstreams):
     assert ("a", "stopping", "swapped out to make room") in states
     assert ("a", "stopped", "swapped out to make room") in states
     assert states.index(("a", "stopped", "swapped out to make room")) < states.index(("b", "ready", ""))
-    serving = [(e["model"], e["serving"]) for e in answer["entries"] if e["kind"] == "serving"]
-    assert serving[:2] == [("a", True), ("a", False)] and serving[-2:] == [("b", True), ("b", False)]
-    queue = [e for e in answer["entries"] if e["kind"] == "queue" and e["model"] == "b"]
-    assert queue and max(e["most"] for e in queue) == 2 and queue[-1]["last"] == 0
+    loads = {m: [e for e in answer["entries"] if e["kind"] == "load" and e["model"] == m] for m in "ab"}
+    assert max(e["serving"][0] for e in loads["a"]) == 1 and loads["a"][-1]["serving"][1] == 0
+    assert max(e["waiting"][0] for e in loads["b"]) == 2, "both requests for b waited for its load"
+    assert max(e["serving"][0] for e in loads["b"]) >= 1 and loads["b"][-1]["serving"][1] == 0
     assert answer["before"] == {}, "nothing happened before the first entry"
     later = await timeline_after(ls, answer["now"])
     assert later["entries"] == [] and later["before"]["b"]["state"] == "ready"
@@ -150,18 +182,19 @@ async def test_timeline_entries_are_pushed_on_the_event_stream(start_llama_swap,
     ls = start_llama_swap(two_models(upstreams))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.get(ls.url + "/api/events") as events:
         assert await chat(s, ls, "b") == 200
-        kinds = []
+        kinds, served = [], False
         async for line in events.content:
             if line.startswith(b"data:"):
                 message = json.loads(line[5:])
                 if message["type"] == "timeline":
                     entry = json.loads(message["data"])
-                    kinds.append((entry["kind"], entry.get("state", entry.get("serving", entry.get("last")))))
-                    if kinds[-1] == ("serving", False):
-                        break
-    # The request waits while b loads (queue 1), then is served; the wait's end is told too.
-    assert kinds == [("queue", 1), ("state", "starting"), ("state", "ready"), ("serving", True), ("queue", 0),
-                     ("serving", False)]
+                    kinds.append((entry["kind"], entry.get("state")))
+                    served = served or entry["kind"] == "load" and entry["serving"][0] == 1
+                    if served and entry["kind"] == "load" and not entry["open"] and entry["serving"][1] == 0:
+                        break  # the second its serving ended in is over
+    # The request waits while b loads, then is served: b's start between its load figures.
+    assert kinds[0] == ("load", None) and ("state", "starting") in kinds and ("state", "ready") in kinds
+    assert kinds[-1] == ("load", None)
 
 
 async def test_a_bad_after_is_refused(start_llama_swap, upstreams):
@@ -209,3 +242,17 @@ async def test_a_scoped_key_sees_only_its_own_models_pages(start_llama_swap, ups
         async with s.get(ls.url + "/api/models/b") as r:
             assert r.status == 403
             assert (await r.json())["error"]["message"] == "API key 'a-only' may not use model 'b'"
+
+
+async def test_a_failed_start_shows_its_output_with_keys_masked(start_llama_swap, upstreams):
+    # The responder refuses a flag it does not know, and says so with the flag and its value.
+    ls = start_llama_swap({"healthCheckTimeout": 15,
+                           "models": {"a": {"cmd": upstreams.cmd("--api-key", "sk-abc123", name="a")}}})
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        assert await chat(s, ls, "a") >= 500
+        async with s.get(ls.url + "/api/models/a") as r:
+            detail = await r.json()
+        async with s.get(ls.url + "/v1/models") as r:
+            listed = json.dumps(await r.json())
+    assert "unrecognized arguments: --api-key [REDACTED]" in detail["failed"]["error"]
+    assert "sk-abc123" not in json.dumps(detail) and "sk-abc123" not in listed
