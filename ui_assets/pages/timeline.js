@@ -55,7 +55,7 @@ export function mount(root, { query }) {
   let known = new Map();            // id -> entry, of the server run we hear from now
   let maxId = 0;                    // the highest id of that run
   const beforeState = new Map();    // model -> {state, at, reason}: its state where `entries` begin
-  const servingBefore = new Map();  // model -> whether a serving span was open there
+  const servingBefore = new Map();  // model -> whether it served requests there
   const queueBefore = new Map();    // model -> requests waiting for it there
   const swaps = new Map();          // `${id}@${time}` -> record (with t: unix seconds)
   let offset = null;                // the server's clock minus this browser's, in seconds
@@ -128,17 +128,17 @@ export function mount(root, { query }) {
     return serverNow() - win.seconds - KEEP_MARGIN_S;
   }
 
-  // A timeline entry from the answer or an event. One with a known id is a queue entry sent
-  // again with new figures; ids going back (or a known id of another kind) mean the server
-  // was restarted and counts from 1 again: what we have stays, as history.
+  // A timeline entry from the answer or an event: a state change, or a `load` entry (one second
+  // of a model's requests: serving and waiting, each [most, last]). One with a known id is a
+  // load entry sent again with new figures; ids going back (or a known id of another kind)
+  // mean the server was restarted and counts from 1 again: what we have stays, as history.
   function addEntry(raw) {
     if (!raw || typeof raw.id !== 'number' || typeof raw.at !== 'number' || typeof raw.model !== 'string') return;
     const had = known.get(raw.id);
     if (had) {
       if (had.kind === raw.kind && had.model === raw.model && had.at === raw.at) {
-        if (raw.kind === 'queue') {
-          had.most = Math.max(had.most, raw.most);
-          had.last = raw.last;
+        if (raw.kind === 'load') {
+          Object.assign(had, { serving: raw.serving, waiting: raw.waiting, open: raw.open });
           dirty = true;
         }
         return;
@@ -191,8 +191,10 @@ export function mount(root, { query }) {
     while (n < entries.length && entries[n].at < edge) {
       const entry = entries[n];
       if (entry.kind === 'state') beforeState.set(entry.model, { state: entry.state, at: entry.at, reason: entry.reason || '' });
-      else if (entry.kind === 'serving') servingBefore.set(entry.model, !!entry.serving);
-      else if (entry.kind === 'queue') queueBefore.set(entry.model, entry.last || 0);
+      else if (entry.kind === 'load') {
+        servingBefore.set(entry.model, entry.serving[1] > 0);
+        queueBefore.set(entry.model, entry.waiting[1]);
+      }
       if (known.get(entry.id) === entry) known.delete(entry.id);
       n += 1;
     }
@@ -256,9 +258,12 @@ export function mount(root, { query }) {
     lastNow = answer.now;
     if (!incremental) reset();
     for (const [model, state] of Object.entries(answer.before || {})) {
-      if (!incremental || (!beforeState.has(model) && !entries.some((e) => e.model === model && e.kind === 'state'))) {
+      const fresh = !incremental || !entries.some((e) => e.model === model);
+      if (state.state && (!incremental || (!beforeState.has(model) && fresh))) {
         beforeState.set(model, { state: state.state, at: state.at, reason: '' });
       }
+      if (fresh && state.serving !== undefined) servingBefore.set(model, state.serving > 0);
+      if (fresh && state.waiting !== undefined) queueBefore.set(model, state.waiting);
     }
     for (const entry of answer.entries || []) addEntry(entry);
     for (const record of swapAnswer?.swaps || []) addSwap(record);
@@ -376,26 +381,20 @@ export function mount(root, { query }) {
       // Every model starts stopped; one whose first change is not a start is unknown until it.
       if (!first || first.state === 'starting') state = 'stopped';
     }
-    let serving = servingBefore.get(model);
-    if (serving === undefined) {
-      const first = list.find((e) => e.kind === 'serving');
-      serving = first ? !first.serving : false;  // its first news is an end: it was serving
-    }
+    let serving = servingBefore.get(model) ?? false;
     const shown = () => (state === 'ready' && serving ? 'serving' : state);
     const out = [];
     let segment = { t0: origin - FAR_S, state: shown(), reason, since: before?.at ?? null };
-    for (const entry of list) {
-      if (entry.kind === 'state') {
-        state = entry.state;
-        reason = entry.reason || '';
-      } else if (entry.kind === 'serving') {
-        serving = !!entry.serving;
+    for (const change of changesOf(list)) {
+      if (change.state !== undefined) {
+        state = change.state;
+        reason = change.reason || '';
       } else {
-        continue;
+        serving = change.serving;
       }
       if (shown() === segment.state) continue;
-      if (segment.state !== null) out.push({ ...segment, t1: entry.at });
-      segment = { t0: entry.at, state: shown(), reason, since: entry.at };
+      if (segment.state !== null) out.push({ ...segment, t1: change.at });
+      segment = { t0: change.at, state: shown(), reason, since: change.at };
     }
     if (segment.state !== null) out.push({ ...segment, t1: origin + FAR_S, open: true });
     return out;
@@ -490,11 +489,11 @@ export function mount(root, { query }) {
         reached(model, first, start);
       }
       for (const entry of byModel.get(model)) {
-        if (entry.kind !== 'queue') continue;
-        const second = entry.second ?? Math.floor(entry.at);
-        if (points.length && points.at(-1)[0] >= second) points.pop();
-        points.push([second, entry.most || 0], [second + 1, entry.last || 0]);
-        if (second + 1 > start && second <= now) reached(model, entry.most || 0, second);
+        if (entry.kind !== 'load') continue;
+        const [most, last] = entry.waiting;
+        if (points.length && points.at(-1)[0] >= entry.second) points.pop();
+        points.push([entry.second, most], [entry.second + 1, last]);
+        if (entry.second + 1 > start && entry.second <= now) reached(model, most, entry.second);
       }
       if (points.length) series.push({ model, points, colour: PALETTE[index % PALETTE.length] });
     }
@@ -711,6 +710,20 @@ export function mount(root, { query }) {
 
 const STATE_WORDS = Object.fromEntries(STATES);
 // Which state a run of short segments shows: the one that says most.
+// A lane's changes in time order: each state entry, and for each second of load the requests
+// served from its start (the most) and from its end (the last, once the second is over).
+function changesOf(list) {
+  const changes = [];
+  for (const entry of list) {
+    if (entry.kind === 'state') changes.push({ at: entry.at, state: entry.state, reason: entry.reason });
+    else if (entry.kind === 'load') {
+      changes.push({ at: entry.at, serving: entry.serving[0] > 0 });
+      if (!entry.open) changes.push({ at: Math.max(entry.at, entry.second + 1), serving: entry.serving[1] > 0 });
+    }
+  }
+  return changes.sort((a, b) => a.at - b.at);
+}
+
 const PRIORITY = ['serving', 'starting', 'waking', 'stopping', 'ready', 'sleeping', 'stopped'];
 
 // Who asked for it: "POST /v1/chat/completions from 10.0.0.2, key agents".
