@@ -8104,6 +8104,7 @@ class Timeline:
         self.publish, self.clock = publish, clock
         self.later = later or (lambda delay, call: asyncio.get_running_loop().call_later(delay, call))
         self.ids = itertools.count(1)
+        self.started = round(clock(), 3)  # ids count from 1 again after a restart: this tells the runs apart
 
     def _add(self, entry: dict[str, Any]) -> dict[str, Any]:
         entry = {"id": next(self.ids), "at": round(self.clock(), 3), **entry}
@@ -8150,11 +8151,11 @@ class Timeline:
                 break
             if entry["kind"] == "state":
                 states[entry["model"]] = entry
-        before = {m: {"state": e["state"], "at": e["at"]} for m, e in states.items()}
+        before = {m: {"state": e["state"], "at": e["at"], "reason": e["reason"]} for m, e in states.items()}
         for model, load in self.loads.items():
             if load["id"] < first_id and (load["serving"][1] or load["waiting"][1]):
                 before.setdefault(model, {}).update(serving=load["serving"][1], waiting=load["waiting"][1])
-        return {"now": round(now, 3), "window_s": self.WINDOW, "from": round(start, 3),
+        return {"now": round(now, 3), "started": self.started, "window_s": self.WINDOW, "from": round(start, 3),
                 "before": dict(sorted(before.items())), "entries": entries}
 
 

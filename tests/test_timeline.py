@@ -86,7 +86,8 @@ def test_the_answer_keeps_the_window_and_says_each_models_state_before_it():
     timeline.state("b", "starting")
     answer = timeline.since(0)
     assert [e["model"] for e in answer["entries"]] == ["b"]
-    assert answer["before"] == {"a": {"state": "ready", "at": 1_000_000.0}}
+    assert answer["before"] == {"a": {"state": "ready", "at": 1_000_000.0, "reason": ""}}
+    assert answer["started"] == 1_000_000.0
     assert answer["from"] == clock.now - Timeline.WINDOW
     clock.now += 1
     timeline.state("b", "ready")

@@ -15,7 +15,7 @@
 // counts down locally between fetches.
 
 import { getJSON, request, postJSON, on, live, modelPath, streamText, lineSplitter } from '/ui/api.js';
-import { h, replace, field, toast, fmtSeconds, fmtBytes, coalesce } from '/ui/dom.js';
+import { h, replace, field, toast, fmtSeconds, fmtBytes, fmtClock, coalesce } from '/ui/dom.js';
 import { renderAnsi } from '/ui/ansi.js';
 
 const TAIL_LINES = 8;
@@ -201,7 +201,7 @@ export function mount(root) {
     const row = rows.get(id);
     const record = lastSwap.get(id);
     if (!row || !record) return;
-    const time = new Date(record.time).toLocaleTimeString();
+    const time = fmtClock(record.time);
     const stop = (record.stops || []).find((s) => s.model === id);
     const by = [record.key ? `key ${record.key}` : '', record.request].filter(Boolean).join(', ');
     row.swapNote.textContent = stop

@@ -11,7 +11,7 @@
 
 import uPlot from '/ui/vendor/uPlot.esm.js';
 import { getJSON, on } from '/ui/api.js';
-import { h, field, fmtSeconds, fmtTime } from '/ui/dom.js';
+import { h, field, fmtSeconds, fmtTime, fmtClock } from '/ui/dom.js';
 
 // The server samples every 5 s at the most often (performance.every): polling faster would
 // only fetch nothing.
@@ -564,7 +564,7 @@ function atRest(idx) {
 }
 
 function clock(secondsValue) {
-  return secondsValue === undefined || secondsValue === null ? '—' : new Date(secondsValue * 1000).toLocaleTimeString();
+  return secondsValue === undefined || secondsValue === null ? '—' : fmtClock(secondsValue * 1000);
 }
 
 // Bytes per second through the interfaces there both times; an interface whose counter went

@@ -260,7 +260,7 @@ export function mount(root, { query }) {
     for (const [model, state] of Object.entries(answer.before || {})) {
       const fresh = !incremental || !entries.some((e) => e.model === model);
       if (state.state && (!incremental || (!beforeState.has(model) && fresh))) {
-        beforeState.set(model, { state: state.state, at: state.at, reason: '' });
+        beforeState.set(model, { state: state.state, at: state.at, reason: state.reason || '' });
       }
       if (fresh && state.serving !== undefined) servingBefore.set(model, state.serving > 0);
       if (fresh && state.waiting !== undefined) queueBefore.set(model, state.waiting);
