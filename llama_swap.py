@@ -2137,6 +2137,8 @@ class Stdout:
     up to `limit` bytes; past that, new output is dropped, and once it reads again it is told
     how much it missed. The thread is a daemon: a pipe nobody reads never holds up the exit."""
 
+    LINGER = 0.005
+
     def __init__(self, fd: int = 1, limit: int = STDOUT_BACKLOG):
         self.fd, self.limit = fd, limit
         self.pending: collections.deque[bytes] = collections.deque()
@@ -2168,7 +2170,11 @@ class Stdout:
             with self.lock:
                 while not self.pending:
                     self.lock.wait()
-                data = b"".join(self.pending)  # what came meanwhile goes out in one write
+            # Lines that come close together (an access line per request) go out in one write,
+            # and this thread takes the GIL at most 1/LINGER times a second, not once a line.
+            time.sleep(self.LINGER)
+            with self.lock:
+                data = b"".join(self.pending)
                 self.pending.clear()
             try:
                 view = memoryview(data)
@@ -6691,7 +6697,7 @@ class Captures:
         self.size = 0
 
     def add(self, capture_id: int, capture: dict[str, Any]) -> None:
-        data = zlib.compress(json.dumps(capture).encode())
+        data = zlib.compress(json.dumps(capture).encode(), 1)  # the fastest level: a capture is made per request
         if len(data) > self.capacity:
             return
         self.entries[capture_id] = data
@@ -6730,9 +6736,12 @@ def make_capture(capture_id: int, exchange: Exchange, status: int, headers: Mapp
 class Activity:
     """Activity rows and captures, made from each finished model request in one worker thread,
     so reading a big answer or writing to disk never holds up the event loop. The store and
-    the captures are only ever touched from that thread."""
+    the captures are only ever touched from that thread. Answers are handed over in batches,
+    LINGER seconds after the first of a batch: one hand-off (a thread switch, the costly part
+    of a small request's row) for all the requests that ended meanwhile."""
 
     BACKLOG = 64  # answers waiting for the worker; past this, rows are written without reading the answer
+    LINGER = 0.05
 
     def __init__(self, config: Config, log: ProxyLog, on_recorded: Callable[[int, str, Tokens, str], None]):
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-swap-activity")
@@ -6740,7 +6749,9 @@ class Activity:
         self.store = ActivityStore(config.store_path, config.metrics_max_in_memory)
         self.captures = Captures(config.capture_buffer_mb * 1024 * 1024)
         self.on_recorded = on_recorded
-        self.pending: set[asyncio.Future] = set()
+        self.waiting: list[tuple[Exchange, int, dict[str, str], bytes | bytearray, int]] = []  # not handed over yet
+        self.writing = 0  # handed over, not recorded yet
+        self.handing: asyncio.TimerHandle | None = None
 
     def configure(self, config: Config) -> None:
         """After a reload (the store's file is kept until a restart)."""
@@ -6750,14 +6761,36 @@ class Activity:
         self.store.max_in_memory = max_in_memory
         self.captures.capacity = capture_bytes
 
+    def backlog(self) -> int:
+        """Answers not recorded yet."""
+        return len(self.waiting) + self.writing
+
     def record(self, exchange: Exchange, status: int, headers: Mapping[str, str], body: bytes | bytearray,
                wall_ms: int) -> None:
-        if len(self.pending) >= self.BACKLOG:  # memory stays bounded: the row, without tokens or capture
+        if self.backlog() >= self.BACKLOG:  # memory stays bounded: the row, without tokens or capture
             body = b""
-        future = asyncio.get_running_loop().run_in_executor(
-            self.worker, self._record, exchange, status, dict(headers), body, wall_ms)
-        self.pending.add(future)
-        future.add_done_callback(self._recorded)
+        self.waiting.append((exchange, status, dict(headers), body, wall_ms))
+        if self.handing is None:
+            self.handing = asyncio.get_running_loop().call_later(self.LINGER, self._hand_over)
+
+    def _hand_over(self) -> None:
+        self.handing = None
+        batch, self.waiting = self.waiting, []
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.worker, self._record_all, batch)
+        except RuntimeError:  # closed: requests that end during shutdown are not recorded
+            return
+        self.writing += len(batch)
+        future.add_done_callback(functools.partial(self._recorded, len(batch)))
+
+    def _record_all(self, batch: list[tuple[Any, ...]]) -> list[tuple[int, str, Tokens, str] | Exception]:
+        results: list[tuple[int, str, Tokens, str] | Exception] = []
+        for answer in batch:
+            try:
+                results.append(self._record(*answer))
+            except Exception as e:  # one row that cannot be written loses no other
+                results.append(e)
+        return results
 
     def _record(self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes,
                 wall_ms: int) -> tuple[int, str, Tokens, str]:
@@ -6777,14 +6810,15 @@ class Activity:
             self.captures.add(row_id, capture)
         return row_id, exchange.model, tokens, exchange.key
 
-    def _recorded(self, future: asyncio.Future) -> None:
-        self.pending.discard(future)
+    def _recorded(self, count: int, future: asyncio.Future) -> None:
+        self.writing -= count
         if future.cancelled():
             return
-        if future.exception() is not None:
-            self.log.warn(f"activity: a request could not be recorded: {error_text(future.exception())}")
-        else:
-            self.on_recorded(*future.result())
+        for result in future.result():
+            if isinstance(result, Exception):
+                self.log.warn(f"activity: a request could not be recorded: {error_text(result)}")
+            else:
+                self.on_recorded(*result)
 
     def remember(self, model: str, figures: Mapping[str, Any]) -> None:
         """Save a model's figures (load times, measured VRAM) in the store, in the worker thread."""
@@ -6805,6 +6839,9 @@ class Activity:
 
     async def close(self) -> None:
         """Rows still being written are finished (at most BACKLOG); then the store is closed."""
+        if self.handing is not None:
+            self.handing.cancel()
+            self._hand_over()
         await self.call(self.store.close)
         self.worker.shutdown(wait=False)
 

@@ -378,7 +378,7 @@ def leftovers(server: Server, baseline: set[asyncio.Task]) -> dict:
         "unnamed tasks": unnamed,
         "model tasks": f"{model_tasks} for {loaded} loaded models" if model_tasks != 2 * loaded else "",
         "stops": list(scheduler.stops) + list(scheduler.unloads),
-        "activity backlog": len(server.activity.pending),
+        "activity backlog": server.activity.backlog(),
     }
     return {key: value for key, value in found.items() if value}
 
