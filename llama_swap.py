@@ -2137,8 +2137,6 @@ class Stdout:
     up to `limit` bytes; past that, new output is dropped, and once it reads again it is told
     how much it missed. The thread is a daemon: a pipe nobody reads never holds up the exit."""
 
-    LINGER = 0.005
-
     def __init__(self, fd: int = 1, limit: int = STDOUT_BACKLOG):
         self.fd, self.limit = fd, limit
         self.pending: collections.deque[bytes] = collections.deque()
@@ -2170,11 +2168,7 @@ class Stdout:
             with self.lock:
                 while not self.pending:
                     self.lock.wait()
-            # Lines that come close together (an access line per request) go out in one write,
-            # and this thread takes the GIL at most 1/LINGER times a second, not once a line.
-            time.sleep(self.LINGER)
-            with self.lock:
-                data = b"".join(self.pending)
+                data = b"".join(self.pending)  # what came meanwhile goes out in one write
                 self.pending.clear()
             try:
                 view = memoryview(data)

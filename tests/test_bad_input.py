@@ -367,8 +367,14 @@ async def test_header_values_that_are_not_utf8_are_served_and_logged(in_process,
             assert status == 200, (header, head[:30], reply[:300])
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
         # The captured headers show the bytes that are not UTF-8 as U+FFFD, as Go's JSON does.
-        async with s.get(ls.url + "/api/metrics/activity") as r:
-            rows = (await r.json())["data"]
+        async def recorded() -> list[dict]:  # rows are written by a worker, a moment after the answer
+            async with s.get(ls.url + "/api/metrics/activity") as r:
+                return (await r.json())["data"]
+
+        async def all_recorded() -> bool:
+            return len(await recorded()) == len(NON_UTF8_HEADERS)
+        assert await eventually(all_recorded, 10)
+        rows = await recorded()
         async with s.get(f"{ls.url}/api/captures/{rows[-1]['id']}") as r:
             assert r.status == 200, await r.text()
             assert "\ufffd" in json.dumps((await r.json())["req_headers"], ensure_ascii=False)
