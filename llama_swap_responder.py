@@ -684,17 +684,32 @@ async def handle_is_sleeping(request: web.Request) -> web.Response:
     return web.json_response({"is_sleeping": request.app[STATE].asleep})
 
 
-async def handle_echo(request: web.Request) -> web.StreamResponse:
+def refused_asleep(request: web.Request) -> web.Response | None:
+    """A request that reached a sleeping server (the proxy should have woken it): recorded, 503."""
     state = request.app[STATE]
-    if state.asleep:  # a request that reached a sleeping server: the proxy should have woken it
-        state.record("request_while_asleep", request.path)
-        return web.json_response({"error": {"message": f"responder {state.args.name} is asleep"}}, status=503)
+    if not state.asleep:
+        return None
+    state.record("request_while_asleep", request.path)
+    return web.json_response({"error": {"message": f"responder {state.args.name} is asleep"}}, status=503)
+
+
+async def take_request(request: web.Request) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Read, counted, recorded and said: (its body's JSON object, if small and one; its echo)."""
+    state = request.app[STATE]
     state.requests += 1
     body = await request.read()
     json_body = parse_json_object(body) if len(body) <= BIG_BODY else None
     echo = build_echo(request, body, json_body)
     state.record("request", echo["path"])
     say(f"request {request.method} {request.raw_path}")
+    return json_body, echo
+
+
+async def handle_echo(request: web.Request) -> web.StreamResponse:
+    if (refusal := refused_asleep(request)) is not None:
+        return refusal
+    state = request.app[STATE]
+    json_body, echo = await take_request(request)
     controls = read_controls(state.args, json_body)
     if controls.sleep > 0:
         await asyncio.sleep(controls.sleep)
@@ -707,16 +722,10 @@ async def handle_echo(request: web.Request) -> web.StreamResponse:
 
 async def handle_rerank(request: web.Request) -> web.Response:
     """POST /v1/rerank and its other names: see rerank()."""
+    if (refusal := refused_asleep(request)) is not None:
+        return refusal
     state = request.app[STATE]
-    if state.asleep:
-        state.record("request_while_asleep", request.path)
-        return web.json_response({"error": {"message": f"responder {state.args.name} is asleep"}}, status=503)
-    state.requests += 1
-    body = await request.read()
-    json_body = parse_json_object(body) if len(body) <= BIG_BODY else None
-    echo = build_echo(request, body, json_body)
-    state.record("request", echo["path"])
-    say(f"request {request.method} {request.raw_path}")
+    json_body, echo = await take_request(request)
     try:
         controls = read_controls(state.args, json_body)
     except (TypeError, ValueError):  # a control of the wrong type: a bad request, never a 500

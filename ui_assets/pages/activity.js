@@ -9,6 +9,7 @@ import uPlot from '/ui/vendor/uPlot.esm.js';
 import { getJSON, on, live } from '/ui/api.js';
 import { h, replace, field, fmtCount, fmtSpeed, fmtMs, fmtTime, fmtClock, coalesce } from '/ui/dom.js';
 import { prefs, CHOICES } from '/ui/prefs.js';
+import { chartWidth, sizedToBoxes } from '/ui/charts.js';
 
 const CHART_ROWS = 200;
 const CHART_HEIGHT = 200;
@@ -246,12 +247,12 @@ export function mount(root) {
     }
     replace(chartBox, chartFigure);
     plot = new uPlot(chartOptions(readTheme()), data, chartFigure);
-    resizeObserver.observe(chartBox);
+    sizing.add(chartBox, plot);
   }
 
   function destroyChart() {
     if (!plot) return;
-    resizeObserver.unobserve(chartBox);
+    sizing.remove(chartBox);
     plot.destroy();
     plot = null;
   }
@@ -280,7 +281,7 @@ export function mount(root) {
       },
     });
     return {
-      width: chartWidth(),
+      width: chartWidth(chartBox),
       height: CHART_HEIGHT,
       cursor: { drag: { x: false, y: false } },
       legend: { live: true },
@@ -308,20 +309,7 @@ export function mount(root) {
     };
   }
 
-  // Sized to its box, a few pixels narrower so that rounding never widens the panel.
-  function chartWidth() {
-    return Math.max(200, Math.floor(chartBox.clientWidth) - 2);
-  }
-
-  let resizeFrame = null;
-  const resizeObserver = new ResizeObserver(() => {
-    if (resizeFrame !== null) return;
-    resizeFrame = requestAnimationFrame(() => {
-      resizeFrame = null;
-      const width = plot ? chartWidth() : 0;
-      if (plot && width !== plot.width) plot.setSize({ width, height: CHART_HEIGHT });
-    });
-  });
+  const sizing = sizedToBoxes(CHART_HEIGHT);
 
   // The system switching between light and dark (theme "system"): the colours are read again.
   const darkQuery = matchMedia('(prefers-color-scheme: dark)');
@@ -365,9 +353,8 @@ export function mount(root) {
     refreshSoon.cancel();
     offs.forEach((off) => off());
     darkQuery.removeEventListener('change', rebuildChart);
-    cancelAnimationFrame(resizeFrame);
-    resizeObserver.disconnect();
     destroyChart();
+    sizing.stop();
   };
 }
 

@@ -12,6 +12,7 @@
 import uPlot from '/ui/vendor/uPlot.esm.js';
 import { getJSON, on } from '/ui/api.js';
 import { h, field, fmtSeconds, fmtTime, fmtClock } from '/ui/dom.js';
+import { chartWidth, sizedToBoxes } from '/ui/charts.js';
 
 // The server samples every 5 s at the most often (performance.every): polling faster would
 // only fetch nothing.
@@ -186,14 +187,14 @@ export function mount(root, { query }) {
         chart.signature = signature;
         theme ??= readTheme();
         chart.plot = new uPlot(plotOptions(chart, theme), data, chart.box);
-        resizeObserver.observe(chart.box);
+        sizing.add(chart.box, chart.plot);
       }
     }
   }
 
   function destroyPlot(chart) {
     if (!chart.plot) return;
-    resizeObserver.unobserve(chart.box);
+    sizing.remove(chart.box);
     chart.plot.destroy();
     chart.plot = null;
     chart.signature = '';
@@ -250,25 +251,7 @@ export function mount(root, { query }) {
     return [end - windowChoice.seconds, end];
   }
 
-  // Sized to its box, which the grid sizes; a few pixels narrower than the box so that
-  // rounding never makes the box wider than its column.
-  function chartWidth(box) {
-    return Math.max(200, Math.floor(box.clientWidth) - 2);
-  }
-
-  // Boxes resized with the window (or the nav opening on a phone): charts follow, once per
-  // frame, outside the observer's callback (resizing in it would notify it again).
-  let resizeFrame = null;
-  const resizeObserver = new ResizeObserver(() => {
-    if (resizeFrame !== null) return;
-    resizeFrame = requestAnimationFrame(() => {
-      resizeFrame = null;
-      for (const chart of charts) {
-        const width = chart.plot ? chartWidth(chart.box) : 0;
-        if (chart.plot && width !== chart.plot.width) chart.plot.setSize({ width, height: CHART_HEIGHT });
-      }
-    });
-  });
+  const sizing = sizedToBoxes(CHART_HEIGHT);  // each chart's box is sized by the grid
 
   // Colours are the theme's: read again when the system switches between light and dark,
   // and the charts built again with them.
@@ -488,8 +471,7 @@ export function mount(root, { query }) {
     alive = false;
     clearTimeout(timer);
     if (inFlight) inFlight.abort();
-    cancelAnimationFrame(resizeFrame);
-    resizeObserver.disconnect();
+    sizing.stop();
     darkQuery.removeEventListener('change', rebuildForTheme);
     document.removeEventListener('visibilitychange', onVisibility);
     offs.forEach((off) => off());
