@@ -88,6 +88,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import statistics
 import sys
 import sysconfig
@@ -101,11 +102,29 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
 
-import aiohttp
 import multidict
 import yaml
-from aiohttp import web
 from yarl import URL
+
+
+@contextlib.contextmanager
+def system_certificates_unloaded() -> Iterator[None]:
+    """aiohttp fills two TLS contexts with the system's CA certificates as it is imported: a
+    fifth of the time from exec to listening and 2 MiB, spent at every start for contexts this
+    proxy never uses (tls_client_context verifies https upstreams and peers, loaded at first
+    need). A session left with aiohttp's default context would fail its https handshakes: it
+    fails closed."""
+    load = ssl.SSLContext.set_default_verify_paths
+    ssl.SSLContext.set_default_verify_paths = lambda context: None
+    try:
+        yield
+    finally:
+        ssl.SSLContext.set_default_verify_paths = load
+
+
+with system_certificates_unloaded():
+    import aiohttp  # noqa: E402
+    from aiohttp import web  # noqa: E402
 
 ###############################################################################
 # 1. Helpers ##################################################################
@@ -2702,10 +2721,23 @@ def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession
     if timeouts.connect:  # aiohttp's connect budget includes the TLS handshake
         connect = timeouts.connect + (timeouts.tls_handshake if base_url.startswith("https:") else 0)
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=timeouts.idle_conn or None,
+                                     ssl=tls_client_context() if base_url.startswith("https:") else True,
                                      socket_factory=functools.partial(keepalive_socket, timeouts.keepalive))
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, proxy=environment_proxy(base_url),
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect),
                                  raise_for_status=keep_websocket_refusal)
+
+
+@functools.cache
+def tls_client_context() -> ssl.SSLContext:
+    """What verifies https upstreams and peers: the system's CA certificates (or SSL_CERT_FILE's),
+    read once, when first needed; a config that names https URLs has it read in a thread at start."""
+    return ssl.create_default_context()
+
+
+def names_https(config: Config) -> bool:
+    return any(url.startswith("https:") for url in [*(m.proxy for m in config.models.values()),
+                                                    *(p.proxy for p in config.peers.values())])
 
 
 def keepalive_socket(period: int, addr_info: tuple) -> socket.socket:
@@ -8406,6 +8438,8 @@ class Runtime:
         self._preload()
         self._monitor(self.config)
         self.hardware = self.tasks.start("hardware", asyncio.to_thread(hardware_snapshot, __version__))
+        if names_https(self.config):
+            self.tasks.start("tls context", asyncio.to_thread(tls_client_context))
         self.tasks.start("stalled clients", self._end_stalled_clients())
         if any(m.kv_cache for m in self.config.models.values()):  # the caches of models now gone
             dirs = {kv_cache_model_dir(self.config.kv_cache_root, m) for m in self.config.models}
@@ -9699,6 +9733,14 @@ def describe_config(config: Config, headline: str, warnings: list[str]) -> str:
     return "\n".join(lines)
 
 
+def c_speedups() -> list[str]:
+    """The projects under aiohttp whose C parts loaded (each falls back to its pure-Python
+    code by itself): what `--version` tells of a .pyz or an install without wheels."""
+    parts = ("aiohttp._http_parser", "multidict._multidict", "yarl._quoting_c", "frozenlist._frozenlist",
+             "propcache._helpers_c")
+    return [name.partition(".")[0] for name in parts if name in sys.modules]
+
+
 def print_example_config() -> int:
     """config.example.yaml as shipped: beside this file (a checkout, the .pyz) or where a wheel
     puts its data (share/llama-swap-py/ under the environment, or the user's base)."""
@@ -9717,7 +9759,8 @@ def print_example_config() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
-        print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}), built at unknown")
+        print(f"version: {__version__} (llama-swap-py, Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
+              f"C speedups: {', '.join(c_speedups()) or 'none'}), built at unknown")
         return 0
     if args.example_config:
         return print_example_config()
@@ -9748,8 +9791,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ssl_context = None
     if args.tls_cert_file:
-        import ssl
-
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             ssl_context.load_cert_chain(args.tls_cert_file, args.tls_key_file)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import email.parser
 import functools
+import hashlib
 import operator
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
-import zipapp
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,12 @@ TARGETS = ["3.10", "3.11", "3.12", "3.13", "3.14"]  # what the README promises; 
 PURE_WHEELS = ["aiohttp", "nvidia-ml-py"]  # with their dependencies
 PYYAML = "pyyaml"
 
+SPEEDUPS = ["aiohttp", "multidict", "yarl", "frozenlist", "propcache"]  # their C parts, where they have them
+MACHINES = ["x86_64", "aarch64"]
+MANYLINUX = "manylinux2014"  # glibc 2.17: every Linux distribution still supported
+GLIBC = (2, 17)
+NOT_SPEEDUPS = ("_testcapi",)  # multidict's C test helper
+
 # The zipapp's entry point. Every Python must be able to parse it, 2.7 included (no f-strings, no
 # annotations), so that one too old gets a sentence rather than a SyntaxError from llama_swap.py.
 MAIN = """\
@@ -59,9 +66,9 @@ if sys.version_info < (3, 10):
                      % (sys.version_info[0], sys.version_info[1], sys.version_info[2], sys.executable or "?"))
     sys.exit(1)
 
-import llama_swap
+import llama_swap_pyz
 
-sys.exit(llama_swap.main())
+sys.exit(llama_swap_pyz.main({build!r}, {native!r}))
 """
 
 
@@ -206,18 +213,88 @@ def add_pure_pyyaml(app: Path, downloads: Path) -> None:
         raise SystemExit(f"build_pyz: no yaml package in {wheel.name}")
 
 
+def download_native_wheels(wheels: Path, python: str, machine: str, *requirements: str) -> None:
+    pip("download", "--no-deps", "--only-binary", ":all:", "--platform", f"{MANYLINUX}_{machine}",
+        "--implementation", "cp", "--python-version", python, "--abi", "cp" + python.replace(".", ""),
+        "-d", str(wheels), *requirements)
+
+
+def speedup_set(downloads: Path, python: str, machine: str, pins: list[str]) -> Path | None:
+    """The extension modules of the pinned versions for one Python and machine, as a .tar.xz of
+    the paths they install to; None when no wheel of any has them. A project without a wheel for
+    the target is left out of the set: its pure-Python code, in the file anyway, runs instead."""
+    wheels = downloads / f"native-{python}-{machine}"
+    try:
+        download_native_wheels(wheels, python, machine, *pins)
+    except subprocess.CalledProcessError:
+        for pin in pins:
+            try:
+                download_native_wheels(wheels, python, machine, pin)
+            except subprocess.CalledProcessError:
+                print(f"build_pyz: no {MANYLINUX} wheel of {pin} for CPython {python} on {machine}: "
+                      "its pure-Python code runs there", file=sys.stderr)
+    packed = downloads / f"cp{python.replace('.', '')}-{machine}.tar.xz"
+    with tarfile.open(packed, "w:xz", preset=9) as tar:
+        for wheel in sorted(wheels.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as archive:
+                for info in archive.infolist():
+                    if info.filename.endswith(".so") and not Path(info.filename).name.startswith(NOT_SPEEDUPS):
+                        member = tarfile.TarInfo(info.filename)
+                        member.size, member.mode = info.file_size, 0o755
+                        tar.addfile(member, archive.open(info))
+        found = tar.getnames()
+    return packed if found else None
+
+
+def add_speedups(app: Path, downloads: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """speedups/<tag>.tar.xz for every target Python and machine, of the very versions whose
+    pure-Python code is in the file; what the entry point needs to pick one: tag -> (member, glibc)."""
+    versions = {wheel.name: wheel.version for wheel in read_wheels(downloads / "wheels").values()}
+    pins = [f"{name}=={versions[name]}" for name in SPEEDUPS if name in versions]
+    (app / "speedups").mkdir()
+    native = {}
+    for python in TARGETS:
+        for machine in MACHINES:
+            packed = speedup_set(downloads, python, machine, pins)
+            if packed is not None:
+                shutil.copy2(packed, app / "speedups" / packed.name)
+                native[packed.name.removesuffix(".tar.xz")] = (f"speedups/{packed.name}", GLIBC)
+    return native
+
+
+def digest(app: Path) -> str:
+    """What names a build's unpacked directory: the same files give the same name."""
+    hashed = hashlib.sha256()
+    for path in sorted(p for p in app.rglob("*") if p.is_file()):
+        hashed.update(path.relative_to(app).as_posix().encode() + b"\0" + path.read_bytes())
+    return hashed.hexdigest()[:16]
+
+
+def write_zipapp(app: Path, output: Path) -> None:
+    """As zipapp writes one, but with the speedup sets stored as they are (xz already packed them)."""
+    with output.open("wb") as file:
+        file.write(b"#!/usr/bin/env python3\n")
+        with zipfile.ZipFile(file, "w") as archive:
+            for path in sorted(p for p in app.rglob("*") if p.is_file()):
+                name = path.relative_to(app).as_posix()
+                archive.write(path, name, zipfile.ZIP_STORED if name.endswith(".xz") else zipfile.ZIP_DEFLATED)
+    output.chmod(0o755)
+
+
 def build(output: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="llama-swap-pyz-") as scratch:
         app, downloads = Path(scratch) / "app", Path(scratch) / "downloads"
         app.mkdir()
         add_pure_wheels(app, downloads)
         add_pure_pyyaml(app, downloads)
+        native = add_speedups(app, downloads)
         # The server, --demo's fake upstream, and the documented example (--example-config).
         for name in ("llama_swap.py", "llama_swap_responder.py", "config.example.yaml"):
             shutil.copy2(ROOT / name, app)
+        shutil.copy2(ROOT / "scripts" / "pyz_boot.py", app / "llama_swap_pyz.py")
         shutil.copytree(ROOT / "ui_assets", app / "ui_assets", ignore=shutil.ignore_patterns("__pycache__"))
-        (app / "__main__.py").write_text(MAIN)
-        zipapp.create_archive(app, output, interpreter="/usr/bin/env python3", compressed=True)
+        (app / "__main__.py").write_text(MAIN.format(build=digest(app), native=native))
+        write_zipapp(app, output)
     return output
 
 

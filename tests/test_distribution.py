@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
+import platform
 import shutil
 import site
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ BUILD_TIMEOUT = 600
 SLOW = pytest.mark.timeout(BUILD_TIMEOUT + 300)
 
 SUPPORTED = [f"3.{minor}" for minor in range(10, 15)]  # what the README promises the .pyz runs on
+SPEEDUPS = ["aiohttp", "multidict", "yarl", "frozenlist", "propcache"]  # with C parts for common Linux machines
 TOO_OLD = ["3.9", "3.8", "3.7", "3.6", "2.7"]
 
 
@@ -154,9 +158,23 @@ def python_or_skip(version: str) -> str:
     return python
 
 
+def here_has_speedups() -> bool:
+    """Whether this Python and machine are among those the .pyz carries C speedups for."""
+    return (sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") and not sys.abiflags
+            and sys.implementation.name == "cpython" and platform.libc_ver()[0] == "glibc")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def pyz_cache(tmp_path_factory):
+    """Where the .pyz started by this module's tests unpacks itself: not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory) -> Path:
-    """Built once for the module, the way the README says (it downloads pure-Python wheels)."""
+    """Built once for the module, the way the README says (it downloads wheels)."""
     target = tmp_path_factory.mktemp("pyz") / "llama-swap.pyz"
     build_or_skip("building the .pyz", [PY, str(ROOT / "scripts" / "build_pyz.py"), "-o", str(target)])
     return target
@@ -174,6 +192,8 @@ async def test_the_single_file_runs_on_every_python_it_promises_with_nothing_ins
         await exercise_demo(server)
     finally:
         stop_cleanly(server)
+    version = subprocess.run([python, "-E", "-S", str(pyz), "--version"], capture_output=True, text=True, timeout=60)
+    assert f"C speedups: {', '.join(SPEEDUPS) if here_has_speedups() else 'none'})" in version.stdout, version
 
 
 @SLOW
@@ -196,11 +216,58 @@ def test_the_single_file_hands_back_the_exit_status(pyz):
 
 
 @SLOW
-def test_the_single_file_carries_only_portable_code(pyz):
-    names = zipfile.ZipFile(pyz).namelist()
+def test_the_single_file_carries_portable_code_and_speedups_for_the_common_linux_machines(pyz):
+    archive = zipfile.ZipFile(pyz)
+    names = archive.namelist()
     assert {"__main__.py", "llama_swap.py", "llama_swap_responder.py", "config.example.yaml", "ui_assets/index.html",
             "yaml/__init__.py", "aiohttp/__init__.py", "pynvml.py"} <= set(names)
-    assert not [n for n in names if n.endswith((".so", ".pyd"))]  # any Python >= 3.10, any machine
+    assert not [n for n in names if n.endswith((".so", ".pyd"))]  # loose, the code runs on any machine
+    for python in SUPPORTED:
+        for machine in ("x86_64", "aarch64"):
+            tag = f"cp{python.replace('.', '')}-{machine}"
+            with archive.open(f"speedups/{tag}.tar.xz") as packed, tarfile.open(fileobj=packed, mode="r:xz") as tar:
+                suffix = f".cpython-{python.replace('.', '')}-{machine}-linux-gnu.so"
+                parts = {name.split("/")[0] for name in tar.getnames() if name.endswith(suffix)}
+            assert parts == set(SPEEDUPS), (tag, parts)
+
+
+def run_pyz(pyz: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-E", "-S", str(pyz), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def unpacked_copies(cache: Path) -> list[Path]:
+    return sorted((cache / "llama-swap-py" / "pyz").glob("*"))
+
+
+@SLOW
+def test_the_first_starts_unpack_it_once_and_every_start_imports_the_compiled_copy(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three first starts at once
+        firsts = list(pool.map(lambda _: run_pyz(pyz, "--version", env=env), range(3)))
+    for done in [*firsts, run_pyz(pyz, "--version", env=env)]:
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert f"C speedups: {', '.join(SPEEDUPS) if here_has_speedups() else 'none'})" in done.stdout, done.stdout
+    [copy] = unpacked_copies(tmp_path)  # one, complete, and no scratch left beside it
+    version = f"{sys.version_info[0]}{sys.version_info[1]}"
+    assert copy.name.endswith(f"-cp{version}-{platform.machine()}" if here_has_speedups() else "-pure"), copy.name
+    assert (copy / "__pycache__" / f"llama_swap.cpython-{version}.pyc").is_file()
+    assert (copy / "aiohttp" / "__pycache__" / f"web.cpython-{version}.pyc").is_file()
+    assert not (copy / "speedups").exists()
+
+
+@SLOW
+def test_without_a_writable_cache_it_runs_from_the_file_itself_and_says_so_once(pyz, tmp_path):
+    (tmp_path / "not-a-directory").write_text("")
+    done = run_pyz(pyz, "--version", env={"XDG_CACHE_HOME": str(tmp_path / "not-a-directory")})
+    assert done.returncode == 0 and "C speedups: none)" in done.stdout, (done.stdout, done.stderr)
+    [line] = done.stderr.splitlines()
+    assert line.startswith("llama-swap.pyz: running from the file itself, without C speedups or bytecode: "
+                           f"cannot unpack it into {tmp_path / 'not-a-directory'}"), line
+
+    asked = run_pyz(pyz, "--version", env={"XDG_CACHE_HOME": str(tmp_path), "LLAMA_SWAP_PYZ_UNPACK": "0"})
+    assert asked.returncode == 0 and asked.stderr == "" and "C speedups: none)" in asked.stdout
+    assert unpacked_copies(tmp_path) == []
 
 
 @SLOW

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
+import ssl
 import subprocess
+from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from helpers import PY, RESPONDER, LlamaSwap, chat, free_port, free_port_block, wait_until
 from llama_swap import apply_filters, json_delete, json_set, parse_config
@@ -487,3 +491,69 @@ async def test_peers_and_remote_upstreams_go_through_the_proxy_the_environment_n
         proxy.close()
         far.terminate()
         far.wait(10)
+
+
+def certificates(where: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate for 127.0.0.1 it signed with its key: (ca, certificate, key)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl (the command) makes the test's certificates, and it is not installed here")
+    (where / "host.ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+                                    "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                                    "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
+    for argv in (["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                  "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=llama-swap test CA",
+                  "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                 ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "host.key",
+                  "-out", "host.csr", "-subj", "/CN=127.0.0.1"],
+                 ["x509", "-req", "-in", "host.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                  "-days", "2", "-extfile", "host.ext", "-out", "host.pem"]):
+        subprocess.run([openssl, *argv], cwd=where, check=True, capture_output=True, timeout=60)
+    return where / "ca.pem", where / "host.pem", where / "host.key"
+
+
+async def tls_upstream(certificate: Path, key: Path) -> tuple[web.AppRunner, str]:
+    """An https server answering every chat completion as model "tls"."""
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"object": "chat.completion", "model": "tls", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate, key)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    return runner, f"https://127.0.0.1:{port}"
+
+
+async def test_https_peers_are_verified_against_the_system_certificates(tmp_path, monkeypatch):
+    """The certificates are read when first needed, not as llama-swap starts: what verifies an
+    https peer (or upstream: the same session) is still the system's store (SSL_CERT_FILE here),
+    and a certificate it does not trust fails."""
+    ca, certificate, key = certificates(tmp_path)
+    runner, url = await tls_upstream(certificate, key)
+    config = {"startPort": free_port_block(), "models": {},
+              "peers": {"p": {"proxy": url, "models": ["far", "farther"]}}}
+    try:
+        for trusted in (True, False):
+            (workdir := tmp_path / f"trusted-{trusted}").mkdir()
+            if trusted:
+                monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+            else:  # the machine's own store, which has never heard of this CA
+                monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+            ls = LlamaSwap(workdir, config)
+            try:
+                async with aiohttp.ClientSession() as s:
+                    for model in ("far", "p/farther"):
+                        status, reply = await chat(s, ls, model)
+                        if trusted:
+                            assert status == 200 and reply["model"] == "tls", (model, reply, ls.output())
+                        else:
+                            assert status == 502, (model, reply)
+                            assert "certificate verify failed" in reply["error"]["message"], reply
+            finally:
+                assert ls.stop() == 0, ls.output()
+    finally:
+        await runner.cleanup()
