@@ -2,12 +2,18 @@
 
     python scripts/build_pyz.py [-o llama-swap.pyz]
 
-Only pure-Python code goes in, so the file is not tied to the Python version or the machine it
-was built on: aiohttp and its helpers from their pure-Python wheels (they fall back from their
+The code that runs is pure Python, so the file is not tied to the Python version or the machine
+it was built on: aiohttp and its helpers from their pure-Python wheels (they fall back from their
 C speedups by themselves), PyYAML's pure-Python package (the .py files of one of its wheels,
-the same as in its source distribution, less the C speedup it does without), and nvidia-ml-py.
-The web UI travels inside (read through importlib.resources), and config.example.yaml beside
-llama_swap.py (for --example-config).
+the same as in its source distribution; its C loader is not used), and nvidia-ml-py. The web UI
+travels inside (read through importlib.resources), and config.example.yaml beside llama_swap.py
+(for --example-config).
+
+Beside that code, for speed where most servers run, speedups/<tag>.tar.xz holds the extension
+modules of the very same versions of aiohttp, multidict, yarl, frozenlist and propcache, taken
+from their manylinux2014 wheels, for every CPython in TARGETS on x86_64 and aarch64. The entry
+point (scripts/pyz_boot.py, in the file as llama_swap_pyz) unpacks the code and the set that fits
+into a cache directory on the first start; xz packs them to 70 % of what zip's deflate would.
 
 Which Python builds it does not matter either. pip decides a wheel's conditional dependencies
 (`async-timeout; python_version < "3.11"`) for the Python that runs pip, whatever
@@ -234,7 +240,7 @@ def speedup_set(downloads: Path, python: str, machine: str, pins: list[str]) -> 
                 print(f"build_pyz: no {MANYLINUX} wheel of {pin} for CPython {python} on {machine}: "
                       "its pure-Python code runs there", file=sys.stderr)
     packed = downloads / f"cp{python.replace('.', '')}-{machine}.tar.xz"
-    with tarfile.open(packed, "w:xz", preset=9) as tar:
+    with tarfile.open(packed, "w:xz") as tar:
         for wheel in sorted(wheels.glob("*.whl")):
             with zipfile.ZipFile(wheel) as archive:
                 for info in archive.infolist():
