@@ -49,13 +49,19 @@ def speedups_for(native: dict[str, tuple[str, tuple[int, ...]]]) -> str:
 def unpack(pyz: str, target: str, speedups: str) -> None:
     """Everything but the speedup sets, then the set for here, compiled; renamed into place."""
     import compileall
+    import contextlib
     import shutil
     import tarfile
     import tempfile
+    import time
     import zipfile
 
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
+    for left in os.listdir(parent):  # from a start killed while unpacking, an hour or more ago
+        with contextlib.suppress(OSError):  # another start may be removing it too
+            if left.startswith(".unpacking-") and time.time() - os.stat(os.path.join(parent, left)).st_mtime > 3600:
+                shutil.rmtree(os.path.join(parent, left))
     scratch = tempfile.mkdtemp(prefix=".unpacking-", dir=parent)
     try:
         with zipfile.ZipFile(pyz) as archive:

@@ -11,6 +11,7 @@ import site
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -243,6 +244,9 @@ def unpacked_copies(cache: Path) -> list[Path]:
 @SLOW
 def test_the_first_starts_unpack_it_once_and_every_start_imports_the_compiled_copy(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
+    abandoned = tmp_path / "llama-swap-py" / "pyz" / ".unpacking-abandoned"  # by a start killed 2 hours ago
+    (abandoned / "aiohttp").mkdir(parents=True)
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three first starts at once
         firsts = list(pool.map(lambda _: run_pyz(pyz, "--version", env=env), range(3)))
     for done in [*firsts, run_pyz(pyz, "--version", env=env)]:
@@ -254,6 +258,7 @@ def test_the_first_starts_unpack_it_once_and_every_start_imports_the_compiled_co
     assert (copy / "__pycache__" / f"llama_swap.cpython-{version}.pyc").is_file()
     assert (copy / "aiohttp" / "__pycache__" / f"web.cpython-{version}.pyc").is_file()
     assert not (copy / "speedups").exists()
+    assert not abandoned.exists()
 
 
 @SLOW
