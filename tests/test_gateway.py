@@ -557,3 +557,39 @@ async def test_https_peers_are_verified_against_the_system_certificates(tmp_path
                 assert ls.stop() == 0, ls.output()
     finally:
         await runner.cleanup()
+
+
+async def test_a_cookie_one_client_was_given_never_reaches_the_upstream_for_another(tmp_path):
+    """The proxy is not a browser: an upstream's Set-Cookie goes to the client that got it and
+    nowhere else, whatever name the upstream has (aiohttp's jar keeps cookies of host names, such
+    as the default `proxy: http://localhost:${PORT}`, not of IP addresses)."""
+    seen: list[str | None] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"object": "chat.completion", "model": "far", "choices": []})
+        response.set_cookie("session", f"for-request-{len(seen)}")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        ls = LlamaSwap(tmp_path, {"startPort": free_port_block(), "models": {},
+                                  "peers": {"p": {"proxy": f"http://localhost:{port}", "models": ["far"]}}})
+        try:
+            for _ in range(3):  # three clients, each with no cookie of its own
+                async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+                    status, reply = await chat(s, ls, "far")
+                    assert status == 200, reply
+            async with aiohttp.ClientSession() as s:  # a client's own cookie goes up as it sent it
+                status, _ = await post_raw(s, ls.url, b'{"model": "far"}', {"Cookie": "mine=1"})
+                assert status == 200
+        finally:
+            assert ls.stop() == 0, ls.output()
+    finally:
+        await runner.cleanup()
+    assert seen == [None, None, None, "mine=1"]
