@@ -2733,7 +2733,8 @@ def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession
 @functools.cache
 def tls_client_context() -> ssl.SSLContext:
     """What verifies https upstreams and peers: the system's CA certificates (or SSL_CERT_FILE's),
-    read once, when first needed; a config that names https URLs has it read in a thread at start."""
+    read once, when first needed (Runtime reads them ahead, in a thread, for a config that names
+    https URLs)."""
     return ssl.create_default_context()
 
 
@@ -8440,8 +8441,7 @@ class Runtime:
         self._preload()
         self._monitor(self.config)
         self.hardware = self.tasks.start("hardware", asyncio.to_thread(hardware_snapshot, __version__))
-        if names_https(self.config):
-            self.tasks.start("tls context", asyncio.to_thread(tls_client_context))
+        self._read_certificates(self.config)
         self.tasks.start("stalled clients", self._end_stalled_clients())
         if any(m.kv_cache for m in self.config.models.values()):  # the caches of models now gone
             dirs = {kv_cache_model_dir(self.config.kv_cache_root, m) for m in self.config.models}
@@ -8615,6 +8615,12 @@ class Runtime:
             if monitor.gpu:
                 await asyncio.shield(asyncio.to_thread(monitor.gpu.close))
 
+    def _read_certificates(self, config: Config) -> None:
+        """For a config that names https upstreams or peers: the certificates that verify them,
+        read in a thread, so that no request waits on the event loop for them."""
+        if names_https(config):
+            self.tasks.start("tls context", asyncio.to_thread(tls_client_context))
+
     def configure(self, new: Config) -> dict[str, list[str]]:
         """Switch to a new config (a reload's): each holder of config is told, the models
         added, removed, changed and kept are returned. No profile is active afterwards."""
@@ -8626,6 +8632,7 @@ class Runtime:
             self.vram_book.forget(model)
         self.virtual = VirtualModels(new, self.processes)
         self._watch_gpus(new)
+        self._read_certificates(new)
         self.activity.configure(new)
         if (new.performance_disabled, new.performance_every) != (old.performance_disabled, old.performance_every):
             self._monitor(new)
