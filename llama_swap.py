@@ -2234,8 +2234,9 @@ class ProxyLog:
     def log(self, level: str, message: str) -> None:
         if LEVELS[level] < self.level:
             return
-        now = datetime.datetime.now().astimezone()
-        stamp = LOG_TIME_LAYOUTS[self.time_format](now) + " " if self.time_format else ""
+        stamp = ""
+        if self.time_format:
+            stamp = LOG_TIME_LAYOUTS[self.time_format](datetime.datetime.now().astimezone()) + " "
         self.proxy.write(f"{stamp}[{level.upper()}] {message}\n".encode(errors="backslashreplace"))
 
     def debug(self, message: str) -> None:
