@@ -2719,11 +2719,12 @@ def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession
     the proxy the environment names for it. No connection limit: the scheduler, not the pool,
     decides how many requests run at once. No cookie jar: an upstream's Set-Cookie is for the
     client that got it, and a jar would send it upstream with every other client's requests."""
+    https = base_url.startswith("https:")
     connect = None
     if timeouts.connect:  # aiohttp's connect budget includes the TLS handshake
-        connect = timeouts.connect + (timeouts.tls_handshake if base_url.startswith("https:") else 0)
+        connect = timeouts.connect + (timeouts.tls_handshake if https else 0)
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=timeouts.idle_conn or None,
-                                     ssl=tls_client_context() if base_url.startswith("https:") else True,
+                                     ssl=tls_client_context() if https else True,
                                      socket_factory=functools.partial(keepalive_socket, timeouts.keepalive))
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
                                  proxy=environment_proxy(base_url),

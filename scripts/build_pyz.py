@@ -58,7 +58,7 @@ PYYAML = "pyyaml"
 SPEEDUPS = ["aiohttp", "multidict", "yarl", "frozenlist", "propcache"]  # their C parts, where they have them
 MACHINES = ["x86_64", "aarch64"]
 MANYLINUX = "manylinux2014"  # glibc 2.17: every Linux distribution still supported
-GLIBC = (2, 17)
+GLIBC = (2, 17)  # what every set needs, checked by the entry point before it unpacks one
 NOT_SPEEDUPS = ("_testcapi",)  # multidict's C test helper
 
 # The zipapp's entry point. Every Python must be able to parse it, 2.7 included (no f-strings, no
@@ -74,7 +74,7 @@ if sys.version_info < (3, 10):
 
 import llama_swap_pyz
 
-sys.exit(llama_swap_pyz.main({build!r}, {native!r}))
+sys.exit(llama_swap_pyz.main({build!r}, {speedups!r}, {glibc!r}))
 """
 
 
@@ -203,26 +203,24 @@ def add_pure_wheels(app: Path, downloads: Path) -> None:
             archive.extractall(app)
 
 
+def download_native_wheels(wheels: Path, python: str, machine: str, *requirements: str) -> None:
+    pip("download", "--no-deps", "--only-binary", ":all:", "--platform", f"{MANYLINUX}_{machine}",
+        "--implementation", "cp", "--python-version", python, "--abi", "cp" + python.replace(".", ""),
+        "-d", str(wheels), *requirements)
+
+
 def add_pure_pyyaml(app: Path, downloads: Path) -> None:
     """PyYAML has no pure wheel. Its binary wheels carry, beside the optional C speedup
     (yaml/_yaml*.so, which yaml/__init__.py does without), the very .py files of its source
     distribution's lib/yaml: those are taken. The source distribution itself cannot be downloaded
     without pip preparing its metadata, which installs Cython and, where no Cython wheel fits,
     compiles it: minutes of a build spent on nothing that goes in."""
-    pip("download", "--no-deps", "--only-binary", ":all:", "--platform", "manylinux2014_x86_64",
-        "--implementation", "cp", "--python-version", TARGETS[0], "--abi", "cp" + TARGETS[0].replace(".", ""),
-        "-d", str(downloads / "pyyaml"), PYYAML)
+    download_native_wheels(downloads / "pyyaml", TARGETS[0], MACHINES[0], PYYAML)
     [wheel] = (downloads / "pyyaml").glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(app, [n for n in archive.namelist() if n.startswith("yaml/") and n.endswith(".py")])
     if not (app / "yaml" / "__init__.py").is_file():
         raise SystemExit(f"build_pyz: no yaml package in {wheel.name}")
-
-
-def download_native_wheels(wheels: Path, python: str, machine: str, *requirements: str) -> None:
-    pip("download", "--no-deps", "--only-binary", ":all:", "--platform", f"{MANYLINUX}_{machine}",
-        "--implementation", "cp", "--python-version", python, "--abi", "cp" + python.replace(".", ""),
-        "-d", str(wheels), *requirements)
 
 
 def speedup_set(downloads: Path, python: str, machine: str, pins: list[str]) -> Path | None:
@@ -252,26 +250,30 @@ def speedup_set(downloads: Path, python: str, machine: str, pins: list[str]) -> 
     return packed if found else None
 
 
-def add_speedups(app: Path, downloads: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def add_speedups(app: Path, downloads: Path) -> list[str]:
     """speedups/<tag>.tar.xz for every target Python and machine, of the very versions whose
-    pure-Python code is in the file; what the entry point needs to pick one: tag -> (member, glibc)."""
+    pure-Python code is in the file; the tags of the sets made."""
     versions = {wheel.name: wheel.version for wheel in read_wheels(downloads / "wheels").values()}
     pins = [f"{name}=={versions[name]}" for name in SPEEDUPS if name in versions]
     (app / "speedups").mkdir()
-    native = {}
+    tags = []
     for python in TARGETS:
         for machine in MACHINES:
             packed = speedup_set(downloads, python, machine, pins)
             if packed is not None:
                 shutil.copy2(packed, app / "speedups" / packed.name)
-                native[packed.name.removesuffix(".tar.xz")] = (f"speedups/{packed.name}", GLIBC)
-    return native
+                tags.append(packed.name.removesuffix(".tar.xz"))
+    return tags
+
+
+def app_files(app: Path) -> list[Path]:
+    return sorted(p for p in app.rglob("*") if p.is_file())
 
 
 def digest(app: Path) -> str:
     """What names a build's unpacked directory: the same files give the same name."""
     hashed = hashlib.sha256()
-    for path in sorted(p for p in app.rglob("*") if p.is_file()):
+    for path in app_files(app):
         hashed.update(path.relative_to(app).as_posix().encode() + b"\0" + path.read_bytes())
     return hashed.hexdigest()[:16]
 
@@ -281,7 +283,7 @@ def write_zipapp(app: Path, output: Path) -> None:
     with output.open("wb") as file:
         file.write(b"#!/usr/bin/env python3\n")
         with zipfile.ZipFile(file, "w") as archive:
-            for path in sorted(p for p in app.rglob("*") if p.is_file()):
+            for path in app_files(app):
                 name = path.relative_to(app).as_posix()
                 archive.write(path, name, zipfile.ZIP_STORED if name.endswith(".xz") else zipfile.ZIP_DEFLATED)
     output.chmod(0o755)
@@ -293,13 +295,13 @@ def build(output: Path) -> Path:
         app.mkdir()
         add_pure_wheels(app, downloads)
         add_pure_pyyaml(app, downloads)
-        native = add_speedups(app, downloads)
+        speedups = add_speedups(app, downloads)
         # The server, --demo's fake upstream, and the documented example (--example-config).
         for name in ("llama_swap.py", "llama_swap_responder.py", "config.example.yaml"):
             shutil.copy2(ROOT / name, app)
         shutil.copy2(ROOT / "scripts" / "pyz_boot.py", app / "llama_swap_pyz.py")
         shutil.copytree(ROOT / "ui_assets", app / "ui_assets", ignore=shutil.ignore_patterns("__pycache__"))
-        (app / "__main__.py").write_text(MAIN.format(build=digest(app), native=native))
+        (app / "__main__.py").write_text(MAIN.format(build=digest(app), speedups=speedups, glibc=GLIBC))
         write_zipapp(app, output)
     return output
 

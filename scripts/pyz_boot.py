@@ -40,10 +40,10 @@ def native_tag() -> str:
     return "cp%d%d-%s" % (sys.version_info[0], sys.version_info[1], os.uname().machine)
 
 
-def speedups_for(native: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+def speedups_for(tags: list[str], needs_glibc: tuple[int, ...]) -> str:
     """The member of the .pyz holding the speedups for this Python and machine, or ''."""
-    member, needs_glibc = native.get(native_tag(), ("", ()))
-    return member if member and glibc() >= needs_glibc else ""
+    tag = native_tag()
+    return "speedups/%s.tar.xz" % tag if tag in tags and glibc() >= needs_glibc else ""
 
 
 def unpack(pyz: str, target: str, speedups: str) -> None:
@@ -81,9 +81,9 @@ def unpack(pyz: str, target: str, speedups: str) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def unpacked(pyz: str, build: str, native: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+def unpacked(pyz: str, build: str, tags: list[str], needs_glibc: tuple[int, ...]) -> str:
     """The directory to import from, unpacked now if need be; '' to run from the .pyz itself."""
-    speedups = speedups_for(native)
+    speedups = speedups_for(tags, needs_glibc)
     tag = native_tag() or "%s-%d%d" % (sys.implementation.name, sys.version_info[0], sys.version_info[1])
     target = os.path.join(cache_home(), "llama-swap-py", "pyz", "%s-%s%s" % (build, tag, "" if speedups else "-pure"))
     if os.path.isdir(target):
@@ -97,10 +97,12 @@ def unpacked(pyz: str, build: str, native: dict[str, tuple[str, tuple[int, ...]]
     return target
 
 
-def main(build: str, native: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+def main(build: str, tags: list[str], needs_glibc: tuple[int, ...]) -> int:
+    """Run the server, from the unpacked copy where there is one. `tags`: the speedup sets the
+    file carries (cp312-x86_64, ...), each needing glibc `needs_glibc` or newer."""
     pyz = os.path.dirname(os.path.abspath(__file__))
     if os.environ.get("LLAMA_SWAP_PYZ_UNPACK", "1") != "0":
-        where = unpacked(pyz, build, native)
+        where = unpacked(pyz, build, tags, needs_glibc)
         if where:
             sys.path.insert(0, where)
     import llama_swap

@@ -512,19 +512,26 @@ def certificates(where: Path) -> tuple[Path, Path, Path]:
     return where / "ca.pem", where / "host.pem", where / "host.key"
 
 
+async def chat_upstream(answer, context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """A server in the test's own loop answering chat completions with `answer` (over TLS with
+    `context`): its runner, to clean up, and its port."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    return runner, port
+
+
 async def tls_upstream(certificate: Path, key: Path) -> tuple[web.AppRunner, str]:
     """An https server answering every chat completion as model "tls"."""
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"object": "chat.completion", "model": "tls", "choices": []})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate, key)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    runner, port = await chat_upstream(answer, context)
     return runner, f"https://127.0.0.1:{port}"
 
 
@@ -571,12 +578,7 @@ async def test_a_cookie_one_client_was_given_never_reaches_the_upstream_for_anot
         response.set_cookie("session", f"for-request-{len(seen)}")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await chat_upstream(answer)
     try:
         ls = LlamaSwap(tmp_path, {"startPort": free_port_block(), "models": {},
                                   "peers": {"p": {"proxy": f"http://localhost:{port}", "models": ["far"]}}})
