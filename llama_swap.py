@@ -126,6 +126,14 @@ with system_certificates_unloaded():
     import aiohttp  # noqa: E402
     from aiohttp import web  # noqa: E402
 
+# A deadline for the awaits in its block, without the task that asyncio.wait_for makes before
+# Python 3.12: a task and two turns of the event loop for every request relayed under a
+# responseHeader timeout (a peer's is 60 s unless set).
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as time_limit  # noqa: E402
+else:  # the same context manager, from a package aiohttp needs on 3.10
+    from async_timeout import timeout as time_limit  # noqa: E402
+
 ###############################################################################
 # 1. Helpers ##################################################################
 ###############################################################################
@@ -5644,6 +5652,8 @@ class InFlight:
             self.announce({"operation": "upsert", "request": exchange.record()})
 
     def _changed(self, exchange: Exchange, urgent: bool) -> None:
+        if not self.watched():  # a watcher that comes later starts from a snapshot
+            return
         wait = exchange.announced_at + self.THROTTLE - time.monotonic()
         if urgent or wait <= 0:
             if exchange.trailing:
@@ -5822,7 +5832,8 @@ async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, 
         pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=data,
                                            allow_redirects=False, skip_auto_headers=unsent_default_headers(request))
         try:
-            return await asyncio.wait_for(pending, upstream.header_timeout)
+            async with time_limit(upstream.header_timeout):
+                return await pending
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             # A fresh connection that fails (ClientConnectorError) and the last try are final.
             if attempt < STALE_CONNECTION_RETRIES and not isinstance(e, aiohttp.ClientConnectorError):
@@ -5854,6 +5865,11 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
             response.content_length = int(answer.headers["Content-Length"])
         if "text/event-stream" in answer.headers.get("Content-Type", ""):
             response.headers["X-Accel-Buffering"] = "no"
+        elif response.content_length is not None:
+            # An answer of known length: its headers wait for its first bytes and leave with them,
+            # one send and one wake of the client instead of two (Go's server buffers them too).
+            # A stream's headers go at once: they tell its client the answer has begun.
+            response._send_headers_immediately = False
         await response.prepare(request)
         exchange = request.get(EXCHANGE)
         if exchange is not None:
@@ -6550,6 +6566,7 @@ class ActivityStore:
         self._db.executescript(SCHEMA)
         self._db.execute(KEYS_SCHEMA)
         self._db.execute(FIGURES_SCHEMA)
+        self.last_id = 0
 
     def close(self) -> None:
         self._db.close()
@@ -6578,13 +6595,31 @@ class ActivityStore:
              tokens.draft_acc_tokens, tokens.input_tokens, tokens.output_tokens,
              tokens.prompt_per_second, tokens.tokens_per_second, duration_ms, error_msg,
              json.dumps(dict(metadata)) if metadata else ""))
-        row_id = cursor.lastrowid
+        row_id = self.last_id = cursor.lastrowid
         if key:
             self._db.execute("INSERT OR REPLACE INTO activity_key VALUES (?, ?)", (row_id, key))
+        if not self._db.in_transaction:
+            self._prune()
+        return row_id
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """The rows added in the block go in one transaction: one commit (one sync of a file)
+        for them all, and the in-memory store pruned once."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._prune()
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # (SQLite rolls back by itself after some errors)
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _prune(self) -> None:
         if self.path is None:
             for table, column in (("activity", "id"), ("activity_key", "activity_id")):
-                self._db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (row_id - self.max_in_memory,))
-        return row_id
+                self._db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (self.last_id - self.max_in_memory,))
 
     def row(self, row_id: int, has_capture: Callable[[int], bool] | None = None) -> dict | None:
         """One row as the API renders it (for the `activity` event), or None if gone."""
@@ -6816,11 +6851,15 @@ class Activity:
 
     def _record_all(self, batch: list[tuple[Any, ...]]) -> list[tuple[int, str, Tokens, str] | Exception]:
         results: list[tuple[int, str, Tokens, str] | Exception] = []
-        for answer in batch:
-            try:
-                results.append(self._record(*answer))
-            except Exception as e:  # one row that cannot be written loses no other
-                results.append(e)
+        try:
+            with self.store.batch():
+                for answer in batch:
+                    try:
+                        results.append(self._record(*answer))
+                    except Exception as e:  # one row that cannot be written loses no other
+                        results.append(e)
+        except sqlite3.Error as e:  # the batch could not be committed: none of its rows is kept
+            return [e] * len(batch)
         return results
 
     def _record(self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes,

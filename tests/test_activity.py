@@ -384,6 +384,35 @@ def test_file_store_survives_reopening_and_is_never_pruned(tmp_path):
     reopened.close()
 
 
+def test_a_batch_is_one_transaction_pruned_once_and_a_bad_row_in_it_loses_no_other(tmp_path):
+    """The activity worker writes each batch of answers in one transaction (one commit, one
+    sync of the file): rows of a batch are all there after it, the in-memory store keeps its
+    newest rows, and a row that fails midway leaves the rest of the batch in."""
+    memory = ActivityStore(None, 3)
+    with memory.batch():
+        ids = [add(memory) for _ in range(5)]
+    assert ids == [1, 2, 3, 4, 5]
+    assert [row["id"] for row in memory.query({})["data"]] == [5, 4, 3]
+
+    path = str(tmp_path / "activity.db")
+    store = ActivityStore(path, 2)
+    commits = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    with store.batch():
+        add(store, model="first")
+        with pytest.raises(AttributeError):
+            add(store, tokens="not tokens")
+        add(store, model="last", key="k")
+    assert len(commits) == 1
+    with pytest.raises(RuntimeError), store.batch():
+        add(store, model="rolled back")
+        raise RuntimeError("the worker failed")
+    store.close()
+    reopened = ActivityStore(path, 2)
+    assert [row["model"] for row in reopened.query({})["data"]] == ["last", "first"]
+    reopened.close()
+
+
 @pytest.mark.parametrize("params, message", [
     ({"start": ["yesterday"]}, "invalid 'start' timestamp, use RFC3339 format"),
     ({"start": ["2026-05-19T10:00:00"]}, "invalid 'start' timestamp, use RFC3339 format"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import sys
 import time
 from urllib.parse import urlsplit
@@ -754,3 +755,33 @@ async def test_a_request_right_after_a_stream_is_sent_again_when_the_upstream_cl
             async with s.post(ls.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.read()).endswith(b"data: [DONE]\n\n")
+
+
+def first_reads(port: int, request: bytes, times: int) -> list[bytes]:
+    """What a blocking client's first recv() gets for each of `times` requests on one connection:
+    it is woken by the first segment that arrives."""
+    reads = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for _ in range(times):
+            sock.sendall(request)
+            got = sock.recv(65536)
+            reads.append(got)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", got)[1])
+            while len(got) < got.index(b"\r\n\r\n") + 4 + length:
+                got += sock.recv(65536)
+    return reads
+
+
+async def test_an_answer_of_known_length_leaves_in_one_write_with_its_headers(start_llama_swap, upstreams):
+    """Headers and body of a small answer with a Content-Length go out together, as Go's server
+    sends them, not as two segments (a second send and a second wake of the client per request).
+    A stream's headers still go at once: test_stream_chunks_arrive_incrementally... above."""
+    ls = start_llama_swap(config(upstreams, {"a": {}}))
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        assert (await post_json(s, ls.url + "/v1/chat/completions", {"model": "a"}))[0] == 200
+    body = b'{"model": "a", "messages": [{"role": "user", "content": "hi"}]}'
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    reads = await asyncio.to_thread(first_reads, ls.port, request, 20)
+    split = [r for r in reads if not r.endswith(b"}")]
+    assert not split, f"{len(split)} of 20 answers came as headers first, body later: {split[0]!r}"
