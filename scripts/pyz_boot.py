@@ -10,12 +10,16 @@ server runs from the zip as it is and says so in one line; LLAMA_SWAP_PYZ_UNPACK
 
 The directory's name holds the build's digest, the Python and the machine: a different build or
 Python gets its own, and a directory that exists is complete (it is renamed into place when done).
+Every start marks its directory as used (its mtime); the first start of a new build removes the
+directories no start has used for UNUSED_DAYS, so that upgrades leave no copies behind for good.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+UNUSED_DAYS = 30
 
 
 def cache_home() -> str:
@@ -58,9 +62,12 @@ def unpack(pyz: str, target: str, speedups: str) -> None:
 
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    for left in os.listdir(parent):  # from a start killed while unpacking, an hour or more ago
+    for left in os.listdir(parent):
+        # Scratch of a start killed while unpacking, an hour or more ago; a copy no start has used
+        # for UNUSED_DAYS (another build's, or another Python's).
+        unused = 3600 if left.startswith(".unpacking-") else UNUSED_DAYS * 86400
         with contextlib.suppress(OSError):  # another start may be removing it too
-            if left.startswith(".unpacking-") and time.time() - os.stat(os.path.join(parent, left)).st_mtime > 3600:
+            if time.time() - os.stat(os.path.join(parent, left)).st_mtime > unused:
                 shutil.rmtree(os.path.join(parent, left))
     scratch = tempfile.mkdtemp(prefix=".unpacking-", dir=parent)
     try:
@@ -87,6 +94,10 @@ def unpacked(pyz: str, build: str, tags: list[str], needs_glibc: tuple[int, ...]
     tag = native_tag() or "%s-%d%d" % (sys.implementation.name, sys.version_info[0], sys.version_info[1])
     target = os.path.join(cache_home(), "llama-swap-py", "pyz", "%s-%s%s" % (build, tag, "" if speedups else "-pure"))
     if os.path.isdir(target):
+        try:
+            os.utime(target)  # used: kept by the cleanup of later builds' first starts
+        except OSError:  # a cache someone else owns still serves
+            pass
         return target
     try:
         unpack(pyz, target, speedups)

@@ -262,6 +262,28 @@ def test_the_first_starts_unpack_it_once_and_every_start_imports_the_compiled_co
 
 
 @SLOW
+def test_an_upgrade_removes_the_copies_no_start_has_used_for_30_days(pyz, tmp_path):
+    """Each build unpacks into a directory of its own (about 20 MB): the first start of a new
+    one removes the copies of other builds that no start has used for 30 days, and every start
+    marks its own copy as used."""
+    pyz_cache = tmp_path / "llama-swap-py" / "pyz"
+    long_ago, lately = time.time() - 31 * 86400, time.time() - 29 * 86400
+    for name, when in (("0ld-cp311-x86_64", long_ago), ("0ld-cpython-311-pure", long_ago),
+                       ("recent-cp311-x86_64", lately)):
+        (pyz_cache / name / "aiohttp").mkdir(parents=True)
+        os.utime(pyz_cache / name, (when, when))
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert run_pyz(pyz, "--version", env=env).returncode == 0
+    copies = unpacked_copies(tmp_path)
+    assert [c.name for c in copies if c.name.startswith(("0ld", "recent"))] == ["recent-cp311-x86_64"]
+    [ours] = [c for c in copies if not c.name.startswith("recent")]
+
+    os.utime(ours, (long_ago, long_ago))  # a copy that was last started long ago ...
+    assert run_pyz(pyz, "--version", env=env).returncode == 0
+    assert ours.stat().st_mtime > lately  # ... is marked as used when it starts again
+
+
+@SLOW
 def test_without_a_writable_cache_it_runs_from_the_file_itself_and_says_so_once(pyz, tmp_path):
     (tmp_path / "not-a-directory").write_text("")
     done = run_pyz(pyz, "--version", env={"XDG_CACHE_HOME": str(tmp_path / "not-a-directory")})
