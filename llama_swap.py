@@ -5782,9 +5782,10 @@ class CountedResponse(web.StreamResponse):
     label = ""  # the request, as a log line names it
 
     async def prepare(self, request: web.BaseRequest) -> Any:
-        request[STREAMING] = self
-        self.transport, self.label = request.transport, request_label(request)
-        self.live.add(self)
+        if not self.prepared:  # (aiohttp calls it again once the handler has returned it)
+            request[STREAMING] = self
+            self.transport, self.label = request.transport, request_label(request)
+            self.live.add(self)
         return await super().prepare(request)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:

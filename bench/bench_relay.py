@@ -165,9 +165,9 @@ async def until_healthy(url: str, began: float) -> float:
             await asyncio.sleep(0.002)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time the process (or one of its threads) has used so far."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -229,13 +229,17 @@ async def interleaved(targets: list[Target], rounds: int,
     return samples
 
 
-async def cpu_per_request(s: aiohttp.ClientSession, target: Target, requests: int) -> float:
-    """The proxy's CPU time per sequential small request. One proxy at a time: CPU time hardly depends
-    on what else runs, and the others' turns would add this one's idle CPU to the count."""
-    used = cpu_seconds(target.proc.pid)
+async def cpu_per_request(s: aiohttp.ClientSession, target: Target, requests: int) -> tuple[float, float]:
+    """The proxy's CPU time per sequential small request: all of it, and its main thread's (for
+    llama-swap, the event loop; its other threads record activity rows and write the log). One
+    proxy at a time: CPU time hardly depends on what else runs, and the others' turns would add
+    this one's idle CPU to the count."""
+    pid = target.proc.pid
+    used, looped = cpu_seconds(pid), cpu_seconds(pid, pid)
     for _ in range(requests):
         await small_request(s, target.url)
-    return (cpu_seconds(target.proc.pid) - used) / requests
+    await asyncio.sleep(0.2)  # the rows of the last requests are written after their answers
+    return (cpu_seconds(pid) - used) / requests, (cpu_seconds(pid, pid) - looped) / requests
 
 
 def pct(values: list[float], q: float) -> float:
@@ -268,8 +272,9 @@ async def request_rows(s: aiohttp.ClientSession, targets: list[Target]) -> list[
         return [await small_request(s, url)]
 
     requests = await interleaved(targets, 200, small)
-    rows = [("proxy's CPU time per small request (1,000 sequential)",
-             [ms(await cpu_per_request(s, target, 1000)) for target in targets])]
+    used = [await cpu_per_request(s, target, 1000) for target in targets]
+    rows = [("proxy's CPU time per small request (1,000 sequential): all threads / main thread",
+             [f"{ms(every)} / {ms(main)}" for every, main in used])]
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         rows.append((f"small request {label}: direct / proxied / added",
                      [f"{ms(pct(got['direct'], q))} / {ms(pct(got['proxy'], q))} / "
