@@ -5883,6 +5883,10 @@ async def relay(request: web.Request, upstream: Upstream, path_qs: str, body: by
                 return response  # the client left; leaving the block closes the upstream request
             log.info(f"{upstream.label} recovered from upstream disconnection during streaming: {error_text(e)}")
             if not response.between_events() or response.content_length is not None:
+                # Headers still held back go out first: a client that got no answer at all may
+                # take it for a request never received, and send it again (a peer in front does).
+                with contextlib.suppress(ConnectionError):
+                    await response.write(b"")
                 request.transport.close()  # a cut stream must look cut to the client, not complete
                 return response
             what = "stopped sending" if isinstance(e, asyncio.TimeoutError) else "closed the connection"
@@ -6606,8 +6610,9 @@ class ActivityStore:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """The rows added in the block go in one transaction: one commit (one sync of a file)
-        for them all, and the in-memory store pruned once."""
-        self._db.execute("BEGIN")
+        for them all, and the in-memory store pruned once. An error in the block rolls them all
+        back; so does SQLite itself after some (a full disk), which the commit then reports."""
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
             self._prune()
@@ -6851,35 +6856,43 @@ class Activity:
         future.add_done_callback(functools.partial(self._recorded, len(batch)))
 
     def _record_all(self, batch: list[tuple[Any, ...]]) -> list[tuple[int, str, Tokens, str] | Exception]:
-        results: list[tuple[int, str, Tokens, str] | Exception] = []
+        """The batch's rows, read from the answers first and then written in one transaction,
+        whole or not at all (a store shared by other servers is locked for the inserts alone);
+        then the captures of the rows that are in, under the ids they got."""
+        rows: list[dict[str, Any] | Exception] = []
+        for exchange, status, headers, body, wall_ms in batch:
+            try:
+                rows.append(self._row(exchange, status, headers, body, wall_ms))
+            except Exception as e:  # one answer that cannot be read loses no other
+                rows.append(e)
         try:
             with self.store.batch():
-                for answer in batch:
-                    try:
-                        results.append(self._record(*answer))
-                    except Exception as e:  # one row that cannot be written loses no other
-                        results.append(e)
-        except sqlite3.Error as e:  # the batch could not be committed: none of its rows is kept
+                ids = [self.store.add(**row) if isinstance(row, dict) else 0 for row in rows]
+        except Exception as e:  # none of them is in, and ids handed out here will be handed out again
             return [e] * len(batch)
+        results: list[tuple[int, str, Tokens, str] | Exception] = []
+        for (exchange, status, headers, body, _), row, row_id in zip(batch, rows, ids):
+            if isinstance(row, Exception):
+                results.append(row)
+                continue
+            raw = len(exchange.request_body) + len(body)
+            if raw <= min(self.captures.capacity, BIGGEST_CAPTURE) and \
+                    (capture := make_capture(row_id, exchange, status, headers, body)):
+                self.captures.add(row_id, capture)
+            results.append((row_id, exchange.model, row["tokens"], exchange.key))
         return results
 
-    def _record(self, exchange: Exchange, status: int, headers: dict[str, str], body: bytes,
-                wall_ms: int) -> tuple[int, str, Tokens, str]:
+    @staticmethod
+    def _row(exchange: Exchange, status: int, headers: dict[str, str], body: bytes, wall_ms: int) -> dict[str, Any]:
         tokens, duration_ms, error = measure_response(exchange.path, status, headers, body, wall_ms)
         error = exchange.failure[1] if exchange.failure else error
         metadata = exchange.metadata
         if (swap := exchange.swap) is not None:  # it caused a swap: which, and how long that took
             metadata = {**metadata, "swap_id": str(swap.id), "swap_seconds": f"{swap.duration_s or 0:.2f}",
                         "swap_stopped": ",".join(swap.stops)}
-        row_id = self.store.add(model=exchange.model, req_path=exchange.path,
-                                resp_content_type=header_value(headers, "Content-Type"), resp_status_code=status,
-                                tokens=tokens, duration_ms=duration_ms, error_msg=error, metadata=metadata,
-                                ts_created=int(exchange.began), key=exchange.key)
-        raw = len(exchange.request_body) + len(body)
-        if raw <= min(self.captures.capacity, BIGGEST_CAPTURE) and (capture := make_capture(row_id, exchange, status,
-                                                                                             headers, body)):
-            self.captures.add(row_id, capture)
-        return row_id, exchange.model, tokens, exchange.key
+        return dict(model=exchange.model, req_path=exchange.path, resp_status_code=status,
+                    resp_content_type=header_value(headers, "Content-Type"), tokens=tokens, duration_ms=duration_ms,
+                    error_msg=error, metadata=metadata, ts_created=int(exchange.began), key=exchange.key)
 
     def _recorded(self, count: int, future: asyncio.Future) -> None:
         self.writing -= count

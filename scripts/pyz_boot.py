@@ -10,8 +10,9 @@ server runs from the zip as it is and says so in one line; LLAMA_SWAP_PYZ_UNPACK
 
 The directory's name holds the build's digest, the Python and the machine: a different build or
 Python gets its own, and a directory that exists is complete (it is renamed into place when done).
-Every start marks its directory as used (its mtime); the first start of a new build removes the
-directories no start has used for UNUSED_DAYS, so that upgrades leave no copies behind for good.
+Every start marks its directory as used (its mtime) and holds a shared lock on a file in it for as
+long as it runs; the first start of a new build removes the directories that no start has used for
+UNUSED_DAYS and no running server holds, so that upgrades leave no copies behind for good.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 import sys
 
 UNUSED_DAYS = 30
+IN_USE = ".in-use"  # each running server holds a shared lock on it (where there are locks: fcntl)
+held: list[int] = []  # that lock's file, open for as long as this process runs
 
 
 def cache_home() -> str:
@@ -63,12 +66,17 @@ def unpack(pyz: str, target: str, speedups: str) -> None:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     for left in os.listdir(parent):
-        # Scratch of a start killed while unpacking, an hour or more ago; a copy no start has used
-        # for UNUSED_DAYS (another build's, or another Python's).
-        unused = 3600 if left.startswith(".unpacking-") else UNUSED_DAYS * 86400
+        path = os.path.join(parent, left)
         with contextlib.suppress(OSError):  # another start may be removing it too
-            if time.time() - os.stat(os.path.join(parent, left)).st_mtime > unused:
-                shutil.rmtree(os.path.join(parent, left))
+            if left.startswith(".unpacking-"):  # scratch of a start killed while unpacking
+                if time.time() - os.stat(path).st_mtime > 3600:
+                    shutil.rmtree(path)
+            elif time.time() - os.stat(path).st_mtime > UNUSED_DAYS * 86400 and not in_use(path):
+                # Out of the way first, in one step: a removal cut short leaves scratch (removed
+                # as above), never a copy that looks complete.
+                doomed = os.path.join(parent, ".unpacking-removed-%d-%s" % (os.getpid(), left))
+                os.rename(path, doomed)
+                shutil.rmtree(doomed)
     scratch = tempfile.mkdtemp(prefix=".unpacking-", dir=parent)
     try:
         with zipfile.ZipFile(pyz) as archive:
@@ -88,23 +96,51 @@ def unpack(pyz: str, target: str, speedups: str) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def in_use(copy: str) -> bool:
+    """Whether a running server holds the copy."""
+    try:
+        import fcntl
+        fd = os.open(os.path.join(copy, IN_USE), os.O_RDONLY)
+    except (ImportError, OSError):  # no locks here, or a copy that no server has held
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def hold(copy: str) -> None:
+    """Mark the copy as used now, and as in use for as long as this process runs."""
+    try:
+        os.utime(copy)
+    except OSError:  # a cache someone else owns still serves
+        pass
+    try:
+        import fcntl
+        fd = os.open(os.path.join(copy, IN_USE), os.O_RDONLY | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        held.append(fd)
+    except (ImportError, OSError):  # no locks here, or a lock file we may not make
+        pass
+
+
 def unpacked(pyz: str, build: str, tags: list[str], needs_glibc: tuple[int, ...]) -> str:
     """The directory to import from, unpacked now if need be; '' to run from the .pyz itself."""
     speedups = speedups_for(tags, needs_glibc)
     tag = native_tag() or "%s-%d%d" % (sys.implementation.name, sys.version_info[0], sys.version_info[1])
     target = os.path.join(cache_home(), "llama-swap-py", "pyz", "%s-%s%s" % (build, tag, "" if speedups else "-pure"))
-    if os.path.isdir(target):
+    if not os.path.isdir(target):
         try:
-            os.utime(target)  # used: kept by the cleanup of later builds' first starts
-        except OSError:  # a cache someone else owns still serves
-            pass
-        return target
-    try:
-        unpack(pyz, target, speedups)
-    except Exception as e:  # anything at all: the zip itself still runs
-        sys.stderr.write("llama-swap.pyz: running from the file itself, without C speedups or bytecode: "
-                         "cannot unpack it into %s: %s (set XDG_CACHE_HOME to a writable directory)\n" % (target, e))
-        return ""
+            unpack(pyz, target, speedups)
+        except Exception as e:  # anything at all: the zip itself still runs
+            sys.stderr.write("llama-swap.pyz: running from the file itself, without C speedups or bytecode: "
+                             "cannot unpack it into %s: %s (set XDG_CACHE_HOME to a writable directory)\n"
+                             % (target, e))
+            return ""
+    hold(target)
     return target
 
 

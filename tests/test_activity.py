@@ -648,3 +648,32 @@ async def test_requests_of_every_kind_are_recorded_in_a_store_the_original_creat
         ("far", "/v1/chat/completions", 200), ("m", "/v1/chat/completions", 200),
         ("m", "/v1/chat/completions", 200), ("m", "/v1/chat/completions", 200)], found
     assert "NOT NULL constraint failed" not in ls.output()
+
+
+def test_a_batch_that_fails_is_reported_whole_and_leaves_no_capture_under_an_id_used_again(tmp_path):
+    """A batch of rows is written whole or not at all. When it fails, SQLite hands its ids out
+    again, so none of its captures may stay: the next request's row would show its bodies."""
+    config = activity.Config(models={}, store_path=str(tmp_path / "activity.db"))
+    recorder = activity.Activity(config, activity.ProxyLog(stdout=None), lambda *row: None)
+
+    def answer(model: str, said: bytes):
+        exchange = activity.Exchange("1", model, "/v1/chat/completions", "POST", {}, "127.0.0.1", {}, None,
+                                     lambda *a: None, b'{"model": "%s"}' % model.encode())
+        return exchange, 200, {"Content-Type": "application/json"}, said, 5
+
+    try:
+        first = recorder._record_all([answer("m", b'{"n": 1}'), answer("m", b'{"n": 2}')])
+        assert [row[0] for row in first] == [1, 2]
+        recorder.store._db.execute("CREATE TRIGGER boom BEFORE INSERT ON activity WHEN NEW.model_id = 'boom'"
+                                   " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        failed = recorder._record_all([answer("m", b'{"n": 3}'), answer("boom", b'{"n": 4}')])
+        assert len(failed) == 2 and all(isinstance(row, activity.sqlite3.Error) and str(row) == "refused"
+                                        for row in failed), failed
+        assert not recorder.has_capture(3)
+        [(row_id, *_)] = recorder._record_all([answer("m", b'{"n": 5}')])
+        assert row_id == 3  # the id the failed batch had taken
+        assert recorder.captures.get(3)["resp_body"] == activity.base64.b64encode(b'{"n": 5}').decode()
+        assert recorder.store.query({})["total"] == 3
+    finally:
+        recorder.store.close()
+        recorder.worker.shutdown()

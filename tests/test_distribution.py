@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import functools
 import os
 import platform
@@ -264,19 +265,24 @@ def test_the_first_starts_unpack_it_once_and_every_start_imports_the_compiled_co
 @SLOW
 def test_an_upgrade_removes_the_copies_no_start_has_used_for_30_days(pyz, tmp_path):
     """Each build unpacks into a directory of its own (about 20 MB): the first start of a new
-    one removes the copies of other builds that no start has used for 30 days, and every start
-    marks its own copy as used."""
+    one removes the copies of other builds that no start has used for 30 days and no running
+    server holds, and every start marks its own copy as used."""
     pyz_cache = tmp_path / "llama-swap-py" / "pyz"
     long_ago, lately = time.time() - 31 * 86400, time.time() - 29 * 86400
     for name, when in (("0ld-cp311-x86_64", long_ago), ("0ld-cpython-311-pure", long_ago),
-                       ("recent-cp311-x86_64", lately)):
+                       ("recent-cp311-x86_64", lately), ("running-cp311-x86_64", long_ago)):
         (pyz_cache / name / "aiohttp").mkdir(parents=True)
+        (pyz_cache / name / ".in-use").write_text("")
         os.utime(pyz_cache / name, (when, when))
     env = {"XDG_CACHE_HOME": str(tmp_path)}
-    assert run_pyz(pyz, "--version", env=env).returncode == 0
+    with open(pyz_cache / "running-cp311-x86_64" / ".in-use") as held:  # a server started 31 days ago
+        fcntl.flock(held, fcntl.LOCK_SH)
+        assert run_pyz(pyz, "--version", env=env).returncode == 0
     copies = unpacked_copies(tmp_path)
-    assert [c.name for c in copies if c.name.startswith(("0ld", "recent"))] == ["recent-cp311-x86_64"]
-    [ours] = [c for c in copies if not c.name.startswith("recent")]
+    assert [c.name for c in copies if c.name.startswith(("0ld", "recent", "running"))] == \
+        ["recent-cp311-x86_64", "running-cp311-x86_64"]
+    [ours] = [c for c in copies if not c.name.startswith(("recent", "running"))]
+    assert not list(pyz_cache.glob(".unpacking-*"))
 
     os.utime(ours, (long_ago, long_ago))  # a copy that was last started long ago ...
     assert run_pyz(pyz, "--version", env=env).returncode == 0

@@ -785,3 +785,50 @@ async def test_an_answer_of_known_length_leaves_in_one_write_with_its_headers(st
     reads = await asyncio.to_thread(first_reads, ls.port, request, 20)
     split = [r for r in reads if not r.endswith(b"}")]
     assert not split, f"{len(split)} of 20 answers came as headers first, body later: {split[0]!r}"
+
+
+BREAKS_OFF_BEFORE_THE_BODY = '''
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True  # and not one byte of the 100
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+async def test_an_answer_cut_before_its_first_byte_still_reaches_the_client_as_a_cut_answer(in_process, tmp_path):
+    """The headers of an answer of known length wait for its first bytes; when the upstream
+    breaks off before any, the client still gets them, then the cut: not a connection closed
+    without a word, which a client (or a peer in front) may take for a request never received."""
+    script = tmp_path / "breaks_off.py"
+    script.write_text(BREAKS_OFF_BEFORE_THE_BODY)
+    ls = await in_process({"models": {"m": {"cmd": f"{sys.executable} {script} ${{PORT}}"}}})
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for _ in range(2):
+            async with s.post(ls.url + "/v1/chat/completions", json={"model": "m"}) as r:
+                assert r.status == 200 and r.headers["Content-Length"] == "100"
+                try:
+                    await r.read()
+                    raise AssertionError("a body of 100 bytes was cut at 0, and the client was not told")
+                except aiohttp.ClientPayloadError:
+                    pass
