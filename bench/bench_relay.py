@@ -56,6 +56,7 @@ from aiohttp import web
 from harness import ROOT, free_port
 
 CHAT = "/v1/chat/completions"
+GO = "Go original"  # the column of --go's build
 TIMEOUT = aiohttp.ClientTimeout(total=120)
 
 
@@ -108,6 +109,7 @@ class Target:
     url: str
     rss_started: float  # MiB once healthy, before any request: what the build needs before its histories fill
     direct: str = ""
+    event_loop: bool = True  # its main thread is where every request waits its turn (not Go's)
 
     def path(self, which: str) -> str:
         return self.url if which == "proxy" else self.direct
@@ -121,7 +123,7 @@ def proxies(args: argparse.Namespace, profile: str | None = None) -> list[Proxy]
     if args.pyz:
         found.append(Proxy("pyz", [sys.executable, str(Path(args.pyz).resolve())]))
     if args.go:
-        found.append(Proxy("Go original", [str(Path(args.go).resolve())]))
+        found.append(Proxy(GO, [str(Path(args.go).resolve())]))
     return found
 
 
@@ -274,7 +276,8 @@ async def request_rows(s: aiohttp.ClientSession, targets: list[Target]) -> list[
     requests = await interleaved(targets, 200, small)
     used = [await cpu_per_request(s, target, 1000) for target in targets]
     rows = [("proxy's CPU time per small request (1,000 sequential): all threads / main thread",
-             [f"{ms(every)} / {ms(main)}" for every, main in used])]
+             [f"{ms(every)} / {ms(main)}" if target.event_loop else f"{ms(every)} / -"
+              for (every, main), target in zip(used, targets)])]
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         rows.append((f"small request {label}: direct / proxied / added",
                      [f"{ms(pct(got['direct'], q))} / {ms(pct(got['proxy'], q))} / "
@@ -352,7 +355,7 @@ async def run(args: argparse.Namespace) -> None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-relay-")))
             proc, url, began = stack.enter_context(llama_swap(proxy.argv, work, args.log_level))
             await until_healthy(url, began)
-            targets.append(Target(proc, url, rss_mib(proc.pid)))
+            targets.append(Target(proc, url, rss_mib(proc.pid), event_loop=proxy.name != GO))
         rows = await measure(targets, args.rounds)
         if not profile:
             rows.append(("RSS started / idle after the figures above / with 100 open streams",
