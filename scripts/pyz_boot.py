@@ -68,10 +68,11 @@ def unpack(pyz: str, target: str, speedups: str) -> None:
     for left in os.listdir(parent):
         path = os.path.join(parent, left)
         with contextlib.suppress(OSError):  # another start may be removing it too
+            unused = time.time() - os.stat(path).st_mtime
             if left.startswith(".unpacking-"):  # scratch of a start killed while unpacking
-                if time.time() - os.stat(path).st_mtime > 3600:
+                if unused > 3600:
                     shutil.rmtree(path)
-            elif time.time() - os.stat(path).st_mtime > UNUSED_DAYS * 86400 and not in_use(path):
+            elif unused > UNUSED_DAYS * 86400 and not in_use(path):
                 # Out of the way first, in one step: a removal cut short leaves scratch (removed
                 # as above), never a copy that looks complete.
                 doomed = os.path.join(parent, ".unpacking-removed-%d-%s" % (os.getpid(), left))

@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import sys
+import textwrap
 import time
 from urllib.parse import urlsplit
 
@@ -709,7 +710,7 @@ async def test_model_after_a_12_mb_messages_array_is_found_quickly(in_process, u
 
 # -- an upstream that closes a kept-alive connection after a stream ---------------------------------
 
-CLOSES_AFTER_STREAMS = r'''
+UPSTREAM_SCRIPT = r'''
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -725,22 +726,33 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Keep-Alive", "timeout=5, max=100")  # as llama-server says, and then closes
-        self.end_headers()
-        for event in (b"data: {}\n\n", b"data: [DONE]\n\n"):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
-        self.wfile.write(b"0\r\n\r\n")
-        time.sleep(0.2)  # the close comes a moment after the answer, once the connection is back in the pool
-        self.close_connection = True
+        ANSWER
 
     def log_message(self, *args):
         pass
 
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 '''
+
+
+def upstream_script(answer: str) -> str:
+    """A plain HTTP/1.1 upstream on the port in argv[1]: a GET gets "ok" (its health check); a POST
+    has its body read, then `answer`, the rest of its handler, runs."""
+    return UPSTREAM_SCRIPT.replace("ANSWER\n", textwrap.indent(textwrap.dedent(answer), " " * 8).lstrip())
+
+
+CLOSES_AFTER_STREAMS = upstream_script(r'''
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Transfer-Encoding", "chunked")
+    self.send_header("Keep-Alive", "timeout=5, max=100")  # as llama-server says, and then closes
+    self.end_headers()
+    for event in (b"data: {}\n\n", b"data: [DONE]\n\n"):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+    self.wfile.write(b"0\r\n\r\n")
+    time.sleep(0.2)  # the close comes a moment after the answer, once the connection is back in the pool
+    self.close_connection = True
+''')
 
 
 async def test_a_request_right_after_a_stream_is_sent_again_when_the_upstream_closed_the_connection(
@@ -787,33 +799,14 @@ async def test_an_answer_of_known_length_leaves_in_one_write_with_its_headers(st
     assert not split, f"{len(split)} of 20 answers came as headers first, body later: {split[0]!r}"
 
 
-BREAKS_OFF_BEFORE_THE_BODY = '''
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "100")
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True  # and not one byte of the 100
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-'''
+BREAKS_OFF_BEFORE_THE_BODY = upstream_script('''
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", "100")
+    self.end_headers()
+    self.wfile.flush()
+    self.close_connection = True  # and not one byte of the 100
+''')
 
 
 async def test_an_answer_cut_before_its_first_byte_still_reaches_the_client_as_a_cut_answer(in_process, tmp_path):
