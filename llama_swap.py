@@ -21,7 +21,8 @@ Contents, in dependency order (each section opens with its concept and rules):
    13. Virtual models     profiles' pins and selectors: names that stand for other models
    14. Request bodies     finding and rewriting `model` without decoding the rest; BodyReader
    15. In-flight          Exchange and InFlight: one request on its way, cancellable
-   16. Relay              bytes from upstream to client, chunk by chunk; websockets; peers
+   16. Relay              our HTTP/1.1 client (Connections); bytes from upstream to client, chunk by
+                          chunk; websockets; peers
    17. Activity: answers  tokens, speeds and errors read from a finished answer
    18. Activity: store    ActivityStore (SQLite), captures, Activity (the row written)
    19. Performance        /proc and GPU samples (PerformanceMonitor), /api/hardware
@@ -2722,6 +2723,14 @@ def environment_proxy(base_url: str) -> str | None:
     return proxies.get(URL(base_url).scheme)
 
 
+def own_connections(timeouts: Timeouts, base_url: str) -> Connections | None:
+    """Our own kept-alive connections to a plain-http upstream reached directly; None for https
+    or through a proxy, which aiohttp's client handles."""
+    if not base_url.startswith("http:") or environment_proxy(base_url) is not None:
+        return None
+    return Connections(base_url, timeouts)
+
+
 def upstream_session(timeouts: Timeouts, base_url: str) -> aiohttp.ClientSession:
     """A pooled session to one upstream, under its `timeouts` (0 means no limit), through
     the proxy the environment names for it. No connection limit: the scheduler, not the pool,
@@ -2769,12 +2778,14 @@ def keepalive_socket(period: int, addr_info: tuple) -> socket.socket:
 @dataclass(frozen=True)
 class Upstream:
     """Where a request goes: a pooled session, the server's base URL, how long to wait for the
-    response headers (None: no limit) and how the log names it."""
+    response headers (None: no limit) and how the log names it; for a plain-http server reached
+    without a proxy, our own kept-alive connections too, which relay() then uses."""
 
     session: aiohttp.ClientSession
     base_url: str
     header_timeout: float | None
     label: str
+    connections: Connections | None = None
 
     def url(self, path_qs: str) -> URL:
         """The upstream URL for a raw (still percent-encoded) path and query."""
@@ -2783,11 +2794,12 @@ class Upstream:
 
 @dataclass
 class Run:
-    """One spawned server: its process, its output pipe, the HTTP session to it and the tasks
-    that watch it."""
+    """One spawned server: its process, its output pipe, the HTTP session (and our own
+    connections, where they serve) to it and the tasks that watch it."""
 
     proc: asyncio.subprocess.Process
     session: aiohttp.ClientSession
+    connections: Connections | None
     output_mark: int  # where this run's output starts in the model's LogRing
     pipe: asyncio.ReadTransport | None = None
     reader: asyncio.Task | None = None
@@ -2808,6 +2820,8 @@ class Run:
                 task.cancel()
         if self.pipe:
             self.pipe.close()
+        if self.connections is not None:
+            self.connections.close()
         await self.session.close()
 
 
@@ -3002,7 +3016,8 @@ class ModelProcess:
         if self.state != READY or self._run is None or self._run.session.closed:
             return None
         header_timeout = self.model.timeouts.response_header or None
-        return Upstream(self._run.session, self.model.proxy, header_timeout, f"<{self.model.id}>")
+        return Upstream(self._run.session, self.model.proxy, header_timeout, f"<{self.model.id}>",
+                        self._run.connections)
 
     def _set_state(self, state: State) -> None:
         if state != self.state:
@@ -3277,7 +3292,8 @@ class ModelProcess:
             os.close(write_fd)
         self.groups.add(proc.pid)
         session = upstream_session(self.model.timeouts, self.model.proxy)
-        self._run = run = Run(proc, session, self.output.history.written)
+        connections = own_connections(self.model.timeouts, self.model.proxy)
+        self._run = run = Run(proc, session, connections, self.output.history.written)
         reader = asyncio.StreamReader()
         run.pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
@@ -5825,27 +5841,509 @@ class SlicedBody(aiohttp.payload.BytesPayload):
 STALE_CONNECTION_RETRIES = 2
 
 
+# Plain-http upstreams (the servers we start, http peers) get their requests from a small
+# HTTP/1.1 client of our own: the request leaves in one write, and the answer's bytes go to the
+# relay as they arrive, de-chunked. aiohttp's client, kept for https, proxies, websockets and our
+# own checks, costs about a tenth of a millisecond more per request: request and response
+# objects, a task per request body, its stream reader.
+
+MAX_ANSWER_HEAD = 1 << 20  # an answer's status line and headers
+MAX_CHUNK_LINE = 4096  # a chunk's size line, extensions included
+ANSWER_HIGH_WATER = 1 << 18  # answer bytes the relay has not taken yet before the upstream is paused
+BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})  # no Content-Length: 0 for these
+
+
+class BadAnswer(Exception):
+    """What an upstream sent is not an HTTP/1.x answer; the message says where it went wrong."""
+
+
+class Dropped(Exception):
+    """The connection closed (or failed) before an answer's head had arrived."""
+
+
+@dataclass
+class Answer:
+    """An upstream's answer, its head read, its body still to come. Shaped as aiohttp's
+    ClientResponse is, as far as the relay reads one: status, reason, headers, and
+    `content.iter_any()` for the body. Leaving its `async with` gives the connection back
+    for another request if the body was read to its end, and closes it otherwise."""
+
+    status: int
+    reason: str
+    headers: multidict.CIMultiDict
+    content: UpstreamConnection
+
+    async def __aenter__(self) -> Answer:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.content.release()
+
+
+def parse_answer_head(head: bytes) -> tuple[int, str, multidict.CIMultiDict, bool]:
+    """Status, reason, headers and whether the answer is HTTP/1.1, from its head (CRLF or bare
+    LF line ends, without the blank line). Folded header lines are joined, as Go joins them."""
+    lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
+    version, _, rest = lines[0].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise BadAnswer(f"malformed status line {printable(lines[0][:100].decode('latin-1'))!r}")
+    fields: list[list[bytes]] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += b" " + line.strip()
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or not name.isascii():
+            raise BadAnswer(f"malformed header line {printable(line[:100].decode('latin-1'))!r}")
+        fields.append([name, value.strip(b" \t")])
+    headers = multidict.CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                                    for name, value in fields)
+    return int(code), reason.decode("utf-8", "replace"), headers, version == b"HTTP/1.1"
+
+
+def header_tokens(headers: multidict.CIMultiDict, name: str) -> list[str]:
+    """The comma-separated tokens of every `name` header, lower case, in order."""
+    return [t.strip().lower() for value in headers.getall(name, ()) for t in value.split(",") if t.strip()]
+
+
+class Body(Named):
+    """How the rest of an answer is framed, or where the connection stands."""
+
+    IDLE = "idle"  # no request on it; bytes that arrive now make it untrustworthy
+    HEAD = "head"  # waiting for an answer's status line and headers
+    LENGTH = "length"  # Content-Length bytes, `remaining` of them still to come
+    CHUNK_SIZE = "chunk size"  # a chunk's size line
+    CHUNK_DATA = "chunk data"  # `remaining` bytes of a chunk
+    CHUNK_END = "chunk end"  # the CRLF after a chunk's data
+    TRAILERS = "trailers"  # trailer lines after the last chunk, up to a blank line
+    UNTIL_CLOSE = "until close"  # everything until the upstream closes the connection
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection to an upstream. It sends a request, reads the
+    answer's head, and queues its body for one reader, de-chunked; while the reader is more than
+    ANSWER_HIGH_WATER behind, the upstream is not read from (TCP pushes back on it)."""
+
+    def __init__(self, pool: Connections) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.reused = False  # it carried an answer before this request
+        self.answered = False  # a byte of an answer arrived: the request got there, never resend it
+        self.reusable = True  # nothing yet says this connection cannot carry another request
+        self.state = Body.IDLE
+        self.idle_since = 0.0
+        self._method = ""
+        self._unparsed = bytearray()  # a head, size line or trailer not yet whole
+        self._scanned = 0  # bytes of an incomplete head already searched for its end
+        self._remaining = 0
+        self._head: asyncio.Future[Answer] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in _chunks
+        self._paused = False  # reading from the upstream paused: the reader is behind
+        self._readable: asyncio.Future[None] | None = None
+        self._finished = False  # the body ended
+        self._error: Exception | None = None  # the body broke off
+        self._drained: asyncio.Future[None] | None = None  # waiting for the upstream to take a big body
+
+    # -- the request ---------------------------------------------------------------------
+
+    async def exchange(self, method: str, head: bytes, body: bytes) -> Answer:
+        """Send one request; the answer, once its head is read. Raises Dropped or BadAnswer."""
+        self._method, self.state, self.answered = method, Body.HEAD, False
+        self._finished, self._error, self._queued = False, None, 0
+        self._head = asyncio.get_running_loop().create_future()
+        if len(body) <= SEND_STEP:
+            self.transport.write(head + body)
+        else:  # a MiB at a time, drained between slices: no copy of tens of MB into the socket buffer
+            self.transport.write(head)
+            view = memoryview(body)
+            for at in range(0, len(view), SEND_STEP):
+                await self._drain()
+                if self.transport.is_closing():  # it answered (a 413?) and closed, or dropped: _head says which
+                    break
+                self.transport.write(view[at:at + SEND_STEP])
+        return await self._head
+
+    async def _drain(self) -> None:
+        if self._drained is not None:
+            await self._drained
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    # -- the answer, as bytes arrive ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        if self.state is Body.LENGTH and not self._unparsed:  # the common case: body bytes, no framing
+            self._take_length(data)
+            return
+        self._unparsed += data
+        try:
+            self._parse()
+        except BadAnswer as e:
+            self._fail(e)
+
+    def _parse(self) -> None:
+        unparsed = self._unparsed
+        while unparsed:
+            state = self.state
+            if state is Body.HEAD:
+                end, blank = self._head_end()
+                if end > MAX_ANSWER_HEAD or (end < 0 and len(unparsed) > MAX_ANSWER_HEAD):
+                    raise BadAnswer(f"an answer's head over {MAX_ANSWER_HEAD} bytes")
+                if end < 0:
+                    return
+                head = bytes(unparsed[:end])
+                del unparsed[:end + blank]
+                self._scanned = 0
+                self._read_head(head)
+            elif state is Body.LENGTH:
+                data = bytes(unparsed)
+                unparsed.clear()
+                self._take_length(data)
+            elif state is Body.CHUNK_SIZE or state is Body.TRAILERS:
+                line = self._line()
+                if line is None:
+                    return
+                if state is Body.TRAILERS:
+                    if not line:
+                        self._end()
+                    continue
+                size = line.split(b";", 1)[0].strip()
+                if not 0 < len(size) <= 16 or size.strip(b"0123456789abcdefABCDEF"):
+                    raise BadAnswer(f"malformed chunk size {printable(size[:40].decode('latin-1'))!r}")
+                self._remaining = int(size, 16)
+                self.state = Body.CHUNK_DATA if self._remaining else Body.TRAILERS
+            elif state is Body.CHUNK_DATA:
+                data = bytes(unparsed[:self._remaining])
+                del unparsed[:len(data)]
+                self._remaining -= len(data)
+                if not self._remaining:
+                    self.state = Body.CHUNK_END
+                self._queue(data)
+            elif state is Body.CHUNK_END:
+                line = self._line()
+                if line is None:
+                    return
+                if line:
+                    raise BadAnswer("a chunk longer than its size")
+                self.state = Body.CHUNK_SIZE
+            elif state is Body.UNTIL_CLOSE:
+                self._queue(bytes(unparsed))
+                unparsed.clear()
+            else:  # bytes nobody asked for: whatever they are, the connection is out of step
+                unparsed.clear()
+                self.reusable = False
+                self.transport.close()
+
+    def _head_end(self) -> tuple[int, int]:
+        """Where the head ends (its blank line: CRLF or a bare LF) and the blank line's length;
+        -1 until it has arrived. Each byte is searched once, however the head is split."""
+        start = max(self._scanned - 2, 0)
+        self._scanned = len(self._unparsed)
+        crlf, lf = self._unparsed.find(b"\n\r\n", start), self._unparsed.find(b"\n\n", start)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return crlf, 3
+        return lf, 2
+
+    def _line(self) -> bytes | None:
+        """The next line of chunk framing, without its line end; None until it is whole."""
+        end = self._unparsed.find(b"\n")
+        if end < 0:
+            if len(self._unparsed) > MAX_CHUNK_LINE:
+                raise BadAnswer(f"a chunk size or trailer line over {MAX_CHUNK_LINE} bytes")
+            return None
+        line = bytes(self._unparsed[:end]).rstrip(b"\r")
+        del self._unparsed[:end + 1]
+        return line
+
+    def _read_head(self, head: bytes) -> None:
+        status, reason, headers, http11 = parse_answer_head(head)
+        if 100 <= status < 200 and status != 101:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        connection = header_tokens(headers, "Connection")
+        self.reusable = self.reusable and ("keep-alive" in connection if not http11 else "close" not in connection)
+        self.state = self._framing(status, headers)
+        if self.state is Body.UNTIL_CLOSE:
+            self.reusable = False
+        if self._head is not None and not self._head.done():
+            self._head.set_result(Answer(status, reason, headers, self))
+        if self.state is Body.LENGTH and not self._remaining:
+            self._end()
+
+    def _framing(self, status: int, headers: multidict.CIMultiDict) -> Body:
+        if self._method == "HEAD" or status in (204, 304):
+            self._remaining = 0
+            return Body.LENGTH
+        if "Transfer-Encoding" in headers:
+            return Body.CHUNK_SIZE if header_tokens(headers, "Transfer-Encoding")[-1:] == ["chunked"] \
+                else Body.UNTIL_CLOSE
+        lengths = {value.strip() for value in headers.getall("Content-Length", ())}
+        if not lengths:
+            return Body.UNTIL_CLOSE
+        length = lengths.pop()
+        if lengths or not length.isdigit() or not length.isascii() or len(length) > 18:
+            raise BadAnswer(f"invalid Content-Length {headers.getall('Content-Length')}")
+        self._remaining = int(length)
+        return Body.LENGTH
+
+    def _take_length(self, data: bytes) -> None:
+        if len(data) > self._remaining:  # more than the answer said it had: out of step
+            data = data[:self._remaining]
+            self.reusable = False
+        self._remaining -= len(data)
+        self._queue(data)
+        if not self._remaining:
+            self._end()
+
+    def _queue(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._queued += len(data)
+            if self._queued > ANSWER_HIGH_WATER and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+            self._wake()
+
+    def _end(self) -> None:
+        self.state, self._finished = Body.IDLE, True
+        if self._unparsed:  # bytes after the answer's end
+            self.reusable = False
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        """Before the head: the request fails. In the body: the reader gets what came, then a
+        ClientPayloadError, which the relay takes as an upstream that broke off."""
+        self.reusable = False
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        elif not self._finished and self._error is None:
+            if not isinstance(error, aiohttp.ClientPayloadError):
+                error = aiohttp.ClientPayloadError(f"malformed answer: {error}")
+            self._error = error
+            self._wake()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake(self) -> None:
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        self.pool.forget(self)
+        self.resume_writing()
+        if self.state is Body.UNTIL_CLOSE:
+            self._end()
+        elif self.state is Body.HEAD:
+            self._fail(Dropped(f"the upstream closed the connection before it answered"
+                               f"{f': {error_text(exc)}' if exc else ''}"))
+        elif self.state is not Body.IDLE:
+            self._fail(aiohttp.ClientPayloadError(f"the upstream closed the connection in the middle of the answer"
+                                                  f"{f': {error_text(exc)}' if exc else ''}"))
+
+    # -- the body, for its one reader ------------------------------------------------------
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they come, each time all there are."""
+        while True:
+            while not self._chunks:
+                if self._finished:
+                    return
+                if self._error is not None:
+                    raise self._error
+                self._readable = asyncio.get_running_loop().create_future()
+                await self._readable
+            data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            self._queued = 0
+            if self._paused:
+                self._paused = False
+                self.transport.resume_reading()
+            yield data
+
+    def release(self) -> None:
+        """Back to the pool if the answer was read to its end and nothing spoke against it;
+        closed otherwise (a reader that left early, a broken or out-of-step answer)."""
+        if self._finished and not self._chunks and self.reusable and not self.transport.is_closing():
+            self.state, self.reused = Body.IDLE, True
+            self.pool.keep(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Connections:
+    """The kept-alive connections to one plain-http upstream, most recently used first, each
+    closed after `timeouts.idle_conn` seconds unused (0: kept). No limit on their number: the
+    scheduler decides how many requests an upstream gets at once."""
+
+    def __init__(self, base_url: str, timeouts: Timeouts) -> None:
+        url = URL(base_url)
+        self.host, self.port = url.raw_host or "", url.port or 80
+        self.prefix = url.raw_path.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.address = f"{host}:{self.port}"
+        self.host_header = host if self.port == 80 else self.address
+        self.timeouts = timeouts
+        self.idle: list[UpstreamConnection] = []
+        self.open: set[UpstreamConnection] = set()
+        self.closed = False
+        self._sweep: asyncio.TimerHandle | None = None
+
+    async def send(self, method: str, path_qs: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
+        """The answer to a request, its head read. A request that finds its kept-alive connection
+        closed under it before any answer (llama-server closes one right after a stream while it
+        says keep-alive) is sent again on another, as Go's transport sends one again."""
+        head = request_head(method, self.prefix + path_qs, self.host_header, headers, body)
+        for attempt in range(STALE_CONNECTION_RETRIES + 1):
+            connection = self._take() or await self._connect()
+            try:
+                return await connection.exchange(method, head, body)
+            except Dropped as e:
+                connection.close()
+                if connection.reused and not connection.answered and attempt < STALE_CONNECTION_RETRIES:
+                    continue
+                raise UpstreamError(Failure.UNREACHABLE, str(e)) from None
+            except BadAnswer as e:
+                raise UpstreamError(Failure.UNREACHABLE, f"malformed answer: {e}") from None
+            except BaseException:  # cancelled (the client left, the header timeout): mid-request, unusable
+                connection.close()
+                raise
+        raise AssertionError("the last attempt returns or raises")
+
+    def _take(self) -> UpstreamConnection | None:
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.transport.is_closing():
+                return connection
+        return None
+
+    async def _connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with time_limit(self.timeouts.connect or None):
+                infos = await self._addresses()
+                for number, info in enumerate(infos):
+                    sock = keepalive_socket(self.timeouts.keepalive, info)
+                    try:
+                        sock.setblocking(False)
+                        await loop.sock_connect(sock, info[4])
+                    except OSError:
+                        sock.close()
+                        if number == len(infos) - 1:
+                            raise
+                        continue
+                    except BaseException:
+                        sock.close()
+                        raise
+                    _transport, connection = await loop.create_connection(lambda: UpstreamConnection(self), sock=sock)
+                    self.open.add(connection)
+                    return connection
+        except asyncio.TimeoutError:
+            raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: i/o timeout") from None
+        except OSError as e:
+            reason = os.strerror(e.errno).lower() if e.errno else error_text(e)
+            raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: connect: {reason}") from None
+        raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: no address")
+
+    async def _addresses(self) -> list[tuple]:
+        try:  # an IP address needs no lookup, and so no turn in the executor's threads
+            return socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            return await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+
+    def keep(self, connection: UpstreamConnection) -> None:
+        if self.closed:
+            connection.close()
+            return
+        connection.idle_since = time.monotonic()
+        self.idle.append(connection)
+        if self.timeouts.idle_conn and self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.timeouts.idle_conn, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close the connections unused for idle_conn seconds; come back for the next to expire."""
+        self._sweep = None
+        expired = time.monotonic() - self.timeouts.idle_conn
+        for connection in [c for c in self.idle if c.idle_since <= expired]:
+            connection.close()  # connection_lost forgets it
+        if self.idle:
+            wait = min(c.idle_since for c in self.idle) - expired
+            self._sweep = asyncio.get_running_loop().call_later(max(wait, 0.05), self._close_idle)
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        self.open.discard(connection)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(connection)
+
+    def close(self) -> None:
+        """Close every connection: idle ones now, those in use under their requests."""
+        self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for connection in list(self.open):
+            connection.close()
+
+
+def request_head(method: str, target: str, host: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """A request's line and headers as they go on the wire: Host first (the client's, else the
+    upstream's), the headers in their order, and a Content-Length where aiohttp would put one.
+    Text that would end a line early is refused, not sent."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    if not any(name.lower() == "host" for name, _ in headers):
+        lines.append(f"Host: {host}")
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body or method not in BODILESS_METHODS:
+        lines.append(f"Content-Length: {len(body)}")
+    text = "\r\n".join(lines)
+    if not text.count("\n") == text.count("\r") == len(lines) - 1 or " " in target:
+        raise UpstreamError(Failure.UNREACHABLE, "a request line or header with a line break or a space in its "
+                                                 "path cannot be sent")
+    return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
 async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
-                        headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
-    """The upstream's response with its headers read, its body still to come."""
+                        headers: list[tuple[str, str]]) -> Answer | aiohttp.ClientResponse:
+    """The upstream's answer with its headers read, its body still to come."""
+    try:
+        async with time_limit(upstream.header_timeout):
+            if upstream.connections is not None:
+                return await upstream.connections.send(request.method, path_qs, headers, body)
+            return await send_by_session(request, upstream, path_qs, body, headers)
+    except asyncio.TimeoutError:
+        raise UpstreamError(Failure.TIMED_OUT,
+                            f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") from None
+
+
+async def send_by_session(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,
+                          headers: list[tuple[str, str]]) -> aiohttp.ClientResponse:
+    """send_upstream through aiohttp's client: https, or through a proxy."""
     for attempt in range(STALE_CONNECTION_RETRIES + 1):
         data = SlicedBody(body) if len(body) > SEND_STEP else body or None
-        pending = upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=data,
-                                           allow_redirects=False, skip_auto_headers=unsent_default_headers(request))
         try:
-            async with time_limit(upstream.header_timeout):
-                return await pending
+            return await upstream.session.request(request.method, upstream.url(path_qs), headers=headers, data=data,
+                                                  allow_redirects=False,
+                                                  skip_auto_headers=unsent_default_headers(request))
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             # A fresh connection that fails (ClientConnectorError) and the last try are final.
             if attempt < STALE_CONNECTION_RETRIES and not isinstance(e, aiohttp.ClientConnectorError):
                 continue
             raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
-        except asyncio.TimeoutError as e:
-            if isinstance(e, aiohttp.ClientError):  # the connect timeout
-                raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
-            raise UpstreamError(Failure.TIMED_OUT,
-                                f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") \
-                from None
         except aiohttp.ClientError as e:
             raise UpstreamError(Failure.UNREACHABLE, error_text(e)) from None
     raise AssertionError("the last attempt returns or raises")
@@ -5911,19 +6409,25 @@ def stream_error_event(path: str, message: str, code: str = "upstream_disconnect
 
 
 class PeerSessions:
-    """One pooled session per peer setting, kept across reloads that leave the peer as it was."""
+    """One pooled session (and our own connections, where they serve) per peer setting, kept
+    across reloads that leave the peer as it was."""
 
     def __init__(self) -> None:
-        self.sessions: dict[tuple[str, Timeouts], aiohttp.ClientSession] = {}
+        self.upstreams: dict[tuple[str, Timeouts], tuple[aiohttp.ClientSession, Connections | None]] = {}
 
     def upstream(self, peer: PeerConfig) -> Upstream:
         key = (peer.proxy, peer.timeouts)
-        if key not in self.sessions:
-            self.sessions[key] = upstream_session(peer.timeouts, peer.proxy)
-        return Upstream(self.sessions[key], peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:")
+        if key not in self.upstreams:
+            self.upstreams[key] = (upstream_session(peer.timeouts, peer.proxy),
+                                   own_connections(peer.timeouts, peer.proxy))
+        session, connections = self.upstreams[key]
+        return Upstream(session, peer.proxy, peer.timeouts.response_header or None, f"peer {peer.id}:", connections)
 
     async def close(self) -> None:
-        await asyncio.gather(*(session.close() for session in self.sessions.values()))
+        for _session, connections in self.upstreams.values():
+            if connections is not None:
+                connections.close()
+        await asyncio.gather(*(session.close() for session, _connections in self.upstreams.values()))
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
