@@ -2724,9 +2724,9 @@ def environment_proxy(base_url: str) -> str | None:
 
 
 def own_connections(timeouts: Timeouts, base_url: str) -> Connections | None:
-    """Our own kept-alive connections to a plain-http upstream reached directly; None for https
-    or through a proxy, which aiohttp's client handles."""
-    if not base_url.startswith("http:") or environment_proxy(base_url) is not None:
+    """Our own kept-alive connections to a plain-http upstream reached directly; None for https,
+    through a proxy or with credentials in the URL, which aiohttp's client handles."""
+    if not base_url.startswith("http:") or URL(base_url).user is not None or environment_proxy(base_url) is not None:
         return None
     return Connections(base_url, timeouts)
 
@@ -5835,12 +5835,6 @@ class SlicedBody(aiohttp.payload.BytesPayload):
         await self.write_with_length(writer, None)
 
 
-# llama-server closes a connection right after a streamed answer while it says keep-alive, so the
-# next request on that pooled connection finds it gone before anything was answered. As Go's
-# transport does for a server-closed idle connection, the request is sent again on another.
-STALE_CONNECTION_RETRIES = 2
-
-
 # Plain-http upstreams (the servers we start, http peers) get their requests from a small
 # HTTP/1.1 client of our own: the request leaves in one write, and the answer's bytes go to the
 # relay as they arrive, de-chunked. aiohttp's client, kept for https, proxies, websockets and our
@@ -5880,9 +5874,17 @@ class Answer:
         self.content.release()
 
 
+# In an answer's head: control characters other than tab, and a CR that does not end a line.
+HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n|\Z)")
+HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def parse_answer_head(head: bytes) -> tuple[int, str, multidict.CIMultiDict, bool]:
     """Status, reason, headers and whether the answer is HTTP/1.1, from its head (CRLF or bare
     LF line ends, without the blank line). Folded header lines are joined, as Go joins them."""
+    control = HEAD_CONTROL.search(head)
+    if control:
+        raise BadAnswer(f"a control character {control[0]!r} in the head")
     lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
@@ -5894,7 +5896,7 @@ def parse_answer_head(head: bytes) -> tuple[int, str, multidict.CIMultiDict, boo
             fields[-1][1] += b" " + line.strip()
             continue
         name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or not name.isascii():
+        if not colon or not HEADER_NAME.fullmatch(name):
             raise BadAnswer(f"malformed header line {printable(line[:100].decode('latin-1'))!r}")
         fields.append([name, value.strip(b" \t")])
     headers = multidict.CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
@@ -5960,22 +5962,28 @@ class UpstreamConnection(asyncio.Protocol):
             view = memoryview(body)
             for at in range(0, len(view), SEND_STEP):
                 await self._drain()
-                if self.transport.is_closing():  # it answered (a 413?) and closed, or dropped: _head says which
+                if self._head.done() or self.transport.is_closing():
+                    # It answered (a 413?) before taking the whole body, or dropped: _head says which.
+                    self.reusable = False
                     break
                 self.transport.write(view[at:at + SEND_STEP])
         return await self._head
 
     async def _drain(self) -> None:
-        if self._drained is not None:
+        """Until the upstream has taken what was written, or its answer has come."""
+        if self._drained is not None and not self._head.done():
             await self._drained
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
+        self._wake_sender()
+        self._drained = None
+
+    def _wake_sender(self) -> None:
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        self._drained = None
 
     # -- the answer, as bytes arrive ---------------------------------------------------------
 
@@ -6059,13 +6067,13 @@ class UpstreamConnection(asyncio.Protocol):
     def _line(self) -> bytes | None:
         """The next line of chunk framing, without its line end; None until it is whole."""
         end = self._unparsed.find(b"\n")
+        if end > MAX_CHUNK_LINE or (end < 0 and len(self._unparsed) > MAX_CHUNK_LINE):
+            raise BadAnswer(f"a chunk size or trailer line over {MAX_CHUNK_LINE} bytes")
         if end < 0:
-            if len(self._unparsed) > MAX_CHUNK_LINE:
-                raise BadAnswer(f"a chunk size or trailer line over {MAX_CHUNK_LINE} bytes")
             return None
-        line = bytes(self._unparsed[:end]).rstrip(b"\r")
+        line = bytes(self._unparsed[:end])
         del self._unparsed[:end + 1]
-        return line
+        return line[:-1] if line.endswith(b"\r") else line
 
     def _read_head(self, head: bytes) -> None:
         status, reason, headers, http11 = parse_answer_head(head)
@@ -6078,24 +6086,37 @@ class UpstreamConnection(asyncio.Protocol):
             self.reusable = False
         if self._head is not None and not self._head.done():
             self._head.set_result(Answer(status, reason, headers, self))
+            self._wake_sender()
         if self.state is Body.LENGTH and not self._remaining:
             self._end()
 
     def _framing(self, status: int, headers: multidict.CIMultiDict) -> Body:
+        """How the body is framed (HTTP/1.1's rules, in its order); _remaining for a length."""
+        if "Transfer-Encoding" in headers:
+            # A Content-Length beside it is wrong and not passed on; the connection is not trusted
+            # for another answer (one server's framing against another's is how smuggling works).
+            if headers.popall("Content-Length", None):
+                self.reusable = False
+            chunked = header_tokens(headers, "Transfer-Encoding")[-1:] == ["chunked"]
+            framing = Body.CHUNK_SIZE if chunked else Body.UNTIL_CLOSE
+        else:
+            length = self._content_length(headers)
+            self._remaining = length or 0
+            framing = Body.UNTIL_CLOSE if length is None else Body.LENGTH
         if self._method == "HEAD" or status in (204, 304):
             self._remaining = 0
             return Body.LENGTH
-        if "Transfer-Encoding" in headers:
-            return Body.CHUNK_SIZE if header_tokens(headers, "Transfer-Encoding")[-1:] == ["chunked"] \
-                else Body.UNTIL_CLOSE
+        return framing
+
+    @staticmethod
+    def _content_length(headers: multidict.CIMultiDict) -> int | None:
         lengths = {value.strip() for value in headers.getall("Content-Length", ())}
         if not lengths:
-            return Body.UNTIL_CLOSE
+            return None
         length = lengths.pop()
         if lengths or not length.isdigit() or not length.isascii() or len(length) > 18:
             raise BadAnswer(f"invalid Content-Length {headers.getall('Content-Length')}")
-        self._remaining = int(length)
-        return Body.LENGTH
+        return int(length)
 
     def _take_length(self, data: bytes) -> None:
         if len(data) > self._remaining:  # more than the answer said it had: out of step
@@ -6143,7 +6164,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         self.pool.forget(self)
         self.resume_writing()
-        if self.state is Body.UNTIL_CLOSE:
+        if self.state is Body.UNTIL_CLOSE and exc is None:
             self._end()
         elif self.state is Body.HEAD:
             self._fail(Dropped(f"the upstream closed the connection before it answered"
@@ -6182,9 +6203,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        """At once: what is still buffered for the upstream (a request body it stopped taking)
+        is dropped, not waited on."""
         self.reusable = False
+        if self._head is not None and not self._head.done():
+            self._head.cancel()  # its request was given up; nobody will ask how it ended
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
 
 class Connections:
@@ -6206,25 +6231,35 @@ class Connections:
         self._sweep: asyncio.TimerHandle | None = None
 
     async def send(self, method: str, path_qs: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
-        """The answer to a request, its head read. A request that finds its kept-alive connection
-        closed under it before any answer (llama-server closes one right after a stream while it
-        says keep-alive) is sent again on another, as Go's transport sends one again."""
+        """The answer to a request, its head read.
+
+        llama-server closes a kept-alive connection right after a streamed answer while it says
+        keep-alive, so the next request on it finds it gone before any answer. Such a request
+        (a kept-alive connection, not one byte of answer) is sent once more, on a fresh
+        connection, whatever its method: the server cannot have answered it, though unlike Go's
+        transport (which resends only requests it knows went unread, or idempotent ones) we
+        cannot tell whether it read it."""
         head = request_head(method, self.prefix + path_qs, self.host_header, headers, body)
-        for attempt in range(STALE_CONNECTION_RETRIES + 1):
-            connection = self._take() or await self._connect()
-            try:
-                return await connection.exchange(method, head, body)
-            except Dropped as e:
-                connection.close()
-                if connection.reused and not connection.answered and attempt < STALE_CONNECTION_RETRIES:
-                    continue
+        connection = self._take() or await self._connect()
+        try:
+            return await self._exchange(connection, method, head, body)
+        except Dropped as e:
+            if not connection.reused or connection.answered:
                 raise UpstreamError(Failure.UNREACHABLE, str(e)) from None
-            except BadAnswer as e:
-                raise UpstreamError(Failure.UNREACHABLE, f"malformed answer: {e}") from None
-            except BaseException:  # cancelled (the client left, the header timeout): mid-request, unusable
-                connection.close()
-                raise
-        raise AssertionError("the last attempt returns or raises")
+        try:
+            return await self._exchange(await self._connect(), method, head, body)
+        except Dropped as e:
+            raise UpstreamError(Failure.UNREACHABLE, str(e)) from None
+
+    @staticmethod
+    async def _exchange(connection: UpstreamConnection, method: str, head: bytes, body: bytes) -> Answer:
+        try:
+            return await connection.exchange(method, head, body)
+        except BadAnswer as e:
+            raise UpstreamError(Failure.UNREACHABLE, f"malformed answer: {e}") from None
+        except BaseException:  # dropped, cancelled (the client left, the header timeout): unusable
+            connection.close()
+            raise
 
     def _take(self) -> UpstreamConnection | None:
         while self.idle:
@@ -6256,6 +6291,8 @@ class Connections:
                     return connection
         except asyncio.TimeoutError:
             raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: i/o timeout") from None
+        except socket.gaierror:
+            raise UpstreamError(Failure.UNREACHABLE, f"dial tcp: lookup {self.host}: no such host") from None
         except OSError as e:
             reason = os.strerror(e.errno).lower() if e.errno else error_text(e)
             raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: connect: {reason}") from None
@@ -6328,6 +6365,12 @@ async def send_upstream(request: web.Request, upstream: Upstream, path_qs: str, 
     except asyncio.TimeoutError:
         raise UpstreamError(Failure.TIMED_OUT,
                             f"timeout awaiting response headers after {go_duration(upstream.header_timeout)}") from None
+
+
+# As with our own connections: llama-server closes a connection right after a streamed answer
+# while it says keep-alive, so the next request on that pooled connection finds it gone before
+# anything was answered, and is sent again on another.
+STALE_CONNECTION_RETRIES = 2
 
 
 async def send_by_session(request: web.Request, upstream: Upstream, path_qs: str, body: bytes,

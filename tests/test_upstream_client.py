@@ -9,6 +9,7 @@ few at a time, to reach the edges a friendly server never shows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -142,6 +143,54 @@ async def test_a_body_of_many_mib_goes_out_whole_a_mib_at_a_time(pool):
     assert up.requests[0].endswith(b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
 
+@contextlib.asynccontextmanager
+async def reads_heads_only(step):
+    """A server that reads a request's head, never its body, then runs `step` (reader, writer);
+    its URL. `step` may wait on the event it is given as its third argument, set on the way out."""
+    done = asyncio.Event()
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            await step(reader, writer, done)
+        finally:
+            writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        done.set()
+        server.close()
+
+
+async def test_an_answer_that_comes_before_the_upstream_took_the_body_ends_the_sending(pool):
+    """A 413 after the head, the body never read: the client gets the upstream's answer, not a hang."""
+    async def refuse(reader, writer, done):
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await done.wait()
+    async with reads_heads_only(refuse) as url:
+        status, _headers, body = await asyncio.wait_for(fetch(pool(url), "POST", body=b"x" * (64 << 20)), 20)
+    assert (status, body) == (413, b"big")
+
+
+async def test_a_request_given_up_in_the_middle_of_its_body_closes_its_connection_at_once(pool):
+    async def take_nothing(reader, writer, done):
+        await done.wait()
+    async with reads_heads_only(take_nothing) as url:
+        connections = pool(url)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(connections.send("POST", "/", [], b"x" * (64 << 20)), 0.5)
+        # Closed, not left flushing MiBs into a socket nobody reads (it would stay open until done.set()).
+        assert await eventually(lambda: not connections.open and not connections.idle, timeout=2)
+
+
+async def test_a_host_name_is_looked_up_and_each_address_tried(pool):
+    async with Scripted(ok(b"by name")) as up:
+        connections = pool(f"http://localhost:{up.port}")
+        assert (await fetch(connections))[2] == b"by name"
+    assert up.requests[0].startswith(f"GET /x HTTP/1.1\r\nHost: localhost:{up.port}\r\n".encode())
+
+
 @pytest.mark.parametrize("name, value", [("X-Evil", "a\r\nX-Injected: 1"), ("X-Evil", "a\nb"), ("X\rY", "1")])
 async def test_a_header_that_would_break_a_line_is_refused_and_nothing_is_sent(pool, name, value):
     async with Scripted(ok()) as up:
@@ -197,6 +246,16 @@ async def test_a_connection_that_cannot_carry_another_request_is_not_reused(pool
     assert up.connections == 2
 
 
+async def test_a_length_beside_chunked_is_dropped_and_the_connection_not_trusted_again(pool):
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    async with Scripted(answer, ok(), ok()) as up:
+        connections = pool(up.url)
+        status, headers, body = await fetch(connections)
+        assert (status, body) == (200, b"abc") and "Content-Length" not in headers
+        assert (await fetch(connections))[2] == b"ok"
+    assert up.connections == 2
+
+
 async def test_an_answer_without_a_length_runs_until_the_upstream_closes(pool):
     async def until_close(reader, writer):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
@@ -228,11 +287,13 @@ async def test_a_request_on_a_kept_connection_the_upstream_closed_is_sent_again_
     assert [r.split(b" ")[0] for r in up.requests] == [b"GET", b"POST", b"POST"]  # dropped once, sent again
 
 
-async def test_a_request_the_upstream_got_is_never_sent_again(pool):
-    async with Scripted(then_close(b"HTTP/1.1 200 OK\r\nContent-Le")) as up:  # dropped in the middle of the head
+async def test_a_request_the_upstream_began_to_answer_is_never_sent_again(pool):
+    async with Scripted(ok(b"first"), then_close(b"HTTP/1.1 200 OK\r\nContent-Le")) as up:  # dropped mid-head
+        connections = pool(up.url)
+        assert (await fetch(connections))[2] == b"first"
         with pytest.raises(UpstreamError, match="closed the connection before it answered"):
-            await fetch(pool(up.url), "POST", body=b"{}")
-    assert len(up.requests) == 1
+            await fetch(connections, "POST", body=b"{}")  # on the kept-alive connection: reused, yet not resent
+    assert [r.split(b" ")[0] for r in up.requests] == [b"GET", b"POST"]
     async with Scripted(then_close(b"")) as up:  # a fresh connection dropped without a word: not resent either
         with pytest.raises(UpstreamError, match="closed the connection before it answered"):
             await fetch(pool(up.url), "POST", body=b"{}")
@@ -254,8 +315,13 @@ async def test_a_refused_connection_says_so_as_go_does(pool):
     (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line 'no colon here'"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "invalid Content-Length"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: abc\r\n\r\n", "invalid Content-Length"),
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * (1 << 20) + b"\r\n\r\n", "head over 1048576 bytes"),
-], ids=["http2", "not-http", "no-colon", "two-lengths", "negative", "huge-head"])
+    (b"HTTP/1.1 200 OK\r\nX-A: b\rc\r\nContent-Length: 0\r\n\r\n", "a control character b'\\r' in the head"),
+    (b"HTTP/1.1 200 OK\r\nX-A: b\x00c\r\nContent-Length: 0\r\n\r\n", "a control character b'\\x00'"),
+    (b"HTTP/1.1 200 OK\r\nX A: b\r\nContent-Length: 0\r\n\r\n", "malformed header line 'X A: b'"),
+], ids=["http2", "not-http", "no-colon", "two-lengths", "negative", "204-bad-length", "huge-head", "bare-cr", "nul",
+        "space-in-name"])
 async def test_a_malformed_answer_head_is_an_error_that_says_what_was_wrong(pool, answer, message):
     async with Scripted(answer) as up:
         with pytest.raises(UpstreamError, match="^malformed answer: ") as caught:
@@ -263,21 +329,43 @@ async def test_a_malformed_answer_head_is_an_error_that_says_what_was_wrong(pool
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("answer", [
-    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",  # no last chunk
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello world\r\n",  # longer than its size
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",  # no size
-], ids=["short", "no-last-chunk", "overlong-chunk", "bad-size"])
-async def test_a_body_that_breaks_off_raises_after_what_came_and_is_never_a_short_whole_answer(pool, answer):
+async def read_until_error(connections: Connections) -> tuple[bytes, str]:
+    """The body bytes that came before the body broke off, and the error it broke off with."""
+    answer, got = await connections.send("GET", "/", [], b""), b""
+    with pytest.raises(aiohttp.ClientPayloadError) as caught:
+        async with answer:
+            async for chunk in answer.content.iter_any():
+                got += chunk
+    return got, str(caught.value)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("answer, got", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b", b"only ten b"),
+    (CHUNKED_HEAD + b"5\r\nhello\r\n", b"hello"),  # no last chunk
+], ids=["short", "no-last-chunk"])
+async def test_a_body_the_upstream_cuts_raises_after_what_came_and_is_never_a_short_whole_answer(pool, answer, got):
     async with Scripted(then_close(answer)) as up:
-        answer_ = await pool(up.url).send("GET", "/", [], b"")
-        got = b""
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async with answer_:
-                async for chunk in answer_.content.iter_any():
-                    got += chunk
-    assert got in (b"", b"only ten b", b"hello")
+        assert await read_until_error(pool(up.url)) == (
+            got, "the upstream closed the connection in the middle of the answer")
+
+
+async def wait_for_the_client(reader, writer) -> str:
+    await reader.read()
+    return "close"
+
+
+@pytest.mark.parametrize("answer, got, message", [
+    (CHUNKED_HEAD + b"5\r\nhello world\r\n", b"hello", "a chunk longer than its size"),
+    (CHUNKED_HEAD + b"zz\r\nhello\r\n", b"", "malformed chunk size 'zz'"),
+    (CHUNKED_HEAD + b"5\r\nhello\r\r\r\n", b"hello", "a chunk longer than its size"),
+    (CHUNKED_HEAD + b"5;" + b"x" * 5000 + b"\r\nhello\r\n", b"", "a chunk size or trailer line over 4096 bytes"),
+], ids=["overlong-chunk", "bad-size", "stray-crs", "long-extension"])
+async def test_a_body_that_goes_wrong_raises_at_once_saying_how_though_the_upstream_stays(pool, answer, got, message):
+    async with Scripted(answer, wait_for_the_client) as up:
+        assert await read_until_error(pool(up.url)) == (got, f"malformed answer: {message}")
 
 
 async def test_a_slow_reader_pauses_the_upstream_instead_of_queueing_its_answer(pool):
@@ -287,11 +375,11 @@ async def test_a_slow_reader_pauses_the_upstream_instead_of_queueing_its_answer(
         async with answer:
             await asyncio.sleep(0.5)  # the upstream writes as fast as it can meanwhile
             connection = answer.content
-            assert connection._queued <= ANSWER_HIGH_WATER + 1024 * 1024, connection._queued
+            assert connection._paused
+            assert connection._queued <= ANSWER_HIGH_WATER + 256 * 1024, connection._queued  # one read past it
             total = 0
             async for chunk in answer.content.iter_any():
                 total += len(chunk)
-                assert connection._queued <= ANSWER_HIGH_WATER + 1024 * 1024
     assert total == size
 
 
@@ -304,12 +392,13 @@ async def part_then_wait(reader, writer) -> str:
 
 async def test_idle_connections_close_after_idle_conn_and_close_ends_every_one(pool):
     async with Scripted(ok(), ok(), part_then_wait) as up:
-        connections = pool(up.url, idle_conn=1)
+        connections = pool(up.url, idle_conn=2)
         await fetch(connections)
-        assert await eventually(lambda: up.closed_by_client == 1, timeout=5)
+        await asyncio.sleep(0.3)
+        assert up.closed_by_client == 0 and len(connections.idle) == 1  # kept while under idle_conn
+        assert await eventually(lambda: up.closed_by_client == 1, timeout=8)
         assert not connections.idle and not connections.open
         await fetch(connections)
-        assert up.connections == 2
         answer = await connections.send("GET", "/", [], b"")  # one in use, its body unread
         connections.close()
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -317,6 +406,7 @@ async def test_idle_connections_close_after_idle_conn_and_close_ends_every_one(p
                 async for _chunk in answer.content.iter_any():
                     await asyncio.sleep(0.1)
         assert await eventually(lambda: up.finished == 2, timeout=5)
+    assert up.connections == 2
 
 
 async def test_idle_conn_zero_keeps_a_connection_however_long_it_waits(pool):
@@ -368,3 +458,5 @@ async def test_the_proxy_relays_requests_in_a_row_over_one_kept_connection(in_pr
                 assert r.status == 200
                 ports.add(json.loads(await r.read())["peer_port"])
     assert len(ports) == 1, f"5 requests in a row took {len(ports)} connections"
+    connections = ls.runtime.scheduler.processes["m"].upstream.connections
+    assert connections is not None and len(connections.idle) == 1
