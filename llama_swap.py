@@ -5874,34 +5874,47 @@ class Answer:
         self.content.release()
 
 
-# In an answer's head: control characters other than tab, and a CR that does not end a line.
-HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n|\Z)")
+# In an answer's head, once its CRLFs are LFs: control characters other than tab and LF (a CR
+# left is a bare one).
+HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def parse_answer_head(head: bytes) -> tuple[int, str, multidict.CIMultiDict, bool]:
     """Status, reason, headers and whether the answer is HTTP/1.1, from its head (CRLF or bare
     LF line ends, without the blank line). Folded header lines are joined, as Go joins them."""
-    control = HEAD_CONTROL.search(head)
+    text = head.replace(b"\r\n", b"\n")
+    text = text[:-1] if text.endswith(b"\r") else text
+    control = HEAD_CONTROL.search(text)
     if control:
         raise BadAnswer(f"a control character {control[0]!r} in the head")
-    lines = [line.rstrip(b"\r") for line in head.split(b"\n")]
+    lines = text.split(b"\n")
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
         raise BadAnswer(f"malformed status line {printable(lines[0][:100].decode('latin-1'))!r}")
-    fields: list[list[bytes]] = []
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1] += b" " + line.strip()
-            continue
-        name, colon, value = line.partition(b":")
+    if b"\n " in text or b"\n\t" in text:
+        lines = unfolded(lines)
+    fields = [line.partition(b":") for line in lines[1:]]
+    for name, colon, _value in fields:
         if not colon or not HEADER_NAME.fullmatch(name):
+            line = name + colon + _value
             raise BadAnswer(f"malformed header line {printable(line[:100].decode('latin-1'))!r}")
-        fields.append([name, value.strip(b" \t")])
-    headers = multidict.CIMultiDict((name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-                                    for name, value in fields)
+    headers = multidict.CIMultiDict([(name.decode("latin-1"), value.strip(b" \t").decode("utf-8", "surrogateescape"))
+                                     for name, _colon, value in fields])
     return int(code), reason.decode("utf-8", "replace"), headers, version == b"HTTP/1.1"
+
+
+def unfolded(lines: list[bytes]) -> list[bytes]:
+    """Header lines with each continuation line (one that starts with a space or tab) joined to
+    the line before it by one space."""
+    joined = lines[:2]
+    for line in lines[2:]:
+        if line[:1] in (b" ", b"\t"):
+            joined[-1] = joined[-1].rstrip(b" \t") + b" " + line.strip(b" \t")
+        else:
+            joined.append(line)
+    return joined
 
 
 def header_tokens(headers: multidict.CIMultiDict, name: str) -> list[str]:

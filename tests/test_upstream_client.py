@@ -320,8 +320,9 @@ async def test_a_refused_connection_says_so_as_go_does(pool):
     (b"HTTP/1.1 200 OK\r\nX-A: b\rc\r\nContent-Length: 0\r\n\r\n", "a control character b'\\r' in the head"),
     (b"HTTP/1.1 200 OK\r\nX-A: b\x00c\r\nContent-Length: 0\r\n\r\n", "a control character b'\\x00'"),
     (b"HTTP/1.1 200 OK\r\nX A: b\r\nContent-Length: 0\r\n\r\n", "malformed header line 'X A: b'"),
+    (b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n", "malformed header line ' folded: x'"),  # nothing to fold into
 ], ids=["http2", "not-http", "no-colon", "two-lengths", "negative", "204-bad-length", "huge-head", "bare-cr", "nul",
-        "space-in-name"])
+        "space-in-name", "folded-first"])
 async def test_a_malformed_answer_head_is_an_error_that_says_what_was_wrong(pool, answer, message):
     async with Scripted(answer) as up:
         with pytest.raises(UpstreamError, match="^malformed answer: ") as caught:
