@@ -5959,12 +5959,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._readable: asyncio.Future[None] | None = None
         self._finished = False  # the body ended
         self._error: Exception | None = None  # the body broke off
-        self._drained: asyncio.Future[None] | None = None  # waiting for the upstream to take a big body
+        self._write_paused = False  # the transport holds more than it wants: wait before writing more
+        self._sender: asyncio.Future[None] | None = None  # wakes a big body's sender: drained, answered, lost
 
     # -- the request ---------------------------------------------------------------------
 
     async def exchange(self, method: str, head: bytes, body: bytes) -> Answer:
         """Send one request; the answer, once its head is read. Raises Dropped or BadAnswer."""
+        if self.transport.is_closing():
+            raise Dropped("the upstream closed the connection before it answered")
         self._method, self.state, self.answered = method, Body.HEAD, False
         self._finished, self._error, self._queued = False, None, 0
         self._head = asyncio.get_running_loop().create_future()
@@ -5983,20 +5986,21 @@ class UpstreamConnection(asyncio.Protocol):
         return await self._head
 
     async def _drain(self) -> None:
-        """Until the upstream has taken what was written, or its answer has come."""
-        if self._drained is not None and not self._head.done():
-            await self._drained
+        """Until the upstream has taken what was written, or its answer has come (or failed)."""
+        while self._write_paused and not self._head.done() and not self.transport.is_closing():
+            self._sender = asyncio.get_running_loop().create_future()
+            await self._sender
 
     def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
+        self._write_paused = True
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         self._wake_sender()
-        self._drained = None
 
     def _wake_sender(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        if self._sender is not None and not self._sender.done():
+            self._sender.set_result(None)
 
     # -- the answer, as bytes arrive ---------------------------------------------------------
 
@@ -6157,17 +6161,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         """Before the head: the request fails. In the body: the reader gets what came, then a
-        ClientPayloadError, which the relay takes as an upstream that broke off."""
+        ClientPayloadError, which the relay takes as an upstream that broke off. Either way the
+        answer is over and the connection is dropped."""
         self.reusable = False
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
+            self._wake_sender()
         elif not self._finished and self._error is None:
-            if not isinstance(error, aiohttp.ClientPayloadError):
+            if isinstance(error, BadAnswer):
                 error = aiohttp.ClientPayloadError(f"malformed answer: {error}")
+            elif not isinstance(error, aiohttp.ClientPayloadError):
+                error = aiohttp.ClientPayloadError(str(error))
             self._error = error
             self._wake()
+        self.state = Body.IDLE
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def _wake(self) -> None:
         if self._readable is not None and not self._readable.done():
@@ -6176,7 +6185,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.pool.forget(self)
-        self.resume_writing()
+        self._wake_sender()
         if self.state is Body.UNTIL_CLOSE and exc is None:
             self._end()
         elif self.state is Body.HEAD:
@@ -6208,21 +6217,31 @@ class UpstreamConnection(asyncio.Protocol):
 
     def release(self) -> None:
         """Back to the pool if the answer was read to its end and nothing spoke against it;
-        closed otherwise (a reader that left early, a broken or out-of-step answer)."""
-        if self._finished and not self._chunks and self.reusable and not self.transport.is_closing():
+        closed otherwise (a reader that left early, a broken or out-of-step answer, a request
+        not wholly handed to the system, answered before the upstream took it)."""
+        if (self._finished and not self._chunks and self.reusable and not self.transport.is_closing()
+                and not self.transport.get_write_buffer_size()):
             self.state, self.reused = Body.IDLE, True
             self.pool.keep(self)
         else:
             self.close()
 
+    def drop(self, why: str) -> None:
+        """Closed from outside (its server stopped, or we shut down): a request waiting for its
+        answer fails with `why`, a body being read breaks off with it."""
+        self._fail(Dropped(why))
+
     def close(self) -> None:
-        """At once: what is still buffered for the upstream (a request body it stopped taking)
-        is dropped, not waited on."""
+        """Its request's own end, at once: what is still buffered for the upstream (a request
+        body it stopped taking) is dropped, not waited on."""
         self.reusable = False
         if self._head is not None and not self._head.done():
             self._head.cancel()  # its request was given up; nobody will ask how it ended
         if self.transport is not None:
             self.transport.abort()
+
+
+CONNECTIONS_CLOSED = "the connection was closed: the server stopped, or llama-swap is shutting down"
 
 
 class Connections:
@@ -6253,12 +6272,19 @@ class Connections:
         transport (which resends only requests it knows went unread, or idempotent ones) we
         cannot tell whether it read it."""
         head = request_head(method, self.prefix + path_qs, self.host_header, headers, body)
+        if self.closed:
+            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         connection = self._take() or await self._connect()
+        if self.closed:  # closed while the connection was made
+            connection.close()
+            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         try:
             return await self._exchange(connection, method, head, body)
         except Dropped as e:
             if not connection.reused or connection.answered:
                 raise UpstreamError(Failure.UNREACHABLE, str(e)) from None
+        if self.closed:
+            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         try:
             return await self._exchange(await self._connect(), method, head, body)
         except Dropped as e:
@@ -6269,6 +6295,7 @@ class Connections:
         try:
             return await connection.exchange(method, head, body)
         except BadAnswer as e:
+            connection.close()
             raise UpstreamError(Failure.UNREACHABLE, f"malformed answer: {e}") from None
         except BaseException:  # dropped, cancelled (the client left, the header timeout): unusable
             connection.close()
@@ -6304,8 +6331,9 @@ class Connections:
                     return connection
         except asyncio.TimeoutError:
             raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: i/o timeout") from None
-        except socket.gaierror:
-            raise UpstreamError(Failure.UNREACHABLE, f"dial tcp: lookup {self.host}: no such host") from None
+        except socket.gaierror as e:
+            reason = "no such host" if e.errno == socket.EAI_NONAME else (e.strerror or error_text(e)).lower()
+            raise UpstreamError(Failure.UNREACHABLE, f"dial tcp: lookup {self.host}: {reason}") from None
         except OSError as e:
             reason = os.strerror(e.errno).lower() if e.errno else error_text(e)
             raise UpstreamError(Failure.UNREACHABLE, f"dial tcp {self.address}: connect: {reason}") from None
@@ -6331,7 +6359,8 @@ class Connections:
         self._sweep = None
         expired = time.monotonic() - self.timeouts.idle_conn
         for connection in [c for c in self.idle if c.idle_since <= expired]:
-            connection.close()  # connection_lost forgets it
+            self.idle.remove(connection)
+            connection.close()
         if self.idle:
             wait = min(c.idle_since for c in self.idle) - expired
             self._sweep = asyncio.get_running_loop().call_later(max(wait, 0.05), self._close_idle)
@@ -6342,12 +6371,13 @@ class Connections:
             self.idle.remove(connection)
 
     def close(self) -> None:
-        """Close every connection: idle ones now, those in use under their requests."""
+        """Close every connection: a request waiting for its answer fails (a 502), a body being
+        relayed breaks off, as when the server goes."""
         self.closed = True
         if self._sweep is not None:
             self._sweep.cancel()
         for connection in list(self.open):
-            connection.close()
+            connection.drop(CONNECTIONS_CLOSED)
 
 
 def request_head(method: str, target: str, host: str, headers: list[tuple[str, str]], body: bytes) -> bytes:

@@ -184,6 +184,43 @@ async def test_a_request_given_up_in_the_middle_of_its_body_closes_its_connectio
         assert await eventually(lambda: not connections.open and not connections.idle, timeout=2)
 
 
+async def test_a_malformed_answer_while_a_big_body_goes_out_fails_the_request_at_once(pool):
+    async def bad_head(reader, writer, done):
+        writer.write(b"HTTP/1.1 200 OK\r\nBad\x01: x\r\n\r\n")
+        await done.wait()
+    async with reads_heads_only(bad_head) as url:
+        with pytest.raises(UpstreamError, match="malformed answer: a control character"):
+            await asyncio.wait_for(fetch(pool(url), "POST", body=b"x" * (64 << 20)), 20)
+
+
+async def test_closing_the_connections_fails_a_waiting_request_and_breaks_a_body_off(pool):
+    """As when a model's server stops with requests on it: a 502 and a cut answer, never a
+    cancellation (which would look like a client that left) or a cut answer taken for whole."""
+    async def answer_part_until_close(reader, writer) -> str:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one")
+        await reader.read()
+        return "close"
+    async with Scripted(wait_for_the_client, answer_part_until_close) as up:
+        connections = pool(up.url)
+        waiting = asyncio.ensure_future(connections.send("GET", "/", [], b""))
+        assert await eventually(lambda: len(up.requests) == 1, timeout=5)
+        connections.close()
+        with pytest.raises(UpstreamError, match="the server stopped, or llama-swap is shutting down"):
+            await waiting
+        with pytest.raises(UpstreamError, match="the server stopped"):  # and nothing new goes out
+            await connections.send("GET", "/", [], b"")
+
+        connections = pool(up.url)
+        answer = await connections.send("GET", "/", [], b"")
+        got = b""
+        with pytest.raises(aiohttp.ClientPayloadError, match="the server stopped"):
+            async with answer:
+                async for chunk in answer.content.iter_any():
+                    got += chunk
+                    connections.close()
+        assert got == b"part one"
+
+
 async def test_a_host_name_is_looked_up_and_each_address_tried(pool):
     async with Scripted(ok(b"by name")) as up:
         connections = pool(f"http://localhost:{up.port}")
