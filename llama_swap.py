@@ -5710,14 +5710,18 @@ HOP_BY_HOP = frozenset({
 })
 
 
-def end_to_end_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+def header_tokens(headers: multidict.CIMultiDict, name: str) -> list[str]:
+    """The comma-separated tokens of every `name` header, lower case, in order."""
+    return [t.strip().lower() for value in headers.getall(name, ()) for t in value.split(",") if t.strip()]
+
+
+def end_to_end_headers(headers: multidict.CIMultiDict) -> list[tuple[str, str]]:
     """Headers without hop-by-hop ones (and those the Connection header names) or Content-Length.
 
     `Expect: 100-continue` goes too: we answered it and hold the whole body, so an upstream
     that never sends 100 cannot make us wait (Go waits `timeouts.expectContinue` instead).
     """
-    named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}
-    drop = HOP_BY_HOP | named | {"content-length", "expect"}
+    drop = HOP_BY_HOP.union(header_tokens(headers, "Connection"), ("content-length", "expect"))
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 
@@ -5915,11 +5919,6 @@ def unfolded(lines: list[bytes]) -> list[bytes]:
         else:
             joined.append(line)
     return joined
-
-
-def header_tokens(headers: multidict.CIMultiDict, name: str) -> list[str]:
-    """The comma-separated tokens of every `name` header, lower case, in order."""
-    return [t.strip().lower() for value in headers.getall(name, ()) for t in value.split(",") if t.strip()]
 
 
 class Body(Named):
@@ -6221,7 +6220,7 @@ class UpstreamConnection(asyncio.Protocol):
         not wholly handed to the system, answered before the upstream took it)."""
         if (self._finished and not self._chunks and self.reusable and not self.transport.is_closing()
                 and not self.transport.get_write_buffer_size()):
-            self.state, self.reused = Body.IDLE, True
+            self.reused = True
             self.pool.keep(self)
         else:
             self.close()
@@ -6272,19 +6271,12 @@ class Connections:
         transport (which resends only requests it knows went unread, or idempotent ones) we
         cannot tell whether it read it."""
         head = request_head(method, self.prefix + path_qs, self.host_header, headers, body)
-        if self.closed:
-            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         connection = self._take() or await self._connect()
-        if self.closed:  # closed while the connection was made
-            connection.close()
-            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         try:
             return await self._exchange(connection, method, head, body)
         except Dropped as e:
             if not connection.reused or connection.answered:
                 raise UpstreamError(Failure.UNREACHABLE, str(e)) from None
-        if self.closed:
-            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         try:
             return await self._exchange(await self._connect(), method, head, body)
         except Dropped as e:
@@ -6309,6 +6301,9 @@ class Connections:
         return None
 
     async def _connect(self) -> UpstreamConnection:
+        """A new connection; none once the pool is closed (even one closed while it was made)."""
+        if self.closed:
+            raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
         loop = asyncio.get_running_loop()
         try:
             async with time_limit(self.timeouts.connect or None):
@@ -6327,6 +6322,9 @@ class Connections:
                         sock.close()
                         raise
                     _transport, connection = await loop.create_connection(lambda: UpstreamConnection(self), sock=sock)
+                    if self.closed:
+                        connection.close()
+                        raise UpstreamError(Failure.UNREACHABLE, CONNECTIONS_CLOSED)
                     self.open.add(connection)
                     return connection
         except asyncio.TimeoutError:
@@ -6381,8 +6379,8 @@ class Connections:
 
 
 def request_head(method: str, target: str, host: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    """A request's line and headers as they go on the wire: Host first (the client's, else the
-    upstream's), the headers in their order, and a Content-Length where aiohttp would put one.
+    """A request's line and headers as they go on the wire: the upstream's Host first unless the
+    client sent one, the headers in their order, and a Content-Length where aiohttp would put one.
     Text that would end a line early is refused, not sent."""
     lines = [f"{method} {target} HTTP/1.1"]
     if not any(name.lower() == "host" for name, _ in headers):
@@ -6518,9 +6516,8 @@ class PeerSessions:
 
 def is_websocket(request: web.BaseRequest) -> bool:
     """An upgrade to a websocket (comma lists and any case accepted)."""
-    def tokens(header: str) -> set[str]:
-        return {t.strip().lower() for t in request.headers.get(header, "").split(",")}
-    return "upgrade" in tokens("Connection") and "websocket" in tokens("Upgrade")
+    return "upgrade" in header_tokens(request.headers, "Connection") and \
+        "websocket" in header_tokens(request.headers, "Upgrade")
 
 
 # An upstream that answers a websocket upgrade with anything but 101 has said what the client
