@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests"), str(BENCH.parent)]  # llama_swap from this checkout
 
 from bench_swap import CHAT, TIMEOUT, chat_body, percentile, spawned_at, table, timed_first_byte  # noqa: E402
 from helpers import LlamaSwap, Upstreams  # noqa: E402

@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # llama_swap from this checkout
 
 from harness import free_port, running_llama_swap  # noqa: E402
 from llama_server import binary, tiny_model  # noqa: E402

@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # llama_swap from this checkout
 from llama_server import binary, tiny_model  # noqa: E402
 
 PY = sys.executable

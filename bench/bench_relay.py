@@ -6,6 +6,7 @@ against the same upstream reached directly, measured interleaved.
     python bench/bench_relay.py --pyz dist/llama-swap.pyz   # and a single-file build beside it
     python bench/bench_relay.py --go /tmp/go-llama-swap/llama-swap   # and the Go original beside it
     python bench/bench_relay.py --profile relay.prof         # where llama-swap's time goes
+    python bench/bench_relay.py --capture-buffer 0          # with captures off (captureBuffer: 0)
 
 Every proxy runs at once, each with its own copy of the upstream, and the figures take the
 proxies in turn, so that one column can be compared with another: one table, a column per proxy.
@@ -134,9 +135,10 @@ def version(proxy: Proxy) -> str:
 
 
 @contextlib.contextmanager
-def llama_swap(argv: list[str], work: Path, log_level: str = "info"):
+def llama_swap(argv: list[str], work: Path, log_level: str = "info", capture_buffer: int | None = None):
     """A proxy with one model, `paced` (this file's upstream role), until the block ends."""
     config = {"logLevel": log_level,
+              **({} if capture_buffer is None else {"captureBuffer": capture_buffer}),
               # Its own first upstream port, so that proxies running side by side never pick the same one.
               "startPort": free_port(),
               # Above the 100 streams of the memory figure: past the limit a request gets a 429.
@@ -353,7 +355,7 @@ async def run(args: argparse.Namespace) -> None:
         targets = []
         for proxy in columns:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-relay-")))
-            proc, url, began = stack.enter_context(llama_swap(proxy.argv, work, args.log_level))
+            proc, url, began = stack.enter_context(llama_swap(proxy.argv, work, args.log_level, args.capture_buffer))
             await until_healthy(url, began)
             targets.append(Target(proc, url, rss_mib(proc.pid), event_loop=proxy.name != GO))
         rows = await measure(targets, args.rounds)
@@ -377,6 +379,8 @@ def main() -> int:
                         "file (the memory and start figures are left out)")
     parser.add_argument("--log-level", default="info", help="the proxies' logLevel (default info, as installed; "
                         "their logs go to files)")
+    parser.add_argument("--capture-buffer", type=int, metavar="MB", help="the proxies' captureBuffer (default: "
+                        "theirs, 5 MB; 0 turns captures off)")
     parser.add_argument("--rounds", type=int, default=5, help="paced streams per path (default 5)")
     parser.add_argument("--top", type=int, default=30, help="functions shown by --profile (default 30)")
     args = parser.parse_args()

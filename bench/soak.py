@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # llama_swap from this checkout
 
 from helpers import LlamaSwap, Upstreams, wait_until  # noqa: E402
 from test_load import ProcessWatcher, RunningWatcher, Tally, drive, request_plan, rss_kib, swap_groups_config  # noqa: E402
