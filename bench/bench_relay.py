@@ -138,12 +138,13 @@ def version(proxy: Proxy) -> str:
 def llama_swap(argv: list[str], work: Path, log_level: str = "info", capture_buffer: int | None = None):
     """A proxy with one model, `paced` (this file's upstream role), until the block ends."""
     config = {"logLevel": log_level,
-              **({} if capture_buffer is None else {"captureBuffer": capture_buffer}),
               # Its own first upstream port, so that proxies running side by side never pick the same one.
               "startPort": free_port(),
               # Above the 100 streams of the memory figure: past the limit a request gets a 429.
               "models": {"paced": {"cmd": f"{sys.executable} {Path(__file__).resolve()} --upstream ${{PORT}}",
                                    "concurrencyLimit": 128}}}
+    if capture_buffer is not None:  # else the proxy's own default
+        config["captureBuffer"] = capture_buffer
     (work / "config.yaml").write_text(json.dumps(config))
     port = free_port()
     log = open(work / "llama-swap.log", "wb")
