@@ -230,7 +230,8 @@ async def test_sighup_reloads_the_config(start_llama_swap, upstreams):
                 return "c" in {m["id"] for m in (await r.json())["data"]}
 
         assert await eventually(c_listed, 10)
-    assert "received SIGHUP, reloading config" in ls.output()
+    # Its stdout is written by a thread of its own, so the line may come a moment after the reload.
+    assert await eventually(lambda: "received SIGHUP, reloading config" in ls.output(), 10), ls.output()
 
 
 async def test_watch_config_reloads_when_the_file_changes(start_llama_swap, upstreams):
