@@ -7347,48 +7347,79 @@ NO_RESPONSE_BODY = frozenset({"/v1/audio/speech", "/v1/images/generations", "/sd
 BIGGEST_CAPTURE = 16 << 20
 
 
+@dataclass(frozen=True)
+class Capture:
+    """A request and its answer as recorded: what /api/captures/{id} shows, not yet in JSON."""
+
+    path: str
+    request_headers: dict[str, str]
+    request_body: bytes | None  # None: a path whose bodies are not kept
+    response_headers: dict[str, str]
+    response_body: bytes | None  # None: not kept, or the answer failed
+
+
 class Captures:
-    """Recorded requests and their answers, compressed, the oldest dropped once they pass
-    `capacity` bytes; one bigger than the whole buffer is not kept at all."""
+    """Recorded requests and their answers, the oldest dropped once they pass `capacity` bytes;
+    one bigger than the whole buffer is not kept at all. Each is kept as one string of bytes,
+    its bodies as they are: the JSON of /api/captures/{id}, bodies in base64, is made when one
+    is read, not for every request. One over COMPRESS_ABOVE bytes is compressed; a smaller one
+    is not: compressing it would take about as long as the rest of its row's recording, to
+    save a few hundred bytes at most."""
+
+    COMPRESS_ABOVE = 4096
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.entries: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[int, tuple[bool, bytes]] = collections.OrderedDict()
         self.size = 0
 
-    def add(self, capture_id: int, capture: dict[str, Any]) -> None:
-        data = zlib.compress(json.dumps(capture).encode(), 1)  # the fastest level: a capture is made per request
+    def add(self, capture_id: int, capture: Capture) -> None:
+        lengths = [None if body is None else len(body) for body in (capture.request_body, capture.response_body)]
+        heads = json.dumps([capture.path, capture.request_headers, capture.response_headers, *lengths])
+        # JSON has no raw newline, so the first one ends the heads and the bodies follow it.
+        data = b"".join((heads.encode(), b"\n", capture.request_body or b"", capture.response_body or b""))
+        compressed = len(data) > self.COMPRESS_ABOVE
+        if compressed:
+            data = zlib.compress(data, 1)  # the fastest level: a capture is made per request
         if len(data) > self.capacity:
             return
-        self.entries[capture_id] = data
+        self.entries[capture_id] = (compressed, data)
         self.size += len(data)
         while self.size > self.capacity:
-            self.size -= len(self.entries.popitem(last=False)[1])
+            self.size -= len(self.entries.popitem(last=False)[1][1])
 
     def get(self, capture_id: int) -> dict[str, Any] | None:
-        data = self.entries.get(capture_id)
-        return json.loads(zlib.decompress(data)) if data is not None else None
+        entry = self.entries.get(capture_id)
+        if entry is None:
+            return None
+        compressed, data = entry
+        data = zlib.decompress(data) if compressed else data
+        end = data.index(b"\n")
+        path, request_headers, response_headers, request_length, response_length = json.loads(data[:end])
+        bodies = memoryview(data)[end + 1:]
+        request_body = None if request_length is None else base64.b64encode(bodies[:request_length]).decode()
+        response_body = None if response_length is None else base64.b64encode(bodies[request_length or 0:]).decode()
+        return {"id": capture_id, "req_path": path, "req_headers": request_headers, "req_body": request_body,
+                "resp_headers": response_headers, "resp_body": response_body}
 
     def __contains__(self, capture_id: int) -> bool:
         return capture_id in self.entries
 
 
-def make_capture(capture_id: int, exchange: Exchange, status: int, headers: Mapping[str, str],
-                 body: bytes) -> dict[str, Any] | None:
-    """What /api/captures/{id} returns: bodies base64, none of a failed answer, credentials
-    redacted, the answer decompressed (so without its Content-Encoding)."""
+def make_capture(exchange: Exchange, status: int, headers: Mapping[str, str], body: bytes) -> Capture | None:
+    """What /api/captures/{id} will show: none of a failed answer's body, credentials redacted,
+    the answer decompressed (so without its Content-Encoding)."""
     if status == 200 and not body:
         return None
     response_body = None
     if status == 200 and exchange.path not in NO_RESPONSE_BODY:
         try:
-            response_body = base64.b64encode(decompress(header_value(headers, "Content-Encoding"), body)).decode()
+            response_body = decompress(header_value(headers, "Content-Encoding"), body)
         except DecompressionError:
             return None
-    request_body = None if exchange.path in NO_REQUEST_BODY else base64.b64encode(exchange.request_body).decode()
+    request_body = None if exchange.path in NO_REQUEST_BODY else exchange.request_body
     response_headers = {k: v for k, v in header_snapshot(headers).items() if k != "Content-Encoding"}
-    return {"id": capture_id, "req_path": exchange.path, "req_headers": exchange.request_headers,
-            "req_body": request_body, "resp_headers": response_headers, "resp_body": response_body}
+    return Capture(exchange.path, exchange.request_headers, request_body, response_headers, response_body)
 
 
 # -- the activity log ---------------------------------------------------------
@@ -7465,7 +7496,7 @@ class Activity:
                 continue
             raw = len(exchange.request_body) + len(body)
             if raw <= min(self.captures.capacity, BIGGEST_CAPTURE) and \
-                    (capture := make_capture(row_id, exchange, status, headers, body)):
+                    (capture := make_capture(exchange, status, headers, body)):
                 self.captures.add(row_id, capture)
             results.append((row_id, exchange.model, row["tokens"], exchange.key))
         return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import random
 import time
 import zlib
 
@@ -677,3 +678,47 @@ def test_a_batch_that_fails_is_reported_whole_and_leaves_no_capture_under_an_id_
     finally:
         recorder.store.close()
         recorder.worker.shutdown()
+
+
+def test_captures_keep_bodies_as_they_are_and_show_them_in_base64_when_read(tmp_path):
+    """Small captures are kept as they came, big ones compressed; either way a read gives the
+    bodies byte for byte, a gzip answer decompressed, and nothing of what was not kept."""
+    config = activity.Config(models={}, capture_buffer_mb=1)
+    recorder = activity.Activity(config, activity.ProxyLog(stdout=None), lambda *row: None)
+    big = json.dumps({"messages": [{"role": "user", "content": "tell me more " * 2000}]}).encode()
+    answered = b'{"choices": [{"message": {"content": "\xc3\xa9t\xc3\xa9\\n"}}]}'
+
+    def answer(path: str, sent: bytes, status: int, headers: dict, body: bytes):
+        exchange = activity.Exchange("1", "m", path, "POST", {"Authorization": "[REDACTED]"}, "127.0.0.1", {}, None,
+                                     lambda *a: None, sent)
+        return exchange, status, headers, body, 5
+
+    b64 = lambda data: activity.base64.b64encode(data).decode()  # noqa: E731
+    try:
+        ids = [row[0] for row in recorder._record_all([
+            answer("/v1/chat/completions", b'{"model": "m"}', 200, JSON, answered),
+            answer("/v1/chat/completions", big, 200, {**JSON, "Content-Encoding": "gzip"}, gzip.compress(big)),
+            answer("/v1/chat/completions", b'{"model": "m", "n": 2}', 500, JSON, b'{"error": "no"}'),
+            answer("/v1/audio/transcriptions", b"RIFF....WAVE", 200, JSON, b'{"text": "hi"}'),
+        ])]
+        small, compressed, failed, audio = (recorder.captures.get(i) for i in ids)
+        assert small == {"id": ids[0], "req_path": "/v1/chat/completions",
+                         "req_headers": {"Authorization": "[REDACTED]"}, "req_body": b64(b'{"model": "m"}'),
+                         "resp_headers": {"Content-Type": "application/json"}, "resp_body": b64(answered)}
+        assert compressed["req_body"] == compressed["resp_body"] == b64(big)
+        assert compressed["resp_headers"] == {"Content-Type": "application/json"}  # no Content-Encoding: decoded
+        assert recorder.captures.size < len(big)  # the two copies of `big` take less than one
+        assert (failed["req_body"], failed["resp_body"]) == (b64(b'{"model": "m", "n": 2}'), None)
+        assert (audio["req_body"], audio["resp_body"]) == (None, b64(b'{"text": "hi"}'))
+    finally:
+        recorder.worker.shutdown()
+
+
+def test_captures_drop_the_oldest_past_their_capacity_and_never_keep_one_bigger_than_it():
+    captures = activity.Captures(3000)
+    capture = activity.Capture("/v1/x", {}, b"q" * 400, {}, b"a" * 500)
+    for capture_id in range(1, 6):
+        captures.add(capture_id, capture)
+    assert [i for i in range(1, 6) if i in captures] == [3, 4, 5] and captures.size <= 3000
+    captures.add(6, activity.Capture("/v1/x", {}, random.randbytes(5000), {}, None))  # does not compress
+    assert 6 not in captures and [i for i in range(1, 6) if i in captures] == [3, 4, 5]
