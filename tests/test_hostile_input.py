@@ -304,8 +304,8 @@ async def test_a_client_that_stops_reading_is_hung_up_on_and_frees_its_model(sta
         writer.close()
     assert waited < 20, waited
     # Its stdout is written by a thread of its own, so the line may come a moment after b's answer.
-    assert wait_until(lambda: "the client took nothing of its answer for 2s, hanging up (stalledClientTimeout)"
-                      in ls.output(), 10), ls.output()
+    assert ls.wait_for("the client took nothing of its answer for 2s, hanging up (stalledClientTimeout)", 10), \
+        ls.output()
 
 
 # -- 9. open files ---------------------------------------------------------------------------------

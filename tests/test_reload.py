@@ -231,7 +231,7 @@ async def test_sighup_reloads_the_config(start_llama_swap, upstreams):
 
         assert await eventually(c_listed, 10)
     # Its stdout is written by a thread of its own, so the line may come a moment after the reload.
-    assert await eventually(lambda: "received SIGHUP, reloading config" in ls.output(), 10), ls.output()
+    assert ls.wait_for("received SIGHUP, reloading config", 10), ls.output()
 
 
 async def test_watch_config_reloads_when_the_file_changes(start_llama_swap, upstreams):
